@@ -1,0 +1,430 @@
+//! The planner: `(request, inventory, device graph) -> Plan`. Pure and deterministic.
+//!
+//! 1. Resolve the compute device and check every named device is in the graph.
+//! 2. Pin norms, lone biases, embeddings (by policy) and units under the tiny threshold to
+//!    the compute device; they count against its quota first.
+//! 3. Turn the allocation into rows with byte budgets; exactly one row may take the rest.
+//! 4. Deal the movable units: rows with a budget in order, each first-fit (interleave) or
+//!    contiguously (tail) up to its budget; the rest-taking row gets what is left.
+//! 5. Check that no device receives more than its free memory.
+
+use crate::bytesize::ByteSize;
+use crate::device::DeviceId;
+use crate::error::Error;
+use crate::graph::{DeviceGraph, DeviceInfo};
+use crate::inventory::{Inventory, Unit, UnitKind};
+use crate::number::mul_div_floor;
+use crate::plan::{DeviceRow, PlacedUnit, Plan, Quota, Role, Warning};
+use crate::request::{Allocation, EmbeddingPolicy, PinPolicy, PlacementOrder, PlanRequest};
+use crate::spec::{AllocSpec, Mode, Value};
+
+/// Plans where every unit of `inventory` lives. See the module docs for the steps and the
+/// crate docs for the rules.
+pub fn plan(
+    request: &PlanRequest,
+    inventory: &Inventory,
+    graph: &DeviceGraph,
+) -> Result<Plan, Error> {
+    let units = inventory.units();
+    let pinned: Vec<bool> = units.iter().map(|u| is_pinned(u, &request.pin)).collect();
+    let pinned_bytes: ByteSize = units
+        .iter()
+        .zip(&pinned)
+        .filter(|(_, p)| **p)
+        .map(|(u, _)| u.bytes)
+        .sum();
+    let movable: Vec<usize> = (0..units.len()).filter(|&i| !pinned[i]).collect();
+    let movable_bytes = inventory.total_bytes().saturating_sub(pinned_bytes);
+
+    let mut warnings = Vec::new();
+    let layout = match &request.allocation {
+        Allocation::Expert { spec, compute } => expert_layout(
+            spec,
+            *compute,
+            inventory.total_bytes(),
+            graph,
+            &mut warnings,
+        )?,
+        Allocation::VirtualVram(vv) => {
+            let compute = graph.require(vv.compute(), "compute device")?;
+            let to_move = vv.amount().min(movable_bytes);
+            if vv.amount() > movable_bytes {
+                warnings.push(Warning::VirtualVramAboveModel {
+                    requested: vv.amount(),
+                    movable: movable_bytes,
+                });
+            }
+            let mut donors = Vec::with_capacity(vv.donors().len());
+            let mut available = ByteSize::ZERO;
+            for &d in vv.donors() {
+                let info = graph.require(d, "donor list")?;
+                available = available.saturating_add(info.free);
+                donors.push(*info);
+            }
+            if available < to_move {
+                return Err(Error::DonorsTooSmall {
+                    donors: vv.donors().to_vec(),
+                    needed: to_move,
+                    available,
+                    missing: to_move.saturating_sub(available),
+                });
+            }
+            let mut rows = vec![RowSpec::new(*compute, Quota::Rest)];
+            rows.extend(donors.into_iter().map(|d| RowSpec::new(d, Quota::Bytes(d.free))));
+            Layout {
+                rows,
+                compute: vv.compute(),
+                sink: Some(0),
+                vv_budget: Some(to_move),
+            }
+        }
+    };
+
+    // Budgets, in processing order: rows with a quota in order, the rest-taking row last.
+    let compute_row = layout
+        .rows
+        .iter()
+        .position(|r| r.info.id == layout.compute)
+        .expect("layout always has a compute row");
+    let mut assignment: Vec<Option<usize>> = vec![None; units.len()];
+    let visit = visiting_order(request.order, movable.len());
+    let mut dealer = Dealer {
+        units,
+        movable: &movable,
+        visit: &visit,
+        assignment: &mut assignment,
+        cursor: 0,
+    };
+    let mut vv_left = layout.vv_budget;
+    for (r, row) in layout.rows.iter().enumerate() {
+        let Quota::Bytes(quota) = row.quota else {
+            continue;
+        };
+        let mut budget = quota.min(row.info.free);
+        if quota > row.info.free && layout.vv_budget.is_none() {
+            warnings.push(Warning::QuotaAboveFree {
+                device: row.info.id,
+                quota,
+                free: row.info.free,
+            });
+        }
+        if r == compute_row {
+            if pinned_bytes > quota {
+                warnings.push(Warning::PinnedOverQuota {
+                    device: row.info.id,
+                    pinned: pinned_bytes,
+                    quota,
+                });
+            }
+            budget = budget.saturating_sub(pinned_bytes);
+        }
+        if let Some(left) = vv_left {
+            budget = budget.min(left);
+        }
+        let taken = dealer.deal(r, budget, request.order);
+        vv_left = vv_left.map(|l| l.saturating_sub(taken));
+    }
+
+    // The rest, then the pinned units.
+    let (leftover_units, leftover_bytes) = dealer.leftovers();
+    if leftover_units > 0 {
+        let Some(sink) = layout.sink else {
+            return Err(Error::Unplaced {
+                placed: inventory.total_bytes().saturating_sub(leftover_bytes),
+                total: inventory.total_bytes(),
+                unplaced: leftover_bytes,
+                units: leftover_units,
+            });
+        };
+        dealer.give_rest(sink);
+    }
+    for (i, p) in pinned.iter().enumerate() {
+        if *p {
+            assignment[i] = Some(compute_row);
+        }
+    }
+
+    finish(
+        request,
+        inventory,
+        layout,
+        compute_row,
+        &assignment,
+        &pinned,
+        warnings,
+    )
+}
+
+fn is_pinned(unit: &Unit, pin: &PinPolicy) -> bool {
+    match unit.kind {
+        UnitKind::Norm | UnitKind::Bias => true,
+        UnitKind::Embedding if pin.embeddings == EmbeddingPolicy::Pinned => true,
+        _ => unit.bytes < pin.tiny_threshold,
+    }
+}
+
+/// One device row before units are dealt.
+struct RowSpec {
+    info: DeviceInfo,
+    quota: Quota,
+}
+
+impl RowSpec {
+    fn new(info: DeviceInfo, quota: Quota) -> RowSpec {
+        RowSpec { info, quota }
+    }
+}
+
+struct Layout {
+    rows: Vec<RowSpec>,
+    compute: DeviceId,
+    sink: Option<usize>,
+    /// Virtual VRAM only: the bytes all donors together may take.
+    vv_budget: Option<ByteSize>,
+}
+
+/// Rows for an expert allocation: entries in order, compute first if the string does not
+/// name it, `cpu` appended as the remainder device when there is no `*` (bytes and fraction
+/// modes, when `cpu` is not named); in ratio mode without `*` the last entry takes the rest.
+fn expert_layout(
+    spec: &AllocSpec,
+    compute: Option<DeviceId>,
+    model_total: ByteSize,
+    graph: &DeviceGraph,
+    warnings: &mut Vec<Warning>,
+) -> Result<Layout, Error> {
+    let first = spec.entries().first().ok_or(Error::EmptyAllocation)?;
+    let compute = compute.unwrap_or(first.device);
+    let compute_info = *graph.require(compute, "compute device")?;
+    let ratio = if spec.mode() == Some(Mode::Ratio) {
+        let (weights, sum, scale) = spec
+            .ratio_weights()
+            .expect("a parsed spec's ratios fit (checked when parsing)");
+        // With a `*`, ratios are percentages of the model; without, shares of their sum.
+        let whole = if spec.star().is_some() {
+            100 * 10u128.pow(scale)
+        } else {
+            sum
+        };
+        Some((weights, whole))
+    } else {
+        None
+    };
+    let mut rows = Vec::with_capacity(spec.entries().len() + 2);
+    let mut sink = None;
+    for (i, e) in spec.entries().iter().enumerate() {
+        let info = *graph.require(e.device, "allocation")?;
+        let quota = match e.value {
+            Value::Star => {
+                sink = Some(i);
+                Quota::Rest
+            }
+            Value::Bytes(b) => Quota::Bytes(b),
+            Value::Fraction(f) => {
+                let q = f.mul_floor(u128::from(info.total.0)).unwrap_or(u128::MAX);
+                Quota::Bytes(ByteSize(u64::try_from(q).unwrap_or(u64::MAX)))
+            }
+            Value::Ratio(_) => {
+                let (weights, whole) = ratio.as_ref().expect("ratio mode");
+                let w = weights[i].unwrap_or(0);
+                let q = mul_div_floor(u128::from(model_total.0), w, *whole).unwrap_or(0);
+                Quota::Bytes(ByteSize(u64::try_from(q).unwrap_or(u64::MAX)))
+            }
+        };
+        rows.push(RowSpec::new(info, quota));
+    }
+    if sink.is_none() && ratio.is_some() {
+        let last = rows.len() - 1;
+        rows[last].quota = Quota::Rest;
+        sink = Some(last);
+    }
+    let mut cpu_default = false;
+    if sink.is_none() && !spec.contains(DeviceId::CPU) {
+        if let Some(cpu) = graph.get(DeviceId::CPU) {
+            rows.push(RowSpec::new(*cpu, Quota::Rest));
+            sink = Some(rows.len() - 1);
+            cpu_default = true;
+        }
+    }
+    if !spec.contains(compute) {
+        rows.insert(0, RowSpec::new(compute_info, Quota::Bytes(ByteSize::ZERO)));
+        sink = sink.map(|s| s + 1);
+    }
+    if cpu_default {
+        // Reported in `finish` once we know how much went there.
+        warnings.push(Warning::RemainderToCpu {
+            bytes: ByteSize::ZERO,
+        });
+    }
+    Ok(Layout {
+        rows,
+        compute,
+        sink,
+        vv_budget: None,
+    })
+}
+
+/// The order in which rows look at movable units (indices into the movable list).
+fn visiting_order(order: PlacementOrder, n: usize) -> Vec<usize> {
+    match order {
+        PlacementOrder::Tail => (0..n).collect(),
+        PlacementOrder::Interleave => {
+            // Bit-reversal permutation: every prefix is spread evenly over 0..n.
+            let bits = usize::BITS - n.saturating_sub(1).leading_zeros();
+            let mut out = Vec::with_capacity(n);
+            for i in 0..(1usize << bits) {
+                let j = if bits == 0 {
+                    0
+                } else {
+                    i.reverse_bits() >> (usize::BITS - bits)
+                };
+                if j < n {
+                    out.push(j);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Deals movable units to rows.
+struct Dealer<'a> {
+    units: &'a [Unit],
+    movable: &'a [usize],
+    visit: &'a [usize],
+    assignment: &'a mut [Option<usize>],
+    /// Tail order: position in `movable` where the next row starts.
+    cursor: usize,
+}
+
+impl Dealer<'_> {
+    /// Gives `row` units up to `budget` bytes; returns the bytes given.
+    fn deal(&mut self, row: usize, budget: ByteSize, order: PlacementOrder) -> ByteSize {
+        let mut left = budget.0;
+        match order {
+            PlacementOrder::Interleave => {
+                for &m in self.visit {
+                    let u = self.movable[m];
+                    let b = self.units[u].bytes.0;
+                    if self.assignment[u].is_none() && b <= left {
+                        self.assignment[u] = Some(row);
+                        left -= b;
+                    }
+                }
+            }
+            PlacementOrder::Tail => {
+                while let Some(&u) = self.movable.get(self.cursor) {
+                    let b = self.units[u].bytes.0;
+                    if b > left {
+                        break;
+                    }
+                    self.assignment[u] = Some(row);
+                    left -= b;
+                    self.cursor += 1;
+                }
+            }
+        }
+        ByteSize(budget.0 - left)
+    }
+
+    /// Movable units not yet dealt: (count, bytes).
+    fn leftovers(&self) -> (usize, ByteSize) {
+        self.movable
+            .iter()
+            .filter(|&&u| self.assignment[u].is_none())
+            .fold((0, ByteSize::ZERO), |(n, b), &u| {
+                (n + 1, b + self.units[u].bytes)
+            })
+    }
+
+    /// Gives every undealt movable unit to `row`.
+    fn give_rest(&mut self, row: usize) {
+        for &u in self.movable {
+            self.assignment[u].get_or_insert(row);
+        }
+    }
+}
+
+/// Builds the rows' totals, checks capacities and assembles the plan.
+fn finish(
+    request: &PlanRequest,
+    inventory: &Inventory,
+    layout: Layout,
+    compute_row: usize,
+    assignment: &[Option<usize>],
+    pinned: &[bool],
+    mut warnings: Vec<Warning>,
+) -> Result<Plan, Error> {
+    let mut rows: Vec<DeviceRow> = layout
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| DeviceRow {
+            device: r.info.id,
+            role: if i == compute_row {
+                Role::Compute
+            } else {
+                Role::Donor
+            },
+            total: r.info.total,
+            free: r.info.free,
+            quota: r.quota,
+            model_bytes: ByteSize::ZERO,
+            units: 0,
+            pinned_bytes: ByteSize::ZERO,
+        })
+        .collect();
+    let mut placed = Vec::with_capacity(inventory.len());
+    for ((u, a), &p) in inventory.units().iter().zip(assignment).zip(pinned) {
+        let r = a.expect("every unit is assigned by now");
+        let row = &mut rows[r];
+        row.model_bytes += u.bytes;
+        row.units += 1;
+        if p {
+            row.pinned_bytes += u.bytes;
+        }
+        placed.push(PlacedUnit {
+            name: u.name.clone(),
+            bytes: u.bytes,
+            kind: u.kind,
+            device: row.device,
+            pinned: p,
+        });
+    }
+    for (i, row) in rows.iter().enumerate() {
+        if row.model_bytes > row.free {
+            let hint = if i == compute_row && layout.vv_budget.is_some() {
+                format!(
+                    "; raise virtual VRAM by at least {}",
+                    row.model_bytes.saturating_sub(row.free)
+                )
+            } else if i == compute_row && row.pinned_bytes > row.free {
+                format!("; its pinned units alone need {}", row.pinned_bytes)
+            } else {
+                String::new()
+            };
+            return Err(Error::DeviceOverCapacity {
+                device: row.device,
+                needed: row.model_bytes,
+                free: row.free,
+                hint,
+            });
+        }
+    }
+    for w in &mut warnings {
+        if let Warning::RemainderToCpu { bytes } = w {
+            *bytes = layout.sink.map_or(ByteSize::ZERO, |s| rows[s].model_bytes);
+        }
+    }
+    warnings.retain(|w| !matches!(w, Warning::RemainderToCpu { bytes } if bytes.0 == 0));
+    Ok(Plan {
+        component: inventory.component().to_owned(),
+        compute: layout.compute,
+        order: request.order,
+        total: inventory.total_bytes(),
+        rows,
+        sink: layout.sink,
+        units: placed,
+        warnings,
+    })
+}

@@ -109,7 +109,12 @@ impl DeviceId {
     ) -> Result<DeviceId, ParseError> {
         let text = &input[span.clone()];
         let err = |sub: Range<usize>, kind| {
-            ParseError::new(grammar, input, span.start + sub.start..span.start + sub.end, kind)
+            ParseError::new(
+                grammar,
+                input,
+                span.start + sub.start..span.start + sub.end,
+                kind,
+            )
         };
         let (kind_text, index_text) = match text.split_once(':') {
             Some((k, i)) => (k, Some(i)),

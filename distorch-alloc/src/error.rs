@@ -15,7 +15,10 @@ pub enum Error {
     #[error(transparent)]
     Parse(#[from] ParseError),
     /// A device named by the request is not in the device graph.
-    #[error("unknown device `{device}` in the {role}: the device graph has {}", list(known))]
+    #[error(
+        "unknown device `{device}` in the {role}: the device graph has {}",
+        list(known)
+    )]
     UnknownDevice {
         /// The device that was named.
         device: DeviceId,
@@ -270,10 +273,22 @@ impl ParseError {
         match &self.kind {
             EmptyDevice => "missing device before `,`".to_owned(),
             EmptyEntry => "empty entry: remove the extra `;`".to_owned(),
+            MissingValue if self.grammar == Grammar::DeviceDeclaration => format!(
+                "`{}` has no size: write `DEVICE=TOTAL[/FREE][@LINK]` (e.g. cuda:0=24gib)",
+                at(&self.span)
+            ),
             MissingValue => format!(
                 "`{}` has no value: write `DEVICE,VALUE` (bytes such as 2.5gb, a ratio such as \
                  25%, a fraction such as 0.25, or *)",
                 at(&self.span)
+            ),
+            UnknownUnit(u) if u.is_empty() => format!(
+                "missing unit after `{}` (expected one of b, k, kb, kib, m, mb, mib, g, gb, gib, \
+                 t, tb, tib)",
+                self.input.get(..self.span.start).map_or("", |p| p
+                    .rsplit(|c: char| !(c.is_ascii_digit() || c == '.'))
+                    .next()
+                    .unwrap_or(""))
             ),
             UnknownDeviceKind(k) => format!(
                 "unknown device kind `{k}` (expected cpu, cuda, wgpu, vulkan, metal or rocm)"
@@ -286,7 +301,11 @@ impl ParseError {
             UnknownUnit(u) => format!(
                 "unknown unit `{u}` (expected one of b, k, kb, kib, m, mb, mib, g, gb, gib, t, \
                  tb, tib{})",
-                if self.grammar == Grammar::Allocation { " or %" } else { "" }
+                if self.grammar == Grammar::Allocation {
+                    " or %"
+                } else {
+                    ""
+                }
             ),
             DuplicateDevice(first) => format!(
                 "device `{}` is already given at position {}",

@@ -93,7 +93,6 @@ pub use inventory::{Inventory, Unit, UnitKind};
 pub use plan::{DeviceRow, PlacedUnit, Plan, Quota, Role, Warning};
 pub use planner::plan;
 pub use request::{
-    Allocation, EmbeddingPolicy, PinPolicy, PlacementOrder, PlanRequest, UnknownOrder,
-    VirtualVram,
+    Allocation, EmbeddingPolicy, PinPolicy, PlacementOrder, PlanRequest, UnknownOrder, VirtualVram,
 };
 pub use spec::{AllocSpec, Entry, Mode, Value, parse_byte_size};

@@ -223,7 +223,10 @@ mod tests {
             }
         }
         assert_eq!(mul_div_floor(1 << 100, 1 << 100, 1 << 90), Some(1 << 110));
-        assert_eq!(mul_div_floor(u128::MAX, u128::MAX, u128::MAX), Some(u128::MAX));
+        assert_eq!(
+            mul_div_floor(u128::MAX, u128::MAX, u128::MAX),
+            Some(u128::MAX)
+        );
         assert_eq!(mul_div_floor(u128::MAX, 2, 1), None);
         assert_eq!(mul_div_floor(1, 1, 0), None);
     }

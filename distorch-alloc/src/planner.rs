@@ -70,7 +70,11 @@ pub fn plan(
                 });
             }
             let mut rows = vec![RowSpec::new(*compute, Quota::Rest)];
-            rows.extend(donors.into_iter().map(|d| RowSpec::new(d, Quota::Bytes(d.free))));
+            rows.extend(
+                donors
+                    .into_iter()
+                    .map(|d| RowSpec::new(d, Quota::Bytes(d.free))),
+            );
             Layout {
                 rows,
                 compute: vv.compute(),

@@ -1,1 +1,31 @@
-//! placeholder
+//! distorch's file-level core: safetensors indexes read from headers only, dtypes, model
+//! components and the planner's inventories.
+//!
+//! ```no_run
+//! use distorch_core::{SafetensorsIndex, components, units};
+//!
+//! let index = SafetensorsIndex::open("model.safetensors")?;
+//! for component in components::split(&index).components {
+//!     let inventory = units::inventory(&component)?;
+//!     println!("{}: {} units, {}", component.kind, inventory.len(), inventory.total_bytes());
+//! }
+//! # Ok::<(), distorch_core::Error>(())
+//! ```
+//!
+//! The weight store, the streamer and Load-Patch-Distribute loading arrive with the runtime
+//! (they need Burn tensors); this crate holds what can be read from a file's header.
+
+#![deny(missing_docs)]
+
+pub mod components;
+pub mod demo;
+mod dtype;
+mod error;
+pub mod safetensors;
+pub mod units;
+
+pub use components::{Component, ComponentKind, Split};
+pub use demo::DemoModel;
+pub use dtype::DType;
+pub use error::Error;
+pub use safetensors::{SafetensorsIndex, TensorInfo};

@@ -1,0 +1,134 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in this crate. Every variant names the file (and tensor)
+/// at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is shorter than a safetensors header length prefix.
+    #[error("{}: {len} bytes is too short for a safetensors file (needs at least 8)", path.display())]
+    FileTooSmall {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+    /// The header length prefix is larger than the cap or than the file.
+    #[error("{}: header length {size} is invalid (cap {max}, file is {file_len} bytes)", path.display())]
+    HeaderTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The declared header length.
+        size: u64,
+        /// The cap.
+        max: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// The header is not a JSON object of tensor entries.
+    #[error("{}: invalid safetensors header: {reason}", path.display())]
+    InvalidHeader {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// One tensor entry of the header is malformed.
+    #[error("{}: tensor `{name}`: {reason}", path.display())]
+    InvalidTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A tensor's dtype is not one this crate knows.
+    #[error("{}: tensor `{name}` has unknown dtype `{dtype}`", path.display())]
+    UnknownDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The dtype as written.
+        dtype: String,
+    },
+    /// A tensor's byte range does not match its shape and dtype.
+    #[error(
+        "{}: tensor `{name}` is {dtype} {shape:?} = {expected} bytes but its data_offsets span {got}",
+        path.display()
+    )]
+    SizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: crate::DType,
+        /// Its shape.
+        shape: Vec<u64>,
+        /// Bytes the shape and dtype need (`None` shows as overflow).
+        expected: u64,
+        /// Bytes its offsets span.
+        got: u64,
+    },
+    /// Tensor data ranges overlap or leave a gap.
+    #[error(
+        "{}: tensor `{name}` starts at data offset {begin} but the previous tensor ends at {expected}",
+        path.display()
+    )]
+    InvalidOffsets {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Its begin offset.
+        begin: u64,
+        /// Where it should begin.
+        expected: u64,
+    },
+    /// The file's length does not match the header.
+    #[error(
+        "{}: the header describes {expected} bytes of tensor data but the file holds {actual} (truncated or padded file)",
+        path.display()
+    )]
+    DataLengthMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Bytes of data the header describes.
+        expected: u64,
+        /// Bytes of data in the file.
+        actual: u64,
+    },
+    /// The requested component is not in the file.
+    #[error("{}: no `{component}` component (found: {})", path.display(), found.join(", "))]
+    ComponentNotFound {
+        /// The file.
+        path: PathBuf,
+        /// The component asked for.
+        component: String,
+        /// The components that are there.
+        found: Vec<String>,
+    },
+    /// A component name that is not one of [`crate::ComponentKind`]'s.
+    #[error(
+        "unknown component `{name}` (expected unet, clip, vae, controlnet, clip-vision or model)"
+    )]
+    UnknownComponent {
+        /// The name given.
+        name: String,
+    },
+    /// Building the inventory failed.
+    #[error(transparent)]
+    Inventory(#[from] distorch_alloc::Error),
+}

@@ -1,0 +1,277 @@
+//! Header-only safetensors index: names, dtypes, shapes and byte ranges, read without
+//! touching tensor data.
+//!
+//! Untrusted input is checked before anything is allocated from it: the header length is
+//! capped and bounded by the file, every size is computed with checked arithmetic, and data
+//! ranges must tile the data section exactly (no overlap, no gap, no trailing bytes), as the
+//! reference `safetensors` implementation requires.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::dtype::DType;
+use crate::error::Error;
+
+/// Largest header accepted, as in the reference implementation (100 MB).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// One tensor of a safetensors file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Its key.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Absolute byte offset of its data in the file.
+    pub file_offset: u64,
+    /// Bytes of data.
+    pub bytes: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// The header of a safetensors file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SafetensorsIndex {
+    path: PathBuf,
+    tensors: Vec<TensorInfo>,
+    metadata: BTreeMap<String, String>,
+    file_len: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+impl SafetensorsIndex {
+    /// Reads and validates the header of the file at `path` (reads 8 + header bytes only).
+    pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsIndex, Error> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = File::open(&path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        if file_len < 8 {
+            return Err(Error::FileTooSmall {
+                path,
+                len: file_len,
+            });
+        }
+        let mut prefix = [0u8; 8];
+        file.read_exact(&mut prefix).map_err(io)?;
+        let header_len = u64::from_le_bytes(prefix);
+        if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
+            return Err(Error::HeaderTooLarge {
+                path,
+                size: header_len,
+                max: MAX_HEADER_BYTES,
+                file_len,
+            });
+        }
+        // Bounded by MAX_HEADER_BYTES above.
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        Self::from_header(path, &header, file_len)
+    }
+
+    /// Validates a header (the JSON after the length prefix) for a file of `file_len` bytes.
+    pub fn from_header(
+        path: PathBuf,
+        header: &[u8],
+        file_len: u64,
+    ) -> Result<SafetensorsIndex, Error> {
+        let invalid = |reason: String| Error::InvalidHeader {
+            path: path.clone(),
+            reason,
+        };
+        let text = std::str::from_utf8(header)
+            .map_err(|e| invalid(format!("not UTF-8 ({e})")))?
+            .trim_end_matches(' ');
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| invalid(format!("not a JSON object ({e})")))?;
+        let mut metadata = BTreeMap::new();
+        let mut tensors = Vec::with_capacity(map.len());
+        for (name, value) in map {
+            if name == "__metadata__" {
+                let m: BTreeMap<String, String> = serde_json::from_value(value)
+                    .map_err(|e| invalid(format!("__metadata__ is not a string map ({e})")))?;
+                metadata = m;
+                continue;
+            }
+            let bad = |reason: String| Error::InvalidTensor {
+                path: path.clone(),
+                name: name.clone(),
+                reason,
+            };
+            let raw: RawInfo = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+            let dtype = DType::from_safetensors(&raw.dtype).ok_or_else(|| Error::UnknownDtype {
+                path: path.clone(),
+                name: name.clone(),
+                dtype: raw.dtype.clone(),
+            })?;
+            let [begin, end] = raw.data_offsets;
+            if end < begin {
+                return Err(bad(format!(
+                    "data_offsets [{begin}, {end}] end before they begin"
+                )));
+            }
+            let expected = raw
+                .shape
+                .iter()
+                .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| bad(format!("shape {:?} overflows a 64-bit size", raw.shape)))?;
+            if expected != end - begin {
+                return Err(Error::SizeMismatch {
+                    path: path.clone(),
+                    name,
+                    dtype,
+                    shape: raw.shape,
+                    expected,
+                    got: end - begin,
+                });
+            }
+            tensors.push(TensorInfo {
+                name,
+                dtype,
+                shape: raw.shape,
+                file_offset: begin,
+                bytes: end - begin,
+            });
+        }
+        // Data ranges must tile [0, data_len) exactly.
+        tensors.sort_by(|a, b| (a.file_offset, &a.name).cmp(&(b.file_offset, &b.name)));
+        let mut cursor = 0u64;
+        for t in &tensors {
+            if t.file_offset != cursor {
+                return Err(Error::InvalidOffsets {
+                    path,
+                    name: t.name.clone(),
+                    begin: t.file_offset,
+                    expected: cursor,
+                });
+            }
+            cursor += t.bytes; // ≤ end offset, which is a u64
+        }
+        let data_start = 8 + header.len() as u64;
+        let actual = file_len.saturating_sub(data_start);
+        if actual != cursor {
+            return Err(Error::DataLengthMismatch {
+                path,
+                expected: cursor,
+                actual,
+            });
+        }
+        for t in &mut tensors {
+            t.file_offset += data_start;
+        }
+        Ok(SafetensorsIndex {
+            path,
+            tensors,
+            metadata,
+            file_len,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensors in file (data offset) order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The `__metadata__` map.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.bytes).sum()
+    }
+}
+
+/// A tensor to write with [`write_zeroed`]: name, dtype, shape.
+pub type TensorSpec = (String, DType, Vec<u64>);
+
+/// Writes a valid safetensors file whose tensor data is all zeros.
+///
+/// The data section is created by extending the file, so on file systems with sparse files
+/// it takes no disk space: an SD-sized checkpoint for planning and inspection costs only its
+/// header. Tensors are laid out in the order given.
+pub fn write_zeroed(
+    path: impl AsRef<Path>,
+    tensors: &[TensorSpec],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), Error> {
+    let path = path.as_ref();
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut offset = 0u64;
+    for (name, dtype, shape) in tensors {
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+            .and_then(|b| offset.checked_add(b).map(|end| (b, end)));
+        let Some((_, end)) = bytes else {
+            return Err(Error::InvalidTensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                reason: format!("shape {shape:?} overflows a 64-bit size"),
+            });
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": dtype.safetensors_name(),
+                "shape": shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| Error::InvalidHeader {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    // Pad to 8 bytes so data stays aligned, as the reference writer does.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut file = File::create(path).map_err(io)?;
+    file.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(&json).map_err(io)?;
+    file.set_len(8 + json.len() as u64 + offset).map_err(io)?;
+    file.sync_all().map_err(io)
+}

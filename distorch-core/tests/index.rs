@@ -1,0 +1,258 @@
+//! safetensors header validation, component splitting and inventories.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use distorch_alloc::UnitKind;
+use distorch_core::safetensors::write_zeroed;
+use distorch_core::{ComponentKind, DType, DemoModel, Error, SafetensorsIndex, components, units};
+
+fn raw_file(header: &str, data_len: usize) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(header.as_bytes()).unwrap();
+    f.write_all(&vec![0u8; data_len]).unwrap();
+    f.flush().unwrap();
+    f
+}
+
+fn open_err(header: &str, data_len: usize) -> String {
+    let f = raw_file(header, data_len);
+    let e = SafetensorsIndex::open(f.path()).unwrap_err();
+    let path = f.path().display().to_string();
+    e.to_string().replace(&path, "FILE")
+}
+
+#[test]
+fn reads_a_valid_header() {
+    let f = raw_file(
+        r#"{"__metadata__":{"format":"pt"},"b.weight":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]},"a.bias":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[12,16]}}"#,
+        16,
+    );
+    let idx = SafetensorsIndex::open(f.path()).unwrap();
+    assert_eq!(idx.tensors().len(), 2);
+    assert_eq!(idx.tensors()[0].name, "b.weight");
+    assert_eq!(idx.tensors()[1].dtype, DType::F8E4M3);
+    assert_eq!(idx.metadata()["format"], "pt");
+    assert_eq!(idx.data_bytes(), 16);
+    let header_len = idx.tensors()[0].file_offset - 8;
+    assert_eq!(idx.tensors()[1].file_offset, 8 + header_len + 12);
+}
+
+#[test]
+fn rejects_bad_files_with_context() {
+    let cases: &[(&str, usize, &str)] = &[
+        (
+            r#"{"w":{"dtype":"F16","shape":[2,3],"data_offsets":[0,10]}}"#,
+            10,
+            "FILE: tensor `w` is F16 [2, 3] = 12 bytes but its data_offsets span 10",
+        ),
+        (
+            r#"{"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,2]}}"#,
+            2,
+            "FILE: tensor `w` has unknown dtype `Q4`",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+            12,
+            "FILE: tensor `v` starts at data offset 8 but the previous tensor ends at 4",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}}"#,
+            6,
+            "FILE: tensor `v` starts at data offset 2 but the previous tensor ends at 4",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            4,
+            "FILE: the header describes 8 bytes of tensor data but the file holds 4 (truncated or padded file)",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
+            8,
+            "FILE: tensor `w`: shape [4294967296, 4294967296] overflows a 64-bit size",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+            4,
+            "FILE: tensor `w`: data_offsets [4, 0] end before they begin",
+        ),
+        (
+            r#"{"w":{"dtype":"F32","shape":[1]}}"#,
+            0,
+            "FILE: tensor `w`: missing field `data_offsets`",
+        ),
+        (
+            r#"[1,2]"#,
+            0,
+            "FILE: invalid safetensors header: not a JSON object (invalid type: sequence, expected a map at line 1 column 0)",
+        ),
+    ];
+    for (header, data, expected) in cases {
+        assert_eq!(&open_err(header, *data), expected, "header {header}");
+    }
+}
+
+#[test]
+fn rejects_oversized_and_tiny_files() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(&u64::MAX.to_le_bytes()).unwrap();
+    f.flush().unwrap();
+    let e = SafetensorsIndex::open(f.path()).unwrap_err();
+    assert!(matches!(e, Error::HeaderTooLarge { .. }), "{e}");
+
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(b"abc").unwrap();
+    f.flush().unwrap();
+    let e = SafetensorsIndex::open(f.path()).unwrap_err();
+    assert!(matches!(e, Error::FileTooSmall { len: 3, .. }), "{e}");
+
+    let e = SafetensorsIndex::open("/nonexistent/x.safetensors").unwrap_err();
+    assert!(
+        e.to_string().starts_with("/nonexistent/x.safetensors: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn writer_output_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.safetensors");
+    let tensors = vec![
+        ("x.weight".to_owned(), DType::BF16, vec![3, 5]),
+        ("x.bias".to_owned(), DType::F32, vec![3]),
+    ];
+    write_zeroed(&path, &tensors, &BTreeMap::new()).unwrap();
+    let idx = SafetensorsIndex::open(&path).unwrap();
+    assert_eq!(idx.data_bytes(), 3 * 5 * 2 + 3 * 4);
+    assert_eq!(idx.tensors()[0].shape, vec![3, 5]);
+}
+
+/// The demo checkpoint has SD1.5's exact parameter counts (diffusers reports UNet
+/// 859,520,964, CLIP-L text model 123,060,480 and VAE 83,653,863 parameters).
+#[test]
+fn demo_checkpoint_matches_sd15() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = DemoModel::Sd15.ensure_in(dir.path()).unwrap();
+    let idx = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&idx);
+    let kinds: Vec<_> = split.components.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds,
+        [ComponentKind::Unet, ComponentKind::Clip, ComponentKind::Vae]
+    );
+    assert!(split.other.is_empty());
+    let params: Vec<u64> = split
+        .components
+        .iter()
+        .map(|c| c.tensors.iter().map(|t| t.numel()).sum())
+        .collect();
+    assert_eq!(params, [859_520_964, 123_060_480, 83_653_863]);
+
+    let unet = units::inventory(&split.components[0]).unwrap();
+    let first = &unet.units()[0];
+    assert_eq!(first.name, "time_embed.0");
+    assert_eq!(unet.units().last().unwrap().name, "out.2");
+    let q = unet
+        .units()
+        .iter()
+        .find(|u| u.name == "input_blocks.1.1.transformer_blocks.0.attn1.to_q")
+        .unwrap();
+    assert_eq!((q.kind, q.bytes.0), (UnitKind::Weight, 320 * 320 * 2));
+    let clip = units::inventory(&split.components[1]).unwrap();
+    let tok = clip
+        .units()
+        .iter()
+        .find(|u| u.name.ends_with("token_embedding"))
+        .unwrap();
+    assert_eq!(tok.kind, UnitKind::Embedding);
+    let norms = clip
+        .units()
+        .iter()
+        .filter(|u| u.kind == UnitKind::Norm)
+        .count();
+    assert_eq!(norms, 12 * 2 + 1);
+    // A second call reuses the cached file.
+    assert_eq!(DemoModel::Sd15.ensure_in(dir.path()).unwrap(), path);
+}
+
+#[test]
+fn single_component_files_are_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], ComponentKind)] = &[
+        (
+            &[
+                "down_blocks.0.resnets.0.conv1.weight",
+                "up_blocks.0.x.weight",
+            ],
+            ComponentKind::Unet,
+        ),
+        (
+            &[
+                "encoder.down.0.block.0.conv1.weight",
+                "decoder.up.0.x.weight",
+            ],
+            ComponentKind::Vae,
+        ),
+        (
+            &["text_model.encoder.layers.0.mlp.fc1.weight"],
+            ComponentKind::Clip,
+        ),
+        (
+            &["vision_model.embeddings.patch_embedding.weight"],
+            ComponentKind::ClipVision,
+        ),
+        (
+            &["input_hint_block.0.weight", "input_blocks.0.0.weight"],
+            ComponentKind::ControlNet,
+        ),
+        (&["blocks.0.self_attn.q.weight"], ComponentKind::Model),
+    ];
+    for (i, (names, kind)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.safetensors"));
+        let tensors: Vec<_> = names
+            .iter()
+            .map(|n| (n.to_string(), DType::F16, vec![4, 4]))
+            .collect();
+        write_zeroed(&path, &tensors, &BTreeMap::new()).unwrap();
+        let idx = SafetensorsIndex::open(&path).unwrap();
+        let split = components::split(&idx);
+        assert_eq!(split.components.len(), 1);
+        assert_eq!(split.components[0].kind, *kind, "{names:?}");
+    }
+}
+
+#[test]
+fn sdxl_style_prefixes_split_and_others_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("xl.safetensors");
+    let names = [
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+        "first_stage_model.decoder.conv_in.weight",
+        "alphas_cumprod",
+    ];
+    let tensors: Vec<_> = names
+        .iter()
+        .map(|n| (n.to_string(), DType::F16, vec![8, 8]))
+        .collect();
+    write_zeroed(&path, &tensors, &BTreeMap::new()).unwrap();
+    let idx = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&idx);
+    let kinds: Vec<_> = split
+        .components
+        .iter()
+        .map(|c| (c.kind, c.tensors.len()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (ComponentKind::Unet, 1),
+            (ComponentKind::Clip, 2),
+            (ComponentKind::Vae, 1)
+        ]
+    );
+    assert_eq!(split.other.len(), 1);
+    assert_eq!(split.other[0].name, "alphas_cumprod");
+}

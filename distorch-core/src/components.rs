@@ -171,3 +171,25 @@ fn guess_single(tensors: &[TensorInfo]) -> ComponentKind {
         ComponentKind::Model
     }
 }
+
+/// The planner's inventory for one component of a file, or
+/// [`Error::ComponentNotFound`](crate::Error::ComponentNotFound) listing the components that
+/// are there.
+pub fn inventory_for(
+    index: &SafetensorsIndex,
+    kind: ComponentKind,
+) -> Result<distorch_alloc::Inventory, crate::Error> {
+    let split = split(index);
+    match split.components.iter().find(|c| c.kind == kind) {
+        Some(c) => crate::units::inventory(c),
+        None => Err(crate::Error::ComponentNotFound {
+            path: index.path().to_path_buf(),
+            component: kind.name().to_owned(),
+            found: split
+                .components
+                .iter()
+                .map(|c| c.kind.name().to_owned())
+                .collect(),
+        }),
+    }
+}

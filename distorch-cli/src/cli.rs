@@ -1,0 +1,141 @@
+//! Command-line arguments.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use distorch::core::DemoModel;
+
+use crate::Failure;
+
+/// Plan and inspect how a diffusion model is split across devices.
+#[derive(Parser)]
+#[command(name = "distorch", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Plan where every weight of a model goes, and print the plan.
+    Plan(PlanArgs),
+    /// List the components, tensors, dtypes and bytes of a weights file.
+    Inspect(InspectArgs),
+    /// Show the devices this build detects and the backends it has.
+    Devices(DevicesArgs),
+}
+
+/// Which file to read: a path, or a generated demo checkpoint.
+#[derive(Args)]
+pub struct Source {
+    /// A .safetensors file (single-file checkpoint or one component).
+    #[arg(required_unless_present = "demo", conflicts_with = "demo")]
+    pub file: Option<PathBuf>,
+    /// Use a built-in demo checkpoint instead of FILE: zero weights at the real model's
+    /// shapes, written once (sparse, so only its header uses disk) to the cache folder
+    /// ($DISTORCH_CACHE_DIR, else $XDG_CACHE_HOME/distorch, else ~/.cache/distorch).
+    #[arg(long, value_enum)]
+    pub demo: Option<Demo>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Demo {
+    /// Stable Diffusion 1.5 (UNet, CLIP-L, VAE), fp16.
+    Sd15,
+}
+
+impl Source {
+    /// The path to read, writing the demo checkpoint first if needed.
+    pub fn path(&self) -> Result<PathBuf, Failure> {
+        match (&self.file, self.demo) {
+            (Some(f), _) => Ok(f.clone()),
+            (None, Some(Demo::Sd15)) => Ok(DemoModel::Sd15.ensure_in(&cache_dir())?),
+            (None, None) => Err(Failure::Other("give a FILE or --demo".into())),
+        }
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("DISTORCH_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|p| p.join("distorch")))
+        .or_else(|| env("HOME").map(|p| Path::new(&p).join(".cache").join("distorch")))
+        .unwrap_or_else(|| std::env::temp_dir().join("distorch"))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ComponentArg {
+    Unet,
+    Clip,
+    Vae,
+    Controlnet,
+    ClipVision,
+    /// A one-component file that is none of the above.
+    Model,
+    /// Every component in the file, each planned on its own.
+    All,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OrderArg {
+    /// Spread offloaded units evenly through execution order.
+    Interleave,
+    /// Contiguous runs, as the original DisTorch2.
+    Tail,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub source: Source,
+    /// Which component to plan.
+    #[arg(long, value_enum, default_value = "all")]
+    pub component: ComponentArg,
+    /// Expert allocation string, e.g. "cuda:0,2.5gb;cpu,*", "cuda:0,25%;cpu,75%" or
+    /// "cuda:0,0.2126;cpu,*". An empty string means none (use --virtual-vram).
+    #[arg(long, conflicts_with_all = ["virtual_vram", "donor"])]
+    pub expert: Option<String>,
+    /// GiB of the model to move off the compute device onto the donors (0-1024).
+    #[arg(long)]
+    pub virtual_vram: Option<f64>,
+    /// Compute device (default: the expert string's first device; with --virtual-vram, the
+    /// first GPU in the device graph).
+    #[arg(long)]
+    pub compute: Option<String>,
+    /// Donor devices for --virtual-vram, filled in order, e.g. "cuda:1,cpu".
+    #[arg(long, default_value = "cpu")]
+    pub donor: String,
+    /// Declared devices instead of detection, e.g. "cuda:0=24gib,cuda:1=24gib/20gib,cpu=64gib"
+    /// (DEVICE=TOTAL[/FREE][@LINK/s]).
+    #[arg(long)]
+    pub devices: Option<String>,
+    /// Which units go where.
+    #[arg(long, value_enum, default_value = "interleave")]
+    pub order: OrderArg,
+    /// Units smaller than this stay on the compute device.
+    #[arg(long, default_value = "64kib")]
+    pub tiny_threshold: String,
+    /// Print one JSON object per planned component (one line each) instead of the report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub source: Source,
+    /// Print one JSON object instead of the report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct DevicesArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}

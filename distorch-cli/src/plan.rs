@@ -1,0 +1,221 @@
+//! `distorch plan` and `distorch devices`.
+
+use distorch::AllocSpec;
+use distorch::alloc::{
+    DeviceGraph, DeviceId, Inventory, PinPolicy, PlacementOrder, Plan, PlanRequest, Quota,
+    VirtualVram, parse_byte_size, parse_device_list,
+};
+use distorch::core::{ComponentKind, SafetensorsIndex, components, units};
+use serde_json::json;
+
+use crate::Failure;
+use crate::cli::{ComponentArg, DevicesArgs, OrderArg, PlanArgs};
+
+pub fn run(args: &PlanArgs) -> Result<(), Failure> {
+    // Every string is checked before any file is read.
+    let detected = args.devices.is_none();
+    let graph = match &args.devices {
+        Some(d) => DeviceGraph::declare(d)?,
+        None => distorch::backends::detect(),
+    };
+    let request = request(args, &graph).map_err(|f| with_detection_hint(f, detected))?;
+    let path = args.source.path()?;
+    let index = SafetensorsIndex::open(&path)?;
+    let split = components::split(&index);
+    let wanted: Vec<_> = split
+        .components
+        .iter()
+        .filter(|c| selected(args.component, c.kind))
+        .collect();
+    if wanted.is_empty() {
+        let found: Vec<_> = split.components.iter().map(|c| c.kind.name()).collect();
+        return Err(Failure::Other(format!(
+            "{}: no {} component to plan (found: {})",
+            path.display(),
+            component_name(args.component),
+            if found.is_empty() {
+                "none".to_owned()
+            } else {
+                found.join(", ")
+            }
+        )));
+    }
+    let mut first = true;
+    for component in wanted {
+        let inventory = units::inventory(component)?;
+        let plan = distorch::plan(&request, &inventory, &graph)
+            .map_err(|e| with_detection_hint(e.into(), detected))?;
+        tracing::debug!(component = %component.kind, bytes = %plan.bytes_string(), "planned");
+        if args.json {
+            println!("{}", plan_json(&plan, &inventory));
+        } else {
+            if !first {
+                println!();
+            }
+            println!("{plan}");
+        }
+        first = false;
+    }
+    Ok(())
+}
+
+fn request(args: &PlanArgs, graph: &DeviceGraph) -> Result<PlanRequest, Failure> {
+    let compute = args
+        .compute
+        .as_deref()
+        .map(str::parse::<DeviceId>)
+        .transpose()?;
+    let pin = PinPolicy {
+        tiny_threshold: parse_byte_size(&args.tiny_threshold)?,
+        ..PinPolicy::default()
+    };
+    let order = match args.order {
+        OrderArg::Interleave => PlacementOrder::Interleave,
+        OrderArg::Tail => PlacementOrder::Tail,
+    };
+    let expert = args.expert.as_deref().map(AllocSpec::parse).transpose()?;
+    let request = match (expert, args.virtual_vram) {
+        (Some(spec), _) if !spec.is_empty() => match compute {
+            Some(c) => PlanRequest::expert_with_compute(spec, c),
+            None => PlanRequest::expert(spec),
+        },
+        (Some(_), _) => {
+            return Err(Failure::Other(
+                "the expert allocation is empty: give `DEVICE,VALUE` entries or use \
+                 --virtual-vram GB"
+                    .into(),
+            ));
+        }
+        (None, Some(gib)) => {
+            let donors = parse_device_list(&args.donor)?;
+            let compute = compute
+                .or_else(|| graph.default_compute())
+                .ok_or_else(|| Failure::Other("the device graph has no devices".into()))?;
+            PlanRequest::virtual_vram(VirtualVram::from_gib(compute, gib, donors)?)
+        }
+        (None, None) => {
+            return Err(Failure::Other(
+                "say how to split the model: --expert STR or --virtual-vram GB".into(),
+            ));
+        }
+    };
+    Ok(request.with_order(order).with_pin(pin))
+}
+
+fn with_detection_hint(f: Failure, detected: bool) -> Failure {
+    match f {
+        Failure::Other(msg) if detected && msg.starts_with("unknown device") => {
+            Failure::Other(format!(
+                "{msg}\n  (this build detects host memory only; declare GPUs with --devices, \
+                 e.g. --devices cuda:0=24gib,cpu=64gib)"
+            ))
+        }
+        other => other,
+    }
+}
+
+fn selected(arg: ComponentArg, kind: ComponentKind) -> bool {
+    match arg {
+        ComponentArg::All => true,
+        ComponentArg::Unet => kind == ComponentKind::Unet,
+        ComponentArg::Clip => kind == ComponentKind::Clip,
+        ComponentArg::Vae => kind == ComponentKind::Vae,
+        ComponentArg::Controlnet => kind == ComponentKind::ControlNet,
+        ComponentArg::ClipVision => kind == ComponentKind::ClipVision,
+        ComponentArg::Model => kind == ComponentKind::Model,
+    }
+}
+
+fn component_name(arg: ComponentArg) -> &'static str {
+    match arg {
+        ComponentArg::All => "model",
+        ComponentArg::Unet => "unet",
+        ComponentArg::Clip => "clip",
+        ComponentArg::Vae => "vae",
+        ComponentArg::Controlnet => "controlnet",
+        ComponentArg::ClipVision => "clip-vision",
+        ComponentArg::Model => "model",
+    }
+}
+
+/// The plan as the documented JSON object.
+fn plan_json(plan: &Plan, inventory: &Inventory) -> serde_json::Value {
+    let devices: Vec<_> = plan
+        .devices()
+        .iter()
+        .map(|r| {
+            json!({
+                "device": r.device.to_string(),
+                "role": r.role.name(),
+                "capacity_bytes": r.total.bytes(),
+                "free_bytes": r.free.bytes(),
+                "quota_bytes": match r.quota { Quota::Bytes(b) => json!(b.bytes()), Quota::Rest => json!("*") },
+                "model_bytes": r.model_bytes.bytes(),
+                "pinned_bytes": r.pinned_bytes.bytes(),
+                "units": r.units,
+            })
+        })
+        .collect();
+    let units: Vec<_> = plan
+        .units()
+        .iter()
+        .map(|u| {
+            json!({
+                "name": u.name,
+                "bytes": u.bytes.bytes(),
+                "device": u.device.to_string(),
+                "kind": u.kind.name(),
+                "pinned": u.pinned,
+            })
+        })
+        .collect();
+    json!({
+        "component": inventory.component(),
+        "total_bytes": plan.total_bytes().bytes(),
+        "compute": plan.compute().to_string(),
+        "order": plan.order().name(),
+        "devices": devices,
+        "units": units,
+        "bytes_string": plan.bytes_string(),
+        "fraction_string": plan.fraction_string(),
+        "warnings": plan.warnings().iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+    })
+}
+
+pub fn devices(args: &DevicesArgs) -> Result<(), Failure> {
+    let graph = distorch::backends::detect();
+    let backends: Vec<String> = distorch::backends::compiled()
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    if args.json {
+        let devices: Vec<_> = graph
+            .devices()
+            .iter()
+            .map(|d| {
+                json!({
+                    "device": d.id.to_string(),
+                    "total_bytes": d.total.bytes(),
+                    "free_bytes": d.free.bytes(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"backends": backends, "devices": devices, "declaration": graph.to_string()})
+        );
+        return Ok(());
+    }
+    println!("backends compiled in: {}", backends.join(", "));
+    for d in graph.devices() {
+        println!(
+            "  {:<8} {} total, {} free",
+            d.id.to_string(),
+            d.total,
+            d.free
+        );
+    }
+    println!("as a declaration: {graph}");
+    println!("(GPU detection arrives with the runtime; declare GPUs with `plan --devices`)");
+    Ok(())
+}

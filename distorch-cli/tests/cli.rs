@@ -1,0 +1,284 @@
+//! The `distorch` binary end to end: exit codes, messages, the JSON schema, and the plan's
+//! strings reproducing it through the command line.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn distorch(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distorch"))
+        .args(args)
+        .env("DISTORCH_CACHE_DIR", cache)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run distorch")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+const DEVICES: &str = "cuda:0=8gib,cuda:1=4gib,cpu=32gib";
+
+#[test]
+fn plan_json_has_the_documented_shape_and_reproduces() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "plan",
+        "--demo",
+        "sd15",
+        "--component",
+        "unet",
+        "--virtual-vram",
+        "1.25",
+        "--donor",
+        "cuda:1,cpu",
+        "--devices",
+        DEVICES,
+        "--json",
+    ];
+    let o = distorch(&args, dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "one object for one component");
+    let v: Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["component"], "unet");
+    let total = v["total_bytes"].as_u64().unwrap();
+    let devices = v["devices"].as_array().unwrap();
+    let placed: u64 = devices
+        .iter()
+        .map(|d| d["model_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(placed, total);
+    for d in devices {
+        for key in ["device", "capacity_bytes", "model_bytes", "units"] {
+            assert!(!d[key].is_null(), "device entry lacks {key}: {d}");
+        }
+    }
+    let units = v["units"].as_array().unwrap();
+    assert_eq!(
+        units
+            .iter()
+            .map(|u| u["bytes"].as_u64().unwrap())
+            .sum::<u64>(),
+        total
+    );
+    assert!(units[0]["name"].is_string() && units[0]["device"].is_string());
+    assert!(v["warnings"].is_array());
+    let offloaded: u64 = devices[1..]
+        .iter()
+        .map(|d| d["model_bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        offloaded <= 5 << 28 && offloaded > (5 << 28) - (50 << 20),
+        "{offloaded}"
+    );
+
+    // Both strings fed back as --expert give the same placement.
+    for key in ["bytes_string", "fraction_string"] {
+        let s = v[key].as_str().unwrap();
+        let again = distorch(
+            &[
+                "plan",
+                "--demo",
+                "sd15",
+                "--component",
+                "unet",
+                "--expert",
+                s,
+                "--devices",
+                DEVICES,
+                "--json",
+            ],
+            dir.path(),
+        );
+        assert!(again.status.success(), "{}", stderr(&again));
+        let w: Value = serde_json::from_str(stdout(&again).trim()).unwrap();
+        assert_eq!(w["units"], v["units"], "{key} {s} reproduces the plan");
+    }
+}
+
+#[test]
+fn all_components_print_one_json_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = distorch(
+        &[
+            "plan",
+            "--demo",
+            "sd15",
+            "--expert",
+            "cuda:0,50%;cpu,*",
+            "--devices",
+            DEVICES,
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let comps: Vec<String> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["component"].to_string())
+        .collect();
+    assert_eq!(comps, ["\"unet\"", "\"clip\"", "\"vae\""]);
+}
+
+#[test]
+fn parse_errors_exit_2_with_a_caret() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = distorch(
+        &[
+            "plan",
+            "--demo",
+            "sd15",
+            "--expert",
+            "cuda:0,1tx;cpu,*",
+            "--devices",
+            DEVICES,
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "error: invalid allocation: unknown unit `tx` (expected one of b, k, kb, kib, m, mb, mib, \
+         g, gb, gib, t, tb, tib or %)\n  cuda:0,1tx;cpu,*\n          ^^\n"
+    );
+    // Checked before any file is read: a missing file does not mask the parse error.
+    let o = distorch(
+        &[
+            "plan",
+            "/nonexistent.safetensors",
+            "--virtual-vram",
+            "2",
+            "--devices",
+            "cuda:0=8gb,cpu",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("invalid device declaration"),
+        "{}",
+        stderr(&o)
+    );
+    let o = distorch(
+        &[
+            "plan",
+            "--demo",
+            "sd15",
+            "--virtual-vram",
+            "2",
+            "--donor",
+            "cpu,,cuda:1",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("invalid device list"), "{}", stderr(&o));
+}
+
+#[test]
+fn other_errors_exit_1_and_name_the_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = distorch(
+        &[
+            "plan",
+            "--demo",
+            "sd15",
+            "--expert",
+            "cuda:2,1gb;cpu,*",
+            "--devices",
+            DEVICES,
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unknown device `cuda:2`"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = distorch(
+        &[
+            "plan",
+            "--demo",
+            "sd15",
+            "--virtual-vram",
+            "1",
+            "--devices",
+            "cuda:0=512mib,cpu=64gib",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("`cuda:0` cannot hold its share of the model")
+            && stderr(&o).contains("raise virtual VRAM by at least"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = distorch(&["inspect", "/nonexistent/model.safetensors"], dir.path());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/nonexistent/model.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = distorch(
+        &[
+            "plan",
+            "--demo",
+            "sd15",
+            "--component",
+            "controlnet",
+            "--expert",
+            "cpu,*",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no controlnet component"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn detected_graph_hints_at_declaring_gpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = distorch(
+        &["plan", "--demo", "sd15", "--expert", "cuda:0,1gb;cpu,*"],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("declare GPUs with --devices"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn inspect_json_lists_components() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = distorch(&["inspect", "--demo", "sd15", "--json"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let comps = v["components"].as_array().unwrap();
+    assert_eq!(comps.len(), 3);
+    assert_eq!(comps[0]["component"], "unet");
+    assert_eq!(comps[0]["dtypes"]["F16"], 686);
+    assert_eq!(v["tensors"], 1130);
+    let human = distorch(&["inspect", "--demo", "sd15"], dir.path());
+    assert!(stdout(&human).contains("unet"), "{}", stdout(&human));
+}

@@ -44,7 +44,7 @@ impl Decimal {
     /// `mantissa / 10^scale`, normalised. `scale` must be at most 38.
     pub fn new(mantissa: u128, scale: u32) -> Decimal {
         let mut d = Decimal { mantissa, scale };
-        while d.scale > 0 && d.mantissa % 10 == 0 {
+        while d.scale > 0 && d.mantissa.is_multiple_of(10) {
             d.mantissa /= 10;
             d.scale -= 1;
         }

@@ -243,12 +243,13 @@ fn expert_layout(
         sink = Some(last);
     }
     let mut cpu_default = false;
-    if sink.is_none() && !spec.contains(DeviceId::CPU) {
-        if let Some(cpu) = graph.get(DeviceId::CPU) {
-            rows.push(RowSpec::new(*cpu, Quota::Rest));
-            sink = Some(rows.len() - 1);
-            cpu_default = true;
-        }
+    if sink.is_none()
+        && !spec.contains(DeviceId::CPU)
+        && let Some(cpu) = graph.get(DeviceId::CPU)
+    {
+        rows.push(RowSpec::new(*cpu, Quota::Rest));
+        sink = Some(rows.len() - 1);
+        cpu_default = true;
     }
     if !spec.contains(compute) {
         rows.insert(0, RowSpec::new(compute_info, Quota::Bytes(ByteSize::ZERO)));

@@ -15,7 +15,9 @@ use crate::graph::{DeviceGraph, DeviceInfo};
 use crate::inventory::{Inventory, Unit, UnitKind};
 use crate::number::mul_div_floor;
 use crate::plan::{DeviceRow, PlacedUnit, Plan, Quota, Role, Warning};
-use crate::request::{Allocation, EmbeddingPolicy, PinPolicy, PlacementOrder, PlanRequest};
+use crate::request::{
+    Allocation, EmbeddingPolicy, PinPolicy, PlacementOrder, PlanRequest, VirtualVram,
+};
 use crate::spec::{AllocSpec, Mode, Value};
 
 /// Plans where every unit of `inventory` lives. See the module docs for the steps and the
@@ -38,53 +40,11 @@ pub fn plan(
 
     let mut warnings = Vec::new();
     let layout = match &request.allocation {
-        Allocation::Expert { spec, compute } => expert_layout(
-            spec,
-            *compute,
-            inventory.total_bytes(),
-            graph,
-            &mut warnings,
-        )?,
-        Allocation::VirtualVram(vv) => {
-            let compute = graph.require(vv.compute(), "compute device")?;
-            let to_move = vv.amount().min(movable_bytes);
-            if vv.amount() > movable_bytes {
-                warnings.push(Warning::VirtualVramAboveModel {
-                    requested: vv.amount(),
-                    movable: movable_bytes,
-                });
-            }
-            let mut donors = Vec::with_capacity(vv.donors().len());
-            let mut available = ByteSize::ZERO;
-            for &d in vv.donors() {
-                let info = graph.require(d, "donor list")?;
-                available = available.saturating_add(info.free);
-                donors.push(*info);
-            }
-            if available < to_move {
-                return Err(Error::DonorsTooSmall {
-                    donors: vv.donors().to_vec(),
-                    needed: to_move,
-                    available,
-                    missing: to_move.saturating_sub(available),
-                });
-            }
-            let mut rows = vec![RowSpec::new(*compute, Quota::Rest)];
-            rows.extend(
-                donors
-                    .into_iter()
-                    .map(|d| RowSpec::new(d, Quota::Bytes(d.free))),
-            );
-            Layout {
-                rows,
-                compute: vv.compute(),
-                sink: Some(0),
-                vv_budget: Some(to_move),
-            }
+        Allocation::Expert { spec, compute } => {
+            expert_layout(spec, *compute, inventory.total_bytes(), graph)?
         }
+        Allocation::VirtualVram(vv) => vv_layout(vv, movable_bytes, graph, &mut warnings)?,
     };
-
-    // Budgets, in processing order: rows with a quota in order, the rest-taking row last.
     let compute_row = layout
         .rows
         .iter()
@@ -99,35 +59,14 @@ pub fn plan(
         assignment: &mut assignment,
         cursor: 0,
     };
-    let mut vv_left = layout.vv_budget;
-    for (r, row) in layout.rows.iter().enumerate() {
-        let Quota::Bytes(quota) = row.quota else {
-            continue;
-        };
-        let mut budget = quota.min(row.info.free);
-        if quota > row.info.free && layout.vv_budget.is_none() {
-            warnings.push(Warning::QuotaAboveFree {
-                device: row.info.id,
-                quota,
-                free: row.info.free,
-            });
-        }
-        if r == compute_row {
-            if pinned_bytes > quota {
-                warnings.push(Warning::PinnedOverQuota {
-                    device: row.info.id,
-                    pinned: pinned_bytes,
-                    quota,
-                });
-            }
-            budget = budget.saturating_sub(pinned_bytes);
-        }
-        if let Some(left) = vv_left {
-            budget = budget.min(left);
-        }
-        let taken = dealer.deal(r, budget, request.order);
-        vv_left = vv_left.map(|l| l.saturating_sub(taken));
-    }
+    deal_budgets(
+        &layout,
+        compute_row,
+        pinned_bytes,
+        request.order,
+        &mut dealer,
+        &mut warnings,
+    );
 
     // The rest, then the pinned units.
     let (leftover_units, leftover_bytes) = dealer.leftovers();
@@ -159,6 +98,86 @@ pub fn plan(
     )
 }
 
+/// Rows for virtual VRAM: the compute device takes the rest; donors follow in order, each
+/// capped by its free memory, all together by the bytes to move.
+fn vv_layout(
+    vv: &VirtualVram,
+    movable_bytes: ByteSize,
+    graph: &DeviceGraph,
+    warnings: &mut Vec<Warning>,
+) -> Result<Layout, Error> {
+    let compute = graph.require(vv.compute(), "compute device")?;
+    let to_move = vv.amount().min(movable_bytes);
+    if vv.amount() > movable_bytes {
+        warnings.push(Warning::VirtualVramAboveModel {
+            requested: vv.amount(),
+            movable: movable_bytes,
+        });
+    }
+    let mut rows = vec![RowSpec::new(*compute, Quota::Rest)];
+    let mut available = ByteSize::ZERO;
+    for &d in vv.donors() {
+        let info = graph.require(d, "donor list")?;
+        available = available.saturating_add(info.free);
+        rows.push(RowSpec::new(*info, Quota::Bytes(info.free)));
+    }
+    if available < to_move {
+        return Err(Error::DonorsTooSmall {
+            donors: vv.donors().to_vec(),
+            needed: to_move,
+            available,
+            missing: to_move.saturating_sub(available),
+        });
+    }
+    Ok(Layout {
+        rows,
+        compute: vv.compute(),
+        sink: Some(0),
+        vv_budget: Some(to_move),
+        cpu_default: false,
+    })
+}
+
+/// Deals movable units to every row with a quota, in row order; the rest-taking row waits.
+fn deal_budgets(
+    layout: &Layout,
+    compute_row: usize,
+    pinned_bytes: ByteSize,
+    order: PlacementOrder,
+    dealer: &mut Dealer<'_>,
+    warnings: &mut Vec<Warning>,
+) {
+    let mut vv_left = layout.vv_budget;
+    for (r, row) in layout.rows.iter().enumerate() {
+        let Quota::Bytes(quota) = row.quota else {
+            continue;
+        };
+        let mut budget = quota.min(row.info.free);
+        if quota > row.info.free && layout.vv_budget.is_none() {
+            warnings.push(Warning::QuotaAboveFree {
+                device: row.info.id,
+                quota,
+                free: row.info.free,
+            });
+        }
+        if r == compute_row {
+            if pinned_bytes > quota {
+                warnings.push(Warning::PinnedOverQuota {
+                    device: row.info.id,
+                    pinned: pinned_bytes,
+                    quota,
+                });
+            }
+            budget = budget.saturating_sub(pinned_bytes);
+        }
+        if let Some(left) = vv_left {
+            budget = budget.min(left);
+        }
+        let taken = dealer.deal(r, budget, order);
+        vv_left = vv_left.map(|l| l.saturating_sub(taken));
+    }
+}
+
 fn is_pinned(unit: &Unit, pin: &PinPolicy) -> bool {
     match unit.kind {
         UnitKind::Norm | UnitKind::Bias => true,
@@ -185,6 +204,8 @@ struct Layout {
     sink: Option<usize>,
     /// Virtual VRAM only: the bytes all donors together may take.
     vv_budget: Option<ByteSize>,
+    /// The rest-taking row is `cpu`, appended because the allocation had no `*`.
+    cpu_default: bool,
 }
 
 /// Rows for an expert allocation: entries in order, compute first if the string does not
@@ -195,7 +216,6 @@ fn expert_layout(
     compute: Option<DeviceId>,
     model_total: ByteSize,
     graph: &DeviceGraph,
-    warnings: &mut Vec<Warning>,
 ) -> Result<Layout, Error> {
     let first = spec.entries().first().ok_or(Error::EmptyAllocation)?;
     let compute = compute.unwrap_or(first.device);
@@ -255,17 +275,12 @@ fn expert_layout(
         rows.insert(0, RowSpec::new(compute_info, Quota::Bytes(ByteSize::ZERO)));
         sink = sink.map(|s| s + 1);
     }
-    if cpu_default {
-        // Reported in `finish` once we know how much went there.
-        warnings.push(Warning::RemainderToCpu {
-            bytes: ByteSize::ZERO,
-        });
-    }
     Ok(Layout {
         rows,
         compute,
         sink,
         vv_budget: None,
+        cpu_default,
     })
 }
 
@@ -416,12 +431,12 @@ fn finish(
             });
         }
     }
-    for w in &mut warnings {
-        if let Warning::RemainderToCpu { bytes } = w {
-            *bytes = layout.sink.map_or(ByteSize::ZERO, |s| rows[s].model_bytes);
+    if let Some(sink) = layout.sink.filter(|_| layout.cpu_default) {
+        let bytes = rows[sink].model_bytes;
+        if bytes > ByteSize::ZERO {
+            warnings.push(Warning::RemainderToCpu { bytes });
         }
     }
-    warnings.retain(|w| !matches!(w, Warning::RemainderToCpu { bytes } if bytes.0 == 0));
     Ok(Plan {
         component: inventory.component().to_owned(),
         compute: layout.compute,

@@ -66,19 +66,13 @@ pub struct DeviceGraph {
 impl DeviceGraph {
     /// A graph of the given devices. Errors on a duplicate device or free > total.
     pub fn new(devices: Vec<DeviceInfo>) -> Result<DeviceGraph, Error> {
-        for (i, d) in devices.iter().enumerate() {
-            if devices[..i].iter().any(|p| p.id == d.id) {
-                return Err(Error::DuplicateDevice { device: d.id });
-            }
-            if d.free > d.total {
-                return Err(Error::FreeAboveTotal {
-                    device: d.id,
-                    free: d.free,
-                    total: d.total,
-                });
-            }
+        let mut graph = DeviceGraph {
+            devices: Vec::with_capacity(devices.len()),
+        };
+        for d in devices {
+            graph.push(d)?;
         }
-        Ok(DeviceGraph { devices })
+        Ok(graph)
     }
 
     /// Parses a declaration such as `cuda:0=24gib,cpu=64gib`.

@@ -291,3 +291,13 @@ fn device_list_errors() {
         "invalid device list: device `CPU` is already given at position 1\n  cpu,CPU\n      ^^^"
     );
 }
+
+/// The original decided the mode by scanning the whole string for unit letters; here each
+/// value decides its own kind, whatever letters the device names contain.
+#[test]
+fn value_kind_never_comes_from_device_names() {
+    assert_eq!(ok("vulkan:1,25%;metal:0,*").mode(), Some(Mode::Ratio));
+    assert_eq!(ok("vulkan:1,0.25;metal:0,*").mode(), Some(Mode::Fraction));
+    assert_eq!(ok("metal:0,0.5;vulkan:1,0.25").mode(), Some(Mode::Fraction));
+    assert_eq!(ok("rocm:0,512mb;cpu,*").mode(), Some(Mode::Bytes));
+}

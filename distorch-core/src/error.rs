@@ -43,6 +43,14 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// The header names the same tensor twice.
+    #[error("{}: tensor `{name}` appears twice in the header", path.display())]
+    DuplicateTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+    },
     /// One tensor entry of the header is malformed.
     #[error("{}: tensor `{name}`: {reason}", path.display())]
     InvalidTensor {

@@ -6,7 +6,7 @@
 //! ranges must tile the data section exactly (no overlap, no gap, no trailing bytes), as the
 //! reference `safetensors` implementation requires.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -48,6 +48,33 @@ pub struct SafetensorsIndex {
     tensors: Vec<TensorInfo>,
     metadata: BTreeMap<String, String>,
     file_len: u64,
+}
+
+/// The header's top-level object with its keys in file order and duplicates kept, so they
+/// can be reported (a plain JSON map would silently keep the last one).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of tensor entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 #[derive(Deserialize)]
@@ -104,11 +131,18 @@ impl SafetensorsIndex {
         let text = std::str::from_utf8(header)
             .map_err(|e| invalid(format!("not UTF-8 ({e})")))?
             .trim_end_matches(' ');
-        let map: serde_json::Map<String, serde_json::Value> =
+        let Entries(entries) =
             serde_json::from_str(text).map_err(|e| invalid(format!("not a JSON object ({e})")))?;
+        let mut seen = HashSet::with_capacity(entries.len());
+        if let Some((name, _)) = entries.iter().find(|(n, _)| !seen.insert(n.as_str())) {
+            return Err(Error::DuplicateTensor {
+                path,
+                name: name.clone(),
+            });
+        }
         let mut metadata = BTreeMap::new();
-        let mut tensors = Vec::with_capacity(map.len());
-        for (name, value) in map {
+        let mut tensors = Vec::with_capacity(entries.len());
+        for (name, value) in entries {
             if name == "__metadata__" {
                 let m: BTreeMap<String, String> = serde_json::from_value(value)
                     .map_err(|e| invalid(format!("__metadata__ is not a string map ({e})")))?;

@@ -83,9 +83,14 @@ fn rejects_bad_files_with_context() {
             "FILE: tensor `w`: missing field `data_offsets`",
         ),
         (
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+            "FILE: tensor `w` appears twice in the header",
+        ),
+        (
             r#"[1,2]"#,
             0,
-            "FILE: invalid safetensors header: not a JSON object (invalid type: sequence, expected a map at line 1 column 0)",
+            "FILE: invalid safetensors header: not a JSON object (invalid type: sequence, expected an object of tensor entries at line 1 column 0)",
         ),
     ];
     for (header, data, expected) in cases {

@@ -136,6 +136,49 @@ pub enum Error {
         /// The name given.
         name: String,
     },
+    /// A plan puts a unit on a device the runtime cannot use as a home yet.
+    #[error(
+        "unit `{unit}` is planned on `{device}`, but only the compute device and `cpu` (host \
+         memory) can hold weights so far"
+    )]
+    UnsupportedHome {
+        /// The unit.
+        unit: String,
+        /// The device.
+        device: distorch_alloc::DeviceId,
+    },
+    /// A planned unit has no tensors in the file.
+    #[error("{}: planned unit `{unit}` has no tensors in the file", path.display())]
+    UnitNotInFile {
+        /// The file.
+        path: PathBuf,
+        /// The unit.
+        unit: String,
+    },
+    /// A tensor's dtype cannot be loaded as weights.
+    #[error("{}: tensor `{name}` has dtype {dtype}, which cannot be loaded as weights: {reason}", path.display())]
+    UnsupportedDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: crate::DType,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Reading a tensor back from a device failed.
+    #[error("reading a tensor back from the compute device failed: {reason}")]
+    DeviceTransfer {
+        /// The backend's message.
+        reason: String,
+    },
+    /// A unit name that the weight store does not hold.
+    #[error("the weight store has no unit `{unit}`")]
+    UnknownUnit {
+        /// The name asked for.
+        unit: String,
+    },
     /// Building the inventory failed.
     #[error(transparent)]
     Inventory(#[from] distorch_alloc::Error),

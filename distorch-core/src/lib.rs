@@ -12,8 +12,8 @@
 //! # Ok::<(), distorch_core::Error>(())
 //! ```
 //!
-//! The weight store, the streamer and Load-Patch-Distribute loading arrive with the runtime
-//! (they need Burn tensors); this crate holds what can be read from a file's header.
+//! [`runtime`] holds the weight store, Load-Patch-Distribute loading and the streamer (a first
+//! part of the runtime: compute device and host homes, f32 compute).
 
 #![deny(missing_docs)]
 
@@ -21,6 +21,7 @@ pub mod components;
 pub mod demo;
 mod dtype;
 mod error;
+pub mod runtime;
 pub mod safetensors;
 pub mod units;
 

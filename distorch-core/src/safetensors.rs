@@ -262,7 +262,26 @@ pub fn write_zeroed(
     tensors: &[TensorSpec],
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), Error> {
-    let path = path.as_ref();
+    write_impl(path.as_ref(), tensors, None, metadata)
+}
+
+/// Writes a safetensors file with the given tensor data (`data[i]` holds `tensors[i]`'s
+/// little-endian bytes, whose length must match its shape and dtype).
+pub fn write(
+    path: impl AsRef<Path>,
+    tensors: &[TensorSpec],
+    data: &[&[u8]],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), Error> {
+    write_impl(path.as_ref(), tensors, Some(data), metadata)
+}
+
+fn write_impl(
+    path: &Path,
+    tensors: &[TensorSpec],
+    data: Option<&[&[u8]]>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), Error> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -272,18 +291,26 @@ pub fn write_zeroed(
         header.insert("__metadata__".into(), serde_json::json!(metadata));
     }
     let mut offset = 0u64;
-    for (name, dtype, shape) in tensors {
+    for (i, (name, dtype, shape)) in tensors.iter().enumerate() {
+        let bad = |reason: String| Error::InvalidTensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            reason,
+        };
         let bytes = shape
             .iter()
             .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-            .and_then(|b| offset.checked_add(b).map(|end| (b, end)));
-        let Some((_, end)) = bytes else {
-            return Err(Error::InvalidTensor {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                reason: format!("shape {shape:?} overflows a 64-bit size"),
-            });
-        };
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows a 64-bit size")))?;
+        if let Some(given) = data.map(|d| d.get(i).map_or(0, |b| b.len() as u64))
+            && given != bytes
+        {
+            return Err(bad(format!(
+                "{given} bytes of data given, the shape needs {bytes}"
+            )));
+        }
+        let end = offset
+            .checked_add(bytes)
+            .ok_or_else(|| bad("the file would exceed 2^64 bytes".into()))?;
         header.insert(
             name.clone(),
             serde_json::json!({
@@ -302,10 +329,16 @@ pub fn write_zeroed(
     while json.len() % 8 != 0 {
         json.push(b' ');
     }
-    let mut file = File::create(path).map_err(io)?;
+    let mut file = std::io::BufWriter::new(File::create(path).map_err(io)?);
     file.write_all(&(json.len() as u64).to_le_bytes())
         .map_err(io)?;
     file.write_all(&json).map_err(io)?;
+    if let Some(data) = data {
+        for d in data {
+            file.write_all(d).map_err(io)?;
+        }
+    }
+    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
     file.set_len(8 + json.len() as u64 + offset).map_err(io)?;
     file.sync_all().map_err(io)
 }

@@ -1,0 +1,314 @@
+//! [`Streamer`]: hands a forward pass each unit's tensors on the compute device, uploading the
+//! next offloaded units on a background thread while the current one computes.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use distorch_alloc::{ByteSize, DeviceId};
+
+use crate::error::Error;
+use crate::runtime::store::{Stored, StoredUnit, WeightStore};
+
+/// How far the streamer looks ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lookahead {
+    /// Offloaded units uploaded ahead of use, at most.
+    pub units: usize,
+    /// Bytes held on the compute device by prefetched units, at most (a unit larger than this
+    /// is still fetched, on demand).
+    pub bytes: ByteSize,
+}
+
+impl Default for Lookahead {
+    fn default() -> Self {
+        Lookahead {
+            units: 2,
+            bytes: ByteSize::mib(512),
+        }
+    }
+}
+
+/// What one pass cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Units asked for.
+    pub fetches: usize,
+    /// Of those, units resident on the compute device (free).
+    pub resident: usize,
+    /// Of those, offloaded units that were already uploaded (or being uploaded) when asked for.
+    pub prefetched: usize,
+    /// Of those, offloaded units the compute thread had to upload itself.
+    pub on_demand: usize,
+    /// Bytes uploaded to the compute device, per source device.
+    pub bytes_moved: BTreeMap<DeviceId, ByteSize>,
+    /// Time the compute thread waited for weights.
+    pub stall: Duration,
+    /// Most bytes of streamed (non-resident) weights held on the compute device at once by the
+    /// streamer: prefetched, being uploaded, and the unit last handed out.
+    pub peak_extra_bytes: ByteSize,
+}
+
+/// A unit's tensors on the compute device.
+#[derive(Debug, Clone)]
+pub struct UnitWeights<B: Backend> {
+    tensors: Vec<(String, Vec<usize>, Tensor<B, 1>)>,
+}
+
+impl<B: Backend> UnitWeights<B> {
+    /// The tensor whose key ends with `.{param}` (or is `param`), reshaped to rank `D`.
+    pub fn get<const D: usize>(&self, param: &str) -> Option<Tensor<B, D>> {
+        let (_, shape, t) = self.tensors.iter().find(|(name, _, _)| {
+            name == param || name.rsplit_once('.').is_some_and(|(_, p)| p == param)
+        })?;
+        let dims: [usize; D] = shape.as_slice().try_into().ok()?;
+        Some(t.clone().reshape(dims))
+    }
+
+    /// All tensors: key, shape, flattened data.
+    pub fn tensors(&self) -> &[(String, Vec<usize>, Tensor<B, 1>)] {
+        &self.tensors
+    }
+}
+
+struct State<B: Backend> {
+    ready: HashMap<usize, Vec<Tensor<B, 1>>>,
+    queue: VecDeque<usize>,
+    in_flight: Option<usize>,
+    /// Bytes ready, queued and in flight.
+    held: u64,
+    /// Bytes of the unit last handed out, if it was streamed.
+    handed_out: u64,
+    shutdown: bool,
+    stats: StreamStats,
+}
+
+struct Shared<B: Backend> {
+    store: Arc<WeightStore<B>>,
+    state: Mutex<State<B>>,
+    changed: Condvar,
+}
+
+impl<B: Backend> Shared<B> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
+        // A poisoned lock means the worker panicked mid-upload; the state is still consistent
+        // enough to continue (the unit is simply uploaded on demand).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note_peak(st: &mut State<B>) {
+        let now = ByteSize(st.held + st.handed_out);
+        if now > st.stats.peak_extra_bytes {
+            st.stats.peak_extra_bytes = now;
+        }
+    }
+}
+
+/// Streams a [`WeightStore`]'s offloaded units to the compute device in execution order.
+///
+/// The execution order is the store's (the plan's) order; after the last unit the look-ahead
+/// wraps to the first, so repeated passes (sampling steps) keep prefetching.
+pub struct Streamer<B: Backend> {
+    shared: Arc<Shared<B>>,
+    lookahead: Lookahead,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl<B: Backend> Streamer<B> {
+    /// Starts the background upload thread.
+    pub fn new(store: Arc<WeightStore<B>>, lookahead: Lookahead) -> Streamer<B> {
+        let shared = Arc::new(Shared {
+            store,
+            state: Mutex::new(State {
+                ready: HashMap::new(),
+                queue: VecDeque::new(),
+                in_flight: None,
+                held: 0,
+                handed_out: 0,
+                shutdown: false,
+                stats: StreamStats::default(),
+            }),
+            changed: Condvar::new(),
+        });
+        let worker_shared = Arc::clone(&shared);
+        let worker = std::thread::Builder::new()
+            .name("distorch-prefetch".into())
+            .spawn(move || worker(&worker_shared))
+            .ok();
+        if worker.is_none() {
+            tracing::warn!("could not start the prefetch thread; uploads will be on demand");
+        }
+        Streamer {
+            shared,
+            lookahead,
+            worker,
+        }
+    }
+
+    /// The store it streams from.
+    pub fn store(&self) -> &WeightStore<B> {
+        &self.shared.store
+    }
+
+    /// The tensors of `unit` on the compute device, waiting for (or doing) its upload if it
+    /// is offloaded, and queueing the next offloaded units for prefetch.
+    pub fn fetch(&self, unit: &str) -> Result<UnitWeights<B>, Error> {
+        let store = &self.shared.store;
+        let i = store.position(unit).ok_or_else(|| Error::UnknownUnit {
+            unit: unit.to_owned(),
+        })?;
+        let u = &store.units()[i];
+        if u.is_resident() {
+            let mut st = self.shared.lock();
+            st.stats.fetches += 1;
+            st.stats.resident += 1;
+            drop(st);
+            return Ok(weights(u, resident_tensors(u)));
+        }
+        let start = Instant::now();
+        let mut st = self.shared.lock();
+        st.stats.fetches += 1;
+        let tensors = loop {
+            if let Some(t) = st.ready.remove(&i) {
+                st.held -= u.bytes.0;
+                st.stats.prefetched += 1;
+                break t;
+            }
+            if st.in_flight == Some(i) {
+                st = self
+                    .shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            if let Some(pos) = st.queue.iter().position(|&q| q == i) {
+                st.queue.remove(pos);
+                st.held -= u.bytes.0;
+            }
+            st.stats.on_demand += 1;
+            drop(st);
+            let t = upload(u, store.compute());
+            st = self.shared.lock();
+            *st.stats.bytes_moved.entry(u.home).or_default() += u.bytes;
+            break t;
+        };
+        st.stats.stall += start.elapsed();
+        st.handed_out = u.bytes.0;
+        Shared::note_peak(&mut st);
+        self.schedule(&mut st, i);
+        drop(st);
+        self.shared.changed.notify_all();
+        Ok(weights(u, tensors))
+    }
+
+    /// Queues offloaded units after `i` (wrapping) within the look-ahead.
+    fn schedule(&self, st: &mut State<B>, i: usize) {
+        let units = self.shared.store.units();
+        let n = units.len();
+        let mut taken = 0;
+        for step in 1..n {
+            if taken >= self.lookahead.units {
+                break;
+            }
+            let j = (i + step) % n;
+            let u = &units[j];
+            if u.is_resident() {
+                continue;
+            }
+            taken += 1;
+            if st.ready.contains_key(&j) || st.in_flight == Some(j) || st.queue.contains(&j) {
+                continue;
+            }
+            if st.held + u.bytes.0 > self.lookahead.bytes.0 {
+                break;
+            }
+            st.held += u.bytes.0;
+            st.queue.push_back(j);
+        }
+        Shared::note_peak(st);
+    }
+
+    /// Returns this pass's statistics and starts a new pass. Also logs them.
+    pub fn take_stats(&self) -> StreamStats {
+        let mut st = self.shared.lock();
+        let stats = std::mem::take(&mut st.stats);
+        st.stats.peak_extra_bytes = ByteSize(st.held + st.handed_out);
+        drop(st);
+        tracing::debug!(
+            fetches = stats.fetches,
+            prefetched = stats.prefetched,
+            on_demand = stats.on_demand,
+            stall_ms = stats.stall.as_secs_f64() * 1e3,
+            peak_extra = %stats.peak_extra_bytes,
+            "stream pass"
+        );
+        stats
+    }
+}
+
+impl<B: Backend> Drop for Streamer<B> {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.changed.notify_all();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker<B: Backend>(shared: &Shared<B>) {
+    let mut st = shared.lock();
+    loop {
+        if st.shutdown {
+            return;
+        }
+        let Some(j) = st.queue.pop_front() else {
+            st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            continue;
+        };
+        st.in_flight = Some(j);
+        drop(st);
+        let u = &shared.store.units()[j];
+        let t = upload(u, shared.store.compute());
+        st = shared.lock();
+        st.in_flight = None;
+        *st.stats.bytes_moved.entry(u.home).or_default() += u.bytes;
+        st.ready.insert(j, t);
+        shared.changed.notify_all();
+    }
+}
+
+fn resident_tensors<B: Backend>(u: &StoredUnit<B>) -> Vec<Tensor<B, 1>> {
+    u.tensors
+        .iter()
+        .filter_map(|t| match &t.data {
+            Stored::Device(d) => Some(d.clone()),
+            Stored::Host(_) => None,
+        })
+        .collect()
+}
+
+fn upload<B: Backend>(u: &StoredUnit<B>, device: &B::Device) -> Vec<Tensor<B, 1>> {
+    u.tensors
+        .iter()
+        .map(|t| match &t.data {
+            Stored::Device(d) => d.clone(),
+            Stored::Host(h) => Tensor::from_data(TensorData::new(h.to_vec(), [h.len()]), device),
+        })
+        .collect()
+}
+
+fn weights<B: Backend>(u: &StoredUnit<B>, tensors: Vec<Tensor<B, 1>>) -> UnitWeights<B> {
+    UnitWeights {
+        tensors: u
+            .tensors
+            .iter()
+            .zip(tensors)
+            .map(|(s, t)| (s.name.clone(), s.shape.clone(), t))
+            .collect(),
+    }
+}

@@ -1,0 +1,189 @@
+//! Offload benchmark: the forward pass of 24 diffusion-shaped layers (3×3 convolutions at a
+//! 512×512 image's latent, attention-width projections; batch 2 for guidance; 240 MB of f32
+//! weights) with 0 %, 50 % and 100 % of the weights in host memory, streamed by the
+//! [`Streamer`]. Prints one line per configuration.
+//!
+//! Run: `cargo run --release --example offload_bench [-- --passes N]`
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Tensor, TensorData};
+use distorch::alloc::{PinPolicy, PlacementOrder};
+use distorch::core::runtime::{Lookahead, Streamer, WeightStore};
+use distorch::core::safetensors::write;
+use distorch::core::{components, units};
+use distorch::{
+    ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram,
+};
+
+type B = NdArray;
+
+const BLOCKS: usize = 8;
+const CONV: usize = 320; // channels of SD's first level
+const LATENT: usize = 64; // 512 / 8
+const DIM: usize = 1280; // projection width
+const TOKENS: usize = 1024; // 32×32 tokens
+const HIDDEN: usize = 2560;
+
+fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+/// Writes the 24-layer checkpoint: per block a conv, an up and a down projection.
+fn write_model(path: &std::path::Path) -> Result<(), distorch::Error> {
+    let mut specs = Vec::new();
+    let mut data: Vec<Vec<u8>> = Vec::new();
+    let mut push = |name: String, shape: Vec<u64>, fan_in: usize| {
+        let n: u64 = shape.iter().product();
+        let scale = 2.0 / (fan_in as f32).sqrt();
+        let v = values(specs.len() as u64 + 1, n as usize, scale);
+        data.push(v.iter().flat_map(|f| f.to_le_bytes()).collect());
+        specs.push((name, DType::F32, shape));
+    };
+    for b in 0..BLOCKS {
+        let c = CONV as u64;
+        push(
+            format!("blocks.{b}.conv.weight"),
+            vec![c, c, 3, 3],
+            CONV * 9,
+        );
+        push(
+            format!("blocks.{b}.up.weight"),
+            vec![HIDDEN as u64, DIM as u64],
+            DIM,
+        );
+        push(
+            format!("blocks.{b}.down.weight"),
+            vec![DIM as u64, HIDDEN as u64],
+            HIDDEN,
+        );
+    }
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    write(path, &specs, &refs, &BTreeMap::new())?;
+    Ok(())
+}
+
+fn forward(s: &Streamer<B>, x: Tensor<B, 4>, y: Tensor<B, 2>) -> (Tensor<B, 4>, Tensor<B, 2>) {
+    let (mut x, mut y) = (x, y);
+    let opts = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+    for b in 0..BLOCKS {
+        let w: Tensor<B, 4> = s
+            .fetch(&format!("blocks.{b}.conv"))
+            .unwrap()
+            .get("weight")
+            .unwrap();
+        x = conv2d(x, w, None, opts.clone()).tanh();
+        let up: Tensor<B, 2> = s
+            .fetch(&format!("blocks.{b}.up"))
+            .unwrap()
+            .get("weight")
+            .unwrap();
+        let h = y.clone().matmul(up.transpose()).tanh();
+        let down: Tensor<B, 2> = s
+            .fetch(&format!("blocks.{b}.down"))
+            .unwrap()
+            .get("weight")
+            .unwrap();
+        y = y + h.matmul(down.transpose());
+    }
+    (x, y)
+}
+
+/// Forces the backend to finish (a read back) so the clock sees the real time.
+fn sync<B2: Backend, const D: usize>(t: &Tensor<B2, D>) {
+    let _ = t.clone().sum().into_data();
+}
+
+fn main() -> Result<(), distorch::Error> {
+    let passes: usize = std::env::args()
+        .skip_while(|a| a != "--passes")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(2);
+    let dir = std::env::temp_dir().join("distorch-offload-bench");
+    std::fs::create_dir_all(&dir).map_err(|source| distorch::core::Error::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let path = dir.join("blocks.safetensors");
+    write_model(&path)?;
+    let index = SafetensorsIndex::open(&path)?;
+    let split = components::split(&index);
+    let component = &split.components[0];
+    let inventory = units::inventory(component)?;
+    let graph: DeviceGraph = "cuda:0=64gib,cpu=64gib".parse()?;
+    let device = Default::default();
+    let x = Tensor::<B, 1>::from_data(
+        TensorData::new(
+            values(7, 2 * CONV * LATENT * LATENT, 1.0),
+            [2 * CONV * LATENT * LATENT],
+        ),
+        &device,
+    )
+    .reshape([2, CONV, LATENT, LATENT]);
+    let y = Tensor::<B, 1>::from_data(
+        TensorData::new(values(8, 2 * TOKENS * DIM, 1.0), [2 * TOKENS * DIM]),
+        &device,
+    )
+    .reshape([2 * TOKENS, DIM]);
+    println!(
+        "# {} layers, {} of f32 weights, {passes} timed pass(es) after one warm-up, backend=ndarray",
+        3 * BLOCKS,
+        inventory.total_bytes()
+    );
+    let mut resident_time = None;
+    for pct in [0u64, 50, 100] {
+        let amount = ByteSize(inventory.total_bytes().bytes() * pct / 100);
+        let vv = VirtualVram::new(DeviceId::cuda(0), amount, vec![DeviceId::CPU])?;
+        let pin = PinPolicy {
+            tiny_threshold: ByteSize(0),
+            ..PinPolicy::default()
+        };
+        let req = PlanRequest::virtual_vram(vv)
+            .with_order(PlacementOrder::Interleave)
+            .with_pin(pin);
+        let plan = distorch::plan(&req, &inventory, &graph)?;
+        let (store, _) = WeightStore::<B>::load(&index, component, &plan, &device, None)?;
+        let streamer = Streamer::new(Arc::new(store), Lookahead::default());
+        let (a, b) = forward(&streamer, x.clone(), y.clone());
+        sync(&a);
+        sync(&b);
+        let _ = streamer.take_stats();
+        let start = Instant::now();
+        for _ in 0..passes {
+            let (a, b) = forward(&streamer, x.clone(), y.clone());
+            sync(&a);
+            sync(&b);
+        }
+        let secs = start.elapsed().as_secs_f64() / passes as f64;
+        let stats = streamer.take_stats();
+        let base = *resident_time.get_or_insert(secs);
+        let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
+        println!(
+            "offload={pct}% backend=ndarray pass_s={secs:.3} ratio={:.3} stall_ms={:.1} moved_mb={:.0} prefetched={} on_demand={} peak_extra_mb={:.0}",
+            secs / base,
+            stats.stall.as_secs_f64() * 1e3 / passes as f64,
+            moved as f64 / passes as f64 / 1e6,
+            stats.prefetched,
+            stats.on_demand,
+            stats.peak_extra_bytes.bytes() as f64 / 1e6,
+        );
+    }
+    Ok(())
+}

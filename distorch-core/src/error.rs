@@ -173,6 +173,16 @@ pub enum Error {
         /// The backend's message.
         reason: String,
     },
+    /// A model does not fit on a device even after unloading what the eject policy allows.
+    #[error("the model needs {needed} on `{device}` but only {available} is available")]
+    WontFit {
+        /// The device.
+        device: distorch_alloc::DeviceId,
+        /// Bytes the model needs there.
+        needed: distorch_alloc::ByteSize,
+        /// Bytes available to it.
+        available: distorch_alloc::ByteSize,
+    },
     /// A unit name that the weight store does not hold.
     #[error("the weight store has no unit `{unit}`")]
     UnknownUnit {

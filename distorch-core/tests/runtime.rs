@@ -1,10 +1,12 @@
-//! The weight store and the streamer on ndarray: outputs are bit-identical whatever the
-//! placement, streaming statistics add up, patches apply during loading.
+//! The weight store and the streamer: outputs are bit-identical whatever the placement,
+//! streaming statistics add up, patches apply during loading.
+//!
+//! Compute runs on ndarray, or on wgpu with `--features test-wgpu` (`cargo test-wgpu`), where
+//! host memory and the compute device are two distinct memory spaces.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use burn::backend::NdArray;
 use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use distorch_alloc::{
@@ -14,7 +16,10 @@ use distorch_core::runtime::{Lookahead, Streamer, WeightPatch, WeightStore};
 use distorch_core::safetensors::write;
 use distorch_core::{DType, Error, SafetensorsIndex, components};
 
-type B = NdArray;
+#[cfg(not(feature = "test-wgpu"))]
+type B = burn::backend::NdArray;
+#[cfg(feature = "test-wgpu")]
+type B = burn::backend::Wgpu;
 
 const WIDTH: usize = 48;
 const LAYERS: usize = 8;

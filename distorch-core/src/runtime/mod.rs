@@ -7,9 +7,11 @@
 //! host memory (`cpu`) as an owned f32 copy; GPU donors, zero-copy memory-mapped host storage,
 //! pinned memory and storage dtypes other than f32 are not implemented yet.
 
+mod cache;
 mod decode;
 mod store;
 mod stream;
 
+pub use cache::{EjectPolicy, ModelCache};
 pub use store::{LoadReport, StoredTensor, StoredUnit, WeightPatch, WeightStore};
 pub use stream::{Lookahead, StreamStats, Streamer, UnitWeights};

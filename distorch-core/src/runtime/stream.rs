@@ -1,5 +1,13 @@
-//! [`Streamer`]: hands a forward pass each unit's tensors on the compute device, uploading the
+//! [`Streamer`]: hands a forward pass each unit's tensors on the compute device, staging the
 //! next offloaded units on a background thread while the current one computes.
+//!
+//! The background thread prepares each unit's host data (the copy out of the store, where
+//! dtype decoding also belongs); the compute thread enqueues the device upload when it asks
+//! for the unit. Uploading from the background thread itself is not safe on every backend:
+//! on wgpu, buffers written from another thread's stream were read stale by the compute
+//! thread's kernels (caught by the bit-identity tests), so the enqueue stays on the thread
+//! that computes. Overlapping the device copy itself with compute (CUDA streams and events)
+//! is future work to be measured on a GPU.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -47,8 +55,9 @@ pub struct StreamStats {
     pub bytes_moved: BTreeMap<DeviceId, ByteSize>,
     /// Time the compute thread waited for weights.
     pub stall: Duration,
-    /// Most bytes of streamed (non-resident) weights held on the compute device at once by the
-    /// streamer: prefetched, being uploaded, and the unit last handed out.
+    /// Most bytes of streamed (non-resident) weights the streamer held at once: units staged
+    /// in host memory ahead of use, the one being staged, and the unit last handed out on the
+    /// compute device.
     pub peak_extra_bytes: ByteSize,
 }
 
@@ -74,8 +83,8 @@ impl<B: Backend> UnitWeights<B> {
     }
 }
 
-struct State<B: Backend> {
-    ready: HashMap<usize, Vec<Tensor<B, 1>>>,
+struct State {
+    ready: HashMap<usize, Vec<TensorData>>,
     queue: VecDeque<usize>,
     in_flight: Option<usize>,
     /// Bytes ready, queued and in flight.
@@ -86,24 +95,26 @@ struct State<B: Backend> {
     stats: StreamStats,
 }
 
+impl State {
+    fn note_peak(&mut self) {
+        let now = ByteSize(self.held + self.handed_out);
+        if now > self.stats.peak_extra_bytes {
+            self.stats.peak_extra_bytes = now;
+        }
+    }
+}
+
 struct Shared<B: Backend> {
     store: Arc<WeightStore<B>>,
-    state: Mutex<State<B>>,
+    state: Mutex<State>,
     changed: Condvar,
 }
 
 impl<B: Backend> Shared<B> {
-    fn lock(&self) -> MutexGuard<'_, State<B>> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock means the worker panicked mid-upload; the state is still consistent
         // enough to continue (the unit is simply uploaded on demand).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn note_peak(st: &mut State<B>) {
-        let now = ByteSize(st.held + st.handed_out);
-        if now > st.stats.peak_extra_bytes {
-            st.stats.peak_extra_bytes = now;
-        }
     }
 }
 
@@ -171,7 +182,7 @@ impl<B: Backend> Streamer<B> {
         let start = Instant::now();
         let mut st = self.shared.lock();
         st.stats.fetches += 1;
-        let tensors = loop {
+        let staged = loop {
             if let Some(t) = st.ready.remove(&i) {
                 st.held -= u.bytes.0;
                 st.stats.prefetched += 1;
@@ -191,22 +202,22 @@ impl<B: Backend> Streamer<B> {
             }
             st.stats.on_demand += 1;
             drop(st);
-            let t = upload(u, store.compute());
+            let t = stage(u);
             st = self.shared.lock();
-            *st.stats.bytes_moved.entry(u.home).or_default() += u.bytes;
             break t;
         };
         st.stats.stall += start.elapsed();
+        *st.stats.bytes_moved.entry(u.home).or_default() += u.bytes;
         st.handed_out = u.bytes.0;
-        Shared::note_peak(&mut st);
+        st.note_peak();
         self.schedule(&mut st, i);
         drop(st);
         self.shared.changed.notify_all();
-        Ok(weights(u, tensors))
+        Ok(weights(u, to_device(u, staged, store.compute())))
     }
 
     /// Queues offloaded units after `i` (wrapping) within the look-ahead.
-    fn schedule(&self, st: &mut State<B>, i: usize) {
+    fn schedule(&self, st: &mut State, i: usize) {
         let units = self.shared.store.units();
         let n = units.len();
         let mut taken = 0;
@@ -229,7 +240,7 @@ impl<B: Backend> Streamer<B> {
             st.held += u.bytes.0;
             st.queue.push_back(j);
         }
-        Shared::note_peak(st);
+        st.note_peak();
     }
 
     /// Returns this pass's statistics and starts a new pass. Also logs them.
@@ -272,11 +283,9 @@ fn worker<B: Backend>(shared: &Shared<B>) {
         };
         st.in_flight = Some(j);
         drop(st);
-        let u = &shared.store.units()[j];
-        let t = upload(u, shared.store.compute());
+        let t = stage(&shared.store.units()[j]);
         st = shared.lock();
         st.in_flight = None;
-        *st.stats.bytes_moved.entry(u.home).or_default() += u.bytes;
         st.ready.insert(j, t);
         shared.changed.notify_all();
     }
@@ -292,12 +301,32 @@ fn resident_tensors<B: Backend>(u: &StoredUnit<B>) -> Vec<Tensor<B, 1>> {
         .collect()
 }
 
-fn upload<B: Backend>(u: &StoredUnit<B>, device: &B::Device) -> Vec<Tensor<B, 1>> {
+/// Host data of a unit's offloaded tensors, ready to upload (resident tensors have none).
+fn stage<B: Backend>(u: &StoredUnit<B>) -> Vec<TensorData> {
+    u.tensors
+        .iter()
+        .filter_map(|t| match &t.data {
+            Stored::Device(_) => None,
+            Stored::Host(h) => Some(TensorData::new(h.to_vec(), [h.len()])),
+        })
+        .collect()
+}
+
+/// Enqueues the upload of staged data on the calling (compute) thread.
+fn to_device<B: Backend>(
+    u: &StoredUnit<B>,
+    staged: Vec<TensorData>,
+    device: &B::Device,
+) -> Vec<Tensor<B, 1>> {
+    let mut staged = staged.into_iter();
     u.tensors
         .iter()
         .map(|t| match &t.data {
             Stored::Device(d) => d.clone(),
-            Stored::Host(h) => Tensor::from_data(TensorData::new(h.to_vec(), [h.len()]), device),
+            Stored::Host(h) => match staged.next() {
+                Some(data) => Tensor::from_data(data, device),
+                None => Tensor::from_data(TensorData::new(h.to_vec(), [h.len()]), device),
+            },
         })
         .collect()
 }

@@ -53,7 +53,8 @@ pub struct StreamStats {
     pub on_demand: usize,
     /// Bytes uploaded to the compute device, per source device.
     pub bytes_moved: BTreeMap<DeviceId, ByteSize>,
-    /// Time the compute thread waited for weights.
+    /// Time the compute thread spent on streamed weights: waiting for staging, staging them
+    /// itself when they were not ready, and enqueuing their upload.
     pub stall: Duration,
     /// Most bytes of streamed (non-resident) weights the streamer held at once: units staged
     /// in host memory ahead of use, the one being staged, and the unit last handed out on the
@@ -213,7 +214,11 @@ impl<B: Backend> Streamer<B> {
         self.schedule(&mut st, i);
         drop(st);
         self.shared.changed.notify_all();
-        Ok(weights(u, to_device(u, staged, store.compute())))
+        // Enqueuing the upload is compute-thread time spent on weights too.
+        let enqueue = Instant::now();
+        let tensors = to_device(u, staged, store.compute());
+        self.shared.lock().stats.stall += enqueue.elapsed();
+        Ok(weights(u, tensors))
     }
 
     /// Queues offloaded units after `i` (wrapping) within the look-ahead.

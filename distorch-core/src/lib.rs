@@ -21,6 +21,7 @@ pub mod components;
 pub mod demo;
 mod dtype;
 mod error;
+#[cfg(feature = "runtime")]
 pub mod runtime;
 pub mod safetensors;
 pub mod units;

@@ -1,5 +1,7 @@
 //! Model cache: eject-all and least-recently-used eviction, and typed errors instead of OOM.
 
+#![cfg(feature = "runtime")]
+
 use std::sync::Arc;
 
 use distorch_alloc::{ByteSize, DeviceId};

@@ -4,6 +4,8 @@
 //! Compute runs on ndarray, or on wgpu with `--features test-wgpu` (`cargo test-wgpu`), where
 //! host memory and the compute device are two distinct memory spaces.
 
+#![cfg(feature = "runtime")]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

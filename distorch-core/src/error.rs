@@ -167,6 +167,16 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// A patch returned a tensor of another size than the one it was given.
+    #[error("the patch for `{key}` returned {got} elements, the weight has {expected}")]
+    PatchShape {
+        /// The tensor's key.
+        key: String,
+        /// Elements of the weight.
+        expected: usize,
+        /// Elements the patch returned.
+        got: usize,
+    },
     /// Reading a tensor back from a device failed.
     #[error("reading a tensor back from the compute device failed: {reason}")]
     DeviceTransfer {

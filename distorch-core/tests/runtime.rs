@@ -214,6 +214,7 @@ fn patches_apply_during_loading_whatever_the_home() {
     )
     .unwrap();
     assert_eq!(report.patched, ["layers.0.fc.weight"]);
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
     assert_eq!(report.bytes_per_device[0].0, DeviceId::CPU);
     assert_eq!(
         report.bytes_read.bytes(),
@@ -301,4 +302,37 @@ fn prefetch_hides_uploads_behind_compute() {
     // Only the very first unit must be fetched on demand; allow a few for a loaded machine.
     assert!(stats.prefetched >= 2 * LAYERS - 4, "{stats:?}");
     assert!(stats.peak_extra_bytes.bytes() <= 3 * ((WIDTH * WIDTH + WIDTH) * 4) as u64);
+}
+
+/// Changes a weight's size: must be a typed error, not a panic later at reshape.
+struct Truncate;
+
+impl WeightPatch<B> for Truncate {
+    fn patch(&self, key: &str, w: &Tensor<B, 1>, _shape: &[usize]) -> Option<Tensor<B, 1>> {
+        (key == "layers.3.fc.weight").then(|| w.clone().slice([0..10]))
+    }
+}
+
+#[test]
+fn a_patch_that_changes_the_size_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mlp(dir.path());
+    let index = SafetensorsIndex::open(&path).unwrap();
+    let plan = plan_for(&index, 1.0, PlacementOrder::Interleave);
+    let split = components::split(&index);
+    let e = WeightStore::<B>::load(
+        &index,
+        &split.components[0],
+        &plan,
+        &Default::default(),
+        Some(&Truncate),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "the patch for `layers.3.fc.weight` returned 10 elements, the weight has {}",
+            WIDTH * WIDTH
+        )
+    );
 }

@@ -75,6 +75,8 @@ pub struct LoadReport {
     pub bytes_per_device: Vec<(DeviceId, ByteSize)>,
     /// Bytes read from the file.
     pub bytes_read: ByteSize,
+    /// Tensors of the component that no planned unit covers (not loaded).
+    pub unused: Vec<String>,
 }
 
 /// The tensors of one component, each unit at the home its plan gives.
@@ -110,8 +112,15 @@ impl<B: Backend> WeightStore<B> {
             let local = t.name.strip_prefix(component.prefix).unwrap_or(&t.name);
             groups.entry(unit_name(local)).or_default().push(t);
         }
-        let mut file = File::open(&path).map_err(io)?;
-        let mut report = LoadReport::default();
+        let file = File::open(&path).map_err(io)?;
+        let mut loader = Loader {
+            file,
+            path: &path,
+            prefix: component.prefix,
+            compute,
+            patch,
+            report: LoadReport::default(),
+        };
         let mut held: HashMap<DeviceId, u64> = HashMap::new();
         let mut units = Vec::with_capacity(plan.units().len());
         for placed in plan.units() {
@@ -130,57 +139,14 @@ impl<B: Backend> WeightStore<B> {
                         path: path.clone(),
                         unit: placed.name.clone(),
                     })?;
-            let mut tensors = Vec::with_capacity(infos.len());
-            let mut bytes = 0u64;
-            for info in infos {
-                let local = info
-                    .name
-                    .strip_prefix(component.prefix)
-                    .unwrap_or(&info.name);
-                let mut raw = vec![0u8; info.bytes as usize];
-                file.seek(SeekFrom::Start(info.file_offset)).map_err(io)?;
-                file.read_exact(&mut raw).map_err(io)?;
-                report.bytes_read += ByteSize(info.bytes);
-                let values = to_f32(info.dtype, &raw).map_err(|e| Error::UnsupportedDtype {
-                    path: path.clone(),
-                    name: info.name.clone(),
-                    dtype: info.dtype,
-                    reason: match e {
-                        DecodeError::NotFloat => "not a float type",
-                        DecodeError::Ragged => "byte length not a multiple of the element size",
-                    },
-                })?;
-                drop(raw);
-                let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
-                let n = values.len();
-                bytes += 4 * n as u64;
-                let data = match patch {
-                    Some(p) => {
-                        let on_compute =
-                            Tensor::<B, 1>::from_data(TensorData::new(values, [n]), compute);
-                        let patched = p.patch(local, &on_compute, &shape);
-                        if patched.is_some() {
-                            report.patched.push(local.to_owned());
-                        }
-                        let t = patched.unwrap_or(on_compute);
-                        if resident {
-                            Stored::Device(t)
-                        } else {
-                            Stored::Host(host_copy(t)?)
-                        }
-                    }
-                    None if resident => {
-                        Stored::Device(Tensor::from_data(TensorData::new(values, [n]), compute))
-                    }
-                    None => Stored::Host(values.into()),
-                };
-                report.tensors += 1;
-                tensors.push(StoredTensor {
-                    name: local.to_owned(),
-                    shape,
-                    data,
-                });
-            }
+            let tensors = infos
+                .into_iter()
+                .map(|info| loader.tensor(info, resident))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let bytes: u64 = tensors
+                .iter()
+                .map(|t| 4 * t.shape.iter().product::<usize>() as u64)
+                .sum();
             *held.entry(home).or_default() += bytes;
             units.push(StoredUnit {
                 name: placed.name.clone(),
@@ -189,6 +155,13 @@ impl<B: Backend> WeightStore<B> {
                 tensors,
             });
         }
+        let mut report = loader.report;
+        report.unused = groups
+            .into_values()
+            .flatten()
+            .map(|t| t.name.clone())
+            .collect();
+        report.unused.sort();
         let mut per_device: Vec<(DeviceId, ByteSize)> =
             held.into_iter().map(|(d, b)| (d, ByteSize(b))).collect();
         per_device.sort_by_key(|(d, _)| (*d != plan.compute(), *d));
@@ -233,6 +206,81 @@ impl<B: Backend> WeightStore<B> {
     /// The position of a unit in execution order.
     pub fn position(&self, unit: &str) -> Option<usize> {
         self.by_name.get(unit).copied()
+    }
+}
+
+/// Reads, decodes, patches and places one tensor at a time.
+struct Loader<'a, B: Backend> {
+    file: File,
+    path: &'a std::path::Path,
+    prefix: &'a str,
+    compute: &'a B::Device,
+    patch: Option<&'a dyn WeightPatch<B>>,
+    report: LoadReport,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn tensor(&mut self, info: &TensorInfo, resident: bool) -> Result<StoredTensor<B>, Error> {
+        let io = |source| Error::Io {
+            path: self.path.to_path_buf(),
+            source,
+        };
+        let local = info.name.strip_prefix(self.prefix).unwrap_or(&info.name);
+        // The index checked that this range lies inside the file.
+        let mut raw = vec![0u8; info.bytes as usize];
+        self.file
+            .seek(SeekFrom::Start(info.file_offset))
+            .map_err(io)?;
+        self.file.read_exact(&mut raw).map_err(io)?;
+        self.report.bytes_read += ByteSize(info.bytes);
+        let values = to_f32(info.dtype, &raw).map_err(|e| Error::UnsupportedDtype {
+            path: self.path.to_path_buf(),
+            name: info.name.clone(),
+            dtype: info.dtype,
+            reason: match e {
+                DecodeError::NotFloat => "not a float type",
+                DecodeError::Ragged => "byte length not a multiple of the element size",
+            },
+        })?;
+        drop(raw);
+        let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
+        let n = values.len();
+        let data = match self.patch {
+            Some(p) => {
+                let on_compute =
+                    Tensor::<B, 1>::from_data(TensorData::new(values, [n]), self.compute);
+                let t = match p.patch(local, &on_compute, &shape) {
+                    Some(t) if t.dims() != [n] => {
+                        return Err(Error::PatchShape {
+                            key: local.to_owned(),
+                            expected: n,
+                            got: t.dims()[0],
+                        });
+                    }
+                    Some(t) => {
+                        self.report.patched.push(local.to_owned());
+                        t
+                    }
+                    None => on_compute,
+                };
+                if resident {
+                    Stored::Device(t)
+                } else {
+                    Stored::Host(host_copy(t)?)
+                }
+            }
+            None if resident => Stored::Device(Tensor::from_data(
+                TensorData::new(values, [n]),
+                self.compute,
+            )),
+            None => Stored::Host(values.into()),
+        };
+        self.report.tensors += 1;
+        Ok(StoredTensor {
+            name: local.to_owned(),
+            shape,
+            data,
+        })
     }
 }
 

@@ -309,7 +309,7 @@ struct Truncate;
 
 impl WeightPatch<B> for Truncate {
     fn patch(&self, key: &str, w: &Tensor<B, 1>, _shape: &[usize]) -> Option<Tensor<B, 1>> {
-        (key == "layers.3.fc.weight").then(|| w.clone().slice([0..10]))
+        (key == "layers.3.fc.weight").then(|| w.clone().narrow(0, 0, 10))
     }
 }
 

@@ -94,11 +94,7 @@ pub fn unit_name(tensor: &str) -> &str {
 /// Builds the planner's inventory for one component. Unit names keep the component's key
 /// prefix stripped; execution order is approximated from key names (see [`SEGMENT_ORDER`]).
 pub fn inventory(component: &Component<'_>) -> Result<Inventory, Error> {
-    let mut groups: HashMap<&str, Vec<&TensorInfo>> = HashMap::new();
-    for t in &component.tensors {
-        let local = t.name.strip_prefix(component.prefix).unwrap_or(&t.name);
-        groups.entry(unit_name(local)).or_default().push(t);
-    }
+    let groups = group(component);
     let mut names: Vec<&str> = groups.keys().copied().collect();
     names.sort_by(|a, b| execution_cmp(a, b));
     let units = names
@@ -111,6 +107,16 @@ pub fn inventory(component: &Component<'_>) -> Result<Inventory, Error> {
         })
         .collect();
     Ok(Inventory::new(component.kind.name(), units)?)
+}
+
+/// A component's tensors grouped by unit name (component prefix stripped).
+pub(crate) fn group<'a>(component: &Component<'a>) -> HashMap<&'a str, Vec<&'a TensorInfo>> {
+    let mut groups: HashMap<&str, Vec<&TensorInfo>> = HashMap::new();
+    for t in &component.tensors {
+        let local = t.name.strip_prefix(component.prefix).unwrap_or(&t.name);
+        groups.entry(unit_name(local)).or_default().push(t);
+    }
+    groups
 }
 
 /// What a unit is, from its name and its tensors' shapes.

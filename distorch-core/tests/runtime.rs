@@ -88,6 +88,24 @@ fn plan_for(index: &SafetensorsIndex, offload_gib: f64, order: PlacementOrder) -
     distorch_alloc::plan(&req, &inv, &graph).unwrap()
 }
 
+/// Loads the MLP at `path` with `offload_gib` of it in host memory (interleaved).
+fn load(
+    path: &std::path::Path,
+    offload_gib: f64,
+    patch: Option<&dyn WeightPatch<B>>,
+) -> Result<(WeightStore<B>, distorch_core::runtime::LoadReport), Error> {
+    let index = SafetensorsIndex::open(path).unwrap();
+    let plan = plan_for(&index, offload_gib, PlacementOrder::Interleave);
+    let split = components::split(&index);
+    WeightStore::<B>::load(
+        &index,
+        &split.components[0],
+        &plan,
+        &Default::default(),
+        patch,
+    )
+}
+
 /// The forward pass: every layer's weights through the streamer.
 fn forward(s: &Streamer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let mut x = x;
@@ -202,17 +220,7 @@ fn patches_apply_during_loading_whatever_the_home() {
         "patched output is placement-independent"
     );
 
-    let index = SafetensorsIndex::open(&path).unwrap();
-    let plan = plan_for(&index, 1.0, PlacementOrder::Interleave);
-    let split = components::split(&index);
-    let (store, report) = WeightStore::<B>::load(
-        &index,
-        &split.components[0],
-        &plan,
-        &Default::default(),
-        Some(&AddOne),
-    )
-    .unwrap();
+    let (store, report) = load(&path, 1.0, Some(&AddOne)).unwrap();
     assert_eq!(report.patched, ["layers.0.fc.weight"]);
     assert!(report.unused.is_empty(), "{:?}", report.unused);
     assert_eq!(report.bytes_per_device[0].0, DeviceId::CPU);
@@ -238,21 +246,13 @@ fn patches_apply_during_loading_whatever_the_home() {
 fn unknown_units_and_unsupported_homes_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
-    let index = SafetensorsIndex::open(&path).unwrap();
-    let plan = plan_for(&index, 0.0, PlacementOrder::Interleave);
-    let split = components::split(&index);
-    let (store, _) = WeightStore::<B>::load(
-        &index,
-        &split.components[0],
-        &plan,
-        &Default::default(),
-        None,
-    )
-    .unwrap();
+    let (store, _) = load(&path, 0.0, None).unwrap();
     let streamer = Streamer::new(Arc::new(store), Lookahead::default());
     let e = streamer.fetch("layers.99.fc").unwrap_err();
     assert_eq!(e.to_string(), "the weight store has no unit `layers.99.fc`");
 
+    let index = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&index);
     let inv = distorch_core::units::inventory(&split.components[0]).unwrap();
     let graph: DeviceGraph = "cuda:0=1gib,cuda:1=1gib".parse().unwrap();
     let vv = VirtualVram::from_gib(DeviceId::cuda(0), 1.0, vec![DeviceId::cuda(1)]).unwrap();
@@ -279,17 +279,7 @@ fn unknown_units_and_unsupported_homes_are_errors() {
 fn prefetch_hides_uploads_behind_compute() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
-    let index = SafetensorsIndex::open(&path).unwrap();
-    let plan = plan_for(&index, 1.0, PlacementOrder::Interleave);
-    let split = components::split(&index);
-    let (store, _) = WeightStore::<B>::load(
-        &index,
-        &split.components[0],
-        &plan,
-        &Default::default(),
-        None,
-    )
-    .unwrap();
+    let (store, _) = load(&path, 1.0, None).unwrap();
     let streamer = Streamer::new(Arc::new(store), Lookahead::default());
     for _ in 0..2 {
         for l in 0..LAYERS {
@@ -317,17 +307,7 @@ impl WeightPatch<B> for Truncate {
 fn a_patch_that_changes_the_size_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
-    let index = SafetensorsIndex::open(&path).unwrap();
-    let plan = plan_for(&index, 1.0, PlacementOrder::Interleave);
-    let split = components::split(&index);
-    let e = WeightStore::<B>::load(
-        &index,
-        &split.components[0],
-        &plan,
-        &Default::default(),
-        Some(&Truncate),
-    )
-    .unwrap_err();
+    let e = load(&path, 1.0, Some(&Truncate)).unwrap_err();
     assert_eq!(
         e.to_string(),
         format!(

@@ -14,7 +14,7 @@ use crate::components::Component;
 use crate::error::Error;
 use crate::runtime::decode::{DecodeError, to_f32};
 use crate::safetensors::{SafetensorsIndex, TensorInfo};
-use crate::units::unit_name;
+use crate::units::group;
 
 /// Where a stored tensor's data is.
 #[derive(Debug, Clone)]
@@ -107,11 +107,7 @@ impl<B: Backend> WeightStore<B> {
             path: path.clone(),
             source,
         };
-        let mut groups: HashMap<&str, Vec<&TensorInfo>> = HashMap::new();
-        for t in &component.tensors {
-            let local = t.name.strip_prefix(component.prefix).unwrap_or(&t.name);
-            groups.entry(unit_name(local)).or_default().push(t);
-        }
+        let mut groups = group(component);
         let file = File::open(&path).map_err(io)?;
         let mut loader = Loader {
             file,

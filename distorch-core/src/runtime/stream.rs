@@ -24,10 +24,10 @@ use crate::runtime::store::{Stored, StoredUnit, WeightStore};
 /// How far the streamer looks ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lookahead {
-    /// Offloaded units uploaded ahead of use, at most.
+    /// Offloaded units staged ahead of use, at most.
     pub units: usize,
-    /// Bytes held on the compute device by prefetched units, at most (a unit larger than this
-    /// is still fetched, on demand).
+    /// Bytes of staged units held ahead of use, at most (a unit larger than this is still
+    /// fetched, on demand).
     pub bytes: ByteSize,
 }
 
@@ -47,9 +47,9 @@ pub struct StreamStats {
     pub fetches: usize,
     /// Of those, units resident on the compute device (free).
     pub resident: usize,
-    /// Of those, offloaded units that were already uploaded (or being uploaded) when asked for.
+    /// Of those, offloaded units that were already staged (or being staged) when asked for.
     pub prefetched: usize,
-    /// Of those, offloaded units the compute thread had to upload itself.
+    /// Of those, offloaded units the compute thread had to stage itself.
     pub on_demand: usize,
     /// Bytes uploaded to the compute device, per source device.
     pub bytes_moved: BTreeMap<DeviceId, ByteSize>,
@@ -113,8 +113,8 @@ struct Shared<B: Backend> {
 
 impl<B: Backend> Shared<B> {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A poisoned lock means the worker panicked mid-upload; the state is still consistent
-        // enough to continue (the unit is simply uploaded on demand).
+        // A poisoned lock means the worker panicked while staging; the state is still
+        // consistent enough to continue (the unit is simply staged on demand).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -130,7 +130,7 @@ pub struct Streamer<B: Backend> {
 }
 
 impl<B: Backend> Streamer<B> {
-    /// Starts the background upload thread.
+    /// Starts the background staging thread.
     pub fn new(store: Arc<WeightStore<B>>, lookahead: Lookahead) -> Streamer<B> {
         let shared = Arc::new(Shared {
             store,
@@ -151,7 +151,7 @@ impl<B: Backend> Streamer<B> {
             .spawn(move || worker(&worker_shared))
             .ok();
         if worker.is_none() {
-            tracing::warn!("could not start the prefetch thread; uploads will be on demand");
+            tracing::warn!("could not start the prefetch thread; staging will be on demand");
         }
         Streamer {
             shared,
@@ -165,8 +165,9 @@ impl<B: Backend> Streamer<B> {
         &self.shared.store
     }
 
-    /// The tensors of `unit` on the compute device, waiting for (or doing) its upload if it
-    /// is offloaded, and queueing the next offloaded units for prefetch.
+    /// The tensors of `unit` on the compute device. An offloaded unit is taken from the
+    /// staged units (waiting if it is being staged, staging it here if it was not) and its
+    /// upload is enqueued; the next offloaded units are queued for staging.
     pub fn fetch(&self, unit: &str) -> Result<UnitWeights<B>, Error> {
         let store = &self.shared.store;
         let i = store.position(unit).ok_or_else(|| Error::UnknownUnit {

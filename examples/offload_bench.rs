@@ -3,7 +3,8 @@
 //! weights) with 0 %, 50 % and 100 % of the weights in host memory, streamed by the
 //! [`Streamer`]. Prints one line per configuration.
 //!
-//! Run: `cargo run --release --example offload_bench [-- --passes N]`
+//! Run: `cargo run --release --example offload_bench [-- --passes N] [--lookahead UNITS]
+//! [--offload PCT,PCT,...]` (defaults: 2 passes, look-ahead 2 units, offload 0,50,100).
 
 #![allow(clippy::print_stdout)]
 
@@ -111,11 +112,15 @@ fn sync<B2: Backend, const D: usize>(t: &Tensor<B2, D>) {
 }
 
 fn main() -> Result<(), distorch::Error> {
-    let passes: usize = std::env::args()
-        .skip_while(|a| a != "--passes")
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(2);
+    let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    let passes: usize = arg("--passes").and_then(|p| p.parse().ok()).unwrap_or(2);
+    let lookahead = Lookahead {
+        units: arg("--lookahead").and_then(|p| p.parse().ok()).unwrap_or(2),
+        ..Lookahead::default()
+    };
+    let offloads: Vec<u64> = arg("--offload")
+        .map(|s| s.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0, 50, 100]);
     let dir = std::env::temp_dir().join("distorch-offload-bench");
     std::fs::create_dir_all(&dir).map_err(|source| distorch::core::Error::Io {
         path: dir.clone(),
@@ -148,7 +153,7 @@ fn main() -> Result<(), distorch::Error> {
         inventory.total_bytes()
     );
     let mut resident_time = None;
-    for pct in [0u64, 50, 100] {
+    for pct in offloads {
         let amount = ByteSize(inventory.total_bytes().bytes() * pct / 100);
         let vv = VirtualVram::new(DeviceId::cuda(0), amount, vec![DeviceId::CPU])?;
         let pin = PinPolicy {
@@ -160,7 +165,7 @@ fn main() -> Result<(), distorch::Error> {
             .with_pin(pin);
         let plan = distorch::plan(&req, &inventory, &graph)?;
         let (store, _) = WeightStore::<B>::load(&index, component, &plan, &device, None)?;
-        let streamer = Streamer::new(Arc::new(store), Lookahead::default());
+        let streamer = Streamer::new(Arc::new(store), lookahead);
         let (a, b) = forward(&streamer, x.clone(), y.clone());
         sync(&a);
         sync(&b);
@@ -176,7 +181,8 @@ fn main() -> Result<(), distorch::Error> {
         let base = *resident_time.get_or_insert(secs);
         let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
         println!(
-            "offload={pct}% backend=ndarray pass_s={secs:.3} ratio={:.3} stall_ms={:.1} moved_mb={:.0} prefetched={} on_demand={} peak_extra_mb={:.0}",
+            "offload={pct}% lookahead={} backend=ndarray pass_s={secs:.3} ratio={:.3} stall_ms={:.1} moved_mb={:.0} prefetched={} on_demand={} peak_extra_mb={:.0}",
+            lookahead.units,
             secs / base,
             stats.stall.as_secs_f64() * 1e3 / passes as f64,
             moved as f64 / passes as f64 / 1e6,

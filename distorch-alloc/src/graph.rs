@@ -6,7 +6,7 @@ use std::str::FromStr;
 use crate::bytesize::ByteSize;
 use crate::device::DeviceId;
 use crate::error::{Error, Grammar, ParseError, ParseErrorKind};
-use crate::syntax::{ValueAst, parse_value, split_spans, trim_span};
+use crate::syntax::{parse_bytes_at, split_spans, trim_span};
 
 /// One device of a [`DeviceGraph`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,19 +187,7 @@ impl DeviceGraph {
 
 /// A size with a mandatory unit at `span`, in the device declaration grammar.
 fn size_at(input: &str, span: std::ops::Range<usize>) -> Result<ByteSize, ParseError> {
-    let (s, e) = trim_span(input, span);
-    if s == e {
-        return Err(ParseError::new(
-            Grammar::DeviceDeclaration,
-            input,
-            s..e,
-            ParseErrorKind::MalformedNumber,
-        ));
-    }
-    match parse_value(Grammar::DeviceDeclaration, input, s..e, false)? {
-        ValueAst::Bytes(b) => Ok(b),
-        _ => unreachable!("parse_value without modes returns bytes or an error"),
-    }
+    parse_bytes_at(Grammar::DeviceDeclaration, input, span)
 }
 
 impl FromStr for DeviceGraph {

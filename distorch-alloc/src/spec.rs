@@ -258,9 +258,5 @@ impl FromStr for AllocSpec {
 
 /// Parses a byte size such as `2.5gb`, `512 MiB` or `1073741824b` (a unit is required).
 pub fn parse_byte_size(input: &str) -> Result<ByteSize, ParseError> {
-    let (s, e) = crate::syntax::trim_span(input, 0..input.len());
-    match crate::syntax::parse_value(Grammar::ByteSize, input, s..e, false)? {
-        ValueAst::Bytes(b) => Ok(b),
-        _ => unreachable!("parse_value without modes returns bytes or an error"),
-    }
+    crate::syntax::parse_bytes_at(Grammar::ByteSize, input, 0..input.len())
 }

@@ -150,6 +150,27 @@ pub(crate) fn parse_value(
         .ok_or_else(|| err(0..text.len(), ParseErrorKind::NumberTooLarge))
 }
 
+/// Parses a byte size (a unit is required) at `span`, surrounding whitespace allowed.
+pub(crate) fn parse_bytes_at(
+    g: Grammar,
+    input: &str,
+    span: Range<usize>,
+) -> Result<ByteSize, ParseError> {
+    let (s, e) = trim_span(input, span);
+    if s == e {
+        return Err(ParseError::new(
+            g,
+            input,
+            s..e,
+            ParseErrorKind::MalformedNumber,
+        ));
+    }
+    match parse_value(g, input, s..e, false)? {
+        ValueAst::Bytes(b) => Ok(b),
+        _ => unreachable!("parse_value without modes returns bytes or an error"),
+    }
+}
+
 /// Splits `input[range]` at every `sep`, yielding the byte ranges between separators.
 pub(crate) fn split_spans(
     input: &str,

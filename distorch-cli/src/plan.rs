@@ -25,14 +25,14 @@ pub fn run(args: &PlanArgs) -> Result<(), Failure> {
     let wanted: Vec<_> = split
         .components
         .iter()
-        .filter(|c| selected(args.component, c.kind))
+        .filter(|c| kind_of(args.component).is_none_or(|k| k == c.kind))
         .collect();
     if wanted.is_empty() {
         let found: Vec<_> = split.components.iter().map(|c| c.kind.name()).collect();
         return Err(Failure::Other(format!(
             "{}: no {} component to plan (found: {})",
             path.display(),
-            component_name(args.component),
+            kind_of(args.component).map_or("model", ComponentKind::name),
             if found.is_empty() {
                 "none".to_owned()
             } else {
@@ -114,27 +114,16 @@ fn with_detection_hint(f: Failure, detected: bool) -> Failure {
     }
 }
 
-fn selected(arg: ComponentArg, kind: ComponentKind) -> bool {
+/// The component an argument names; `None` for `all`.
+fn kind_of(arg: ComponentArg) -> Option<ComponentKind> {
     match arg {
-        ComponentArg::All => true,
-        ComponentArg::Unet => kind == ComponentKind::Unet,
-        ComponentArg::Clip => kind == ComponentKind::Clip,
-        ComponentArg::Vae => kind == ComponentKind::Vae,
-        ComponentArg::Controlnet => kind == ComponentKind::ControlNet,
-        ComponentArg::ClipVision => kind == ComponentKind::ClipVision,
-        ComponentArg::Model => kind == ComponentKind::Model,
-    }
-}
-
-fn component_name(arg: ComponentArg) -> &'static str {
-    match arg {
-        ComponentArg::All => "model",
-        ComponentArg::Unet => "unet",
-        ComponentArg::Clip => "clip",
-        ComponentArg::Vae => "vae",
-        ComponentArg::Controlnet => "controlnet",
-        ComponentArg::ClipVision => "clip-vision",
-        ComponentArg::Model => "model",
+        ComponentArg::All => None,
+        ComponentArg::Unet => Some(ComponentKind::Unet),
+        ComponentArg::Clip => Some(ComponentKind::Clip),
+        ComponentArg::Vae => Some(ComponentKind::Vae),
+        ComponentArg::Controlnet => Some(ComponentKind::ControlNet),
+        ComponentArg::ClipVision => Some(ComponentKind::ClipVision),
+        ComponentArg::Model => Some(ComponentKind::Model),
     }
 }
 

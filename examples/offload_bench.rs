@@ -4,7 +4,9 @@
 //! [`Streamer`]. Prints one line per configuration.
 //!
 //! Run: `cargo run --release --example offload_bench [-- --passes N] [--lookahead UNITS]
-//! [--offload PCT,PCT,...]` (defaults: 2 passes, look-ahead 2 units, offload 0,50,100).
+//! [--offload PCT,PCT,...] [--backend ndarray|wgpu|cuda]` (defaults: 2 passes, look-ahead 2
+//! units, offload 0,50,100, ndarray). `wgpu` and `cuda` need the facade's features of the
+//! same name (`--features wgpu`).
 
 #![allow(clippy::print_stdout)]
 
@@ -12,20 +14,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 use distorch::alloc::{PinPolicy, PlacementOrder};
-use distorch::core::runtime::{Lookahead, Streamer, WeightStore};
+use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore};
 use distorch::core::safetensors::write;
 use distorch::core::{components, units};
 use distorch::{
     ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram,
 };
-
-type B = NdArray;
 
 const BLOCKS: usize = 8;
 const CONV: usize = 320; // channels of SD's first level
@@ -80,7 +79,11 @@ fn write_model(path: &std::path::Path) -> Result<(), distorch::Error> {
     Ok(())
 }
 
-fn forward(s: &Streamer<B>, x: Tensor<B, 4>, y: Tensor<B, 2>) -> (Tensor<B, 4>, Tensor<B, 2>) {
+fn forward<B: Backend>(
+    s: &Streamer<B>,
+    x: Tensor<B, 4>,
+    y: Tensor<B, 2>,
+) -> (Tensor<B, 4>, Tensor<B, 2>) {
     let (mut x, mut y) = (x, y);
     let opts = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
     for b in 0..BLOCKS {
@@ -111,16 +114,45 @@ fn sync<B2: Backend, const D: usize>(t: &Tensor<B2, D>) {
     let _ = t.clone().sum().into_data();
 }
 
+struct Options {
+    passes: usize,
+    lookahead: Lookahead,
+    offloads: Vec<u64>,
+}
+
 fn main() -> Result<(), distorch::Error> {
     let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
-    let passes: usize = arg("--passes").and_then(|p| p.parse().ok()).unwrap_or(2);
-    let lookahead = Lookahead {
-        units: arg("--lookahead").and_then(|p| p.parse().ok()).unwrap_or(2),
-        ..Lookahead::default()
+    let options = Options {
+        passes: arg("--passes").and_then(|p| p.parse().ok()).unwrap_or(2),
+        lookahead: Lookahead {
+            units: arg("--lookahead").and_then(|p| p.parse().ok()).unwrap_or(2),
+            ..Lookahead::default()
+        },
+        offloads: arg("--offload")
+            .map(|s| s.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![0, 50, 100]),
     };
-    let offloads: Vec<u64> = arg("--offload")
-        .map(|s| s.split(',').filter_map(|p| p.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![0, 50, 100]);
+    let backend = arg("--backend").unwrap_or_else(|| "ndarray".into());
+    match backend.as_str() {
+        #[cfg(feature = "ndarray")]
+        "ndarray" => bench::<distorch::backends::NdArray>(&backend, &options),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => bench::<distorch::backends::Wgpu>(&backend, &options),
+        #[cfg(feature = "cuda")]
+        "cuda" => bench::<distorch::backends::Cuda>(&backend, &options),
+        other => {
+            println!("backend `{other}` is not compiled in (try --features {other})");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::Error> {
+    let Options {
+        passes,
+        lookahead,
+        ref offloads,
+    } = *options;
     let dir = std::env::temp_dir().join("distorch-offload-bench");
     std::fs::create_dir_all(&dir).map_err(|source| distorch::core::Error::Io {
         path: dir.clone(),
@@ -133,7 +165,7 @@ fn main() -> Result<(), distorch::Error> {
     let component = &split.components[0];
     let inventory = units::inventory(component)?;
     let graph: DeviceGraph = "cuda:0=64gib,cpu=64gib".parse()?;
-    let device = Default::default();
+    let device: burn::tensor::Device<B> = Default::default();
     let x = Tensor::<B, 1>::from_data(
         TensorData::new(
             values(7, 2 * CONV * LATENT * LATENT, 1.0),
@@ -148,12 +180,12 @@ fn main() -> Result<(), distorch::Error> {
     )
     .reshape([2 * TOKENS, DIM]);
     println!(
-        "# {} layers, {} of f32 weights, {passes} timed pass(es) after one warm-up, backend=ndarray",
+        "# {} layers, {} of f32 weights, {passes} timed pass(es) after one warm-up, backend={backend}",
         3 * BLOCKS,
         inventory.total_bytes()
     );
     let mut resident_time = None;
-    for pct in offloads {
+    for &pct in offloads {
         let amount = ByteSize(inventory.total_bytes().bytes() * pct / 100);
         let vv = VirtualVram::new(DeviceId::cuda(0), amount, vec![DeviceId::CPU])?;
         let pin = PinPolicy {
@@ -164,7 +196,9 @@ fn main() -> Result<(), distorch::Error> {
             .with_order(PlacementOrder::Interleave)
             .with_pin(pin);
         let plan = distorch::plan(&req, &inventory, &graph)?;
-        let (store, _) = WeightStore::<B>::load(&index, component, &plan, &device, None)?;
+        let devices = DeviceMap::new(device.clone());
+        let (store, _) =
+            WeightStore::<B>::load(&index, component, &plan, &devices, &LoadOptions::default())?;
         let streamer = Streamer::new(Arc::new(store), lookahead);
         let (a, b) = forward(&streamer, x.clone(), y.clone());
         sync(&a);
@@ -181,7 +215,7 @@ fn main() -> Result<(), distorch::Error> {
         let base = *resident_time.get_or_insert(secs);
         let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
         println!(
-            "offload={pct}% lookahead={} backend=ndarray pass_s={secs:.3} ratio={:.3} stall_ms={:.1} moved_mb={:.0} prefetched={} on_demand={} peak_extra_mb={:.0}",
+            "offload={pct}% lookahead={} backend={backend} pass_s={secs:.3} ratio={:.3} stall_ms={:.1} moved_mb={:.0} prefetched={} on_demand={} peak_extra_mb={:.0}",
             lookahead.units,
             secs / base,
             stats.stall.as_secs_f64() * 1e3 / passes as f64,

@@ -1,21 +1,30 @@
 //! Per-backend glue for distorch: which Burn backends this build has, and what the host's
 //! memory looks like. No planning logic lives here.
 //!
-//! Backends are Cargo features: `ndarray` (default, CPU), `wgpu`, `cuda`. GPU enumeration
-//! (device count, total and free memory per GPU) arrives with the runtime; until then
-//! [`detect`] reports host memory only and GPUs are declared by the user
-//! (`--devices cuda:0=24gib,...` on the command line).
+//! Backends are Cargo features: `ndarray` (default, CPU), `wgpu`, `cuda`. [`detect`] probes
+//! host memory and the GPUs of the compiled GPU backends: CUDA reports total and free memory
+//! per GPU; wgpu lists its adapters but cannot tell their memory, so those must be declared
+//! (`--devices wgpu:0=8gib,...` on the command line).
 //!
 //! ```
-//! let graph = distorch_backends::detect();
-//! assert!(graph.get(distorch_alloc::DeviceId::CPU).is_some());
+//! let found = distorch_backends::detect();
+//! assert!(found.graph.get(distorch_alloc::DeviceId::CPU).is_some());
 //! ```
 
 #![deny(missing_docs)]
 
 use std::fmt;
 
-use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, DeviceInfo};
+use distorch_alloc::{DeviceId, DeviceInfo};
+pub use distorch_core::memory::{Detection, DeviceMemory, MemoryProbe, ProbeError};
+
+mod probe;
+
+#[cfg(feature = "cuda")]
+pub use probe::CudaProbe;
+pub use probe::HostProbe;
+#[cfg(feature = "wgpu")]
+pub use probe::WgpuProbe;
 
 /// The Burn CPU backend (ndarray).
 #[cfg(feature = "ndarray")]
@@ -66,28 +75,27 @@ pub fn compiled() -> Vec<BackendKind> {
     out
 }
 
-/// Host memory as the `cpu` device: total RAM (or the cgroup limit, if lower) and the memory
-/// the OS reports available.
-pub fn host_memory() -> DeviceInfo {
-    use sysinfo::{MemoryRefreshKind, RefreshKind, System};
-    let sys = System::new_with_specifics(
-        RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram()),
-    );
-    let mut total = sys.total_memory();
-    let mut free = sys.available_memory();
-    if let Some(limits) = sys.cgroup_limits() {
-        total = total.min(limits.total_memory);
-        free = free.min(limits.free_memory);
-    }
-    let free = free.min(total);
-    tracing::debug!(total, free, "host memory");
-    DeviceInfo::new(DeviceId::CPU, ByteSize(total)).with_free(ByteSize(free))
+/// Host memory as the `cpu` device (see [`HostProbe`]).
+pub fn host_memory() -> Option<DeviceInfo> {
+    detect_with(&[&HostProbe]).graph.get(DeviceId::CPU).copied()
 }
 
-/// The devices this machine has, as far as this build can tell: host memory now; GPUs of the
-/// compiled backends once the runtime lands.
-pub fn detect() -> DeviceGraph {
-    DeviceGraph::new(vec![host_memory()]).expect("one device cannot be duplicated")
+/// Runs the given probes (see [`distorch_core::memory::detect`]).
+pub fn detect_with(probes: &[&dyn MemoryProbe]) -> Detection {
+    distorch_core::memory::detect(probes)
+}
+
+/// The devices this machine has, as far as this build can tell: host memory, then the GPUs
+/// of each compiled GPU backend (CUDA, wgpu). Devices whose memory is unknown (wgpu adapters)
+/// and backends that found nothing are listed in [`Detection::notes`].
+pub fn detect() -> Detection {
+    detect_with(&[
+        &HostProbe,
+        #[cfg(feature = "cuda")]
+        &CudaProbe,
+        #[cfg(feature = "wgpu")]
+        &WgpuProbe,
+    ])
 }
 
 #[cfg(test)]
@@ -96,7 +104,7 @@ mod tests {
 
     #[test]
     fn host_memory_is_plausible() {
-        let cpu = host_memory();
+        let cpu = host_memory().unwrap();
         assert!(cpu.total.bytes() > 64 << 20, "{cpu:?}");
         assert!(cpu.free <= cpu.total);
     }

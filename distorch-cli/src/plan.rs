@@ -13,12 +13,18 @@ use crate::cli::{ComponentArg, DevicesArgs, OrderArg, PlanArgs};
 
 pub fn run(args: &PlanArgs) -> Result<(), Failure> {
     // Every string is checked before any file is read.
-    let detected = args.devices.is_none();
-    let graph = match &args.devices {
-        Some(d) => DeviceGraph::declare(d)?,
-        None => distorch::backends::detect(),
+    let (graph, notes) = match &args.devices {
+        Some(d) => (DeviceGraph::declare(d)?, None),
+        None => {
+            let found = distorch::backends::detect();
+            for note in &found.notes {
+                tracing::info!("device detection: {note}");
+            }
+            (found.graph, Some(found.notes))
+        }
     };
-    let request = request(args, &graph).map_err(|f| with_detection_hint(f, detected))?;
+    let hint = |f: Failure| with_detection_hint(f, notes.as_deref());
+    let request = request(args, &graph).map_err(hint)?;
     let path = args.source.path()?;
     let index = SafetensorsIndex::open(&path)?;
     let split = components::split(&index);
@@ -43,8 +49,7 @@ pub fn run(args: &PlanArgs) -> Result<(), Failure> {
     let mut first = true;
     for component in wanted {
         let inventory = units::inventory(component)?;
-        let plan = distorch::plan(&request, &inventory, &graph)
-            .map_err(|e| with_detection_hint(e.into(), detected))?;
+        let plan = distorch::plan(&request, &inventory, &graph).map_err(|e| hint(e.into()))?;
         tracing::debug!(component = %component.kind, bytes = %plan.bytes_string(), "planned");
         if args.json {
             println!("{}", plan_json(&plan, &inventory));
@@ -102,15 +107,26 @@ fn request(args: &PlanArgs, graph: &DeviceGraph) -> Result<PlanRequest, Failure>
     Ok(request.with_order(order).with_pin(pin))
 }
 
-fn with_detection_hint(f: Failure, detected: bool) -> Failure {
-    match f {
-        Failure::Other(msg) if detected && msg.starts_with("unknown device") => {
-            Failure::Other(format!(
-                "{msg}\n  (this build detects host memory only; declare GPUs with --devices, \
-                 e.g. --devices cuda:0=24gib,cpu=64gib)"
-            ))
+/// Adds what detection saw (when the devices were detected) to an unknown-device error.
+fn with_detection_hint(f: Failure, notes: Option<&[String]>) -> Failure {
+    match (f, notes) {
+        (Failure::Other(msg), Some(notes)) if msg.starts_with("unknown device") => {
+            let backends: Vec<String> = distorch::backends::compiled()
+                .iter()
+                .map(|b| b.to_string())
+                .collect();
+            let mut out = format!(
+                "{msg}\n  (detected with the backends compiled in: {}; declare devices with \
+                 --devices, e.g. --devices cuda:0=24gib,cpu=64gib)",
+                backends.join(", ")
+            );
+            for n in notes {
+                out.push_str("\n  note: ");
+                out.push_str(n);
+            }
+            Failure::Other(out)
         }
-        other => other,
+        (other, _) => other,
     }
 }
 
@@ -172,39 +188,47 @@ fn plan_json(plan: &Plan, inventory: &Inventory) -> serde_json::Value {
 }
 
 pub fn devices(args: &DevicesArgs) -> Result<(), Failure> {
-    let graph = distorch::backends::detect();
+    let found = distorch::backends::detect();
+    let graph = &found.graph;
     let backends: Vec<String> = distorch::backends::compiled()
         .iter()
         .map(|b| b.to_string())
         .collect();
     if args.json {
-        let devices: Vec<_> = graph
-            .devices()
+        let devices: Vec<_> = found
+            .devices
             .iter()
             .map(|d| {
                 json!({
                     "device": d.id.to_string(),
-                    "total_bytes": d.total.bytes(),
-                    "free_bytes": d.free.bytes(),
+                    "name": d.name,
+                    "total_bytes": d.total.map(|b| b.bytes()),
+                    "free_bytes": d.free.map(|b| b.bytes()),
+                    "pinned_host": d.pinned_host,
                 })
             })
             .collect();
         println!(
             "{}",
-            json!({"backends": backends, "devices": devices, "declaration": graph.to_string()})
+            json!({"backends": backends, "devices": devices, "declaration": graph.to_string(),
+                   "notes": found.notes})
         );
         return Ok(());
     }
     println!("backends compiled in: {}", backends.join(", "));
-    for d in graph.devices() {
+    let unknown = || "unknown".to_owned();
+    for d in &found.devices {
         println!(
-            "  {:<8} {} total, {} free",
+            "  {:<8} {} total, {} free  {}",
             d.id.to_string(),
-            d.total,
-            d.free
+            d.total.map_or_else(unknown, |b| b.to_string()),
+            d.free.map_or_else(unknown, |b| b.to_string()),
+            d.name
         );
     }
     println!("as a declaration: {graph}");
-    println!("(GPU detection arrives with the runtime; declare GPUs with `plan --devices`)");
+    for n in &found.notes {
+        println!("note: {n}");
+    }
     Ok(())
 }

@@ -136,10 +136,10 @@ pub enum Error {
         /// The name given.
         name: String,
     },
-    /// A plan puts a unit on a device the runtime cannot use as a home yet.
+    /// A plan puts a unit on a device that no Burn device is bound to.
     #[error(
-        "unit `{unit}` is planned on `{device}`, but only the compute device and `cpu` (host \
-         memory) can hold weights so far"
+        "unit `{unit}` is planned on `{device}`, but no device of the compute backend is bound \
+         to it (bind GPU donors with `DeviceMap::with_donor`; `cpu` means host memory)"
     )]
     UnsupportedHome {
         /// The unit.
@@ -198,6 +198,42 @@ pub enum Error {
     UnknownUnit {
         /// The name asked for.
         unit: String,
+    },
+    /// Tensors the model expects are not in the file.
+    #[error("{}: the {component} is missing {} expected tensor(s): {}{}", path.display(),
+        missing.len(), missing.iter().take(5).map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "),
+        if missing.len() > 5 { ", ..." } else { "" })]
+    MissingTensors {
+        /// The file.
+        path: PathBuf,
+        /// The component.
+        component: String,
+        /// The missing keys.
+        missing: Vec<String>,
+    },
+    /// A tensor's shape is not the one the model expects.
+    #[error("{}: tensor `{name}` has shape {found:?}, the model expects {expected:?} ({count} mismatched tensor(s) in all)", path.display())]
+    ShapeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The first mismatched tensor.
+        name: String,
+        /// The expected shape.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+        /// Mismatched tensors in all.
+        count: usize,
+    },
+    /// A weight is NaN or infinite.
+    #[error("{}: tensor `{name}` holds a NaN or infinite value at element {index}", path.display())]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The first such element.
+        index: usize,
     },
     /// Building the inventory failed.
     #[error(transparent)]

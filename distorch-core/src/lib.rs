@@ -12,8 +12,8 @@
 //! # Ok::<(), distorch_core::Error>(())
 //! ```
 //!
-//! [`runtime`] holds the weight store, Load-Patch-Distribute loading and the streamer (a first
-//! part of the runtime: compute device and host homes, f32 compute).
+//! [`runtime`] (feature `runtime`, on by default) holds the weight store, Load-Patch-Distribute
+//! loading, the streamer and the model cache; [`memory`] the trait hardware probes implement.
 
 #![deny(missing_docs)]
 
@@ -21,6 +21,7 @@ pub mod components;
 pub mod demo;
 mod dtype;
 mod error;
+pub mod memory;
 #[cfg(feature = "runtime")]
 pub mod runtime;
 pub mod safetensors;
@@ -30,4 +31,5 @@ pub use components::{Component, ComponentKind, Split};
 pub use demo::DemoModel;
 pub use dtype::DType;
 pub use error::Error;
+pub use memory::{DeviceMemory, MemoryProbe};
 pub use safetensors::{SafetensorsIndex, TensorInfo};

@@ -6,146 +6,17 @@
 
 #![cfg(feature = "runtime")]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::sync::Arc;
 
 use burn::tensor::Tensor;
-use burn::tensor::activation::relu;
+use common::*;
 use distorch_alloc::{
-    ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, Plan, PlanRequest, VirtualVram,
+    ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, PlanRequest, VirtualVram,
 };
-use distorch_core::runtime::{Lookahead, Streamer, WeightPatch, WeightStore};
-use distorch_core::safetensors::write;
-use distorch_core::{DType, Error, SafetensorsIndex, components};
-
-#[cfg(not(feature = "test-wgpu"))]
-type B = burn::backend::NdArray;
-#[cfg(feature = "test-wgpu")]
-type B = burn::backend::Wgpu;
-
-const WIDTH: usize = 48;
-const LAYERS: usize = 8;
-
-/// Deterministic pseudo-random values in [-0.5, 0.5).
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
-
-/// An MLP checkpoint: `layers.N.fc` with an f16 weight [WIDTH, WIDTH] and an f32 bias.
-fn write_mlp(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut specs = Vec::new();
-    let mut data: Vec<Vec<u8>> = Vec::new();
-    for l in 0..LAYERS {
-        let w: Vec<u8> = values(l as u64, WIDTH * WIDTH)
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect();
-        let b: Vec<u8> = values(100 + l as u64, WIDTH)
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        specs.push((
-            format!("layers.{l}.fc.weight"),
-            DType::F16,
-            vec![WIDTH as u64; 2],
-        ));
-        data.push(w);
-        specs.push((
-            format!("layers.{l}.fc.bias"),
-            DType::F32,
-            vec![WIDTH as u64],
-        ));
-        data.push(b);
-    }
-    let path = dir.join("mlp.safetensors");
-    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
-    write(&path, &specs, &refs, &BTreeMap::new()).unwrap();
-    path
-}
-
-fn plan_for(index: &SafetensorsIndex, offload_gib: f64, order: PlacementOrder) -> Plan {
-    let split = components::split(index);
-    let inv = distorch_core::units::inventory(&split.components[0]).unwrap();
-    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
-    let vv = VirtualVram::from_gib(DeviceId::cuda(0), offload_gib, vec![DeviceId::CPU]).unwrap();
-    let pin = PinPolicy {
-        tiny_threshold: ByteSize(0),
-        ..PinPolicy::default()
-    };
-    let req = PlanRequest::virtual_vram(vv)
-        .with_order(order)
-        .with_pin(pin);
-    distorch_alloc::plan(&req, &inv, &graph).unwrap()
-}
-
-/// Loads the MLP at `path` with `offload_gib` of it in host memory (interleaved).
-fn load(
-    path: &std::path::Path,
-    offload_gib: f64,
-    patch: Option<&dyn WeightPatch<B>>,
-) -> Result<(WeightStore<B>, distorch_core::runtime::LoadReport), Error> {
-    let index = SafetensorsIndex::open(path).unwrap();
-    let plan = plan_for(&index, offload_gib, PlacementOrder::Interleave);
-    let split = components::split(&index);
-    WeightStore::<B>::load(
-        &index,
-        &split.components[0],
-        &plan,
-        &Default::default(),
-        patch,
-    )
-}
-
-/// The forward pass: every layer's weights through the streamer.
-fn forward(s: &Streamer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let mut x = x;
-    for l in 0..LAYERS {
-        let w = s.fetch(&format!("layers.{l}.fc")).unwrap();
-        let weight: Tensor<B, 2> = w.get("weight").unwrap();
-        let bias: Tensor<B, 1> = w.get("bias").unwrap();
-        x = relu(x.matmul(weight.transpose()) + bias.unsqueeze());
-    }
-    x
-}
-
-fn run(
-    path: &std::path::Path,
-    offload_gib: f64,
-    order: PlacementOrder,
-    patch: Option<&dyn WeightPatch<B>>,
-) -> (Vec<f32>, Vec<distorch_core::runtime::StreamStats>, usize) {
-    let index = SafetensorsIndex::open(path).unwrap();
-    let plan = plan_for(&index, offload_gib, order);
-    let split = components::split(&index);
-    let device = Default::default();
-    let (store, report) =
-        WeightStore::<B>::load(&index, &split.components[0], &plan, &device, patch).unwrap();
-    assert_eq!(report.tensors, 2 * LAYERS);
-    let offloaded = store.units().iter().filter(|u| !u.is_resident()).count();
-    let streamer = Streamer::new(Arc::new(store), Lookahead::default());
-    let input =
-        Tensor::<B, 1>::from_floats(values(7, 2 * WIDTH).as_slice(), &device).reshape([2, WIDTH]);
-    let mut stats = Vec::new();
-    let mut out = Vec::new();
-    for _ in 0..3 {
-        out = forward(&streamer, input.clone())
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
-        stats.push(streamer.take_stats());
-    }
-    (out, stats, offloaded)
-}
+use distorch_core::runtime::{DeviceMap, Lookahead, Streamer, WeightPatch};
+use distorch_core::{Error, SafetensorsIndex, components};
 
 #[test]
 fn outputs_are_bit_identical_for_every_placement() {
@@ -237,8 +108,9 @@ fn patches_apply_during_loading_whatever_the_home() {
     let got = w.into_data().to_vec::<f32>().unwrap();
     let want: Vec<f32> = values(0, WIDTH * WIDTH)
         .iter()
-        .map(|v| half::f16::from_f32(*v).to_f32() + 1.0)
+        .map(|v| half::f16::from_f32(half::f16::from_f32(*v).to_f32() + 1.0).to_f32())
         .collect();
+    // Patched at f32, stored (and so computed) in the file's dtype.
     assert_eq!(got, want);
 }
 
@@ -262,11 +134,10 @@ fn unknown_units_and_unsupported_homes_are_errors() {
     };
     let gpu_donor =
         distorch_alloc::plan(&PlanRequest::virtual_vram(vv).with_pin(pin), &inv, &graph).unwrap();
-    let e = WeightStore::<B>::load(
+    let e = load_plan(
         &index,
-        &split.components[0],
         &gpu_donor,
-        &Default::default(),
+        &DeviceMap::new(Default::default()),
         None,
     )
     .unwrap_err();

@@ -1,17 +1,34 @@
 //! The runtime: weights at their planned homes ([`WeightStore`]), loaded by
 //! Load-Patch-Distribute, and streamed to the compute device ([`Streamer`]).
 //!
-//! Generic over `B: burn::tensor::backend::Backend`. Compute is f32: every stored float dtype
-//! (f32, f16, bf16, f8_e4m3fn, f8_e5m2, f64) is widened to f32 on the host when loaded, which
-//! also covers backends without f16 (ndarray). Homes supported so far: the compute device, and
-//! host memory (`cpu`) as an owned f32 copy; GPU donors, zero-copy memory-mapped host storage,
-//! pinned memory and storage dtypes other than f32 are not implemented yet.
+//! Generic over `B: burn::tensor::backend::Backend`; the same code runs on ndarray, wgpu and
+//! cuda. Compute is f32.
+//!
+//! Homes (see [`WeightStore::load`]):
+//!
+//! | home | held as | reaches the compute device by |
+//! |---|---|---|
+//! | compute device | f32 tensor | nothing (resident) |
+//! | GPU donor (same backend) | f32 tensor | a device-to-device copy when fetched (CUDA), or read back on the prefetch thread and uploaded (wgpu) |
+//! | `cpu`, unchanged by loading | the file's bytes, borrowed from the memory map | widened to f32 on the prefetch thread, uploaded |
+//! | `cpu`, patched | an owned copy in the file's dtype (fp8 → bf16, f64 → f32) | the same |
+//!
+//! Every float dtype a file may hold (f32, f16, bf16, f8_e4m3fn, f8_e5m2, f64) is widened to
+//! f32 on the host, so backends without f16 (ndarray) need nothing more; host homes keep the
+//! narrow dtype, so an f16 model offloaded to `cpu` costs its file size in RAM, not twice
+//! that. Not done yet: f16/bf16 compute, and page-locked (pinned) staging buffers — Burn
+//! 0.21's `Backend::staging` exists for CUDA but is unverified here without a GPU.
 
 mod cache;
 mod decode;
+mod host;
+mod load;
 mod store;
 mod stream;
 
 pub use cache::{EjectPolicy, ModelCache};
-pub use store::{LoadReport, StoredTensor, StoredUnit, WeightPatch, WeightStore};
-pub use stream::{Lookahead, StreamStats, Streamer, UnitWeights};
+pub use store::{
+    DeviceMap, DonorCopy, ExpectedTensor, LoadOptions, LoadReport, ShapeMismatch, StoredTensor, StoredUnit,
+    WeightPatch, WeightStore,
+};
+pub use stream::{ExecutionOrder, Lookahead, StreamStats, Streamer, UnitWeights};

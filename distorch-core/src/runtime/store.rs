@@ -1,28 +1,23 @@
 //! [`WeightStore`]: every placement unit's tensors at their home, filled by
-//! Load-Patch-Distribute.
+//! Load-Patch-Distribute (see `load.rs`).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::sync::Arc;
 
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
-use distorch_alloc::{ByteSize, DeviceId, Plan};
+use distorch_alloc::{ByteSize, DeviceId};
 
-use crate::components::Component;
-use crate::error::Error;
-use crate::runtime::decode::{DecodeError, to_f32};
-use crate::safetensors::{SafetensorsIndex, TensorInfo};
-use crate::units::group;
+use crate::runtime::host::HostTensor;
 
 /// Where a stored tensor's data is.
 #[derive(Debug, Clone)]
 pub(crate) enum Stored<B: Backend> {
-    /// On the compute device.
+    /// On the compute device, f32.
     Device(Tensor<B, 1>),
-    /// In host memory, as f32.
-    Host(Arc<[f32]>),
+    /// On another device of the same backend (a GPU donor), f32.
+    Donor(Tensor<B, 1>, DonorCopy),
+    /// In host memory, in its storage dtype.
+    Host(HostTensor),
 }
 
 /// One tensor of a unit, flattened; `shape` restores it.
@@ -35,15 +30,31 @@ pub struct StoredTensor<B: Backend> {
     pub(crate) data: Stored<B>,
 }
 
+impl<B: Backend> StoredTensor<B> {
+    /// Elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True when the bytes are borrowed from the memory-mapped file (a host home, unchanged
+    /// by loading): the store holds no copy of them.
+    pub fn is_mapped(&self) -> bool {
+        matches!(&self.data, Stored::Host(h) if h.is_mapped())
+    }
+}
+
 /// A placement unit at its home.
 #[derive(Debug, Clone)]
 pub struct StoredUnit<B: Backend> {
     /// The unit's name.
     pub name: String,
-    /// Its home: the plan's compute device, or `cpu` (host memory).
+    /// Its home: the plan's compute device, a donor device, or `cpu` (host memory).
     pub home: DeviceId,
-    /// Bytes its tensors occupy at home (f32).
+    /// Bytes its tensors occupy at home (f32 on a device; the storage dtype on the host,
+    /// mapped or owned).
     pub bytes: ByteSize,
+    /// Bytes one upload of the unit to the compute device moves (f32).
+    pub upload_bytes: ByteSize,
     pub(crate) tensors: Vec<StoredTensor<B>>,
 }
 
@@ -54,6 +65,81 @@ impl<B: Backend> StoredUnit<B> {
             .iter()
             .all(|t| matches!(t.data, Stored::Device(_)))
     }
+
+    /// Its tensors.
+    pub fn tensors(&self) -> &[StoredTensor<B>] {
+        &self.tensors
+    }
+}
+
+/// How a GPU donor's tensors reach the compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DonorCopy {
+    /// A device-to-device copy (Burn's `to_device`), enqueued by the compute thread. Needs a
+    /// backend that implements it: CubeCL's CUDA runtime does, its wgpu runtime does not.
+    Direct,
+    /// Read back to host memory on the prefetch thread, then uploaded like a host home.
+    ViaHost,
+}
+
+impl DonorCopy {
+    /// [`DonorCopy::Direct`] on CUDA, [`DonorCopy::ViaHost`] elsewhere.
+    pub fn for_backend<B: Backend>(device: &B::Device) -> DonorCopy {
+        if B::name(device).contains("cuda") {
+            DonorCopy::Direct
+        } else {
+            DonorCopy::ViaHost
+        }
+    }
+}
+
+/// The Burn devices a plan's device ids stand for: the compute device, and any GPU donors
+/// of the same backend. `cpu` needs no binding: it is host memory for every backend.
+#[derive(Debug, Clone)]
+pub struct DeviceMap<B: Backend> {
+    pub(crate) compute: B::Device,
+    pub(crate) donors: Vec<(DeviceId, B::Device, DonorCopy)>,
+}
+
+impl<B: Backend> DeviceMap<B> {
+    /// Binds the plan's compute device to `compute`.
+    pub fn new(compute: B::Device) -> DeviceMap<B> {
+        DeviceMap {
+            compute,
+            donors: Vec::new(),
+        }
+    }
+
+    /// Binds a donor device id of the plan (`cuda:1`, say) to a Burn device, copying with
+    /// [`DonorCopy::for_backend`].
+    pub fn with_donor(self, id: DeviceId, device: B::Device) -> DeviceMap<B> {
+        let copy = DonorCopy::for_backend::<B>(&device);
+        self.with_donor_copy(id, device, copy)
+    }
+
+    /// Binds a donor device, choosing how its tensors are copied.
+    pub fn with_donor_copy(
+        mut self,
+        id: DeviceId,
+        device: B::Device,
+        copy: DonorCopy,
+    ) -> DeviceMap<B> {
+        self.donors.retain(|(d, _, _)| *d != id);
+        self.donors.push((id, device, copy));
+        self
+    }
+
+    /// The Burn compute device.
+    pub fn compute(&self) -> &B::Device {
+        &self.compute
+    }
+
+    pub(crate) fn donor(&self, id: DeviceId) -> Option<(&B::Device, DonorCopy)> {
+        self.donors
+            .iter()
+            .find(|(d, _, _)| *d == id)
+            .map(|(_, b, c)| (b, *c))
+    }
 }
 
 /// A weight changed during loading, on the compute device at f32 (the LoRA crate implements
@@ -62,6 +148,63 @@ pub trait WeightPatch<B: Backend>: Send + Sync {
     /// Returns the patched tensor for `key`, or `None` to leave it as it is. `weight` is the
     /// flattened tensor on the compute device; `shape` is its real shape.
     fn patch(&self, key: &str, weight: &Tensor<B, 1>, shape: &[usize]) -> Option<Tensor<B, 1>>;
+
+    /// Whether [`WeightPatch::patch`] may change `key`. Tensors it rules out are not
+    /// uploaded for patching: at a host home they stay borrowed from the mapped file.
+    fn applies_to(&self, key: &str) -> bool {
+        let _ = key;
+        true
+    }
+}
+
+/// A tensor a model expects, by its key within the component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    /// The key (component prefix stripped), e.g. `down_blocks.0.resnets.0.conv1.weight`.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+}
+
+/// A tensor whose shape differs from the model's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    /// The key.
+    pub name: String,
+    /// The shape the model expects.
+    pub expected: Vec<usize>,
+    /// The shape in the file.
+    pub found: Vec<usize>,
+}
+
+/// How to load.
+pub struct LoadOptions<'a, B: Backend> {
+    /// A patch applied on the compute device at f32 while loading.
+    pub patch: Option<&'a dyn WeightPatch<B>>,
+    /// The tensors the model expects. Tensors the model does not expect are reported as
+    /// unused and not loaded; missing or mis-shaped ones are errors unless allowed below.
+    /// `None` loads every planned tensor.
+    pub expected: Option<&'a [ExpectedTensor]>,
+    /// Report missing expected tensors instead of failing.
+    pub allow_missing: bool,
+    /// Report (and load) tensors whose shape differs from the expected one instead of
+    /// failing.
+    pub allow_mismatched: bool,
+    /// Fail on NaN or infinite weights (default). Checking reads every weight once, mapped
+    /// ones included.
+    pub check_finite: bool,
+}
+
+impl<B: Backend> Default for LoadOptions<'_, B> {
+    fn default() -> Self {
+        LoadOptions {
+            patch: None,
+            expected: None,
+            allow_missing: false,
+            allow_mismatched: false,
+            check_finite: true,
+        }
+    }
 }
 
 /// What loading did.
@@ -71,119 +214,31 @@ pub struct LoadReport {
     pub tensors: usize,
     /// Keys a patch changed.
     pub patched: Vec<String>,
+    /// Expected keys the file lacks (only when allowed; otherwise loading fails).
+    pub missing: Vec<String>,
+    /// Tensors whose shape is not the expected one (only when allowed).
+    pub mismatched: Vec<ShapeMismatch>,
+    /// Tensors of the component not loaded: no planned unit covers them, or the model does
+    /// not expect them.
+    pub unused: Vec<String>,
     /// Bytes held per home, compute device first.
     pub bytes_per_device: Vec<(DeviceId, ByteSize)>,
-    /// Bytes read from the file.
+    /// Of the host's bytes, those borrowed from the memory-mapped file (no copy).
+    pub host_mapped: ByteSize,
+    /// Bytes copied out of the file (tensors not borrowed from the mapping).
     pub bytes_read: ByteSize,
-    /// Tensors of the component that no planned unit covers (not loaded).
-    pub unused: Vec<String>,
 }
 
 /// The tensors of one component, each unit at the home its plan gives.
 #[derive(Debug)]
 pub struct WeightStore<B: Backend> {
-    compute_id: DeviceId,
-    compute: B::Device,
-    units: Vec<StoredUnit<B>>,
-    by_name: HashMap<String, usize>,
+    pub(crate) compute_id: DeviceId,
+    pub(crate) compute: B::Device,
+    pub(crate) units: Vec<StoredUnit<B>>,
+    pub(crate) by_name: HashMap<String, usize>,
 }
 
 impl<B: Backend> WeightStore<B> {
-    /// Load-Patch-Distribute: reads each tensor of `component` once, decodes it to f32 on the
-    /// host, and sends it to its planned home. A tensor that a patch may change is uploaded to
-    /// `compute` first, patched there and then sent home. The plan's compute device is bound
-    /// to the Burn device `compute`; units the plan puts on `cpu` stay in host memory.
-    ///
-    /// Peak extra memory is one tensor (its file bytes and their f32 decoding).
-    pub fn load(
-        index: &SafetensorsIndex,
-        component: &Component<'_>,
-        plan: &Plan,
-        compute: &B::Device,
-        patch: Option<&dyn WeightPatch<B>>,
-    ) -> Result<(WeightStore<B>, LoadReport), Error> {
-        let path = index.path().to_path_buf();
-        let io = |source| Error::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut groups = group(component);
-        let file = File::open(&path).map_err(io)?;
-        let mut loader = Loader {
-            file,
-            path: &path,
-            prefix: component.prefix,
-            compute,
-            patch,
-            report: LoadReport::default(),
-        };
-        let mut held: HashMap<DeviceId, u64> = HashMap::new();
-        let mut units = Vec::with_capacity(plan.units().len());
-        for placed in plan.units() {
-            let home = placed.device;
-            let resident = home == plan.compute();
-            if !resident && home != DeviceId::CPU {
-                return Err(Error::UnsupportedHome {
-                    unit: placed.name.clone(),
-                    device: home,
-                });
-            }
-            let infos =
-                groups
-                    .remove(placed.name.as_str())
-                    .ok_or_else(|| Error::UnitNotInFile {
-                        path: path.clone(),
-                        unit: placed.name.clone(),
-                    })?;
-            let tensors = infos
-                .into_iter()
-                .map(|info| loader.tensor(info, resident))
-                .collect::<Result<Vec<_>, Error>>()?;
-            let bytes: u64 = tensors
-                .iter()
-                .map(|t| 4 * t.shape.iter().product::<usize>() as u64)
-                .sum();
-            *held.entry(home).or_default() += bytes;
-            units.push(StoredUnit {
-                name: placed.name.clone(),
-                home,
-                bytes: ByteSize(bytes),
-                tensors,
-            });
-        }
-        let mut report = loader.report;
-        report.unused = groups
-            .into_values()
-            .flatten()
-            .map(|t| t.name.clone())
-            .collect();
-        report.unused.sort();
-        let mut per_device: Vec<(DeviceId, ByteSize)> =
-            held.into_iter().map(|(d, b)| (d, ByteSize(b))).collect();
-        per_device.sort_by_key(|(d, _)| (*d != plan.compute(), *d));
-        report.bytes_per_device = per_device;
-        let by_name = units
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (u.name.clone(), i))
-            .collect();
-        tracing::info!(
-            component = plan.component(),
-            tensors = report.tensors,
-            patched = report.patched.len(),
-            "loaded"
-        );
-        Ok((
-            WeightStore {
-                compute_id: plan.compute(),
-                compute: compute.clone(),
-                units,
-                by_name,
-            },
-            report,
-        ))
-    }
-
     /// The compute device's id in the plan.
     pub fn compute_id(&self) -> DeviceId {
         self.compute_id
@@ -194,97 +249,13 @@ impl<B: Backend> WeightStore<B> {
         &self.compute
     }
 
-    /// Units in execution order.
+    /// Units in the plan's order.
     pub fn units(&self) -> &[StoredUnit<B>] {
         &self.units
     }
 
-    /// The position of a unit in execution order.
+    /// The position of a unit in the plan's order.
     pub fn position(&self, unit: &str) -> Option<usize> {
         self.by_name.get(unit).copied()
     }
-}
-
-/// Reads, decodes, patches and places one tensor at a time.
-struct Loader<'a, B: Backend> {
-    file: File,
-    path: &'a std::path::Path,
-    prefix: &'a str,
-    compute: &'a B::Device,
-    patch: Option<&'a dyn WeightPatch<B>>,
-    report: LoadReport,
-}
-
-impl<B: Backend> Loader<'_, B> {
-    fn tensor(&mut self, info: &TensorInfo, resident: bool) -> Result<StoredTensor<B>, Error> {
-        let io = |source| Error::Io {
-            path: self.path.to_path_buf(),
-            source,
-        };
-        let local = info.name.strip_prefix(self.prefix).unwrap_or(&info.name);
-        // The index checked that this range lies inside the file.
-        let mut raw = vec![0u8; info.bytes as usize];
-        self.file
-            .seek(SeekFrom::Start(info.file_offset))
-            .map_err(io)?;
-        self.file.read_exact(&mut raw).map_err(io)?;
-        self.report.bytes_read += ByteSize(info.bytes);
-        let values = to_f32(info.dtype, &raw).map_err(|e| Error::UnsupportedDtype {
-            path: self.path.to_path_buf(),
-            name: info.name.clone(),
-            dtype: info.dtype,
-            reason: match e {
-                DecodeError::NotFloat => "not a float type",
-                DecodeError::Ragged => "byte length not a multiple of the element size",
-            },
-        })?;
-        drop(raw);
-        let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
-        let n = values.len();
-        let data = match self.patch {
-            Some(p) => {
-                let on_compute =
-                    Tensor::<B, 1>::from_data(TensorData::new(values, [n]), self.compute);
-                let t = match p.patch(local, &on_compute, &shape) {
-                    Some(t) if t.dims() != [n] => {
-                        return Err(Error::PatchShape {
-                            key: local.to_owned(),
-                            expected: n,
-                            got: t.dims()[0],
-                        });
-                    }
-                    Some(t) => {
-                        self.report.patched.push(local.to_owned());
-                        t
-                    }
-                    None => on_compute,
-                };
-                if resident {
-                    Stored::Device(t)
-                } else {
-                    Stored::Host(host_copy(t)?)
-                }
-            }
-            None if resident => Stored::Device(Tensor::from_data(
-                TensorData::new(values, [n]),
-                self.compute,
-            )),
-            None => Stored::Host(values.into()),
-        };
-        self.report.tensors += 1;
-        Ok(StoredTensor {
-            name: local.to_owned(),
-            shape,
-            data,
-        })
-    }
-}
-
-fn host_copy<B: Backend>(t: Tensor<B, 1>) -> Result<Arc<[f32]>, Error> {
-    t.into_data()
-        .into_vec::<f32>()
-        .map(Arc::from)
-        .map_err(|e| Error::DeviceTransfer {
-            reason: format!("{e:?}"),
-        })
 }

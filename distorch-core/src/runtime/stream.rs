@@ -1,9 +1,11 @@
 //! [`Streamer`]: hands a forward pass each unit's tensors on the compute device, staging the
 //! next offloaded units on a background thread while the current one computes.
 //!
-//! The background thread prepares each unit's host data (the copy out of the store, where
-//! dtype decoding also belongs); the compute thread enqueues the device upload when it asks
-//! for the unit. Uploading from the background thread itself is not safe on every backend:
+//! The background thread prepares each unit's host data (reading it from the store's home —
+//! often the memory-mapped file — and widening its dtype to f32); the compute thread enqueues
+//! the device upload when it asks for the unit. Units on a GPU donor are copied device to
+//! device when asked for, or read back through the host on backends without device-to-device
+//! copies (wgpu). Uploading from the background thread itself is not safe on every backend:
 //! on wgpu, buffers written from another thread's stream were read stale by the compute
 //! thread's kernels (caught by the bit-identity tests), so the enqueue stays on the thread
 //! that computes. Overlapping the device copy itself with compute (CUDA streams and events)
@@ -19,7 +21,7 @@ use burn::tensor::{Tensor, TensorData};
 use distorch_alloc::{ByteSize, DeviceId};
 
 use crate::error::Error;
-use crate::runtime::store::{Stored, StoredUnit, WeightStore};
+use crate::runtime::store::{DonorCopy, Stored, StoredUnit, WeightStore};
 
 /// How far the streamer looks ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,20 @@ impl Default for Lookahead {
             bytes: ByteSize::mib(512),
         }
     }
+}
+
+/// The order in which a forward pass asks for units, which the look-ahead follows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ExecutionOrder {
+    /// The plan's order (the store's), which follows key names.
+    Plan,
+    /// Recorded during the first pass (until a unit is asked for a second time, or
+    /// [`Streamer::take_stats`]); the plan's order is followed until then. Units the first
+    /// pass never asked for keep their plan order, after the recorded ones.
+    #[default]
+    Record,
+    /// Declared by the model: unit names in the order its forward pass uses them.
+    Declared(Vec<String>),
 }
 
 /// What one pass cost.
@@ -84,7 +100,57 @@ impl<B: Backend> UnitWeights<B> {
     }
 }
 
+/// The look-ahead's order: `order[k]` is a unit index, `pos[i]` its place in `order`.
+struct Order {
+    order: Vec<usize>,
+    pos: Vec<usize>,
+    /// Units seen so far while recording; `None` once the order is fixed.
+    recording: Option<(Vec<usize>, Vec<bool>)>,
+}
+
+impl Order {
+    fn new(order: Vec<usize>, record: bool) -> Order {
+        let mut pos = vec![0; order.len()];
+        for (k, &i) in order.iter().enumerate() {
+            pos[i] = k;
+        }
+        let n = order.len();
+        Order {
+            order,
+            pos,
+            recording: record.then(|| (Vec::new(), vec![false; n])),
+        }
+    }
+
+    /// Notes a fetch of unit `i`; a unit seen before ends the recording.
+    fn note(&mut self, i: usize) {
+        let Some((seen, mask)) = &mut self.recording else {
+            return;
+        };
+        if mask[i] {
+            self.finish();
+        } else {
+            mask[i] = true;
+            seen.push(i);
+        }
+    }
+
+    fn finish(&mut self) {
+        let Some((mut seen, mask)) = self.recording.take() else {
+            return;
+        };
+        if seen.is_empty() {
+            self.recording = Some((seen, mask));
+            return;
+        }
+        seen.extend(self.order.iter().copied().filter(|&i| !mask[i]));
+        tracing::debug!(units = seen.len(), "execution order recorded");
+        *self = Order::new(seen, false);
+    }
+}
+
 struct State {
+    order: Order,
     ready: HashMap<usize, Vec<TensorData>>,
     queue: VecDeque<usize>,
     in_flight: Option<usize>,
@@ -121,8 +187,8 @@ impl<B: Backend> Shared<B> {
 
 /// Streams a [`WeightStore`]'s offloaded units to the compute device in execution order.
 ///
-/// The execution order is the store's (the plan's) order; after the last unit the look-ahead
-/// wraps to the first, so repeated passes (sampling steps) keep prefetching.
+/// The look-ahead follows the [`ExecutionOrder`]; after the last unit it wraps to the first,
+/// so repeated passes (sampling steps) keep prefetching.
 pub struct Streamer<B: Backend> {
     shared: Arc<Shared<B>>,
     lookahead: Lookahead,
@@ -130,11 +196,54 @@ pub struct Streamer<B: Backend> {
 }
 
 impl<B: Backend> Streamer<B> {
-    /// Starts the background staging thread.
+    /// Starts the background staging thread; the look-ahead follows the order recorded
+    /// during the first pass ([`ExecutionOrder::Record`]).
     pub fn new(store: Arc<WeightStore<B>>, lookahead: Lookahead) -> Streamer<B> {
+        let n = store.units().len();
+        Self::start(store, lookahead, Order::new((0..n).collect(), true))
+    }
+
+    /// Like [`Streamer::new`] with the given execution order. Errors on a declared unit the
+    /// store does not hold or that is named twice.
+    pub fn with_order(
+        store: Arc<WeightStore<B>>,
+        lookahead: Lookahead,
+        order: ExecutionOrder,
+    ) -> Result<Streamer<B>, Error> {
+        let n = store.units().len();
+        let order = match order {
+            ExecutionOrder::Plan => Order::new((0..n).collect(), false),
+            ExecutionOrder::Record => Order::new((0..n).collect(), true),
+            ExecutionOrder::Declared(names) => {
+                let mut mask = vec![false; n];
+                let mut order = Vec::with_capacity(n);
+                for name in &names {
+                    let i = store
+                        .position(name)
+                        .filter(|&i| !mask[i])
+                        .ok_or_else(|| Error::UnknownUnit { unit: name.clone() })?;
+                    mask[i] = true;
+                    order.push(i);
+                }
+                order.extend((0..n).filter(|&i| !mask[i]));
+                Order::new(order, false)
+            }
+        };
+        Ok(Self::start(store, lookahead, order))
+    }
+
+    /// The units in the order the look-ahead follows now.
+    pub fn execution_order(&self) -> Vec<String> {
+        let st = self.shared.lock();
+        let units = self.shared.store.units();
+        st.order.order.iter().map(|&i| units[i].name.clone()).collect()
+    }
+
+    fn start(store: Arc<WeightStore<B>>, lookahead: Lookahead, order: Order) -> Streamer<B> {
         let shared = Arc::new(Shared {
             store,
             state: Mutex::new(State {
+                order,
                 ready: HashMap::new(),
                 queue: VecDeque::new(),
                 in_flight: None,
@@ -176,6 +285,7 @@ impl<B: Backend> Streamer<B> {
         let u = &store.units()[i];
         if u.is_resident() {
             let mut st = self.shared.lock();
+            st.order.note(i);
             st.stats.fetches += 1;
             st.stats.resident += 1;
             drop(st);
@@ -183,10 +293,11 @@ impl<B: Backend> Streamer<B> {
         }
         let start = Instant::now();
         let mut st = self.shared.lock();
+        st.order.note(i);
         st.stats.fetches += 1;
         let staged = loop {
             if let Some(t) = st.ready.remove(&i) {
-                st.held -= u.bytes.0;
+                st.held -= u.upload_bytes.0;
                 st.stats.prefetched += 1;
                 break t;
             }
@@ -200,7 +311,7 @@ impl<B: Backend> Streamer<B> {
             }
             if let Some(pos) = st.queue.iter().position(|&q| q == i) {
                 st.queue.remove(pos);
-                st.held -= u.bytes.0;
+                st.held -= u.upload_bytes.0;
             }
             st.stats.on_demand += 1;
             drop(st);
@@ -209,8 +320,8 @@ impl<B: Backend> Streamer<B> {
             break t;
         };
         st.stats.stall += start.elapsed();
-        *st.stats.bytes_moved.entry(u.home).or_default() += u.bytes;
-        st.handed_out = u.bytes.0;
+        *st.stats.bytes_moved.entry(u.home).or_default() += u.upload_bytes;
+        st.handed_out = u.upload_bytes.0;
         st.note_peak();
         self.schedule(&mut st, i);
         drop(st);
@@ -222,16 +333,17 @@ impl<B: Backend> Streamer<B> {
         Ok(weights(u, tensors))
     }
 
-    /// Queues offloaded units after `i` (wrapping) within the look-ahead.
+    /// Queues offloaded units after `i` in execution order (wrapping) within the look-ahead.
     fn schedule(&self, st: &mut State, i: usize) {
         let units = self.shared.store.units();
         let n = units.len();
+        let at = st.order.pos[i];
         let mut taken = 0;
         for step in 1..n {
             if taken >= self.lookahead.units {
                 break;
             }
-            let j = (i + step) % n;
+            let j = st.order.order[(at + step) % n];
             let u = &units[j];
             if u.is_resident() {
                 continue;
@@ -240,10 +352,10 @@ impl<B: Backend> Streamer<B> {
             if st.ready.contains_key(&j) || st.in_flight == Some(j) || st.queue.contains(&j) {
                 continue;
             }
-            if st.held + u.bytes.0 > self.lookahead.bytes.0 {
+            if st.held + u.upload_bytes.0 > self.lookahead.bytes.0 {
                 break;
             }
-            st.held += u.bytes.0;
+            st.held += u.upload_bytes.0;
             st.queue.push_back(j);
         }
         st.note_peak();
@@ -252,6 +364,7 @@ impl<B: Backend> Streamer<B> {
     /// Returns this pass's statistics and starts a new pass. Also logs them.
     pub fn take_stats(&self) -> StreamStats {
         let mut st = self.shared.lock();
+        st.order.finish();
         let stats = std::mem::take(&mut st.stats);
         st.stats.peak_extra_bytes = ByteSize(st.held + st.handed_out);
         drop(st);
@@ -302,23 +415,25 @@ fn resident_tensors<B: Backend>(u: &StoredUnit<B>) -> Vec<Tensor<B, 1>> {
         .iter()
         .filter_map(|t| match &t.data {
             Stored::Device(d) => Some(d.clone()),
-            Stored::Host(_) => None,
+            Stored::Donor(..) | Stored::Host(_) => None,
         })
         .collect()
 }
 
-/// Host data of a unit's offloaded tensors, ready to upload (resident tensors have none).
+/// Host data of a unit's host-home tensors (widened to f32) and of its donor tensors that are
+/// copied through the host (read back), ready to upload.
 fn stage<B: Backend>(u: &StoredUnit<B>) -> Vec<TensorData> {
     u.tensors
         .iter()
         .filter_map(|t| match &t.data {
-            Stored::Device(_) => None,
-            Stored::Host(h) => Some(TensorData::new(h.to_vec(), [h.len()])),
+            Stored::Device(_) | Stored::Donor(_, DonorCopy::Direct) => None,
+            Stored::Donor(d, DonorCopy::ViaHost) => Some(d.clone().into_data()),
+            Stored::Host(h) => Some(TensorData::new(h.decode(), [t.numel()])),
         })
         .collect()
 }
 
-/// Enqueues the upload of staged data on the calling (compute) thread.
+/// Enqueues the uploads (and donor copies) on the calling (compute) thread.
 fn to_device<B: Backend>(
     u: &StoredUnit<B>,
     staged: Vec<TensorData>,
@@ -329,10 +444,17 @@ fn to_device<B: Backend>(
         .iter()
         .map(|t| match &t.data {
             Stored::Device(d) => d.clone(),
-            Stored::Host(h) => match staged.next() {
-                Some(data) => Tensor::from_data(data, device),
-                None => Tensor::from_data(TensorData::new(h.to_vec(), [h.len()]), device),
-            },
+            Stored::Donor(d, DonorCopy::Direct) => d.clone().to_device(device),
+            Stored::Donor(d, DonorCopy::ViaHost) => {
+                let data = staged.next().unwrap_or_else(|| d.clone().into_data());
+                Tensor::from_data(data, device)
+            }
+            Stored::Host(h) => {
+                let data = staged
+                    .next()
+                    .unwrap_or_else(|| TensorData::new(h.decode(), [t.numel()]));
+                Tensor::from_data(data, device)
+            }
         })
         .collect()
 }

@@ -1,0 +1,117 @@
+//! Host homes: a tensor's bytes in host memory, in their storage dtype — borrowed from the
+//! memory-mapped file when loading changed nothing, owned otherwise.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use crate::dtype::DType;
+use crate::runtime::decode::{DecodeError, to_f32};
+
+/// Bytes in host memory.
+#[derive(Debug, Clone)]
+pub(crate) enum HostBytes {
+    /// A range of the memory-mapped weights file: no copy was made.
+    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    /// A copy owned by the store (after a patch or a dtype change).
+    Owned(Arc<[u8]>),
+}
+
+impl HostBytes {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            HostBytes::Mapped { map, range } => &map[range.clone()],
+            HostBytes::Owned(b) => b,
+        }
+    }
+}
+
+/// A tensor at a host home, in its storage dtype.
+#[derive(Debug, Clone)]
+pub(crate) struct HostTensor {
+    pub(crate) bytes: HostBytes,
+    pub(crate) dtype: DType,
+}
+
+impl HostTensor {
+    /// The values widened to f32, ready to upload.
+    pub(crate) fn decode(&self) -> Vec<f32> {
+        // Loading checked that the dtype decodes and the length is whole elements.
+        to_f32(self.dtype, self.bytes.as_slice()).unwrap_or_default()
+    }
+
+    /// True when the bytes are borrowed from the mapped file.
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self.bytes, HostBytes::Mapped { .. })
+    }
+}
+
+/// The dtype a tensor is stored in at a host home after loading changed its values: the
+/// file's dtype, except fp8 (kept at bf16 rather than re-quantised, as `high_precision_loras`
+/// in the original) and f64 (f32, the compute dtype).
+pub(crate) fn storage_dtype(file: DType) -> DType {
+    match file {
+        DType::F8E4M3 | DType::F8E5M2 => DType::BF16,
+        DType::F64 => DType::F32,
+        other => other,
+    }
+}
+
+/// Encodes f32 values in `dtype` (one of [`storage_dtype`]'s results), rounding to nearest.
+pub(crate) fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// The first non-finite value's index, if any, decoding `bytes` chunk by chunk.
+pub(crate) fn first_non_finite(dtype: DType, bytes: &[u8]) -> Result<Option<usize>, DecodeError> {
+    const CHUNK: usize = 1 << 16;
+    let size = dtype.size() as usize;
+    let mut seen = 0;
+    for chunk in bytes.chunks(CHUNK * size) {
+        let values = to_f32(dtype, chunk)?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Ok(Some(seen + i));
+        }
+        seen += values.len();
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_round_trips_representable_values() {
+        let v = [0.5f32, -2.0, 1.0 / 1024.0, 0.0];
+        for dt in [DType::F16, DType::BF16, DType::F32] {
+            assert_eq!(to_f32(dt, &encode(&v, dt)).unwrap(), v, "{dt}");
+        }
+    }
+
+    #[test]
+    fn non_finite_values_are_found_past_the_first_chunk() {
+        let mut v = vec![1.0f32; (1 << 16) + 5];
+        v[(1 << 16) + 3] = f32::NAN;
+        let bytes = encode(&v, DType::F16);
+        assert_eq!(
+            first_non_finite(DType::F16, &bytes).unwrap(),
+            Some((1 << 16) + 3)
+        );
+        assert_eq!(
+            first_non_finite(DType::F32, &encode(&[1.0], DType::F32)).unwrap(),
+            None
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! Load-Patch-Distribute: [`WeightStore::load`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use distorch_alloc::{ByteSize, DeviceId, Plan};
+use memmap2::Mmap;
+
+use crate::components::Component;
+use crate::dtype::DType;
+use crate::error::Error;
+use crate::runtime::decode::to_f32;
+use crate::runtime::host::{HostBytes, HostTensor, encode, first_non_finite, storage_dtype};
+use crate::runtime::store::{
+    DeviceMap, DonorCopy, LoadOptions, LoadReport, ShapeMismatch, Stored, StoredTensor, StoredUnit,
+    WeightStore,
+};
+use crate::safetensors::{SafetensorsIndex, TensorInfo};
+use crate::units::group;
+
+/// Where a unit goes.
+enum Home<'d, B: Backend> {
+    Compute,
+    Donor(&'d B::Device, DonorCopy),
+    Host,
+}
+
+impl<B: Backend> Clone for Home<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Home<'_, B> {}
+
+impl<B: Backend> WeightStore<B> {
+    /// Load-Patch-Distribute: every tensor of `component` that the plan places is read once
+    /// and sent to its home.
+    ///
+    /// - Resident units and GPU donors (`devices` binds the plan's ids to Burn devices) hold
+    ///   f32 tensors.
+    /// - Host (`cpu`) units borrow their bytes from the memory-mapped file, in the file's
+    ///   dtype, with no copy; they are widened to f32 only while being streamed. The file
+    ///   must not be modified while the store lives (the usual contract for mapped weights).
+    /// - A tensor the patch applies to is uploaded to the compute device, patched there at
+    ///   f32, rounded to its storage dtype (the file's; fp8 is kept at bf16, f64 at f32) and
+    ///   sent home — rounded at every home, so outputs do not depend on the placement. At a
+    ///   host home it is then an owned copy.
+    ///
+    /// Everything that can be checked from the header is checked before any tensor is read:
+    /// homes, dtypes, expected keys and shapes. Peak extra memory while loading is one
+    /// tensor (its file bytes and their f32 decoding).
+    pub fn load(
+        index: &SafetensorsIndex,
+        component: &Component<'_>,
+        plan: &Plan,
+        devices: &DeviceMap<B>,
+        options: &LoadOptions<'_, B>,
+    ) -> Result<(WeightStore<B>, LoadReport), Error> {
+        let path = index.path();
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut report = LoadReport::default();
+        let local = |t: &TensorInfo| -> String {
+            t.name
+                .strip_prefix(component.prefix)
+                .unwrap_or(&t.name)
+                .to_owned()
+        };
+
+        // Check everything the header can tell before reading.
+        let mut groups = group(component);
+        let mut todo = Vec::with_capacity(plan.units().len());
+        for placed in plan.units() {
+            let home = if placed.device == plan.compute() {
+                Home::Compute
+            } else if placed.device == DeviceId::CPU {
+                Home::Host
+            } else {
+                let (device, copy) =
+                    devices
+                        .donor(placed.device)
+                        .ok_or_else(|| Error::UnsupportedHome {
+                            unit: placed.name.clone(),
+                            device: placed.device,
+                        })?;
+                Home::Donor(device, copy)
+            };
+            let infos =
+                groups
+                    .remove(placed.name.as_str())
+                    .ok_or_else(|| Error::UnitNotInFile {
+                        path: path.to_path_buf(),
+                        unit: placed.name.clone(),
+                    })?;
+            todo.push((placed, home, infos));
+        }
+        report.unused = groups.into_values().flatten().map(local).collect();
+        if let Some(expected) = options.expected {
+            let want: HashMap<&str, &[usize]> = expected
+                .iter()
+                .map(|e| (e.name.as_str(), e.shape.as_slice()))
+                .collect();
+            let mut found = HashMap::new();
+            for (_, _, infos) in &mut todo {
+                infos.retain(|t| {
+                    let name = local(t);
+                    let keep = want.contains_key(name.as_str());
+                    if keep {
+                        found.insert(name, *t);
+                    } else {
+                        report.unused.push(name);
+                    }
+                    keep
+                });
+            }
+            for e in expected {
+                let Some(t) = found.get(&e.name) else {
+                    report.missing.push(e.name.clone());
+                    continue;
+                };
+                if !t.shape.iter().map(|&d| d as usize).eq(e.shape.iter().copied()) {
+                    report.mismatched.push(ShapeMismatch {
+                        name: e.name.clone(),
+                        expected: e.shape.clone(),
+                        found: t.shape.iter().map(|&d| d as usize).collect(),
+                    });
+                }
+            }
+            if !report.missing.is_empty() && !options.allow_missing {
+                return Err(Error::MissingTensors {
+                    path: path.to_path_buf(),
+                    component: component.kind.to_string(),
+                    missing: report.missing,
+                });
+            }
+            if let Some(m) = report.mismatched.first()
+                && !options.allow_mismatched
+            {
+                return Err(Error::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    name: m.name.clone(),
+                    expected: m.expected.clone(),
+                    found: m.found.clone(),
+                    count: report.mismatched.len(),
+                });
+            }
+        }
+        report.unused.sort();
+        for (_, _, infos) in &todo {
+            for t in infos {
+                if to_f32(t.dtype, &[]).is_err() {
+                    return Err(Error::UnsupportedDtype {
+                        path: path.to_path_buf(),
+                        name: t.name.clone(),
+                        dtype: t.dtype,
+                        reason: "not a float type",
+                    });
+                }
+            }
+        }
+
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only; the documented contract is that the file is not
+        // modified while the store lives (as for every loader of mapped weights). Ranges come
+        // from the validated index and lie inside the file.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io)?);
+        let mut loader = Loader {
+            file,
+            map,
+            path,
+            devices,
+            options,
+            report,
+        };
+        let mut held: BTreeMap<DeviceId, u64> = BTreeMap::new();
+        let mut units = Vec::with_capacity(todo.len());
+        for (placed, home, infos) in todo {
+            let tensors = infos
+                .into_iter()
+                .map(|info| loader.tensor(info, &local(info), home))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let (mut bytes, mut upload) = (0u64, 0u64);
+            for t in &tensors {
+                let f32_bytes = 4 * t.numel() as u64;
+                match &t.data {
+                    Stored::Host(h) => {
+                        bytes += h.bytes.as_slice().len() as u64;
+                        upload += f32_bytes;
+                    }
+                    Stored::Donor(..) => {
+                        bytes += f32_bytes;
+                        upload += f32_bytes;
+                    }
+                    Stored::Device(_) => bytes += f32_bytes,
+                }
+            }
+            loader.report.tensors += tensors.len();
+            *held.entry(placed.device).or_default() += bytes;
+            units.push(StoredUnit {
+                name: placed.name.clone(),
+                home: placed.device,
+                bytes: ByteSize(bytes),
+                upload_bytes: ByteSize(upload),
+                tensors,
+            });
+        }
+        let mut report = loader.report;
+        let mut per_device: Vec<(DeviceId, ByteSize)> =
+            held.into_iter().map(|(d, b)| (d, ByteSize(b))).collect();
+        per_device.sort_by_key(|(d, _)| (*d != plan.compute(), *d));
+        report.bytes_per_device = per_device;
+        let by_name = units
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.name.clone(), i))
+            .collect();
+        tracing::info!(
+            component = plan.component(),
+            tensors = report.tensors,
+            patched = report.patched.len(),
+            mapped = %report.host_mapped,
+            read = %report.bytes_read,
+            "loaded"
+        );
+        Ok((
+            WeightStore {
+                compute_id: plan.compute(),
+                compute: devices.compute.clone(),
+                units,
+                by_name,
+            },
+            report,
+        ))
+    }
+}
+
+/// Reads, checks, patches and places one tensor at a time.
+struct Loader<'a, B: Backend> {
+    file: File,
+    map: Arc<Mmap>,
+    path: &'a Path,
+    devices: &'a DeviceMap<B>,
+    options: &'a LoadOptions<'a, B>,
+    report: LoadReport,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn tensor(
+        &mut self,
+        info: &TensorInfo,
+        local: &str,
+        home: Home<'_, B>,
+    ) -> Result<StoredTensor<B>, Error> {
+        let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
+        let patch = self.options.patch.filter(|p| p.applies_to(local));
+        let data = match (home, patch) {
+            (Home::Host, None) => {
+                // Borrowed from the mapping: no copy.
+                let start = info.file_offset as usize;
+                let range = start..start + info.bytes as usize;
+                if self.options.check_finite {
+                    self.check_finite(info, &self.map[range.clone()])?;
+                }
+                self.report.host_mapped += ByteSize(info.bytes);
+                Stored::Host(HostTensor {
+                    bytes: HostBytes::Mapped {
+                        map: Arc::clone(&self.map),
+                        range,
+                    },
+                    dtype: info.dtype,
+                })
+            }
+            (Home::Compute, None) => {
+                Stored::Device(Tensor::from_data(self.read(info)?, &self.devices.compute))
+            }
+            (Home::Donor(d, copy), None) => {
+                Stored::Donor(Tensor::from_data(self.read(info)?, d), copy)
+            }
+            (home, Some(p)) => {
+                let n = info.numel() as usize;
+                let on_compute = Tensor::<B, 1>::from_data(self.read(info)?, &self.devices.compute);
+                let t = match p.patch(local, &on_compute, &shape) {
+                    Some(t) if t.dims() != [n] => {
+                        return Err(Error::PatchShape {
+                            key: local.to_owned(),
+                            expected: n,
+                            got: t.dims()[0],
+                        });
+                    }
+                    Some(t) => {
+                        self.report.patched.push(local.to_owned());
+                        t
+                    }
+                    None => on_compute,
+                };
+                // Rounded to the storage dtype whatever the home, so the patched model
+                // computes the same wherever its weights live.
+                let rounded = if storage_dtype(info.dtype) == DType::F32 {
+                    None
+                } else {
+                    Some(owned(t.clone(), info)?)
+                };
+                let device = |t: Tensor<B, 1>, rounded: Option<HostTensor>, d: &B::Device| {
+                    match rounded {
+                        Some(h) => Tensor::from_data(TensorData::new(h.decode(), [n]), d),
+                        None => t.to_device(d),
+                    }
+                };
+                match home {
+                    Home::Compute => Stored::Device(device(t, rounded, &self.devices.compute)),
+                    Home::Donor(d, copy) => Stored::Donor(device(t, rounded, d), copy),
+                    Home::Host => Stored::Host(match rounded {
+                        Some(h) => h,
+                        None => owned(t, info)?,
+                    }),
+                }
+            }
+        };
+        Ok(StoredTensor {
+            name: local.to_owned(),
+            shape,
+            data,
+        })
+    }
+
+    /// Copies a tensor out of the file (not through the mapping, so its pages do not stay in
+    /// this process's resident set) and widens it to f32.
+    fn read(&mut self, info: &TensorInfo) -> Result<TensorData, Error> {
+        let io = |source| Error::Io {
+            path: self.path.to_path_buf(),
+            source,
+        };
+        let mut raw = vec![0u8; info.bytes as usize];
+        self.file
+            .seek(SeekFrom::Start(info.file_offset))
+            .map_err(io)?;
+        self.file.read_exact(&mut raw).map_err(io)?;
+        self.report.bytes_read += ByteSize(info.bytes);
+        if self.options.check_finite {
+            self.check_finite(info, &raw)?;
+        }
+        // Loading checked that every planned dtype is a float type.
+        let values = to_f32(info.dtype, &raw).unwrap_or_default();
+        let n = values.len();
+        Ok(TensorData::new(values, [n]))
+    }
+
+    fn check_finite(&self, info: &TensorInfo, bytes: &[u8]) -> Result<(), Error> {
+        match first_non_finite(info.dtype, bytes) {
+            Ok(None) | Err(_) => Ok(()),
+            Ok(Some(index)) => Err(Error::NonFinite {
+                path: self.path.to_path_buf(),
+                name: info.name.clone(),
+                index,
+            }),
+        }
+    }
+}
+
+/// A patched tensor brought back to the host, in its storage dtype.
+fn owned<B: Backend>(t: Tensor<B, 1>, info: &TensorInfo) -> Result<HostTensor, Error> {
+    let values = t
+        .into_data()
+        .into_vec::<f32>()
+        .map_err(|e| Error::DeviceTransfer {
+            reason: format!("{e:?}"),
+        })?;
+    let dtype = storage_dtype(info.dtype);
+    Ok(HostTensor {
+        bytes: HostBytes::Owned(encode(&values, dtype).into()),
+        dtype,
+    })
+}

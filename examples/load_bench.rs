@@ -12,6 +12,8 @@
 //!
 //! Each prints one line: seconds (best of `--repeat N`, default 3), MB/s, bytes placed on the
 //! host, the largest tensor and the peak RSS (`VmHWM`, as `/usr/bin/time -v` reports it).
+//! `--cold` evicts the file from the page cache before each repetition
+//! (`posix_fadvise(DONTNEED)`, Linux), so reads come from the disk.
 
 #![allow(clippy::print_stdout)]
 
@@ -24,7 +26,9 @@ use distorch::alloc::PinPolicy;
 use distorch::core::runtime::{DeviceMap, LoadOptions, WeightStore};
 use distorch::core::safetensors::write_zeroed;
 use distorch::core::{components, units};
-use distorch::{ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram};
+use distorch::{
+    ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram,
+};
 
 type B = burn::backend::NdArray;
 
@@ -57,7 +61,11 @@ fn write_model() -> Result<(), distorch::Error> {
     }
     let mut specs = Vec::new();
     for i in 0..TENSORS {
-        specs.push((format!("blocks.{i}.proj.weight"), DType::F16, vec![ROWS, COLS]));
+        specs.push((
+            format!("blocks.{i}.proj.weight"),
+            DType::F16,
+            vec![ROWS, COLS],
+        ));
         specs.push((format!("blocks.{i}.proj.bias"), DType::F32, vec![ROWS]));
     }
     // The header and a sparse data region, then every tensor's bytes in place.
@@ -88,7 +96,23 @@ fn write_model() -> Result<(), distorch::Error> {
         file.write_all(&bytes).map_err(io(&path))?;
     }
     file.sync_all().map_err(io(&path))?;
-    println!("wrote {} ({})", path.display(), ByteSize(index.data_bytes()));
+    println!(
+        "wrote {} ({})",
+        path.display(),
+        ByteSize(index.data_bytes())
+    );
+    Ok(())
+}
+
+/// Drops the file's pages from the page cache.
+fn evict(path: &std::path::Path) -> Result<(), distorch::Error> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    // SAFETY: a valid open descriptor; the call only advises the kernel.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io(path)(std::io::Error::from_raw_os_error(rc)));
+    }
     Ok(())
 }
 
@@ -107,8 +131,8 @@ fn main() -> Result<(), distorch::Error> {
         return write_model();
     }
     let path = path();
-    let index = SafetensorsIndex::open(&path)
-        .inspect_err(|_| println!("run with --mode write first"))?;
+    let index =
+        SafetensorsIndex::open(&path).inspect_err(|_| println!("run with --mode write first"))?;
     let file_bytes = std::fs::metadata(&path).map_err(io(&path))?.len();
     let largest = index.tensors().iter().map(|t| t.bytes).max().unwrap_or(0);
     let split = components::split(&index);
@@ -128,7 +152,11 @@ fn main() -> Result<(), distorch::Error> {
         tiny_threshold: ByteSize(0),
         ..PinPolicy::default()
     };
-    let plan = distorch::plan(&PlanRequest::virtual_vram(vv).with_pin(pin), &inventory, &graph)?;
+    let plan = distorch::plan(
+        &PlanRequest::virtual_vram(vv).with_pin(pin),
+        &inventory,
+        &graph,
+    )?;
     let options = LoadOptions::<B> {
         check_finite: mode != "host-nocheck",
         ..LoadOptions::default()
@@ -137,8 +165,12 @@ fn main() -> Result<(), distorch::Error> {
     let mut best = f64::INFINITY;
     let mut placed_host = 0u64;
     let mut kept = None;
+    let cold = std::env::args().any(|a| a == "--cold");
     for _ in 0..repeat {
         drop(kept.take());
+        if cold {
+            evict(&path)?;
+        }
         let start = Instant::now();
         if mode == "read" {
             let mut f = std::fs::File::open(&path).map_err(io(&path))?;
@@ -153,7 +185,8 @@ fn main() -> Result<(), distorch::Error> {
         best = best.min(start.elapsed().as_secs_f64());
     }
     println!(
-        "mode={mode} backend=ndarray file_mb={:.0} load_s={best:.3} mb_per_s={:.0} placed_host_mb={:.0} largest_tensor_mb={:.0} peak_rss_mb={:.0}",
+        "mode={mode}{} backend=ndarray file_mb={:.0} load_s={best:.3} mb_per_s={:.0} placed_host_mb={:.0} largest_tensor_mb={:.0} peak_rss_mb={:.0}",
+        if cold { " cold" } else { "" },
         file_bytes as f64 / 1e6,
         file_bytes as f64 / 1e6 / best,
         placed_host as f64 / 1e6,

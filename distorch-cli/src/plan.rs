@@ -5,6 +5,7 @@ use distorch::alloc::{
     DeviceGraph, DeviceId, Inventory, PinPolicy, PlacementOrder, Plan, PlanRequest, Quota,
     VirtualVram, parse_byte_size, parse_device_list,
 };
+use distorch::backends::BackendKind;
 use distorch::core::{ComponentKind, SafetensorsIndex, components, units};
 use serde_json::json;
 
@@ -111,14 +112,22 @@ fn request(args: &PlanArgs, graph: &DeviceGraph) -> Result<PlanRequest, Failure>
 fn with_detection_hint(f: Failure, notes: Option<&[String]>) -> Failure {
     match (f, notes) {
         (Failure::Other(msg), Some(notes)) if msg.starts_with("unknown device") => {
-            let backends: Vec<String> = distorch::backends::compiled()
-                .iter()
-                .map(|b| b.to_string())
-                .collect();
+            let compiled = distorch::backends::compiled();
+            let gpu = compiled.iter().any(|b| *b != BackendKind::NdArray);
+            let backends: Vec<String> = compiled.iter().map(|b| b.to_string()).collect();
+            let detected = if gpu {
+                format!(
+                    "detected with the backends compiled in: {}",
+                    backends.join(", ")
+                )
+            } else {
+                "this build detects host memory only; build with --features cuda or wgpu to \
+                 detect GPUs"
+                    .to_owned()
+            };
             let mut out = format!(
-                "{msg}\n  (detected with the backends compiled in: {}; declare devices with \
-                 --devices, e.g. --devices cuda:0=24gib,cpu=64gib)",
-                backends.join(", ")
+                "{msg}\n  ({detected}; or declare devices with --devices, e.g. \
+                 --devices cuda:0=24gib,cpu=64gib)"
             );
             for n in notes {
                 out.push_str("\n  note: ");

@@ -262,7 +262,9 @@ fn detected_graph_hints_at_declaring_gpus() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("declare GPUs with --devices"),
+        stderr(&o)
+            .contains("this build detects host memory only; build with --features cuda or wgpu")
+            && stderr(&o).contains("declare devices with --devices"),
         "{}",
         stderr(&o)
     );

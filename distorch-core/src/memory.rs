@@ -82,8 +82,10 @@ pub fn detect(probes: &[&dyn MemoryProbe]) -> Detection {
                     let free = d.free.unwrap_or(total).min(total);
                     let info = DeviceInfo::new(d.id, total).with_free(free);
                     if out.graph.push(info).is_err() {
-                        out.notes
-                            .push(format!("{} ({}): reported twice; kept the first", d.id, d.name));
+                        out.notes.push(format!(
+                            "{} ({}): reported twice; kept the first",
+                            d.id, d.name
+                        ));
                     }
                 }
                 None => out.notes.push(format!(
@@ -137,7 +139,10 @@ mod tests {
         );
         let wgpu = Fixed(
             "wgpu",
-            Ok(vec![dev("wgpu:0", None, None), dev("wgpu:1", Some(8), None)]),
+            Ok(vec![
+                dev("wgpu:0", None, None),
+                dev("wgpu:1", Some(8), None),
+            ]),
         );
         let d = detect(&[&host, &cuda, &wgpu]);
         assert_eq!(d.graph.to_string(), "cpu=100b/40b,wgpu:1=8b");

@@ -24,13 +24,20 @@ const FILE_UNIT: u64 = (WIDTH * WIDTH * 2 + WIDTH * 4) as u64;
 const UPLOAD_UNIT: u64 = ((WIDTH * WIDTH + WIDTH) * 4) as u64;
 
 /// A second Burn device for the donor: on wgpu a distinct device (its own memory space);
-/// ndarray has one device, so there the donor copy is within host memory.
+/// ndarray has one device, so there the donor copy is within host memory; on CUDA the second
+/// GPU when there is one.
 fn donor_device() -> burn::tensor::Device<B> {
-    #[cfg(feature = "test-wgpu")]
+    #[cfg(all(feature = "test-wgpu", not(feature = "test-cuda")))]
     {
         burn::backend::wgpu::WgpuDevice::Cpu
     }
-    #[cfg(not(feature = "test-wgpu"))]
+    #[cfg(feature = "test-cuda")]
+    {
+        let gpus = std::env::var("DISTORCH_TEST_CUDA_GPUS").ok();
+        let index = usize::from(gpus.and_then(|g| g.parse::<usize>().ok()).unwrap_or(1) > 1);
+        burn::backend::cuda::CudaDevice::new(index)
+    }
+    #[cfg(not(any(feature = "test-wgpu", feature = "test-cuda")))]
     {
         Default::default()
     }
@@ -51,6 +58,9 @@ fn offload_plan(index: &SafetensorsIndex, graph: &str, donors: Vec<DeviceId>) ->
 
 #[test]
 fn gpu_donors_give_bit_identical_outputs() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let index = SafetensorsIndex::open(&path).unwrap();
@@ -73,7 +83,10 @@ fn gpu_donors_give_bit_identical_outputs() {
     assert_eq!(out, resident, "output differs with a GPU donor");
     let moved = &stats[2].bytes_moved;
     assert_eq!(moved[&DeviceId::cuda(1)].bytes(), 2 * UPLOAD_UNIT);
-    assert_eq!(moved[&DeviceId::CPU].bytes(), (LAYERS as u64 - 2) * UPLOAD_UNIT);
+    assert_eq!(
+        moved[&DeviceId::CPU].bytes(),
+        (LAYERS as u64 - 2) * UPLOAD_UNIT
+    );
 }
 
 /// Adds 1 to the first layer's weight, and says so up front.
@@ -91,6 +104,9 @@ impl WeightPatch<B> for AddOneToFirst {
 
 #[test]
 fn host_homes_borrow_the_mapped_file_in_its_dtype() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let (store, report) = load(&path, 1.0, None).unwrap();
@@ -144,6 +160,9 @@ fn load_expecting(
 
 #[test]
 fn expected_keys_and_shapes_are_checked_before_loading() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let all = expected(&path);
@@ -176,7 +195,9 @@ fn expected_keys_and_shapes_are_checked_before_loading() {
         },
     )
     .unwrap_err();
-    assert!(matches!(&e, Error::MissingTensors { missing, .. } if missing == &["layers.8.fc.weight"]));
+    assert!(
+        matches!(&e, Error::MissingTensors { missing, .. } if missing == &["layers.8.fc.weight"])
+    );
     assert!(
         e.to_string()
             .ends_with("is missing 1 expected tensor(s): `layers.8.fc.weight`"),
@@ -229,6 +250,9 @@ fn expected_keys_and_shapes_are_checked_before_loading() {
 
 #[test]
 fn non_finite_weights_are_errors_at_every_home() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp_with_nan(dir.path(), Some((3, 17)));
     for offload in [0.0, 1.0] {
@@ -237,7 +261,10 @@ fn non_finite_weights_are_errors_at_every_home() {
             matches!(&e, Error::NonFinite { name, index: 17, .. } if name == "layers.3.fc.weight"),
             "{offload}: {e}"
         );
-        assert!(e.to_string().contains("NaN or infinite value at element 17"));
+        assert!(
+            e.to_string()
+                .contains("NaN or infinite value at element 17")
+        );
     }
     let report = load_expecting(
         &path,
@@ -260,11 +287,17 @@ fn reversed(s: &Streamer<B>, sleep: Duration) {
 
 #[test]
 fn the_execution_order_is_recorded_on_the_first_pass() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let (store, _) = load(&path, 1.0, None).unwrap();
     let plan_order: Vec<String> = store.units().iter().map(|u| u.name.clone()).collect();
-    let want: Vec<String> = (0..LAYERS).rev().map(|l| format!("layers.{l}.fc")).collect();
+    let want: Vec<String> = (0..LAYERS)
+        .rev()
+        .map(|l| format!("layers.{l}.fc"))
+        .collect();
     assert_ne!(plan_order, want);
     let streamer = Streamer::new(Arc::new(store), Lookahead::default());
     assert_eq!(streamer.execution_order(), plan_order);
@@ -280,16 +313,26 @@ fn the_execution_order_is_recorded_on_the_first_pass() {
 
 #[test]
 fn a_declared_order_is_followed_and_checked() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let (store, _) = load(&path, 1.0, None).unwrap();
     let store = Arc::new(store);
-    let want: Vec<String> = (0..LAYERS).rev().map(|l| format!("layers.{l}.fc")).collect();
+    let want: Vec<String> = (0..LAYERS)
+        .rev()
+        .map(|l| format!("layers.{l}.fc"))
+        .collect();
     let declared = ExecutionOrder::Declared(want[..3].to_vec());
     let streamer =
         Streamer::with_order(Arc::clone(&store), Lookahead::default(), declared).unwrap();
     let order = streamer.execution_order();
-    assert_eq!(order[..3], want[..3], "declared first, the rest in plan order");
+    assert_eq!(
+        order[..3],
+        want[..3],
+        "declared first, the rest in plan order"
+    );
     assert_eq!(order.len(), LAYERS);
     drop(streamer);
     for bad in [

@@ -20,6 +20,9 @@ use distorch_core::{Error, SafetensorsIndex, components};
 
 #[test]
 fn outputs_are_bit_identical_for_every_placement() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let (resident, stats, offloaded) = run(&path, 0.0, PlacementOrder::Interleave, None);
@@ -79,6 +82,9 @@ impl WeightPatch<B> for AddOne {
 
 #[test]
 fn patches_apply_during_loading_whatever_the_home() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let (plain, _, _) = run(&path, 0.0, PlacementOrder::Interleave, None);
@@ -116,6 +122,9 @@ fn patches_apply_during_loading_whatever_the_home() {
 
 #[test]
 fn unknown_units_and_unsupported_homes_are_errors() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let (store, _) = load(&path, 0.0, None).unwrap();
@@ -148,6 +157,9 @@ fn unknown_units_and_unsupported_homes_are_errors() {
 /// they are asked for.
 #[test]
 fn prefetch_hides_uploads_behind_compute() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let (store, _) = load(&path, 1.0, None).unwrap();
@@ -176,6 +188,9 @@ impl WeightPatch<B> for Truncate {
 
 #[test]
 fn a_patch_that_changes_the_size_is_an_error() {
+    if !backend_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let e = load(&path, 1.0, Some(&Truncate)).unwrap_err();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use crate::dtype::DType;
-use crate::runtime::decode::{DecodeError, to_f32};
+use crate::runtime::decode::to_f32;
 
 /// Bytes in host memory.
 #[derive(Debug, Clone)]
@@ -73,21 +73,6 @@ pub(crate) fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
     }
 }
 
-/// The first non-finite value's index, if any, decoding `bytes` chunk by chunk.
-pub(crate) fn first_non_finite(dtype: DType, bytes: &[u8]) -> Result<Option<usize>, DecodeError> {
-    const CHUNK: usize = 1 << 16;
-    let size = dtype.size() as usize;
-    let mut seen = 0;
-    for chunk in bytes.chunks(CHUNK * size) {
-        let values = to_f32(dtype, chunk)?;
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Ok(Some(seen + i));
-        }
-        seen += values.len();
-    }
-    Ok(None)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,7 +86,8 @@ mod tests {
     }
 
     #[test]
-    fn non_finite_values_are_found_past_the_first_chunk() {
+    fn non_finite_values_are_found_past_the_first_block() {
+        use crate::runtime::decode::first_non_finite;
         let mut v = vec![1.0f32; (1 << 16) + 5];
         v[(1 << 16) + 3] = f32::NAN;
         let bytes = encode(&v, DType::F16);

@@ -14,8 +14,8 @@ use memmap2::Mmap;
 use crate::components::Component;
 use crate::dtype::DType;
 use crate::error::Error;
-use crate::runtime::decode::to_f32;
-use crate::runtime::host::{HostBytes, HostTensor, encode, first_non_finite, storage_dtype};
+use crate::runtime::decode::{first_non_finite, to_f32};
+use crate::runtime::host::{HostBytes, HostTensor, encode, storage_dtype};
 use crate::runtime::store::{
     DeviceMap, DonorCopy, LoadOptions, LoadReport, ShapeMismatch, Stored, StoredTensor, StoredUnit,
     WeightStore,
@@ -126,7 +126,12 @@ impl<B: Backend> WeightStore<B> {
                     report.missing.push(e.name.clone());
                     continue;
                 };
-                if !t.shape.iter().map(|&d| d as usize).eq(e.shape.iter().copied()) {
+                if !t
+                    .shape
+                    .iter()
+                    .map(|&d| d as usize)
+                    .eq(e.shape.iter().copied())
+                {
                     report.mismatched.push(ShapeMismatch {
                         name: e.name.clone(),
                         expected: e.shape.clone(),
@@ -179,6 +184,7 @@ impl<B: Backend> WeightStore<B> {
             devices,
             options,
             report,
+            buf: Vec::new(),
         };
         let mut held: BTreeMap<DeviceId, u64> = BTreeMap::new();
         let mut units = Vec::with_capacity(todo.len());
@@ -250,6 +256,8 @@ struct Loader<'a, B: Backend> {
     devices: &'a DeviceMap<B>,
     options: &'a LoadOptions<'a, B>,
     report: LoadReport,
+    /// The read buffer, reused from tensor to tensor (as large as the largest one read).
+    buf: Vec<u8>,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -308,12 +316,11 @@ impl<B: Backend> Loader<'_, B> {
                 } else {
                     Some(owned(t.clone(), info)?)
                 };
-                let device = |t: Tensor<B, 1>, rounded: Option<HostTensor>, d: &B::Device| {
-                    match rounded {
+                let device =
+                    |t: Tensor<B, 1>, rounded: Option<HostTensor>, d: &B::Device| match rounded {
                         Some(h) => Tensor::from_data(TensorData::new(h.decode(), [n]), d),
                         None => t.to_device(d),
-                    }
-                };
+                    };
                 match home {
                     Home::Compute => Stored::Device(device(t, rounded, &self.devices.compute)),
                     Home::Donor(d, copy) => Stored::Donor(device(t, rounded, d), copy),
@@ -338,7 +345,8 @@ impl<B: Backend> Loader<'_, B> {
             path: self.path.to_path_buf(),
             source,
         };
-        let mut raw = vec![0u8; info.bytes as usize];
+        let mut raw = std::mem::take(&mut self.buf);
+        raw.resize(info.bytes as usize, 0);
         self.file
             .seek(SeekFrom::Start(info.file_offset))
             .map_err(io)?;
@@ -349,6 +357,7 @@ impl<B: Backend> Loader<'_, B> {
         }
         // Loading checked that every planned dtype is a float type.
         let values = to_f32(info.dtype, &raw).unwrap_or_default();
+        self.buf = raw;
         let n = values.len();
         Ok(TensorData::new(values, [n]))
     }

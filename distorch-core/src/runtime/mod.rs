@@ -28,7 +28,7 @@ mod stream;
 
 pub use cache::{EjectPolicy, ModelCache};
 pub use store::{
-    DeviceMap, DonorCopy, ExpectedTensor, LoadOptions, LoadReport, ShapeMismatch, StoredTensor, StoredUnit,
-    WeightPatch, WeightStore,
+    DeviceMap, DonorCopy, ExpectedTensor, LoadOptions, LoadReport, ShapeMismatch, StoredTensor,
+    StoredUnit, WeightPatch, WeightStore,
 };
 pub use stream::{ExecutionOrder, Lookahead, StreamStats, Streamer, UnitWeights};

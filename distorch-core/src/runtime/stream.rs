@@ -236,7 +236,11 @@ impl<B: Backend> Streamer<B> {
     pub fn execution_order(&self) -> Vec<String> {
         let st = self.shared.lock();
         let units = self.shared.store.units();
-        st.order.order.iter().map(|&i| units[i].name.clone()).collect()
+        st.order
+            .order
+            .iter()
+            .map(|&i| units[i].name.clone())
+            .collect()
     }
 
     fn start(store: Arc<WeightStore<B>>, lookahead: Lookahead, order: Order) -> Streamer<B> {

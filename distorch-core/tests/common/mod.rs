@@ -12,16 +12,32 @@ use distorch_alloc::{
     ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, Plan, PlanRequest, VirtualVram,
 };
 use distorch_core::runtime::{
-    DeviceMap, LoadOptions, LoadReport, Lookahead, StreamStats, Streamer, WeightPatch,
-    WeightStore,
+    DeviceMap, LoadOptions, LoadReport, Lookahead, StreamStats, Streamer, WeightPatch, WeightStore,
 };
 use distorch_core::safetensors::write;
 use distorch_core::{DType, Error, SafetensorsIndex, components};
 
-#[cfg(not(feature = "test-wgpu"))]
+#[cfg(not(any(feature = "test-wgpu", feature = "test-cuda")))]
 pub type B = burn::backend::NdArray;
-#[cfg(feature = "test-wgpu")]
+#[cfg(all(feature = "test-wgpu", not(feature = "test-cuda")))]
 pub type B = burn::backend::Wgpu;
+#[cfg(feature = "test-cuda")]
+pub type B = burn::backend::Cuda;
+
+/// False (and says why) when the tests are built for CUDA but `DISTORCH_TEST_CUDA=1` is not
+/// set: the CUDA backend needs a GPU and its driver at run time.
+#[allow(clippy::print_stderr)]
+pub fn backend_available() -> bool {
+    if cfg!(feature = "test-cuda")
+        && std::env::var_os("DISTORCH_TEST_CUDA").is_none_or(|v| v != "1")
+    {
+        eprintln!(
+            "skipped: built with test-cuda; set DISTORCH_TEST_CUDA=1 on a machine with a GPU"
+        );
+        return false;
+    }
+    true
+}
 
 pub const WIDTH: usize = 48;
 pub const LAYERS: usize = 8;
@@ -158,6 +174,7 @@ pub fn run_plan(
     devices: &DeviceMap<B>,
     patch: Option<&dyn WeightPatch<B>>,
 ) -> (Vec<f32>, Vec<StreamStats>, usize) {
+    #[allow(clippy::clone_on_copy)] // Copy on ndarray only.
     let device = devices.compute().clone();
     let (store, report) = load_plan(index, plan, devices, patch).unwrap();
     assert_eq!(report.tensors, 2 * LAYERS);
@@ -176,4 +193,3 @@ pub fn run_plan(
     }
     (out, stats, offloaded)
 }
-

@@ -1,0 +1,91 @@
+"""Generates the reference fixtures for distorch-models' parity tests.
+
+Run from the repository root with a venv holding the reference stack (PyPI):
+
+    python3 -m venv .venv && .venv/bin/pip install torch diffusers transformers safetensors accelerate
+    .venv/bin/python tools/gen_fixtures.py
+
+Every model is a tiny configuration with random weights from a fixed seed (model hubs are not
+needed). Weights are rounded to bf16-representable values so the f16/bf16 variants of a
+checkpoint hold the same numbers. Outputs are computed in float32 on the CPU.
+"""
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "distorch-models", "tests", "fixtures")
+
+
+def bf16_round_(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+
+
+def randomize_(model, seed, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def clip_text(name, hidden_act, seed):
+    config = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-5,
+        bos_token_id=998,
+        eos_token_id=999,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = CLIPTextModelWithProjection(config).eval()
+    randomize_(model, seed)
+    bf16_round_(model)
+    folder = os.path.join(OUT, name)
+    os.makedirs(folder, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({k: v for k, v in config.to_dict().items() if not k.startswith("_")}, f, indent=1)
+    # Two prompts: EOS inside the sequence (then padding), and EOS at the very end.
+    ids = torch.tensor(
+        [
+            [998, 5, 17, 300, 999, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [998] + list(range(40, 54)) + [999],
+        ],
+        dtype=torch.int64,
+    )
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    pooled = out.last_hidden_state[torch.arange(2), (ids == config.eos_token_id).int().argmax(-1)]
+    save_file(
+        {
+            "input_ids": ids.to(torch.int64),
+            "last_hidden_state": out.last_hidden_state.contiguous(),
+            "pooled_output": pooled.contiguous(),
+            "text_embeds": out.text_embeds.contiguous(),
+            "hidden_states": torch.stack(out.hidden_states).contiguous(),
+        },
+        os.path.join(folder, "reference.safetensors"),
+    )
+    print(name, {k: tuple(v.shape) for k, v in weights.items()}.__len__(), "tensors")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    clip_text("clip_text_quick_gelu", "quick_gelu", 1)
+    clip_text("clip_text_gelu", "gelu", 2)

@@ -1,7 +1,18 @@
-//! Model definitions for distorch (CLIP, T5/UMT5, UNet, DiT, VAE, ControlNet, CLIP Vision),
-//! generic over Burn backends, with weights fetched through the streamer.
+//! Model definitions for distorch, generic over Burn backends, with weights fetched through
+//! distorch-core's streamer, so every model runs whatever its placement.
 //!
-//! **Not implemented yet.** This crate is reserved in the workspace so its place in the
-//! dependency graph is fixed; it exposes nothing until the model work lands.
+//! So far: the CLIP text encoder ([`clip`]), tested against transformers on tiny random
+//! configurations. UNet, VAE, ControlNet, CLIP Vision, T5/UMT5 and Wan arrive with later work.
+//!
+//! Compute is f32 on every backend; weights of any float dtype are widened when they reach
+//! the compute device (see `distorch_core::runtime`).
 
 #![deny(missing_docs)]
+
+pub mod clip;
+mod error;
+mod nn;
+
+pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
+pub use error::Error;
+pub use nn::Activation;

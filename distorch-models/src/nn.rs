@@ -1,0 +1,166 @@
+//! Building blocks shared by the models: weights fetched through the streamer, linear layers,
+//! layer norm, activations, attention.
+
+use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use distorch_core::runtime::{Streamer, UnitWeights};
+
+use crate::error::Error;
+
+/// A model's view of its weights: unit names under a key prefix, fetched just in time.
+pub(crate) struct Weights<'a, B: Backend> {
+    pub(crate) streamer: &'a Streamer<B>,
+    pub(crate) prefix: &'a str,
+}
+
+/// One unit's tensors, with typed errors for what is missing.
+pub(crate) struct Unit<B: Backend> {
+    key: String,
+    weights: UnitWeights<B>,
+}
+
+impl<B: Backend> Unit<B> {
+    pub(crate) fn get<const D: usize>(&self, param: &str) -> Result<Tensor<B, D>, Error> {
+        self.weights
+            .get::<D>(param)
+            .ok_or_else(|| Error::MissingWeight {
+                key: format!("{}.{param}", self.key),
+                rank: D,
+            })
+    }
+
+    pub(crate) fn maybe<const D: usize>(&self, param: &str) -> Option<Tensor<B, D>> {
+        self.weights.get::<D>(param)
+    }
+}
+
+impl<B: Backend> Weights<'_, B> {
+    /// The unit `name` (under the prefix).
+    pub(crate) fn unit(&self, name: &str) -> Result<Unit<B>, Error> {
+        let key = format!("{}{name}", self.prefix);
+        let weights = self.streamer.fetch(&key)?;
+        Ok(Unit { key, weights })
+    }
+
+    /// `x · Wᵀ + b` over the last dimension, PyTorch's layout (`weight` is [out, in]).
+    pub(crate) fn linear<const D: usize>(
+        &self,
+        name: &str,
+        x: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, Error> {
+        let unit = self.unit(name)?;
+        let w: Tensor<B, 2> = unit.get("weight")?;
+        Ok(linear(x, w, unit.maybe::<1>("bias")))
+    }
+
+    /// Layer norm over the last dimension with the unit's `weight` and `bias`.
+    pub(crate) fn layer_norm<const D: usize>(
+        &self,
+        name: &str,
+        x: Tensor<B, D>,
+        eps: f64,
+    ) -> Result<Tensor<B, D>, Error> {
+        let unit = self.unit(name)?;
+        Ok(layer_norm(x, unit.get("weight")?, unit.get("bias")?, eps))
+    }
+}
+
+/// `x · wᵀ + b`, `w` as [out, in].
+pub(crate) fn linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+    b: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let inner = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let out = w.dims()[0];
+    let y = x.reshape([rows, inner]).matmul(w.transpose());
+    let y = match b {
+        Some(b) => y + b.unsqueeze::<2>(),
+        None => y,
+    };
+    let mut shape = dims;
+    shape[D - 1] = out;
+    y.reshape(shape)
+}
+
+/// Layer norm over the last dimension (biased variance, as PyTorch).
+pub(crate) fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 1>,
+    b: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let mean = x.clone().mean_dim(D - 1);
+    let centred = x - mean;
+    let var = centred.clone().powi_scalar(2).mean_dim(D - 1);
+    let normed = centred / (var + eps).sqrt();
+    normed * w.unsqueeze::<D>() + b.unsqueeze::<D>()
+}
+
+/// The activations the supported configs name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu,
+    /// Exact GELU, with erf.
+    Gelu,
+}
+
+impl Activation {
+    /// Parses a transformers `hidden_act` value.
+    pub fn from_name(name: &str) -> Result<Activation, Error> {
+        match name {
+            "quick_gelu" => Ok(Activation::QuickGelu),
+            "gelu" => Ok(Activation::Gelu),
+            other => Err(Error::Unsupported {
+                field: "hidden_act",
+                value: format!("{other:?}"),
+                reason: "supported: quick_gelu, gelu",
+            }),
+        }
+    }
+
+    pub(crate) fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Activation::QuickGelu => x.clone() * sigmoid(x * 1.702),
+            Activation::Gelu => gelu(x),
+        }
+    }
+}
+
+/// Multi-head attention core: `q`, `k`, `v` as [batch, seq, heads × head_dim]; `mask` is
+/// added to the scores ([seq_q, seq_k], broadcast over batch and heads).
+pub(crate) fn attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    mask: Option<Tensor<B, 2>>,
+) -> Tensor<B, 3> {
+    let [b, sq, width] = q.dims();
+    let sk = k.dims()[1];
+    let hd = width / heads;
+    let split = |t: Tensor<B, 3>, s: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
+    let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
+    let scores = q.matmul(k.transpose()) * (1.0 / (hd as f64).sqrt());
+    let scores = match mask {
+        Some(m) => scores + m.unsqueeze::<4>(),
+        None => scores,
+    };
+    softmax(scores, 3)
+        .matmul(v)
+        .swap_dims(1, 2)
+        .reshape([b, sq, width])
+}
+
+/// The causal mask: 0 on and below the diagonal, the most negative f32 above (as
+/// transformers does, so a row never becomes all -inf).
+pub(crate) fn causal_mask<B: Backend>(seq: usize, device: &B::Device) -> Tensor<B, 2> {
+    let values: Vec<f32> = (0..seq * seq)
+        .map(|i| if i % seq > i / seq { f32::MIN } else { 0.0 })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [seq, seq]), device)
+}

@@ -1,0 +1,250 @@
+//! The CLIP text encoder against transformers' `CLIPTextModelWithProjection` (fixtures from
+//! `tools/gen_fixtures.py`: tiny random configs, quick_gelu and gelu), resident and fully
+//! offloaded, with and without the `text_model.` key prefix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Tensor;
+use distorch_alloc::{
+    ByteSize, DeviceGraph, DeviceId, EmbeddingPolicy, PinPolicy, Plan, PlanRequest, VirtualVram,
+};
+use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
+use distorch_core::safetensors::write;
+use distorch_core::{DType, SafetensorsIndex, components, units};
+use distorch_models::{ClipTextConfig, ClipTextModel, Error};
+
+type B = burn::backend::NdArray;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A tensor of a safetensors file, as f32 (from f32) or i64 values, with its shape.
+fn read(path: &Path, key: &str) -> (Vec<usize>, Vec<f64>) {
+    let index = SafetensorsIndex::open(path).unwrap();
+    let t = index.tensors().iter().find(|t| t.name == key).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let raw = &bytes[t.file_offset as usize..(t.file_offset + t.bytes) as usize];
+    let values = match t.dtype {
+        DType::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+            .collect(),
+        DType::I64 => raw
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        other => panic!("{key}: {other}"),
+    };
+    (t.shape.iter().map(|&d| d as usize).collect(), values)
+}
+
+fn assert_close<const D: usize>(what: &str, got: Tensor<B, D>, want: (Vec<usize>, Vec<f64>)) {
+    assert_eq!(got.dims().to_vec(), want.0, "{what}: shape");
+    let got = got.into_data().to_vec::<f32>().unwrap();
+    let mut worst = 0.0f64;
+    for (i, (g, w)) in got.iter().zip(&want.1).enumerate() {
+        let err = (f64::from(*g) - w).abs();
+        assert!(
+            err <= 1e-4 + 1e-3 * w.abs(),
+            "{what}[{i}]: got {g}, reference {w}"
+        );
+        worst = worst.max(err);
+    }
+    assert!(got.len() == want.1.len() && !got.is_empty());
+}
+
+fn plan(path: &Path, offload: bool) -> Plan {
+    let index = SafetensorsIndex::open(path).unwrap();
+    let split = components::split(&index);
+    let inv = units::inventory(&split.components[0]).unwrap();
+    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+    let amount = if offload {
+        inv.total_bytes()
+    } else {
+        ByteSize(0)
+    };
+    let vv = VirtualVram::new(DeviceId::cuda(0), amount, vec![DeviceId::CPU]).unwrap();
+    let pin = PinPolicy {
+        tiny_threshold: ByteSize(0),
+        embeddings: EmbeddingPolicy::Movable,
+    };
+    distorch_alloc::plan(&PlanRequest::virtual_vram(vv).with_pin(pin), &inv, &graph).unwrap()
+}
+
+fn load(dir: &Path, weights: &Path, offload: bool) -> Result<ClipTextModel<B>, Error> {
+    let config = ClipTextConfig::from_file(dir.join("config.json"))?;
+    let index = SafetensorsIndex::open(weights)?;
+    let split = components::split(&index);
+    let plan = plan(weights, offload);
+    let (model, report) = ClipTextModel::load(
+        &index,
+        &split.components[0],
+        &plan,
+        &DeviceMap::new(Default::default()),
+        config,
+        &LoadOptions::default(),
+        Lookahead::default(),
+    )?;
+    assert!(
+        report.missing.is_empty() && report.unused.is_empty(),
+        "{report:?}"
+    );
+    if offload {
+        // Everything but the norms, which are always pinned to the compute device.
+        for u in model.streamer().store().units() {
+            assert_eq!(u.is_resident(), u.name.contains("norm"), "{}", u.name);
+        }
+    }
+    Ok(model)
+}
+
+fn ids(dir: &Path) -> Vec<u32> {
+    let (shape, v) = read(&dir.join("reference.safetensors"), "input_ids");
+    assert_eq!(shape, [2, 16]);
+    v.iter().map(|&x| x as u32).collect()
+}
+
+fn outputs(model: &ClipTextModel<B>, ids: &[u32]) -> Vec<f32> {
+    let out = model.forward(ids, 2).unwrap();
+    let mut all = out.last_hidden_state.into_data().to_vec::<f32>().unwrap();
+    all.extend(
+        out.text_embeds
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap(),
+    );
+    for h in out.hidden_states {
+        all.extend(h.into_data().to_vec::<f32>().unwrap());
+    }
+    all
+}
+
+#[test]
+fn matches_transformers_resident_and_offloaded() {
+    for name in ["clip_text_quick_gelu", "clip_text_gelu"] {
+        let dir = fixture(name);
+        let reference = dir.join("reference.safetensors");
+        let ids = ids(&dir);
+        let weights = dir.join("model.safetensors");
+        let resident = load(&dir, &weights, false).unwrap();
+        let out = resident.forward(&ids, 2).unwrap();
+        assert_close(
+            "last_hidden_state",
+            out.last_hidden_state,
+            read(&reference, "last_hidden_state"),
+        );
+        assert_close(
+            "pooled_output",
+            out.pooled_output,
+            read(&reference, "pooled_output"),
+        );
+        assert_close(
+            "text_embeds",
+            out.text_embeds.unwrap(),
+            read(&reference, "text_embeds"),
+        );
+        assert_close(
+            "hidden_states",
+            Tensor::stack::<4>(out.hidden_states, 0),
+            read(&reference, "hidden_states"),
+        );
+        let offloaded = load(&dir, &weights, true).unwrap();
+        assert_eq!(
+            outputs(&resident, &ids),
+            outputs(&offloaded, &ids),
+            "{name}: offloaded output differs from resident"
+        );
+        let stats = offloaded.streamer().take_stats();
+        assert_eq!(
+            stats.resident + stats.on_demand + stats.prefetched,
+            stats.fetches,
+            "{stats:?}"
+        );
+        assert_eq!(stats.fetches, 2 + 8 * 3 + 2, "every unit once");
+    }
+}
+
+/// Rewrites the fixture's weights with `rename` applied to keys (dropping those it maps to
+/// `None`).
+fn rewrite(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>) {
+    let index = SafetensorsIndex::open(src).unwrap();
+    let bytes = std::fs::read(src).unwrap();
+    let mut specs = Vec::new();
+    let mut data = Vec::new();
+    for t in index.tensors() {
+        if let Some(name) = rename(&t.name) {
+            specs.push((name, t.dtype, t.shape.clone()));
+            data.push(&bytes[t.file_offset as usize..(t.file_offset + t.bytes) as usize]);
+        }
+    }
+    write(dst, &specs, &data, &BTreeMap::new()).unwrap();
+}
+
+#[test]
+fn keys_without_the_text_model_prefix_load_the_same() {
+    let dir = fixture("clip_text_gelu");
+    let tmp = tempfile::tempdir().unwrap();
+    let bare = tmp.path().join("bare.safetensors");
+    rewrite(&dir.join("model.safetensors"), &bare, |k| {
+        Some(k.strip_prefix("text_model.").unwrap_or(k).to_owned())
+    });
+    let ids = ids(&dir);
+    let a = load(&dir, &dir.join("model.safetensors"), false).unwrap();
+    let b = load(&dir, &bare, true).unwrap();
+    assert_eq!(outputs(&a, &ids), outputs(&b, &ids));
+}
+
+#[test]
+fn bad_weights_configs_and_ids_are_typed_errors() {
+    let dir = fixture("clip_text_quick_gelu");
+    let tmp = tempfile::tempdir().unwrap();
+    let holed = tmp.path().join("holed.safetensors");
+    rewrite(&dir.join("model.safetensors"), &holed, |k| {
+        (k != "text_model.encoder.layers.1.mlp.fc2.weight").then(|| k.to_owned())
+    });
+    let e = load(&dir, &holed, false).err().unwrap();
+    assert!(
+        e.to_string().ends_with(
+            "is missing 1 expected tensor(s): `text_model.encoder.layers.1.mlp.fc2.weight`"
+        ),
+        "{e}"
+    );
+
+    let cfg = tmp.path().join("config.json");
+    std::fs::write(&cfg, r#"{"hidden_act": "relu"}"#).unwrap();
+    let e = ClipTextConfig::from_file(&cfg).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "unsupported configuration: `hidden_act` = \"relu\" (supported: quick_gelu, gelu)"
+    );
+    std::fs::write(&cfg, r#"{"hidden_size": "wide"}"#).unwrap();
+    let e = ClipTextConfig::from_file(&cfg).unwrap_err();
+    assert!(
+        e.to_string().ends_with(
+            "config.json: field `hidden_size`: invalid type: string \"wide\", expected usize"
+        ),
+        "{e}"
+    );
+
+    let model = load(&dir, &dir.join("model.safetensors"), false).unwrap();
+    let mut ids = ids(&dir);
+    ids[20] = 1000;
+    let e = model.forward(&ids, 2).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid input `input_ids`: id 1000 at row 1, position 4 is outside the vocabulary of 1000"
+    );
+    let e = model.forward(&[998; 17], 1).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("17 tokens per row, the model takes at most 16"),
+        "{e}"
+    );
+    let e = model.forward(&[998; 5], 2).unwrap_err();
+    assert!(e.to_string().contains("do not split into 2"), "{e}");
+}

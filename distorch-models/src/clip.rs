@@ -97,7 +97,9 @@ impl ClipTextConfig {
     /// Checks the values the maths depends on.
     pub fn check(&self) -> Result<(), Error> {
         Activation::from_name(&self.hidden_act)?;
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::Unsupported {
                 field: "num_attention_heads",
                 value: self.num_attention_heads.to_string(),
@@ -339,7 +341,7 @@ fn check_ids(ids: &[u32], batch: usize, c: &ClipTextConfig) -> Result<usize, Err
         input: "input_ids",
         reason,
     };
-    if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+    if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
         return Err(bad(format!(
             "{} ids do not split into {batch} non-empty rows",
             ids.len()
@@ -373,7 +375,7 @@ fn pooled_positions(ids: &[u32], batch: usize, seq: usize, eos: u32) -> Vec<usiz
     (0..batch)
         .map(|b| {
             let row = &ids[b * seq..(b + 1) * seq];
-            let found = if eos == 2 {
+            if eos == 2 {
                 // argmax: the first position of the largest id.
                 row.iter()
                     .enumerate()
@@ -387,8 +389,7 @@ fn pooled_positions(ids: &[u32], batch: usize, seq: usize, eos: u32) -> Vec<usiz
                     tracing::warn!(row = b, "no EOS token in the row; pooling position 0");
                     0
                 })
-            };
-            found
+            }
         })
         .collect()
 }

@@ -15,6 +15,7 @@ import os
 
 import torch
 from safetensors.torch import save_file
+from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "distorch-models", "tests", "fixtures")
@@ -85,7 +86,45 @@ def clip_text(name, hidden_act, seed):
     print(name, {k: tuple(v.shape) for k, v in weights.items()}.__len__(), "tensors")
 
 
+def vae(name, seed):
+    torch.manual_seed(seed)
+    model = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.18215,
+    ).eval()
+    randomize_(model, seed, scale=0.15)
+    bf16_round_(model)
+    folder = os.path.join(OUT, name)
+    model.save_pretrained(folder, safe_serialization=True)
+    g = torch.Generator().manual_seed(seed + 100)
+    image = torch.rand((2, 3, 16, 16), generator=g) * 2 - 1
+    z = torch.randn((2, 4, 8, 8), generator=g)
+    with torch.no_grad():
+        dist = model.encode(image).latent_dist
+        decoded = model.decode(z).sample
+    save_file(
+        {
+            "image": image.contiguous(),
+            "latent_mean": dist.mean.contiguous(),
+            "latent_logvar": dist.logvar.contiguous(),
+            "z": z.contiguous(),
+            "decoded": decoded.contiguous(),
+        },
+        os.path.join(folder, "reference.safetensors"),
+    )
+    print(name, len(model.state_dict()), "tensors")
+
+
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
+    vae("vae", 3)
     clip_text("clip_text_quick_gelu", "quick_gelu", 1)
     clip_text("clip_text_gelu", "gelu", 2)

@@ -67,29 +67,19 @@ impl ClipTextConfig {
     /// used) and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<ClipTextConfig, Error> {
         let path = path.as_ref();
-        let bad = |reason: String| Error::Config {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
             path: path.to_path_buf(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            reason: e.to_string(),
+        })?;
         let mut value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: path.to_path_buf(),
+                reason: format!("not JSON: {e}"),
+            })?;
         if let Some(inner) = value.get_mut("text_config") {
             value = inner.take();
         }
-        let config: ClipTextConfig = serde_json::from_value(value.clone()).map_err(|e| {
-            // Name the field: the first one that fails on its own.
-            let field = value.as_object().and_then(|o| {
-                o.iter().find(|(k, v)| {
-                    let one = serde_json::json!({ k.as_str(): v });
-                    serde_json::from_value::<ClipTextConfig>(one).is_err()
-                })
-            });
-            match field {
-                Some((k, _)) => bad(format!("field `{k}`: {e}")),
-                None => bad(e.to_string()),
-            }
-        })?;
+        let config: ClipTextConfig = crate::config::from_value(path, value)?;
         config.check()?;
         Ok(config)
     }

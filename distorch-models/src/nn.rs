@@ -164,3 +164,78 @@ pub(crate) fn causal_mask<B: Backend>(seq: usize, device: &B::Device) -> Tensor<
         .collect();
     Tensor::from_data(TensorData::new(values, [seq, seq]), device)
 }
+
+impl<B: Backend> Weights<'_, B> {
+    /// A 2-D convolution with the unit's `weight` ([out, in, kh, kw]) and `bias`.
+    pub(crate) fn conv2d(
+        &self,
+        name: &str,
+        x: Tensor<B, 4>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor<B, 4>, Error> {
+        use burn::tensor::module::conv2d;
+        use burn::tensor::ops::ConvOptions;
+        let unit = self.unit(name)?;
+        let w: Tensor<B, 4> = unit.get("weight")?;
+        let opts = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
+        Ok(conv2d(x, w, unit.maybe::<1>("bias"), opts))
+    }
+
+    /// Group norm of [batch, channels, ...] with the unit's per-channel `weight` and `bias`.
+    pub(crate) fn group_norm(
+        &self,
+        name: &str,
+        x: Tensor<B, 4>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Tensor<B, 4>, Error> {
+        let unit = self.unit(name)?;
+        Ok(group_norm(
+            x,
+            unit.get("weight")?,
+            unit.get("bias")?,
+            groups,
+            eps,
+        ))
+    }
+}
+
+/// Group norm over [batch, channels, h, w] (biased variance, as PyTorch).
+pub(crate) fn group_norm<B: Backend>(
+    x: Tensor<B, 4>,
+    w: Tensor<B, 1>,
+    b: Tensor<B, 1>,
+    groups: usize,
+    eps: f64,
+) -> Tensor<B, 4> {
+    let [n, c, h, wd] = x.dims();
+    let g = x.reshape([n, groups, (c / groups) * h * wd]);
+    let mean = g.clone().mean_dim(2);
+    let centred = g - mean;
+    let var = centred.clone().powi_scalar(2).mean_dim(2);
+    let normed = (centred / (var + eps).sqrt()).reshape([n, c, h, wd]);
+    normed * w.reshape([1, c, 1, 1]) + b.reshape([1, c, 1, 1])
+}
+
+/// `x · sigmoid(x)`.
+pub(crate) fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() * sigmoid(x)
+}
+
+/// Nearest-neighbour 2× upsampling of [batch, channels, h, w].
+pub(crate) fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h, 1, w, 1])
+        .expand([n, c, h, 2, w, 2])
+        .reshape([n, c, 2 * h, 2 * w])
+}
+
+/// Zero padding of one row at the bottom and one column at the right (diffusers'
+/// `Downsample2D` with `padding = 0`).
+pub(crate) fn pad_bottom_right<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    let device = x.device();
+    let x = Tensor::cat(vec![x, Tensor::zeros([n, c, h, 1], &device)], 3);
+    Tensor::cat(vec![x, Tensor::zeros([n, c, 1, w + 1], &device)], 2)
+}

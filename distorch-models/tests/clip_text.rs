@@ -2,78 +2,15 @@
 //! `tools/gen_fixtures.py`: tiny random configs, quick_gelu and gelu), resident and fully
 //! offloaded, with and without the `text_model.` key prefix.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use burn::tensor::Tensor;
-use distorch_alloc::{
-    ByteSize, DeviceGraph, DeviceId, EmbeddingPolicy, PinPolicy, Plan, PlanRequest, VirtualVram,
-};
+use common::*;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
-use distorch_core::safetensors::write;
-use distorch_core::{DType, SafetensorsIndex, components, units};
+use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{ClipTextConfig, ClipTextModel, Error};
-
-type B = burn::backend::NdArray;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// A tensor of a safetensors file, as f32 (from f32) or i64 values, with its shape.
-fn read(path: &Path, key: &str) -> (Vec<usize>, Vec<f64>) {
-    let index = SafetensorsIndex::open(path).unwrap();
-    let t = index.tensors().iter().find(|t| t.name == key).unwrap();
-    let bytes = std::fs::read(path).unwrap();
-    let raw = &bytes[t.file_offset as usize..(t.file_offset + t.bytes) as usize];
-    let values = match t.dtype {
-        DType::F32 => raw
-            .chunks_exact(4)
-            .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
-            .collect(),
-        DType::I64 => raw
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        other => panic!("{key}: {other}"),
-    };
-    (t.shape.iter().map(|&d| d as usize).collect(), values)
-}
-
-fn assert_close<const D: usize>(what: &str, got: Tensor<B, D>, want: (Vec<usize>, Vec<f64>)) {
-    assert_eq!(got.dims().to_vec(), want.0, "{what}: shape");
-    let got = got.into_data().to_vec::<f32>().unwrap();
-    let mut worst = 0.0f64;
-    for (i, (g, w)) in got.iter().zip(&want.1).enumerate() {
-        let err = (f64::from(*g) - w).abs();
-        assert!(
-            err <= 1e-4 + 1e-3 * w.abs(),
-            "{what}[{i}]: got {g}, reference {w}"
-        );
-        worst = worst.max(err);
-    }
-    assert!(got.len() == want.1.len() && !got.is_empty());
-}
-
-fn plan(path: &Path, offload: bool) -> Plan {
-    let index = SafetensorsIndex::open(path).unwrap();
-    let split = components::split(&index);
-    let inv = units::inventory(&split.components[0]).unwrap();
-    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
-    let amount = if offload {
-        inv.total_bytes()
-    } else {
-        ByteSize(0)
-    };
-    let vv = VirtualVram::new(DeviceId::cuda(0), amount, vec![DeviceId::CPU]).unwrap();
-    let pin = PinPolicy {
-        tiny_threshold: ByteSize(0),
-        embeddings: EmbeddingPolicy::Movable,
-    };
-    distorch_alloc::plan(&PlanRequest::virtual_vram(vv).with_pin(pin), &inv, &graph).unwrap()
-}
 
 fn load(dir: &Path, weights: &Path, offload: bool) -> Result<ClipTextModel<B>, Error> {
     let config = ClipTextConfig::from_file(dir.join("config.json"))?;
@@ -167,22 +104,6 @@ fn matches_transformers_resident_and_offloaded() {
         );
         assert_eq!(stats.fetches, 2 + 8 * 3 + 2, "every unit once");
     }
-}
-
-/// Rewrites the fixture's weights with `rename` applied to keys (dropping those it maps to
-/// `None`).
-fn rewrite(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>) {
-    let index = SafetensorsIndex::open(src).unwrap();
-    let bytes = std::fs::read(src).unwrap();
-    let mut specs = Vec::new();
-    let mut data = Vec::new();
-    for t in index.tensors() {
-        if let Some(name) = rename(&t.name) {
-            specs.push((name, t.dtype, t.shape.clone()));
-            data.push(&bytes[t.file_offset as usize..(t.file_offset + t.bytes) as usize]);
-        }
-    }
-    write(dst, &specs, &data, &BTreeMap::new()).unwrap();
 }
 
 #[test]

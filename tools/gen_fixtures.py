@@ -15,7 +15,7 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "distorch-models", "tests", "fixtures")
@@ -123,8 +123,79 @@ def vae(name, seed):
     print(name, len(model.state_dict()), "tensors")
 
 
+def unet(name, seed, sdxl):
+    torch.manual_seed(seed)
+    common = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=24,
+    )
+    if sdxl:
+        model = UNet2DConditionModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 12,
+            **common,
+        )
+    else:
+        model = UNet2DConditionModel(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=4,
+            **common,
+        )
+    model = model.eval()
+    randomize_(model, seed, scale=0.15)
+    bf16_round_(model)
+    folder = os.path.join(OUT, name)
+    model.save_pretrained(folder, safe_serialization=True)
+    g = torch.Generator().manual_seed(seed + 100)
+    sample = torch.randn((2, 4, 8, 8), generator=g)
+    timestep = torch.tensor([999.0, 17.0])
+    context = torch.randn((2, 5, 24), generator=g)
+    inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
+    kwargs = {}
+    if sdxl:
+        inputs["text_embeds"] = torch.randn((2, 12), generator=g)
+        inputs["time_ids"] = torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0], [16.0, 12.0, 2.0, 1.0, 8.0, 8.0]])
+        kwargs["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    with torch.no_grad():
+        out = model(sample, timestep, context, **kwargs).sample
+        # ControlNet-style residuals: one per down-block output, and the mid block's.
+        shapes = [(2, 16, 8, 8), (2, 16, 8, 8), (2, 16, 4, 4), (2, 32, 4, 4)]
+        residuals = [0.5 * torch.randn(s, generator=g) for s in shapes]
+        mid = 0.5 * torch.randn((2, 32, 4, 4), generator=g)
+        controlled = model(
+            sample,
+            timestep,
+            context,
+            down_block_additional_residuals=tuple(residuals),
+            mid_block_additional_residual=mid,
+            **kwargs,
+        ).sample
+    tensors = {k: v.contiguous() for k, v in inputs.items()}
+    tensors["out"] = out.contiguous()
+    tensors["controlled_out"] = controlled.contiguous()
+    tensors["mid_block_res_sample"] = mid.contiguous()
+    for i, r in enumerate(residuals):
+        tensors[f"down_block_res_samples.{i}"] = r.contiguous()
+    save_file(tensors, os.path.join(folder, "reference.safetensors"))
+    print(name, len(model.state_dict()), "tensors")
+
+
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
+    unet("unet_sd", 4, False)
+    unet("unet_sdxl", 5, True)
     vae("vae", 3)
     clip_text("clip_text_quick_gelu", "quick_gelu", 1)
     clip_text("clip_text_gelu", "gelu", 2)

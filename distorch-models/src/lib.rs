@@ -1,9 +1,10 @@
 //! Model definitions for distorch, generic over Burn backends, with weights fetched through
 //! distorch-core's streamer, so every model runs whatever its placement.
 //!
-//! So far: the CLIP text encoder ([`clip`], against transformers) and the VAE ([`vae`],
-//! against diffusers), both tested on tiny random configurations, diffusers/transformers key
-//! layouts. UNet, ControlNet, CLIP Vision, T5/UMT5 and Wan arrive with later work.
+//! So far: the CLIP text encoder ([`clip`], against transformers), the UNet ([`unet`], SD
+//! 1.x/2.x and SDXL, with ControlNet residual inputs) and the VAE ([`vae`]), against diffusers;
+//! all tested on tiny random configurations in diffusers/transformers key layouts.
+//! ControlNet, CLIP Vision, T5/UMT5 and Wan arrive with later work.
 //!
 //! Compute is f32 on every backend; weights of any float dtype are widened when they reach
 //! the compute device (see `distorch_core::runtime`).
@@ -14,9 +15,13 @@ pub mod clip;
 mod config;
 mod error;
 mod nn;
+pub mod unet;
+mod unet_config;
 pub mod vae;
 
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use error::Error;
 pub use nn::Activation;
+pub use unet::{Unet2dCondition, UnetInput};
+pub use unet_config::{PerBlock, UnetConfig};
 pub use vae::{AutoencoderKl, VaeConfig};

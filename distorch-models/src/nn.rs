@@ -239,3 +239,45 @@ pub(crate) fn pad_bottom_right<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let x = Tensor::cat(vec![x, Tensor::zeros([n, c, h, 1], &device)], 3);
     Tensor::cat(vec![x, Tensor::zeros([n, c, 1, w + 1], &device)], 2)
 }
+
+impl<B: Backend> Weights<'_, B> {
+    /// Whether the store holds unit `name` (under the prefix).
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.streamer
+            .store()
+            .position(&format!("{}{name}", self.prefix))
+            .is_some()
+    }
+}
+
+/// Sinusoidal embedding of `t` ([n]) to [n, dim], as diffusers' `get_timestep_embedding`
+/// (max period 10,000; frequencies computed in f32 as the reference does).
+pub(crate) fn timestep_embedding<B: Backend>(
+    t: Tensor<B, 1>,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+) -> Tensor<B, 2> {
+    let half = dim / 2;
+    let device = t.device();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| {
+            let exponent = -(10000f32.ln()) * i as f32;
+            (exponent / (half as f64 - shift) as f32).exp()
+        })
+        .collect();
+    let freqs = Tensor::<B, 1>::from_data(TensorData::new(freqs, [half]), &device);
+    let args = t.unsqueeze_dim::<2>(1) * freqs.unsqueeze::<2>();
+    let (sin, cos) = (args.clone().sin(), args.cos());
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(vec![cos, sin], 1)
+    } else {
+        Tensor::cat(vec![sin, cos], 1)
+    };
+    if dim % 2 == 1 {
+        let n = emb.dims()[0];
+        Tensor::cat(vec![emb, Tensor::zeros([n, 1], &device)], 1)
+    } else {
+        emb
+    }
+}

@@ -16,6 +16,7 @@ import os
 import torch
 from safetensors.torch import save_file
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "distorch-models", "tests", "fixtures")
@@ -123,6 +124,72 @@ def vae(name, seed):
     print(name, len(model.state_dict()), "tensors")
 
 
+RESNET_TO_LDM = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
+
+
+def unet_to_ldm(state, config):
+    """The original (LDM) single-file layout of a diffusers UNet state dict; checked below by
+    converting it back with diffusers' own single-file converter."""
+    L = config["layers_per_block"]
+    attn_up = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        new = None
+        fixed = {
+            "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2",
+            "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2",
+            "conv_in": "input_blocks.0.0",
+            "conv_norm_out": "out.0",
+            "conv_out": "out.2",
+        }
+        module = ".".join(parts[:-1])
+        if module in fixed:
+            new = fixed[module] + "." + parts[-1]
+        elif parts[0] in ("down_blocks", "up_blocks", "mid_block"):
+            if parts[0] == "mid_block":
+                b, kind, j, rest = None, parts[1], int(parts[2]), parts[3:]
+                base = {"resnets": [0, 2], "attentions": [1]}[kind][j]
+                prefix = f"middle_block.{base}"
+            else:
+                b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+                if parts[0] == "down_blocks":
+                    if kind == "downsamplers":
+                        prefix, rest = f"input_blocks.{(b + 1) * (L + 1)}.0.op", rest[1:]
+                    else:
+                        idx = 1 + b * (L + 1) + j
+                        prefix = f"input_blocks.{idx}.{0 if kind == 'resnets' else 1}"
+                else:
+                    if kind == "upsamplers":
+                        idx = b * (L + 1) + L
+                        prefix = f"output_blocks.{idx}.{2 if attn_up[b] else 1}"
+                    else:
+                        idx = b * (L + 1) + j
+                        prefix = f"output_blocks.{idx}.{0 if kind == 'resnets' else 1}"
+            rest = ".".join(rest)
+            if kind == "resnets":
+                for d, l in RESNET_TO_LDM:
+                    if rest.startswith(d + "."):
+                        rest = l + rest[len(d):]
+            new = prefix + "." + rest
+        if new is None:
+            raise ValueError(key)
+        out[new] = value
+    back = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in out.items()}, config)
+    assert set(back) == set(state), set(back) ^ set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    return out
+
+
 def unet(name, seed, sdxl):
     torch.manual_seed(seed)
     common = dict(
@@ -158,6 +225,11 @@ def unet(name, seed, sdxl):
     bf16_round_(model)
     folder = os.path.join(OUT, name)
     model.save_pretrained(folder, safe_serialization=True)
+    ldm = unet_to_ldm(model.state_dict(), dict(model.config))
+    save_file(
+        {"model.diffusion_model." + k: v.contiguous() for k, v in ldm.items()},
+        os.path.join(folder, "ldm.safetensors"),
+    )
     g = torch.Generator().manual_seed(seed + 100)
     sample = torch.randn((2, 4, 8, 8), generator=g)
     timestep = torch.tensor([999.0, 17.0])

@@ -272,10 +272,7 @@ impl<B: Backend> ClipTextModel<B> {
         let c = &self.config;
         let seq = check_ids(input_ids, batch, c)?;
         let device = self.streamer.store().compute().clone();
-        let w = Weights {
-            streamer: &self.streamer,
-            prefix: &self.prefix,
-        };
+        let w = Weights::new(&self.streamer, &self.prefix);
         let ids: Vec<i64> = input_ids.iter().map(|&i| i64::from(i)).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [batch * seq]), &device);
         let tokens: Tensor<B, 2> = w.unit("embeddings.token_embedding")?.get("weight")?;
@@ -308,10 +305,7 @@ impl<B: Backend> ClipTextModel<B> {
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch]), &device);
         let pooled = last.clone().reshape([batch * seq, h]).select(0, rows);
         let text_embeds = if self.projection {
-            let root = Weights {
-                streamer: &self.streamer,
-                prefix: "",
-            };
+            let root = Weights::new(&self.streamer, "");
             Some(root.linear("text_projection", pooled.clone())?)
         } else {
             None

@@ -14,9 +14,11 @@
 pub mod clip;
 mod config;
 mod error;
+mod keymap;
 mod nn;
 pub mod unet;
 mod unet_config;
+pub mod unet_ldm;
 pub mod vae;
 
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
@@ -24,4 +26,5 @@ pub use error::Error;
 pub use nn::Activation;
 pub use unet::{Unet2dCondition, UnetInput};
 pub use unet_config::{PerBlock, UnetConfig};
+pub use unet_ldm::{DetectedUnet, UnetLayout};
 pub use vae::{AutoencoderKl, VaeConfig};

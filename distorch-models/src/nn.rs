@@ -7,11 +7,14 @@ use burn::tensor::{Tensor, TensorData};
 use distorch_core::runtime::{Streamer, UnitWeights};
 
 use crate::error::Error;
+use crate::keymap::KeyMap;
 
-/// A model's view of its weights: unit names under a key prefix, fetched just in time.
+/// A model's view of its weights: unit names under a key prefix, translated to the file's
+/// layout when it has another one, fetched just in time.
 pub(crate) struct Weights<'a, B: Backend> {
-    pub(crate) streamer: &'a Streamer<B>,
-    pub(crate) prefix: &'a str,
+    streamer: &'a Streamer<B>,
+    prefix: &'a str,
+    map: Option<&'a KeyMap>,
 }
 
 /// One unit's tensors, with typed errors for what is missing.
@@ -35,10 +38,33 @@ impl<B: Backend> Unit<B> {
     }
 }
 
+impl<'a, B: Backend> Weights<'a, B> {
+    pub(crate) fn new(streamer: &'a Streamer<B>, prefix: &'a str) -> Weights<'a, B> {
+        Weights {
+            streamer,
+            prefix,
+            map: None,
+        }
+    }
+
+    /// Reads units through `map` (model names to the file's).
+    pub(crate) fn with_map(mut self, map: Option<&'a KeyMap>) -> Weights<'a, B> {
+        self.map = map;
+        self
+    }
+
+    fn key(&self, name: &str) -> String {
+        match self.map {
+            Some(m) => format!("{}{}", self.prefix, m.unit(name)),
+            None => format!("{}{name}", self.prefix),
+        }
+    }
+}
+
 impl<B: Backend> Weights<'_, B> {
     /// The unit `name` (under the prefix).
     pub(crate) fn unit(&self, name: &str) -> Result<Unit<B>, Error> {
-        let key = format!("{}{name}", self.prefix);
+        let key = self.key(name);
         let weights = self.streamer.fetch(&key)?;
         Ok(Unit { key, weights })
     }
@@ -243,10 +269,7 @@ pub(crate) fn pad_bottom_right<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 impl<B: Backend> Weights<'_, B> {
     /// Whether the store holds unit `name` (under the prefix).
     pub(crate) fn has(&self, name: &str) -> bool {
-        self.streamer
-            .store()
-            .position(&format!("{}{name}", self.prefix))
-            .is_some()
+        self.streamer.store().position(&self.key(name)).is_some()
     }
 }
 

@@ -17,8 +17,10 @@ use distorch_core::runtime::{
 use distorch_core::{Component, SafetensorsIndex};
 
 use crate::error::Error;
+use crate::keymap::KeyMap;
 use crate::nn::{Weights, attention, silu, timestep_embedding, upsample_nearest2x};
 use crate::unet_config::{Blocks, UnetConfig};
+use crate::unet_ldm::{UnetLayout, ldm_map};
 
 /// Group-norm epsilon of the spatial transformers.
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -76,12 +78,15 @@ pub struct Unet2dCondition<B: Backend> {
     config: UnetConfig,
     blocks: Blocks,
     streamer: Arc<Streamer<B>>,
+    /// diffusers names to the file's, for the single-file layout.
+    map: Option<KeyMap>,
 }
 
 impl<B: Backend> Unet2dCondition<B> {
     /// Loads the UNet from `component` of `index` at the homes `plan` gives (see
-    /// [`WeightStore::load`]); every tensor's key and shape is checked against the config
-    /// first. The streamer records the execution order on the first evaluation.
+    /// [`WeightStore::load`]); the key layout (diffusers or the original single-file one) is
+    /// recognised from the names, and every tensor's key and shape is checked against the
+    /// config first. The streamer records the execution order on the first evaluation.
     pub fn load(
         index: &SafetensorsIndex,
         component: &Component<'_>,
@@ -92,7 +97,19 @@ impl<B: Backend> Unet2dCondition<B> {
         lookahead: Lookahead,
     ) -> Result<(Unet2dCondition<B>, LoadReport), Error> {
         let blocks = config.blocks()?;
+        let names = component
+            .tensors
+            .iter()
+            .map(|t| t.name.strip_prefix(component.prefix).unwrap_or(&t.name));
+        let map = match UnetLayout::of(names) {
+            UnetLayout::Diffusers => None,
+            UnetLayout::Ldm => Some(ldm_map(&config, &blocks)?),
+        };
         let expected = expected_tensors(&config, &blocks);
+        let expected = match &map {
+            Some(m) => m.expected(expected),
+            None => expected,
+        };
         let options = LoadOptions {
             patch: options.patch,
             expected: Some(&expected),
@@ -107,14 +124,23 @@ impl<B: Backend> Unet2dCondition<B> {
                 config,
                 blocks,
                 streamer,
+                map,
             },
             report,
         ))
     }
 
-    /// The tensors a UNet of `config` has, diffusers keys.
-    pub fn expected_tensors(config: &UnetConfig) -> Result<Vec<ExpectedTensor>, Error> {
-        Ok(expected_tensors(config, &config.blocks()?))
+    /// The tensors a UNet of `config` has, with their keys in `layout`.
+    pub fn expected_tensors(
+        config: &UnetConfig,
+        layout: UnetLayout,
+    ) -> Result<Vec<ExpectedTensor>, Error> {
+        let blocks = config.blocks()?;
+        let expected = expected_tensors(config, &blocks);
+        Ok(match layout {
+            UnetLayout::Diffusers => expected,
+            UnetLayout::Ldm => ldm_map(config, &blocks)?.expected(expected),
+        })
     }
 
     /// The configuration.
@@ -143,10 +169,7 @@ impl<B: Backend> Unet2dCondition<B> {
         let [batch, _, h, wd] = sample.dims();
         self.check_input(&sample, &timesteps, &ctx, text_time.as_ref())?;
         let device = sample.device();
-        let w = Weights {
-            streamer: &self.streamer,
-            prefix: "",
-        };
+        let w = Weights::new(&self.streamer, "").with_map(self.map.as_ref());
         let eps = c.norm_eps;
         let g = c.norm_num_groups;
 

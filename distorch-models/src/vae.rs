@@ -324,10 +324,7 @@ impl<B: Backend> AutoencoderKl<B> {
     }
 
     fn weights(&self) -> Weights<'_, B> {
-        Weights {
-            streamer: &self.streamer,
-            prefix: "",
-        }
+        Weights::new(&self.streamer, "")
     }
 
     /// Encodes images [batch, in_channels, h, w] (h and w divisible by 2^(levels-1)) to the

@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors.torch import save_file
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "distorch-models", "tests", "fixtures")
@@ -87,6 +87,47 @@ def clip_text(name, hidden_act, seed):
     print(name, {k: tuple(v.shape) for k, v in weights.items()}.__len__(), "tensors")
 
 
+def vae_to_ldm(state, config):
+    """The original (LDM) single-file layout of a diffusers VAE state dict, attention
+    projections as 1x1 convolutions; checked with diffusers' own converter."""
+    n = len(config["block_out_channels"])
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        parts = new.split(".")
+        if parts[1] == "down_blocks":
+            i, kind = parts[2], parts[3]
+            if kind == "resnets":
+                new = ".".join([parts[0], "down", i, "block"] + parts[4:])
+            else:
+                new = ".".join([parts[0], "down", i, "downsample"] + parts[5:])
+        elif parts[1] == "up_blocks":
+            i, kind = int(parts[2]), parts[3]
+            block = str(n - 1 - i)
+            if kind == "resnets":
+                new = ".".join([parts[0], "up", block, "block"] + parts[4:])
+            else:
+                new = ".".join([parts[0], "up", block, "upsample"] + parts[5:])
+        elif parts[1] == "mid_block":
+            kind, j = parts[2], int(parts[3])
+            if kind == "resnets":
+                new = ".".join([parts[0], "mid", f"block_{j + 1}"] + parts[4:])
+            else:
+                rest = parts[4:]
+                if rest[0] == "to_out":
+                    rest = rest[1:]
+                name = attn[parts[4]]
+                new = ".".join([parts[0], "mid", "attn_1", name, rest[-1]])
+                if rest[-1] == "weight" and value.dim() == 2:
+                    value = value[:, :, None, None]
+        out[new] = value
+    back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in out.items()}, config)
+    assert set(back) == set(state), set(back) ^ set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    return out
+
+
 def vae(name, seed):
     torch.manual_seed(seed)
     model = AutoencoderKL(
@@ -105,6 +146,11 @@ def vae(name, seed):
     bf16_round_(model)
     folder = os.path.join(OUT, name)
     model.save_pretrained(folder, safe_serialization=True)
+    ldm = vae_to_ldm(model.state_dict(), dict(model.config))
+    save_file(
+        {"first_stage_model." + k: v.contiguous() for k, v in ldm.items()},
+        os.path.join(folder, "ldm.safetensors"),
+    )
     g = torch.Generator().manual_seed(seed + 100)
     image = torch.rand((2, 3, 16, 16), generator=g) * 2 - 1
     z = torch.randn((2, 4, 8, 8), generator=g)

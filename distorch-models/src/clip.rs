@@ -119,7 +119,10 @@ pub struct ClipTextModel<B: Backend> {
     config: ClipTextConfig,
     activation: Activation,
     streamer: Arc<Streamer<B>>,
+    /// Key prefix of the encoder's units (`text_model.`, `transformer.text_model.` or empty).
     prefix: String,
+    /// Key prefix of the projection (the prefix without `text_model.`).
+    outer: String,
     projection: bool,
 }
 
@@ -201,8 +204,8 @@ impl<B: Backend> ClipTextModel<B> {
     }
 
     /// Loads the encoder from `component` of `index` at the homes `plan` gives (see
-    /// [`WeightStore::load`]); the file's keys may carry transformers' `text_model.` prefix
-    /// or not. Missing or mis-shaped weights are errors unless `options` allows them; keys
+    /// [`WeightStore::load`]); the file's keys may sit under `text_model.` (transformers),
+    /// `transformer.text_model.` (SD single-file checkpoints) or no prefix. Missing or mis-shaped weights are errors unless `options` allows them; keys
     /// the encoder does not use (an old `position_ids` buffer) are reported as unused.
     pub fn load(
         index: &SafetensorsIndex,
@@ -221,13 +224,25 @@ impl<B: Backend> ClipTextModel<B> {
                 .to_owned()
         };
         let names: Vec<String> = component.tensors.iter().map(local).collect();
-        let prefix = if names.iter().any(|n| n.starts_with("text_model.")) {
-            "text_model."
-        } else {
-            ""
-        };
-        let projection = names.iter().any(|n| n == "text_projection.weight");
-        let expected = Self::expected_tensors(&config, prefix, projection);
+        // Keys may sit under `text_model.` (transformers), `transformer.text_model.` (SD
+        // single-file checkpoints) or nothing; the projection beside `text_model`.
+        const TOKENS: &str = "embeddings.token_embedding.weight";
+        let prefix = names
+            .iter()
+            .find_map(|n| n.strip_suffix(TOKENS))
+            .unwrap_or("")
+            .to_owned();
+        let outer = prefix
+            .strip_suffix("text_model.")
+            .unwrap_or(&prefix)
+            .to_owned();
+        let projection = names
+            .iter()
+            .any(|n| *n == format!("{outer}text_projection.weight"));
+        let mut expected = Self::expected_tensors(&config, &prefix, projection);
+        if let Some(p) = expected.last_mut().filter(|_| projection) {
+            p.name = format!("{outer}text_projection.weight");
+        }
         let options = LoadOptions {
             patch: options.patch,
             expected: Some(&expected),
@@ -237,8 +252,12 @@ impl<B: Backend> ClipTextModel<B> {
         };
         let (store, report) = WeightStore::load(index, component, plan, devices, &options)?;
         let order = ExecutionOrder::Declared(
-            Self::execution_order(&config, prefix, projection)
+            Self::execution_order(&config, &prefix, projection)
                 .into_iter()
+                .map(|u| match u.as_str() {
+                    "text_projection" => format!("{outer}text_projection"),
+                    _ => u,
+                })
                 .filter(|u| store.position(u).is_some())
                 .collect(),
         );
@@ -249,7 +268,8 @@ impl<B: Backend> ClipTextModel<B> {
                 config,
                 activation,
                 streamer: Arc::new(streamer),
-                prefix: prefix.to_owned(),
+                prefix,
+                outer,
                 projection,
             },
             report,
@@ -305,7 +325,7 @@ impl<B: Backend> ClipTextModel<B> {
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch]), &device);
         let pooled = last.clone().reshape([batch * seq, h]).select(0, rows);
         let text_embeds = if self.projection {
-            let root = Weights::new(&self.streamer, "");
+            let root = Weights::new(&self.streamer, &self.outer);
             Some(root.linear("text_projection", pooled.clone())?)
         } else {
             None

@@ -3,8 +3,17 @@
 
 use distorch_core::runtime::ExpectedTensor;
 
-/// One prefix rule: units under `from` live under `to`; the first segment after the prefix is
-/// renamed by `inner` when it matches.
+/// The key layout of a model's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// diffusers / transformers names (`down_blocks.*`, `mid_block.*`, `up_blocks.*`).
+    Diffusers,
+    /// The original single-file (LDM) names (`input_blocks.*`, `encoder.down.*`, ...).
+    Ldm,
+}
+
+/// One prefix rule: units under `from` live under `to`; leading segments after the prefix are
+/// renamed by the longest `inner` entry that matches them.
 #[derive(Debug, Clone)]
 struct Rule {
     from: String,
@@ -16,6 +25,7 @@ struct Rule {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct KeyMap {
     rules: Vec<Rule>,
+    conv1x1: Vec<String>,
 }
 
 impl KeyMap {
@@ -55,18 +65,29 @@ impl KeyMap {
         };
         let rest = &unit[r.from.len()..];
         let rest = rest.strip_prefix('.').unwrap_or(rest);
-        let (first, tail) = rest.split_once('.').unwrap_or((rest, ""));
-        let first = r
+        // The longest inner rename that covers whole leading segments of the rest.
+        let inner = r
             .inner
             .iter()
-            .find(|(a, _)| *a == first)
-            .map_or(first, |(_, b)| b);
-        [r.to.as_str(), first, tail]
+            .filter(|(a, _)| rest == *a || rest.strip_prefix(a).is_some_and(|t| t.starts_with('.')))
+            .max_by_key(|(a, _)| a.len());
+        let (head, tail) = match inner {
+            Some((a, b)) => (*b, &rest[a.len()..]),
+            None => ("", rest),
+        };
+        let tail = tail.strip_prefix('.').unwrap_or(tail);
+        [r.to.as_str(), head, tail]
             .iter()
             .filter(|s| !s.is_empty())
             .copied()
             .collect::<Vec<_>>()
             .join(".")
+    }
+
+    /// Marks a file unit whose `weight` is a 1×1 convolution where the model has a linear
+    /// layer: its expected shape gains two trailing 1s.
+    pub(crate) fn conv1x1(&mut self, file_unit: impl Into<String>) {
+        self.conv1x1.push(file_unit.into());
     }
 
     /// A tensor key (unit and parameter) in the file's layout.
@@ -81,9 +102,15 @@ impl KeyMap {
     pub(crate) fn expected(&self, expected: Vec<ExpectedTensor>) -> Vec<ExpectedTensor> {
         expected
             .into_iter()
-            .map(|e| ExpectedTensor {
-                name: self.tensor(&e.name),
-                shape: e.shape,
+            .map(|e| {
+                let name = self.tensor(&e.name);
+                let mut shape = e.shape;
+                if let Some(unit) = name.strip_suffix(".weight")
+                    && self.conv1x1.iter().any(|u| u == unit)
+                {
+                    shape.extend([1, 1]);
+                }
+                ExpectedTensor { name, shape }
             })
             .collect()
     }
@@ -122,5 +149,21 @@ mod tests {
         );
         assert_eq!(m.tensor("conv_in.weight"), "input_blocks.0.0.weight");
         assert_eq!(m.unit("time_embedding.linear_1"), "time_embedding.linear_1");
+        m.rename(
+            "mid.attentions.0",
+            "mid.attn_1",
+            &[("to_out.0", "proj_out"), ("to_q", "q")],
+        );
+        assert_eq!(m.unit("mid.attentions.0.to_out.0"), "mid.attn_1.proj_out");
+        assert_eq!(m.unit("mid.attentions.0.to_q"), "mid.attn_1.q");
+        m.conv1x1("mid.attn_1.q");
+        let e = m.expected(vec![ExpectedTensor {
+            name: "mid.attentions.0.to_q.weight".into(),
+            shape: vec![4, 4],
+        }]);
+        assert_eq!(
+            (e[0].name.as_str(), e[0].shape.as_slice()),
+            ("mid.attn_1.q.weight", &[4, 4, 1, 1][..])
+        );
     }
 }

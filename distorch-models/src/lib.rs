@@ -23,8 +23,9 @@ pub mod vae;
 
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use error::Error;
+pub use keymap::KeyLayout;
 pub use nn::Activation;
 pub use unet::{Unet2dCondition, UnetInput};
 pub use unet_config::{PerBlock, UnetConfig};
-pub use unet_ldm::{DetectedUnet, UnetLayout};
+pub use unet_ldm::DetectedUnet;
 pub use vae::{AutoencoderKl, VaeConfig};

@@ -17,10 +17,10 @@ use distorch_core::runtime::{
 use distorch_core::{Component, SafetensorsIndex};
 
 use crate::error::Error;
-use crate::keymap::KeyMap;
+use crate::keymap::{KeyLayout, KeyMap};
 use crate::nn::{Weights, attention, silu, timestep_embedding, upsample_nearest2x};
 use crate::unet_config::{Blocks, UnetConfig};
-use crate::unet_ldm::{UnetLayout, ldm_map};
+use crate::unet_ldm::ldm_map;
 
 /// Group-norm epsilon of the spatial transformers.
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -101,9 +101,14 @@ impl<B: Backend> Unet2dCondition<B> {
             .tensors
             .iter()
             .map(|t| t.name.strip_prefix(component.prefix).unwrap_or(&t.name));
-        let map = match UnetLayout::of(names) {
-            UnetLayout::Diffusers => None,
-            UnetLayout::Ldm => Some(ldm_map(&config, &blocks)?),
+        let ldm = names.into_iter().any(|n| n.starts_with("input_blocks."));
+        let map = match if ldm {
+            KeyLayout::Ldm
+        } else {
+            KeyLayout::Diffusers
+        } {
+            KeyLayout::Diffusers => None,
+            KeyLayout::Ldm => Some(ldm_map(&config, &blocks)?),
         };
         let expected = expected_tensors(&config, &blocks);
         let expected = match &map {
@@ -133,13 +138,13 @@ impl<B: Backend> Unet2dCondition<B> {
     /// The tensors a UNet of `config` has, with their keys in `layout`.
     pub fn expected_tensors(
         config: &UnetConfig,
-        layout: UnetLayout,
+        layout: KeyLayout,
     ) -> Result<Vec<ExpectedTensor>, Error> {
         let blocks = config.blocks()?;
         let expected = expected_tensors(config, &blocks);
         Ok(match layout {
-            UnetLayout::Diffusers => expected,
-            UnetLayout::Ldm => ldm_map(config, &blocks)?.expected(expected),
+            KeyLayout::Diffusers => expected,
+            KeyLayout::Ldm => ldm_map(config, &blocks)?.expected(expected),
         })
     }
 

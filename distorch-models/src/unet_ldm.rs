@@ -19,26 +19,6 @@ const RESNET: &[(&str, &str)] = &[
     ("conv_shortcut", "skip_connection"),
 ];
 
-/// The key layout of a UNet's weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnetLayout {
-    /// diffusers (`down_blocks.*`, `mid_block.*`, `up_blocks.*`).
-    Diffusers,
-    /// The original single-file layout (`input_blocks.*`, `middle_block.*`, `output_blocks.*`).
-    Ldm,
-}
-
-impl UnetLayout {
-    /// The layout of a UNet whose tensor keys (component prefix stripped) are `names`.
-    pub fn of<'a>(mut names: impl Iterator<Item = &'a str>) -> UnetLayout {
-        if names.any(|n| n.starts_with("input_blocks.")) {
-            UnetLayout::Ldm
-        } else {
-            UnetLayout::Diffusers
-        }
-    }
-}
-
 /// The map from diffusers unit names to LDM ones for a UNet of `config`.
 pub(crate) fn ldm_map(config: &UnetConfig, blocks: &Blocks) -> Result<KeyMap, Error> {
     let l = blocks.layers[0];

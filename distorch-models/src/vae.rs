@@ -16,6 +16,7 @@ use distorch_core::{Component, SafetensorsIndex};
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::keymap::{KeyLayout, KeyMap};
 use crate::nn::{Weights, attention, pad_bottom_right, silu, upsample_nearest2x};
 
 /// Group-norm epsilon of every diffusers VAE block.
@@ -142,6 +143,14 @@ impl VaeConfig {
             );
         }
         Ok(())
+    }
+
+    /// Every tensor the VAE reads, with keys in `layout`.
+    pub fn expected_tensors_in(&self, layout: KeyLayout) -> Vec<ExpectedTensor> {
+        match layout {
+            KeyLayout::Diffusers => self.expected_tensors(),
+            KeyLayout::Ldm => ldm_map(self).expected(self.expected_tensors()),
+        }
     }
 
     /// Every tensor the VAE reads, diffusers keys.
@@ -284,12 +293,15 @@ fn mid_convs(conv: &mut impl FnMut(String, usize, usize, usize), p: &str, c: usi
 pub struct AutoencoderKl<B: Backend> {
     config: VaeConfig,
     streamer: Arc<Streamer<B>>,
+    /// diffusers names to the file's, for the single-file layout.
+    map: Option<KeyMap>,
 }
 
 impl<B: Backend> AutoencoderKl<B> {
     /// Loads the VAE from `component` of `index` at the homes `plan` gives (see
-    /// [`WeightStore::load`]). The streamer records the execution order on the first pass,
-    /// so a decode-only pipeline prefetches decoder units only.
+    /// [`WeightStore::load`]), in diffusers' key layout or the original single-file one
+    /// (recognised from the names). The streamer records the execution order on the first
+    /// pass, so a decode-only pipeline prefetches decoder units only.
     pub fn load(
         index: &SafetensorsIndex,
         component: &Component<'_>,
@@ -300,7 +312,16 @@ impl<B: Backend> AutoencoderKl<B> {
         lookahead: Lookahead,
     ) -> Result<(AutoencoderKl<B>, LoadReport), Error> {
         config.check()?;
+        let ldm = component.tensors.iter().any(|t| {
+            let name = t.name.strip_prefix(component.prefix).unwrap_or(&t.name);
+            name.starts_with("encoder.down.") || name.starts_with("decoder.up.")
+        });
+        let map = ldm.then(|| ldm_map(&config));
         let expected = config.expected_tensors();
+        let expected = match &map {
+            Some(m) => m.expected(expected),
+            None => expected,
+        };
         let options = LoadOptions {
             patch: options.patch,
             expected: Some(&expected),
@@ -310,7 +331,14 @@ impl<B: Backend> AutoencoderKl<B> {
         };
         let (store, report) = WeightStore::load(index, component, plan, devices, &options)?;
         let streamer = Arc::new(Streamer::new(Arc::new(store), lookahead));
-        Ok((AutoencoderKl { config, streamer }, report))
+        Ok((
+            AutoencoderKl {
+                config,
+                streamer,
+                map,
+            },
+            report,
+        ))
     }
 
     /// The configuration.
@@ -324,7 +352,7 @@ impl<B: Backend> AutoencoderKl<B> {
     }
 
     fn weights(&self) -> Weights<'_, B> {
-        Weights::new(&self.streamer, "")
+        Weights::new(&self.streamer, "").with_map(self.map.as_ref())
     }
 
     /// Encodes images [batch, in_channels, h, w] (h and w divisible by 2^(levels-1)) to the
@@ -474,4 +502,61 @@ fn spatial_attention<B: Backend>(
     let a = attention(q, k, v, 1, None);
     let o = w.linear(&format!("{p}.to_out.0"), a)?;
     Ok(o.swap_dims(1, 2).reshape([n, c, h, wd]) + x)
+}
+
+/// The original (LDM) single-file VAE layout (`encoder.down.N.block.M`, `mid.attn_1.q` as 1×1
+/// convolutions, decoder levels numbered from the bottom), as diffusers' converter reads it.
+pub(crate) fn ldm_map(config: &VaeConfig) -> KeyMap {
+    const RESNET: &[(&str, &str)] = &[("conv_shortcut", "nin_shortcut")];
+    const ATTN: &[(&str, &str)] = &[
+        ("group_norm", "norm"),
+        ("to_q", "q"),
+        ("to_k", "k"),
+        ("to_v", "v"),
+        ("to_out.0", "proj_out"),
+    ];
+    let n = config.block_out_channels.len();
+    let mut m = KeyMap::default();
+    for side in ["encoder", "decoder"] {
+        m.prefix(format!("{side}.conv_norm_out"), format!("{side}.norm_out"));
+        for r in 0..2 {
+            m.rename(
+                format!("{side}.mid_block.resnets.{r}"),
+                format!("{side}.mid.block_{}", r + 1),
+                RESNET,
+            );
+        }
+        m.rename(
+            format!("{side}.mid_block.attentions.0"),
+            format!("{side}.mid.attn_1"),
+            ATTN,
+        );
+        for p in ["q", "k", "v", "proj_out"] {
+            m.conv1x1(format!("{side}.mid.attn_1.{p}"));
+        }
+    }
+    for i in 0..n {
+        let level = n - 1 - i;
+        m.prefix(
+            format!("encoder.down_blocks.{i}.downsamplers.0"),
+            format!("encoder.down.{i}.downsample"),
+        );
+        m.prefix(
+            format!("decoder.up_blocks.{i}.upsamplers.0"),
+            format!("decoder.up.{level}.upsample"),
+        );
+        for j in 0..=config.layers_per_block {
+            m.rename(
+                format!("encoder.down_blocks.{i}.resnets.{j}"),
+                format!("encoder.down.{i}.block.{j}"),
+                RESNET,
+            );
+            m.rename(
+                format!("decoder.up_blocks.{i}.resnets.{j}"),
+                format!("decoder.up.{level}.block.{j}"),
+                RESNET,
+            );
+        }
+    }
+    m
 }

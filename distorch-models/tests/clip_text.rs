@@ -169,3 +169,71 @@ fn bad_weights_configs_and_ids_are_typed_errors() {
     let e = model.forward(&[998; 5], 2).unwrap_err();
     assert!(e.to_string().contains("do not split into 2"), "{e}");
 }
+
+#[test]
+fn sd15_single_file_clip_keys_and_shapes_are_all_covered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = distorch_core::DemoModel::Sd15
+        .ensure_in(dir.path())
+        .unwrap();
+    let index = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&index);
+    let clip = split
+        .components
+        .iter()
+        .find(|c| c.kind == distorch_core::ComponentKind::Clip)
+        .unwrap();
+    let want: std::collections::BTreeSet<(String, Vec<usize>)> = clip
+        .tensors
+        .iter()
+        .map(|t| {
+            let name = t.name.strip_prefix(clip.prefix).unwrap().to_owned();
+            (name, t.shape.iter().map(|&d| d as usize).collect())
+        })
+        .filter(|(n, _)| !n.ends_with("position_ids"))
+        .collect();
+    let config = ClipTextConfig {
+        hidden_size: 768,
+        intermediate_size: 3072,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        projection_dim: 768,
+        ..ClipTextConfig::default()
+    };
+    let got: std::collections::BTreeSet<(String, Vec<usize>)> =
+        ClipTextModel::<B>::expected_tensors(&config, "transformer.text_model.", false)
+            .into_iter()
+            .map(|e| (e.name, e.shape))
+            .collect();
+    assert_eq!(want, got);
+
+    // And the encoder loads from the checkpoint (zero weights: the output is not checked).
+    let (model, report) = ClipTextModel::<B>::load(
+        &index,
+        clip,
+        &{
+            let inv = distorch_core::units::inventory(clip).unwrap();
+            let graph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+            let vv = distorch_alloc::VirtualVram::new(
+                distorch_alloc::DeviceId::cuda(0),
+                inv.total_bytes(),
+                vec![distorch_alloc::DeviceId::CPU],
+            )
+            .unwrap();
+            distorch_alloc::plan(&distorch_alloc::PlanRequest::virtual_vram(vv), &inv, &graph)
+                .unwrap()
+        },
+        &DeviceMap::new(Default::default()),
+        config,
+        &LoadOptions::default(),
+        Lookahead::default(),
+    )
+    .unwrap();
+    assert!(
+        report.unused.is_empty() && report.missing.is_empty(),
+        "{report:?}"
+    );
+    let out = model.forward(&[49406, 320, 1125, 49407], 1).unwrap();
+    assert_eq!(out.last_hidden_state.dims(), [1, 4, 768]);
+    assert_eq!(out.hidden_states.len(), 13);
+}

@@ -11,7 +11,7 @@ use common::*;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch_core::{ComponentKind, DemoModel, SafetensorsIndex, components};
 use distorch_models::unet_ldm::detect;
-use distorch_models::{PerBlock, Unet2dCondition, UnetConfig, UnetInput, UnetLayout};
+use distorch_models::{KeyLayout, PerBlock, Unet2dCondition, UnetConfig, UnetInput};
 
 fn tensor<const D: usize>(name: &str, key: &str) -> Tensor<B, D> {
     let (shape, v) = read(&fixture(name).join("reference.safetensors"), key);
@@ -102,7 +102,7 @@ fn detects_sd15_from_its_keys_and_shapes() {
     // Every key and shape of the real layout, and nothing else.
     let want: BTreeSet<(String, Vec<u64>)> = tensors.into_iter().collect();
     let got: BTreeSet<(String, Vec<u64>)> =
-        Unet2dCondition::<B>::expected_tensors(c, UnetLayout::Ldm)
+        Unet2dCondition::<B>::expected_tensors(c, KeyLayout::Ldm)
             .unwrap()
             .into_iter()
             .map(|e| (e.name, e.shape.iter().map(|&d| d as u64).collect()))

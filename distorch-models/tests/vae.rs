@@ -127,3 +127,84 @@ fn a_missing_weight_is_named_before_loading() {
         "{e}"
     );
 }
+
+#[test]
+fn single_file_layout_matches_diffusers() {
+    // `ldm.safetensors`: the fixture in the original layout under `first_stage_model.`,
+    // attention projections as 1×1 convolutions (checked with diffusers' converter).
+    let path = fixture("vae").join("ldm.safetensors");
+    let reference = fixture("vae").join("reference.safetensors");
+    let index = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&index);
+    let vae = split
+        .components
+        .iter()
+        .find(|c| c.kind == distorch_core::ComponentKind::Vae)
+        .unwrap();
+    for offload in [false, true] {
+        let (model, report) = AutoencoderKl::<B>::load(
+            &index,
+            vae,
+            &plan(&path, offload),
+            &DeviceMap::new(Default::default()),
+            VaeConfig::from_file(fixture("vae").join("config.json")).unwrap(),
+            &LoadOptions::default(),
+            Lookahead::default(),
+        )
+        .unwrap();
+        assert!(
+            report.missing.is_empty() && report.unused.is_empty(),
+            "{report:?}"
+        );
+        let (mean, logvar) = model.encode(input("image")).unwrap();
+        assert_close("ldm latent_mean", mean, read(&reference, "latent_mean"));
+        assert_close(
+            "ldm latent_logvar",
+            logvar,
+            read(&reference, "latent_logvar"),
+        );
+        let decoded = model.decode(input("z")).unwrap();
+        assert_close("ldm decoded", decoded, read(&reference, "decoded"));
+    }
+}
+
+#[test]
+fn sd15_single_file_vae_keys_and_shapes_are_all_covered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = distorch_core::DemoModel::Sd15
+        .ensure_in(dir.path())
+        .unwrap();
+    let index = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&index);
+    let vae = split
+        .components
+        .iter()
+        .find(|c| c.kind == distorch_core::ComponentKind::Vae)
+        .unwrap();
+    let want: std::collections::BTreeSet<(String, Vec<usize>)> = vae
+        .tensors
+        .iter()
+        .map(|t| {
+            let name = t.name.strip_prefix(vae.prefix).unwrap().to_owned();
+            (name, t.shape.iter().map(|&d| d as usize).collect())
+        })
+        .collect();
+    let config = VaeConfig {
+        block_out_channels: vec![128, 256, 512, 512],
+        down_block_types: vec!["DownEncoderBlock2D".into(); 4],
+        up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+        layers_per_block: 2,
+        ..VaeConfig::default()
+    };
+    let got: std::collections::BTreeSet<(String, Vec<usize>)> = config
+        .expected_tensors_in(distorch_models::KeyLayout::Ldm)
+        .into_iter()
+        .map(|e| (e.name, e.shape))
+        .collect();
+    let only_file: Vec<_> = want.difference(&got).take(5).collect();
+    let only_model: Vec<_> = got.difference(&want).take(5).collect();
+    assert!(
+        only_file.is_empty() && only_model.is_empty(),
+        "{only_file:?} / {only_model:?}"
+    );
+}

@@ -86,11 +86,16 @@ pub struct UnitWeights<B: Backend> {
 
 impl<B: Backend> UnitWeights<B> {
     /// The tensor whose key ends with `.{param}` (or is `param`), reshaped to rank `D`.
+    /// Trailing dimensions of size 1 beyond `D` are dropped (a 1×1 convolution's weight read
+    /// as a linear layer's); any other rank mismatch gives `None`.
     pub fn get<const D: usize>(&self, param: &str) -> Option<Tensor<B, D>> {
         let (_, shape, t) = self.tensors.iter().find(|(name, _, _)| {
             name == param || name.rsplit_once('.').is_some_and(|(_, p)| p == param)
         })?;
-        let dims: [usize; D] = shape.as_slice().try_into().ok()?;
+        if shape.len() < D || shape[D..].iter().any(|&d| d != 1) {
+            return None;
+        }
+        let dims: [usize; D] = shape[..D].try_into().ok()?;
         Some(t.clone().reshape(dims))
     }
 

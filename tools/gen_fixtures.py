@@ -16,7 +16,11 @@ import os
 import torch
 from safetensors.torch import save_file
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "distorch-models", "tests", "fixtures")
@@ -36,6 +40,48 @@ def randomize_(model, seed, scale=0.2):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def clip_to_open_clip(state, hidden):
+    """OpenCLIP's layout (SD 2.x `cond_stage_model.model.`, SDXL `conditioner.embedders.1.model.`)
+    of a transformers CLIP text state dict: fused q/k/v, transposed projection; checked with
+    diffusers' own converter."""
+    out = {}
+    names = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+             ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
+    for key, value in state.items():
+        if key == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = value
+        elif key == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+        elif key.startswith("text_model.final_layer_norm."):
+            out["ln_final." + key.split(".")[-1]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif key.startswith("text_model.encoder.layers."):
+            rest = key[len("text_model.encoder.layers."):]
+            layer, rest = rest.split(".", 1)
+            base = f"transformer.resblocks.{layer}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                kind = rest.split(".")[-1]
+                if rest.startswith("self_attn.q_proj"):
+                    q = state[key]
+                    k = state[key.replace("q_proj", "k_proj")]
+                    v = state[key.replace("q_proj", "v_proj")]
+                    out[base + "attn.in_proj_" + kind] = torch.cat([q, k, v], 0)
+                continue
+            for a, b in names:
+                if rest.startswith(a + "."):
+                    rest = b + rest[len(a):]
+            out[base + rest] = value
+        else:
+            raise ValueError(key)
+    prefix = "conditioner.embedders.1.model."
+    full = {prefix + k: v for k, v in out.items()}
+    back = convert_open_clip_checkpoint(None, full, prefix=prefix)
+    assert set(back) == set(state), set(back) ^ set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    return full
 
 
 def clip_text(name, hidden_act, seed):
@@ -61,6 +107,8 @@ def clip_text(name, hidden_act, seed):
     os.makedirs(folder, exist_ok=True)
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(folder, "model.safetensors"))
+    if hidden_act == "gelu":
+        save_file(clip_to_open_clip(weights, config.hidden_size), os.path.join(folder, "open_clip.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({k: v for k, v in config.to_dict().items() if not k.startswith("_")}, f, indent=1)
     # Two prompts: EOS inside the sequence (then padding), and EOS at the very end.

@@ -107,6 +107,28 @@ impl Inventory {
         })
     }
 
+    /// The same units in the order `order` names them (a model's real execution order);
+    /// units it does not name keep their relative order after the named ones. Names that
+    /// are not units are ignored.
+    pub fn in_order<S: AsRef<str>>(&self, order: &[S]) -> Inventory {
+        let rank: std::collections::HashMap<&str, usize> = order
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.as_ref(), i))
+            .rev()
+            .collect();
+        let mut units = self.units.clone();
+        units.sort_by_key(|u| rank.get(u.name.as_str()).copied().unwrap_or(usize::MAX));
+        for (i, u) in units.iter_mut().enumerate() {
+            u.order = i as u32;
+        }
+        Inventory {
+            component: self.component.clone(),
+            units,
+            total: self.total,
+        }
+    }
+
     /// The component's name.
     pub fn component(&self) -> &str {
         &self.component

@@ -306,3 +306,23 @@ fn report_has_table_kinds_strings_and_warnings() {
     assert_eq!(kinds[1].0, UnitKind::Norm);
     assert_eq!(kinds[1].1, vec![ByteSize::kib(16), ByteSize::ZERO]);
 }
+
+#[test]
+fn an_inventory_takes_a_models_execution_order() {
+    use distorch_alloc::{ByteSize, Inventory, Unit, UnitKind};
+    let inv = Inventory::new(
+        "unet",
+        ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Unit::new(*n, ByteSize::mib(1), i as u32, UnitKind::Weight))
+            .collect(),
+    )
+    .unwrap();
+    let ordered = inv.in_order(&["c", "zzz", "a"]);
+    let names: Vec<&str> = ordered.units().iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["c", "a", "b", "d"]);
+    assert_eq!(ordered.total_bytes(), inv.total_bytes());
+    let orders: Vec<u32> = ordered.units().iter().map(|u| u.order).collect();
+    assert_eq!(orders, [0, 1, 2, 3]);
+}

@@ -16,6 +16,7 @@ use distorch_core::runtime::{
 use distorch_core::{Component, SafetensorsIndex};
 use serde::Deserialize;
 
+use crate::clip_keys::{ClipKeys, ClipLayout};
 use crate::error::Error;
 use crate::nn::{Activation, Weights, attention, causal_mask};
 
@@ -119,93 +120,49 @@ pub struct ClipTextModel<B: Backend> {
     config: ClipTextConfig,
     activation: Activation,
     streamer: Arc<Streamer<B>>,
-    /// Key prefix of the encoder's units (`text_model.`, `transformer.text_model.` or empty).
-    prefix: String,
-    /// Key prefix of the projection (the prefix without `text_model.`).
-    outer: String,
+    keys: ClipKeys,
     projection: bool,
 }
 
 impl<B: Backend> ClipTextModel<B> {
-    /// The tensors the encoder reads, keys under `prefix` (`text_model.` as transformers
-    /// saves them, or empty), plus `text_projection.weight` when `projection`.
+    /// The tensors the encoder reads in transformers' layout, keys under `prefix`
+    /// (`text_model.` as transformers saves them, `transformer.text_model.` in SD
+    /// checkpoints, or empty), plus the text projection when `projection`.
     pub fn expected_tensors(
         config: &ClipTextConfig,
         prefix: &str,
         projection: bool,
     ) -> Vec<ExpectedTensor> {
-        let (h, i) = (config.hidden_size, config.intermediate_size);
-        let mut out = Vec::new();
-        let mut push = |name: String, shape: Vec<usize>| {
-            out.push(ExpectedTensor {
-                name: format!("{prefix}{name}"),
-                shape,
-            })
-        };
-        push(
-            "embeddings.token_embedding.weight".into(),
-            vec![config.vocab_size, h],
-        );
-        push(
-            "embeddings.position_embedding.weight".into(),
-            vec![config.max_position_embeddings, h],
-        );
-        for l in 0..config.num_hidden_layers {
-            let p = format!("encoder.layers.{l}");
-            for norm in ["layer_norm1", "layer_norm2"] {
-                push(format!("{p}.{norm}.weight"), vec![h]);
-                push(format!("{p}.{norm}.bias"), vec![h]);
-            }
-            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                push(format!("{p}.self_attn.{proj}.weight"), vec![h, h]);
-                push(format!("{p}.self_attn.{proj}.bias"), vec![h]);
-            }
-            push(format!("{p}.mlp.fc1.weight"), vec![i, h]);
-            push(format!("{p}.mlp.fc1.bias"), vec![i]);
-            push(format!("{p}.mlp.fc2.weight"), vec![h, i]);
-            push(format!("{p}.mlp.fc2.bias"), vec![h]);
+        ClipKeys {
+            layout: ClipLayout::Transformers,
+            prefix: prefix.to_owned(),
+            outer: prefix
+                .strip_suffix("text_model.")
+                .unwrap_or(prefix)
+                .to_owned(),
         }
-        push("final_layer_norm.weight".into(), vec![h]);
-        push("final_layer_norm.bias".into(), vec![h]);
-        if projection {
-            out.push(ExpectedTensor {
-                name: "text_projection.weight".into(),
-                shape: vec![config.projection_dim, h],
-            });
-        }
-        out
+        .expected(config, projection)
     }
 
-    /// Units in the order the forward pass uses them.
-    pub fn execution_order(config: &ClipTextConfig, prefix: &str, projection: bool) -> Vec<String> {
-        let mut out = vec![
-            format!("{prefix}embeddings.token_embedding"),
-            format!("{prefix}embeddings.position_embedding"),
-        ];
-        for l in 0..config.num_hidden_layers {
-            for m in [
-                "layer_norm1",
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.out_proj",
-                "layer_norm2",
-                "mlp.fc1",
-                "mlp.fc2",
-            ] {
-                out.push(format!("{prefix}encoder.layers.{l}.{m}"));
-            }
+    /// The tensors the encoder reads in OpenCLIP's layout (fused `in_proj`, transposed
+    /// projection), keys under `prefix` (empty, or `model.` as in SD checkpoints).
+    pub fn expected_tensors_open_clip(
+        config: &ClipTextConfig,
+        prefix: &str,
+        projection: bool,
+    ) -> Vec<ExpectedTensor> {
+        ClipKeys {
+            layout: ClipLayout::OpenClip,
+            prefix: prefix.to_owned(),
+            outer: prefix.to_owned(),
         }
-        out.push(format!("{prefix}final_layer_norm"));
-        if projection {
-            out.push("text_projection".into());
-        }
-        out
+        .expected(config, projection)
     }
 
     /// Loads the encoder from `component` of `index` at the homes `plan` gives (see
-    /// [`WeightStore::load`]); the file's keys may sit under `text_model.` (transformers),
-    /// `transformer.text_model.` (SD single-file checkpoints) or no prefix. Missing or mis-shaped weights are errors unless `options` allows them; keys
+    /// [`WeightStore::load`]). The key layout is read from the names: transformers' (under
+    /// `text_model.`, `transformer.text_model.` as in SD checkpoints, or no prefix) or
+    /// OpenCLIP's (SD 2.x and SDXL's second encoder: fused q/k/v, transposed projection). Missing or mis-shaped weights are errors unless `options` allows them; keys
     /// the encoder does not use (an old `position_ids` buffer) are reported as unused.
     pub fn load(
         index: &SafetensorsIndex,
@@ -224,25 +181,9 @@ impl<B: Backend> ClipTextModel<B> {
                 .to_owned()
         };
         let names: Vec<String> = component.tensors.iter().map(local).collect();
-        // Keys may sit under `text_model.` (transformers), `transformer.text_model.` (SD
-        // single-file checkpoints) or nothing; the projection beside `text_model`.
-        const TOKENS: &str = "embeddings.token_embedding.weight";
-        let prefix = names
-            .iter()
-            .find_map(|n| n.strip_suffix(TOKENS))
-            .unwrap_or("")
-            .to_owned();
-        let outer = prefix
-            .strip_suffix("text_model.")
-            .unwrap_or(&prefix)
-            .to_owned();
-        let projection = names
-            .iter()
-            .any(|n| *n == format!("{outer}text_projection.weight"));
-        let mut expected = Self::expected_tensors(&config, &prefix, projection);
-        if let Some(p) = expected.last_mut().filter(|_| projection) {
-            p.name = format!("{outer}text_projection.weight");
-        }
+        let keys = ClipKeys::detect(names.iter().map(String::as_str));
+        let projection = names.iter().any(|n| *n == keys.projection_key());
+        let expected = keys.expected(&config, projection);
         let options = LoadOptions {
             patch: options.patch,
             expected: Some(&expected),
@@ -252,12 +193,8 @@ impl<B: Backend> ClipTextModel<B> {
         };
         let (store, report) = WeightStore::load(index, component, plan, devices, &options)?;
         let order = ExecutionOrder::Declared(
-            Self::execution_order(&config, &prefix, projection)
+            keys.order(&config, projection)
                 .into_iter()
-                .map(|u| match u.as_str() {
-                    "text_projection" => format!("{outer}text_projection"),
-                    _ => u,
-                })
                 .filter(|u| store.position(u).is_some())
                 .collect(),
         );
@@ -268,8 +205,7 @@ impl<B: Backend> ClipTextModel<B> {
                 config,
                 activation,
                 streamer: Arc::new(streamer),
-                prefix,
-                outer,
+                keys,
                 projection,
             },
             report,
@@ -292,31 +228,29 @@ impl<B: Backend> ClipTextModel<B> {
         let c = &self.config;
         let seq = check_ids(input_ids, batch, c)?;
         let device = self.streamer.store().compute().clone();
-        let w = Weights::new(&self.streamer, &self.prefix);
+        let w = Weights::new(&self.streamer, "");
+        let k = &self.keys;
         let ids: Vec<i64> = input_ids.iter().map(|&i| i64::from(i)).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [batch * seq]), &device);
-        let tokens: Tensor<B, 2> = w.unit("embeddings.token_embedding")?.get("weight")?;
-        let positions: Tensor<B, 2> = w.unit("embeddings.position_embedding")?.get("weight")?;
+        let tokens = k.tokens(&w)?;
+        let positions = k.positions(&w)?;
         let h = c.hidden_size;
         let mut x = tokens.select(0, ids).reshape([batch, seq, h])
             + positions.narrow(0, 0, seq).unsqueeze::<3>();
         let mask = causal_mask::<B>(seq, &device);
         let mut hidden_states = vec![x.clone()];
+        let eps = c.layer_norm_eps;
         for l in 0..c.num_hidden_layers {
-            let p = format!("encoder.layers.{l}");
-            let eps = c.layer_norm_eps;
-            let y = w.layer_norm(&format!("{p}.layer_norm1"), x.clone(), eps)?;
-            let q = w.linear(&format!("{p}.self_attn.q_proj"), y.clone())?;
-            let k = w.linear(&format!("{p}.self_attn.k_proj"), y.clone())?;
-            let v = w.linear(&format!("{p}.self_attn.v_proj"), y)?;
-            let a = attention(q, k, v, c.num_attention_heads, Some(mask.clone()));
-            x = x + w.linear(&format!("{p}.self_attn.out_proj"), a)?;
-            let y = w.layer_norm(&format!("{p}.layer_norm2"), x.clone(), eps)?;
-            let y = self.activation.apply(w.linear(&format!("{p}.mlp.fc1"), y)?);
-            x = x + w.linear(&format!("{p}.mlp.fc2"), y)?;
+            let y = w.layer_norm(&k.unit(l, "layer_norm1"), x.clone(), eps)?;
+            let [q, kk, v] = k.qkv(&w, l, y)?;
+            let a = attention(q, kk, v, c.num_attention_heads, Some(mask.clone()));
+            x = x + w.linear(&k.unit(l, "self_attn.out_proj"), a)?;
+            let y = w.layer_norm(&k.unit(l, "layer_norm2"), x.clone(), eps)?;
+            let y = self.activation.apply(w.linear(&k.unit(l, "mlp.fc1"), y)?);
+            x = x + w.linear(&k.unit(l, "mlp.fc2"), y)?;
             hidden_states.push(x.clone());
         }
-        let last = w.layer_norm("final_layer_norm", x, c.layer_norm_eps)?;
+        let last = w.layer_norm(&k.final_unit(), x, eps)?;
         let rows: Vec<i64> = pooled_positions(input_ids, batch, seq, c.eos_token_id)
             .into_iter()
             .enumerate()
@@ -325,8 +259,7 @@ impl<B: Backend> ClipTextModel<B> {
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch]), &device);
         let pooled = last.clone().reshape([batch * seq, h]).select(0, rows);
         let text_embeds = if self.projection {
-            let root = Weights::new(&self.streamer, &self.outer);
-            Some(root.linear("text_projection", pooled.clone())?)
+            Some(k.project(&w, pooled.clone())?)
         } else {
             None
         };

@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod clip;
+mod clip_keys;
 mod config;
 mod error;
 mod keymap;
@@ -22,6 +23,7 @@ pub mod unet_ldm;
 pub mod vae;
 
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
+pub use clip_keys::ClipLayout;
 pub use error::Error;
 pub use keymap::KeyLayout;
 pub use nn::Activation;

@@ -148,6 +148,17 @@ impl<B: Backend> Unet2dCondition<B> {
         })
     }
 
+    /// The units of a UNet of `config`, keys in `layout`, in the order a forward pass uses
+    /// them: give it to [`distorch_alloc::Inventory::in_order`] before planning.
+    pub fn execution_order(config: &UnetConfig, layout: KeyLayout) -> Result<Vec<String>, Error> {
+        let mut seen = std::collections::HashSet::new();
+        Ok(Self::expected_tensors(config, layout)?
+            .into_iter()
+            .filter_map(|e| e.name.rsplit_once('.').map(|(u, _)| u.to_owned()))
+            .filter(|u| seen.insert(u.clone()))
+            .collect())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &UnetConfig {
         &self.config
@@ -447,7 +458,8 @@ fn resnet<B: Backend>(
     Ok(skip + h)
 }
 
-/// Collects expected tensors while walking the architecture as the forward pass does.
+/// Collects expected tensors while walking the architecture as the forward pass does, so
+/// their order is the execution order.
 struct Spec(Vec<ExpectedTensor>);
 
 impl Spec {
@@ -485,13 +497,7 @@ impl Spec {
 
     fn transformer(&mut self, p: &str, c: usize, depth: usize, ctx: usize, linear: bool) {
         self.norm(&format!("{p}.norm"), c);
-        for io in ["proj_in", "proj_out"] {
-            if linear {
-                self.linear(&format!("{p}.{io}"), c, c, true);
-            } else {
-                self.conv(&format!("{p}.{io}"), c, c, 1);
-            }
-        }
+        self.projection(&format!("{p}.proj_in"), c, linear);
         for b in 0..depth {
             let q = format!("{p}.transformer_blocks.{b}");
             for norm in ["norm1", "norm2", "norm3"] {
@@ -505,6 +511,15 @@ impl Spec {
             }
             self.linear(&format!("{q}.ff.net.0.proj"), 8 * c, c, true);
             self.linear(&format!("{q}.ff.net.2"), c, 4 * c, true);
+        }
+        self.projection(&format!("{p}.proj_out"), c, linear);
+    }
+
+    fn projection(&mut self, p: &str, c: usize, linear: bool) {
+        if linear {
+            self.linear(p, c, c, true);
+        } else {
+            self.conv(p, c, c, 1);
         }
     }
 }

@@ -129,6 +129,15 @@ impl VirtualVram {
         })
     }
 
+    /// Nothing moved: the whole model on `compute`.
+    pub fn none(compute: DeviceId) -> VirtualVram {
+        VirtualVram {
+            compute,
+            amount: ByteSize::ZERO,
+            donors: Vec::new(),
+        }
+    }
+
     /// Like [`VirtualVram::new`] with the amount in GiB (0–1024, finite; rounded down to a
     /// whole byte).
     pub fn from_gib(

@@ -250,3 +250,54 @@ impl ClipKeys {
         }
     }
 }
+
+impl ClipKeys {
+    /// The encoder's configuration from its tensors' shapes (`shape` of a key), with the
+    /// conventions shapes cannot show: 64-wide heads, quick_gelu for transformers-layout
+    /// (OpenAI CLIP-L) and gelu for OpenCLIP weights, and pooling at the highest id (the
+    /// end-of-text token of CLIP's vocabulary).
+    pub(crate) fn detect_config(
+        &self,
+        shape: impl Fn(&str) -> Option<Vec<usize>>,
+    ) -> Result<ClipTextConfig, Error> {
+        let need = |key: String| {
+            shape(&key).ok_or_else(|| Error::Input {
+                input: "checkpoint",
+                reason: format!("not a CLIP text encoder: no `{key}`"),
+            })
+        };
+        let tokens = need(format!("{}.weight", self.tokens_unit()))?;
+        let positions = match self.layout {
+            ClipLayout::Transformers => need(format!("{}.weight", self.positions_unit()))?,
+            ClipLayout::OpenClip => need(self.positions_unit())?,
+        };
+        let fc1 = need(format!("{}.weight", self.layer(0, "mlp.fc1")))?;
+        let layers = (0..)
+            .take_while(|&l| shape(&format!("{}.weight", self.layer(l, "layer_norm1"))).is_some())
+            .count();
+        let hidden = tokens.get(1).copied().unwrap_or(0);
+        let projection = match (self.layout, shape(&self.projection_key())) {
+            (ClipLayout::Transformers, Some(s)) => s[0],
+            (ClipLayout::OpenClip, Some(s)) => s.get(1).copied().unwrap_or(hidden),
+            (_, None) => hidden,
+        };
+        let config = ClipTextConfig {
+            vocab_size: tokens[0],
+            hidden_size: hidden,
+            intermediate_size: fc1[0],
+            projection_dim: projection,
+            num_hidden_layers: layers,
+            num_attention_heads: (hidden / 64).max(1),
+            max_position_embeddings: positions[0],
+            hidden_act: match self.layout {
+                ClipLayout::Transformers => "quick_gelu",
+                ClipLayout::OpenClip => "gelu",
+            }
+            .into(),
+            layer_norm_eps: 1e-5,
+            eos_token_id: 2,
+        };
+        config.check()?;
+        Ok(config)
+    }
+}

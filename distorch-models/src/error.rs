@@ -9,6 +9,9 @@ pub enum Error {
     /// From the file index, the loader or the streamer.
     #[error(transparent)]
     Core(#[from] distorch_core::Error),
+    /// From planning (an allocation that cannot be met, say).
+    #[error(transparent)]
+    Alloc(#[from] distorch_alloc::Error),
     /// A configuration file that cannot be read or used.
     #[error("{}: {reason}", path.display())]
     Config {

@@ -11,6 +11,7 @@
 
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 pub mod clip;
 mod clip_keys;
 mod config;
@@ -22,6 +23,7 @@ mod unet_config;
 pub mod unet_ldm;
 pub mod vae;
 
+pub use checkpoint::{CheckpointOptions, Placement, StableDiffusion};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use clip_keys::ClipLayout;
 pub use error::Error;

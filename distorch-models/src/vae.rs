@@ -145,6 +145,48 @@ impl VaeConfig {
         Ok(())
     }
 
+    /// The configuration of a single-file (LDM layout) VAE from its tensors' shapes (`shape`
+    /// of a key); group norms of 32 and the scaling factor (which shapes cannot show) are
+    /// given.
+    pub fn detect_ldm(
+        shape: impl Fn(&str) -> Option<Vec<usize>>,
+        scaling_factor: f64,
+    ) -> Result<VaeConfig, Error> {
+        let need = |key: &str| {
+            shape(key).ok_or_else(|| Error::Input {
+                input: "checkpoint",
+                reason: format!("not a single-file VAE: no `{key}`"),
+            })
+        };
+        let conv_in = need("encoder.conv_in.weight")?;
+        let latent = need("decoder.conv_in.weight")?[1];
+        let out = need("decoder.conv_out.weight")?[0];
+        let channels: Vec<usize> = (0..)
+            .map_while(|i| shape(&format!("encoder.down.{i}.block.0.conv1.weight")))
+            .map(|s| s[0])
+            .collect();
+        let layers = (0..)
+            .take_while(|j| shape(&format!("encoder.down.0.block.{j}.conv1.weight")).is_some())
+            .count();
+        let n = channels.len();
+        let config = VaeConfig {
+            in_channels: conv_in[1],
+            out_channels: out,
+            down_block_types: vec!["DownEncoderBlock2D".into(); n],
+            up_block_types: vec!["UpDecoderBlock2D".into(); n],
+            block_out_channels: channels,
+            layers_per_block: layers,
+            latent_channels: latent,
+            scaling_factor,
+            use_quant_conv: shape("quant_conv.weight").is_some(),
+            use_post_quant_conv: shape("post_quant_conv.weight").is_some(),
+            mid_block_add_attention: shape("encoder.mid.attn_1.q.weight").is_some(),
+            ..VaeConfig::default()
+        };
+        config.check()?;
+        Ok(config)
+    }
+
     /// Every tensor the VAE reads, with keys in `layout`.
     pub fn expected_tensors_in(&self, layout: KeyLayout) -> Vec<ExpectedTensor> {
         match layout {

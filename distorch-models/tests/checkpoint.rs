@@ -3,6 +3,8 @@
 //! reference outputs with each component placed on its own; an SD 1.5-shaped checkpoint is
 //! detected and planned with DisTorch2's defaults.
 
+#![allow(clippy::clone_on_copy)] // Devices are Copy on ndarray only.
+
 mod common;
 
 use std::collections::BTreeMap;

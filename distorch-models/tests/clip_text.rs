@@ -1,5 +1,5 @@
 //! The CLIP text encoder against transformers' `CLIPTextModelWithProjection` (fixtures from
-//! `tools/gen_fixtures.py`: tiny random configs, quick_gelu and gelu), resident and fully
+//! `tools/fixtures/gen.py`: tiny random configs, quick_gelu and gelu), resident and fully
 //! offloaded, with and without the `text_model.` key prefix.
 
 mod common;
@@ -243,7 +243,7 @@ fn sd15_single_file_clip_keys_and_shapes_are_all_covered() {
 fn open_clip_layout_matches_transformers() {
     // `open_clip.safetensors`: the gelu fixture in OpenCLIP's layout under SDXL's
     // `conditioner.embedders.1.model.` (fused q/k/v, transposed projection), checked by
-    // `tools/gen_fixtures.py` with diffusers' own converter.
+    // `tools/fixtures/gen.py` with diffusers' own converter.
     let dir = fixture("clip_text_gelu");
     let path = dir.join("open_clip.safetensors");
     let reference = dir.join("reference.safetensors");

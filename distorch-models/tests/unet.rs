@@ -1,4 +1,4 @@
-//! The UNet against diffusers' `UNet2DConditionModel` (fixtures from `tools/gen_fixtures.py`:
+//! The UNet against diffusers' `UNet2DConditionModel` (fixtures from `tools/fixtures/gen.py`:
 //! an SD-style config with conv projections, and an SDXL-style one with linear projections,
 //! two transformer layers and the text-time embedding), plain and with ControlNet residuals,
 //! resident and fully offloaded.

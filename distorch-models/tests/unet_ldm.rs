@@ -1,5 +1,5 @@
 //! The original single-file UNet layout: parity of the tiny fixtures in that layout (made by
-//! `tools/gen_fixtures.py` and checked there with diffusers' own single-file converter), and
+//! `tools/fixtures/gen.py` and checked there with diffusers' own single-file converter), and
 //! architecture detection on a checkpoint with SD 1.5's exact keys and shapes.
 
 mod common;

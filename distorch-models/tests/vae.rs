@@ -1,4 +1,4 @@
-//! The VAE against diffusers' `AutoencoderKL` (fixture from `tools/gen_fixtures.py`: a tiny
+//! The VAE against diffusers' `AutoencoderKL` (fixture from `tools/fixtures/gen.py`: a tiny
 //! random two-level config), resident and fully offloaded.
 
 mod common;

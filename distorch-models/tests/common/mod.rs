@@ -12,7 +12,19 @@ use distorch_alloc::{
 use distorch_core::safetensors::write;
 use distorch_core::{DType, SafetensorsIndex, components, units};
 
+#[cfg(not(feature = "test-wgpu"))]
 pub type B = burn::backend::NdArray;
+/// With `--features test-wgpu` (`cargo test-wgpu`): compute on wgpu (Mesa lavapipe without a
+/// GPU), every offloaded weight streamed from host memory.
+#[cfg(feature = "test-wgpu")]
+pub type B = burn::backend::Wgpu;
+
+/// The compute device's id in plans.
+#[cfg(not(feature = "test-wgpu"))]
+pub const COMPUTE: &str = "cuda:0";
+/// The compute device's id in plans.
+#[cfg(feature = "test-wgpu")]
+pub const COMPUTE: &str = "wgpu:0";
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -23,6 +23,73 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Show the devices this build detects and the backends it has.
     Devices(DevicesArgs),
+    /// Run one component's forward pass on named input tensors and write named outputs.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Task {
+    /// UNet: in sample, timestep, encoder_hidden_states [, text_embeds, time_ids,
+    /// down_block_additional_residuals.N, mid_block_additional_residual]; out sample.
+    Unet,
+    /// VAE encoder: in image; out latent_mean, latent_logvar.
+    VaeEncode,
+    /// VAE decoder: in z; out image.
+    VaeDecode,
+    /// CLIP text encoder: in input_ids; out last_hidden_state, hidden_states (stacked),
+    /// pooler_output [, text_embeds].
+    ClipText,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RunComponent {
+    Unet,
+    Vae,
+    /// The CLIP-L encoder (transformers layout).
+    ClipL,
+    /// The OpenCLIP encoder (SDXL's second, SD 2.x's only).
+    ClipG,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// What to run.
+    #[arg(value_enum)]
+    pub task: Task,
+    /// A diffusers component folder (config.json + weights) or a .safetensors file (a
+    /// single-file checkpoint, or one component).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Which component of a single-file checkpoint (needed for SDXL's two text encoders).
+    #[arg(long, value_enum)]
+    pub component: Option<RunComponent>,
+    /// The component's config.json (default: the folder's; single-file models are detected).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Input tensors by name (.safetensors).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Where to write the outputs (.safetensors, f32).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The compute device: cpu (ndarray), wgpu:0 or cuda:N (builds with those features).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Expert allocation string, e.g. "wgpu:0,0b;cpu,*" (everything streamed from the host).
+    #[arg(long, conflicts_with_all = ["virtual_vram"])]
+    pub expert: Option<String>,
+    /// GiB of the model to move off the compute device onto --donor.
+    #[arg(long)]
+    pub virtual_vram: Option<f64>,
+    /// Donor devices for --virtual-vram.
+    #[arg(long, default_value = "cpu")]
+    pub donor: String,
+    /// Declared devices instead of detection, e.g. "wgpu:0=8gib,cpu=16gib".
+    #[arg(long)]
+    pub devices: Option<String>,
+    /// Compute dtype (only f32 is implemented).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 /// Which file to read: a path, or a generated demo checkpoint.

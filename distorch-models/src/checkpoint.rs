@@ -11,7 +11,7 @@ use distorch_core::runtime::{DeviceMap, LoadOptions, LoadReport, Lookahead};
 use distorch_core::{Component, ComponentKind, SafetensorsIndex, components, units};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
-use crate::clip_keys::ClipKeys;
+use crate::clip_keys::{ClipKeys, ClipLayout};
 use crate::error::Error;
 use crate::keymap::KeyLayout;
 use crate::unet::Unet2dCondition;
@@ -244,8 +244,49 @@ fn to_usize(s: &[u64]) -> Vec<usize> {
     s.iter().map(|&d| d as usize).collect()
 }
 
-/// The text encoders of a CLIP component: SDXL numbers them (`0.`, `1.` under
-/// `conditioner.embedders.`); SD 1.x/2.x have one.
+/// The text encoders of a CLIP component, each with its key layout: SDXL numbers them
+/// (`0.`, `1.` under `conditioner.embedders.`); SD 1.x/2.x and one-encoder files have one.
+pub fn text_encoders<'a>(c: &Component<'a>) -> Vec<(Component<'a>, ClipLayout)> {
+    encoders(c)
+        .into_iter()
+        .map(|e| {
+            let shapes = shape_map(&e);
+            let layout = ClipKeys::detect(shapes.keys().map(String::as_str)).layout;
+            (e, layout)
+        })
+        .collect()
+}
+
+impl ClipTextConfig {
+    /// The configuration of the (one) text encoder in `c`, read from its shapes (see the
+    /// conventions in [`crate::clip`]: 64-wide heads, quick_gelu for transformers-layout
+    /// weights, gelu for OpenCLIP).
+    pub fn detect(c: &Component<'_>) -> Result<ClipTextConfig, Error> {
+        let shapes = shape_map(c);
+        ClipKeys::detect(shapes.keys().map(String::as_str))
+            .detect_config(|k| shapes.get(k).map(|s| to_usize(s)))
+    }
+}
+
+impl VaeConfig {
+    /// The configuration of a single-file (LDM layout) VAE component from its shapes; a
+    /// diffusers-layout VAE needs its `config.json`.
+    pub fn detect(c: &Component<'_>, scaling_factor: f64) -> Result<VaeConfig, Error> {
+        let shapes = shape_map(c);
+        VaeConfig::detect_ldm(|k| shapes.get(k).map(|s| to_usize(s)), scaling_factor)
+    }
+}
+
+impl UnetConfig {
+    /// The architecture of a single-file (LDM layout) UNet component, from its keys and
+    /// shapes; a diffusers-layout UNet needs its `config.json`.
+    pub fn detect(c: &Component<'_>) -> Result<crate::unet_ldm::DetectedUnet, Error> {
+        let shapes = shape_map(c);
+        detect(shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())))
+    }
+}
+
+/// The text encoders of a CLIP component (see [`text_encoders`]).
 fn encoders<'a>(c: &Component<'a>) -> Vec<Component<'a>> {
     let local = |name: &'a str| name.strip_prefix(c.prefix).unwrap_or(name);
     let mut numbered: Vec<&str> = c

@@ -23,7 +23,7 @@ mod unet_config;
 pub mod unet_ldm;
 pub mod vae;
 
-pub use checkpoint::{CheckpointOptions, Placement, StableDiffusion};
+pub use checkpoint::{CheckpointOptions, Placement, StableDiffusion, text_encoders};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use clip_keys::ClipLayout;
 pub use error::Error;

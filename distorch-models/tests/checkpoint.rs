@@ -64,12 +64,18 @@ fn a_tiny_checkpoint_reproduces_every_reference_with_its_own_placements() {
     let path = dir.path().join("tiny.safetensors");
     tiny_checkpoint(&path);
     let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
-    let device = Default::default();
+    let device: burn::tensor::Device<B> = Default::default();
     let mut options =
-        CheckpointOptions::<B>::new(graph, DeviceId::cuda(0), device, device).unwrap();
+        CheckpointOptions::<B>::new(graph, DeviceId::cuda(0), device.clone(), device.clone())
+            .unwrap();
     // Half of the UNet on the donor (its 4 GiB default would move all of a tiny model).
-    options.unet =
-        Placement::virtual_vram(DeviceId::cuda(0), device, 0.0005, vec![DeviceId::CPU]).unwrap();
+    options.unet = Placement::virtual_vram(
+        DeviceId::cuda(0),
+        device.clone(),
+        0.0005,
+        vec![DeviceId::CPU],
+    )
+    .unwrap();
     options.unet_config =
         Some(UnetConfig::from_file(fixture("unet_sd").join("config.json")).unwrap());
     options.vae_config = Some(VaeConfig::from_file(fixture("vae").join("config.json")).unwrap());
@@ -142,9 +148,10 @@ fn sd15_is_detected_and_planned_with_distorch2_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let path = DemoModel::Sd15.ensure_in(dir.path()).unwrap();
     let graph: DeviceGraph = "cuda:0=8gib,cpu=32gib".parse().unwrap();
-    let device = Default::default();
+    let device: burn::tensor::Device<B> = Default::default();
     let mut options =
-        CheckpointOptions::<B>::new(graph, DeviceId::cuda(0), device, device).unwrap();
+        CheckpointOptions::<B>::new(graph, DeviceId::cuda(0), device.clone(), device.clone())
+            .unwrap();
     // Zero weights: skip the finiteness scan of 2 GB to keep the test quick.
     options.check_finite = false;
     let sd = StableDiffusion::<B>::load_single_file(&path, &options).unwrap();

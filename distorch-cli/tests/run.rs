@@ -1,0 +1,257 @@
+//! `distorch run` as the parity harness: inputs and reference outputs from the models'
+//! fixtures (`tools/fixtures/gen.py`, diffusers / transformers), both key layouts, resident on
+//! the CPU and — in a `--features wgpu` build — computed on wgpu with every weight streamed
+//! from host memory (`--expert "wgpu:0,0b;cpu,*"`), bit-identical to the resident run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use distorch::DType;
+use distorch::core::SafetensorsIndex;
+use distorch::core::safetensors::write;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../distorch-models/tests/fixtures")
+        .join(name)
+}
+
+/// Every tensor of a file: name → (dtype, shape, raw bytes).
+fn tensors(path: &Path) -> BTreeMap<String, (DType, Vec<u64>, Vec<u8>)> {
+    let index = SafetensorsIndex::open(path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    index
+        .tensors()
+        .iter()
+        .map(|t| {
+            let raw = bytes[t.file_offset as usize..(t.file_offset + t.bytes) as usize].to_vec();
+            (t.name.clone(), (t.dtype, t.shape.clone(), raw))
+        })
+        .collect()
+}
+
+fn f32s(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Writes the reference's tensors `names` (renamed by `rename`) as an inputs file.
+fn inputs(reference: &Path, names: &[(&str, &str)], dst: &Path) {
+    let all = tensors(reference);
+    let mut specs = Vec::new();
+    let mut data = Vec::new();
+    for (from, to) in names {
+        let (dtype, shape, raw) = &all[*from];
+        specs.push((to.to_string(), *dtype, shape.clone()));
+        data.push(raw.as_slice());
+    }
+    write(dst, &specs, &data, &BTreeMap::new()).unwrap();
+}
+
+fn run(args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_distorch"))
+        .arg("run")
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Output `name` of `out` against reference `key`, rtol 1e-3 / atol 1e-4.
+fn check(out: &Path, name: &str, reference: &Path, key: &str) -> Vec<f32> {
+    let got = tensors(out);
+    let want = tensors(reference);
+    let (_, gs, g) = &got[name];
+    let (_, ws, w) = &want[key];
+    assert_eq!(gs, ws, "{name}: shape");
+    let (g, w) = (f32s(g), f32s(w));
+    assert!(!g.is_empty());
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 + 1e-3 * b.abs(),
+            "{name}[{i}]: got {a}, reference {b}"
+        );
+    }
+    g
+}
+
+struct Case {
+    task: &'static str,
+    model: PathBuf,
+    config: PathBuf,
+    component: Option<&'static str>,
+    inputs: Vec<(&'static str, &'static str)>,
+    outputs: Vec<(&'static str, &'static str)>,
+    reference: PathBuf,
+}
+
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    for (name, sdxl) in [("unet_sd", false), ("unet_sdxl", true)] {
+        let mut ins = vec![
+            ("sample", "sample"),
+            ("timestep", "timestep"),
+            ("encoder_hidden_states", "encoder_hidden_states"),
+            ("mid_block_res_sample", "mid_block_additional_residual"),
+            ("down_block_res_samples.0", "down_block_additional_residuals.0"),
+            ("down_block_res_samples.1", "down_block_additional_residuals.1"),
+            ("down_block_res_samples.2", "down_block_additional_residuals.2"),
+            ("down_block_res_samples.3", "down_block_additional_residuals.3"),
+        ];
+        if sdxl {
+            ins.extend([("text_embeds", "text_embeds"), ("time_ids", "time_ids")]);
+        }
+        for file in ["diffusion_pytorch_model.safetensors", "ldm.safetensors"] {
+            out.push(Case {
+                task: "unet",
+                model: fixture(name).join(file),
+                config: fixture(name).join("config.json"),
+                component: Some("unet"),
+                inputs: ins.clone(),
+                outputs: vec![("sample", "controlled_out")],
+                reference: fixture(name).join("reference.safetensors"),
+            });
+        }
+    }
+    for file in ["diffusion_pytorch_model.safetensors", "ldm.safetensors"] {
+        out.push(Case {
+            task: "vae-encode",
+            model: fixture("vae").join(file),
+            config: fixture("vae").join("config.json"),
+            component: Some("vae"),
+            inputs: vec![("image", "image")],
+            outputs: vec![("latent_mean", "latent_mean"), ("latent_logvar", "latent_logvar")],
+            reference: fixture("vae").join("reference.safetensors"),
+        });
+        out.push(Case {
+            task: "vae-decode",
+            model: fixture("vae").join(file),
+            config: fixture("vae").join("config.json"),
+            component: Some("vae"),
+            inputs: vec![("z", "z")],
+            outputs: vec![("image", "decoded")],
+            reference: fixture("vae").join("reference.safetensors"),
+        });
+    }
+    for (dir, file, component) in [
+        ("clip_text_quick_gelu", "model.safetensors", "clip-l"),
+        ("clip_text_gelu", "open_clip.safetensors", "clip-g"),
+    ] {
+        out.push(Case {
+            task: "clip-text",
+            model: fixture(dir).join(file),
+            config: fixture(dir).join("config.json"),
+            component: Some(component),
+            inputs: vec![("input_ids", "input_ids")],
+            outputs: vec![
+                ("last_hidden_state", "last_hidden_state"),
+                ("hidden_states", "hidden_states"),
+                ("pooler_output", "pooled_output"),
+                ("text_embeds", "text_embeds"),
+            ],
+            reference: fixture(dir).join("reference.safetensors"),
+        });
+    }
+    out
+}
+
+/// Runs every case with `extra` arguments; returns each case's outputs.
+fn run_all(tmp: &Path, tag: &str, extra: &[&str]) -> Vec<Vec<f32>> {
+    let mut all = Vec::new();
+    for (i, c) in cases().iter().enumerate() {
+        let ins = tmp.join(format!("in{i}.safetensors"));
+        let out = tmp.join(format!("out{i}-{tag}.safetensors"));
+        inputs(&c.reference, &c.inputs, &ins);
+        let mut args = vec![
+            c.task,
+            "--model",
+            c.model.to_str().unwrap(),
+            "--config",
+            c.config.to_str().unwrap(),
+            "--inputs",
+            ins.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(comp) = c.component {
+            args.extend(["--component", comp]);
+        }
+        args.extend(extra);
+        run(&args);
+        let mut values = Vec::new();
+        for (name, key) in &c.outputs {
+            values.extend(check(&out, name, &c.reference, key));
+        }
+        all.push(values);
+    }
+    all
+}
+
+#[test]
+fn every_task_matches_the_reference_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    run_all(tmp.path(), "cpu", &[]);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn every_task_matches_on_wgpu_with_every_weight_streamed_from_the_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let devices = ["--device", "wgpu:0", "--devices", "wgpu:0=8gib,cpu=16gib"];
+    let resident = run_all(
+        tmp.path(),
+        "resident",
+        &[&devices[..], &["--expert", "wgpu:0,*"]].concat(),
+    );
+    let streamed = run_all(
+        tmp.path(),
+        "streamed",
+        &[&devices[..], &["--expert", "wgpu:0,0b;cpu,*"]].concat(),
+    );
+    for (i, (a, b)) in resident.iter().zip(&streamed).enumerate() {
+        assert_eq!(a, b, "case {i}: streamed output differs from resident");
+    }
+}
+
+#[test]
+fn bad_runs_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ins = tmp.path().join("in.safetensors");
+    inputs(
+        &fixture("vae").join("reference.safetensors"),
+        &[("z", "image")],
+        &ins,
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_distorch"))
+        .args(["run", "vae-decode", "--model"])
+        .arg(fixture("vae").join("diffusion_pytorch_model.safetensors"))
+        .arg("--inputs")
+        .arg(&ins)
+        .args(["--out", "/dev/null", "--config"])
+        .arg(fixture("vae").join("config.json"))
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no input named `z` (found: image)"), "{err}");
+
+    let o = Command::new(env!("CARGO_BIN_EXE_distorch"))
+        .args(["run", "unet", "--model"])
+        .arg(fixture("unet_sd").join("diffusion_pytorch_model.safetensors"))
+        .arg("--inputs")
+        .arg(&ins)
+        .args(["--out", "/dev/null", "--dtype", "f16"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("only f32 compute is implemented"));
+}

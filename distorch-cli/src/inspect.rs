@@ -3,11 +3,63 @@
 use std::collections::BTreeMap;
 
 use distorch::ByteSize;
-use distorch::core::{SafetensorsIndex, TensorInfo, components, units};
+use distorch::core::{Component, ComponentKind, SafetensorsIndex, TensorInfo, components, units};
+use distorch::models::{ClipLayout, ClipTextConfig, UnetConfig, VaeConfig, text_encoders};
 use serde_json::json;
 
 use crate::Failure;
 use crate::cli::InspectArgs;
+
+/// What the component's keys and shapes say its architecture is, in a line per model.
+fn detected(c: &Component<'_>) -> Vec<String> {
+    let local = |t: &&TensorInfo| t.name.strip_prefix(c.prefix).unwrap_or(&t.name).to_owned();
+    let ldm = |p: &str| c.tensors.iter().any(|t| local(t).starts_with(p));
+    let or_why = |r: Result<String, distorch::models::Error>| {
+        r.unwrap_or_else(|e| format!("not recognised: {e}"))
+    };
+    match c.kind {
+        ComponentKind::Unet if ldm("input_blocks.") => vec![or_why(UnetConfig::detect(c).map(|d| {
+            let cfg = &d.config;
+            format!(
+                "{} UNet (single-file layout): channels {:?}, {:?} resnets per level, depth {:?},                  context {:?}, {} projection{}",
+                d.family,
+                cfg.block_out_channels,
+                cfg.layers_per_block,
+                cfg.transformer_layers_per_block,
+                cfg.cross_attention_dim,
+                if cfg.use_linear_projection { "linear" } else { "conv" },
+                if cfg.has_text_time() { ", text-time embedding" } else { "" }
+            )
+        }))],
+        ComponentKind::Unet => vec!["UNet, diffusers layout (its config.json gives the architecture)".into()],
+        ComponentKind::Vae if ldm("encoder.down.") => {
+            vec![or_why(VaeConfig::detect(c, 0.18215).map(|v| {
+                format!(
+                    "VAE (single-file layout): channels {:?}, {} resnets per level, {} latent channels",
+                    v.block_out_channels, v.layers_per_block, v.latent_channels
+                )
+            }))]
+        }
+        ComponentKind::Vae => vec!["VAE, diffusers layout (its config.json gives the architecture)".into()],
+        ComponentKind::Clip => text_encoders(c)
+            .into_iter()
+            .map(|(e, layout)| {
+                or_why(ClipTextConfig::detect(&e).map(|cfg| {
+                    format!(
+                        "{} text encoder: {} layers, width {}, {} heads, {}, projection {}",
+                        if layout == ClipLayout::OpenClip { "OpenCLIP" } else { "CLIP (transformers layout)" },
+                        cfg.num_hidden_layers,
+                        cfg.hidden_size,
+                        cfg.num_attention_heads,
+                        cfg.hidden_act,
+                        cfg.projection_dim
+                    )
+                }))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
 
 fn dtype_counts(tensors: &[&TensorInfo]) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
@@ -38,6 +90,7 @@ pub fn run(args: &InspectArgs) -> Result<(), Failure> {
                     "units": inv.len(),
                     "bytes": c.bytes(),
                     "dtypes": dtype_counts(&c.tensors),
+                    "detected": detected(c),
                 })
             })
             .collect();
@@ -83,6 +136,9 @@ pub fn run(args: &InspectArgs) -> Result<(), Failure> {
             ByteSize(c.bytes()).to_string(),
             dtypes.join(" ")
         );
+        for line in detected(c) {
+            println!("    detected: {line}");
+        }
     }
     if !split.other.is_empty() {
         let names: Vec<&str> = split

@@ -100,10 +100,22 @@ fn cases() -> Vec<Case> {
             ("timestep", "timestep"),
             ("encoder_hidden_states", "encoder_hidden_states"),
             ("mid_block_res_sample", "mid_block_additional_residual"),
-            ("down_block_res_samples.0", "down_block_additional_residuals.0"),
-            ("down_block_res_samples.1", "down_block_additional_residuals.1"),
-            ("down_block_res_samples.2", "down_block_additional_residuals.2"),
-            ("down_block_res_samples.3", "down_block_additional_residuals.3"),
+            (
+                "down_block_res_samples.0",
+                "down_block_additional_residuals.0",
+            ),
+            (
+                "down_block_res_samples.1",
+                "down_block_additional_residuals.1",
+            ),
+            (
+                "down_block_res_samples.2",
+                "down_block_additional_residuals.2",
+            ),
+            (
+                "down_block_res_samples.3",
+                "down_block_additional_residuals.3",
+            ),
         ];
         if sdxl {
             ins.extend([("text_embeds", "text_embeds"), ("time_ids", "time_ids")]);
@@ -127,7 +139,10 @@ fn cases() -> Vec<Case> {
             config: fixture("vae").join("config.json"),
             component: Some("vae"),
             inputs: vec![("image", "image")],
-            outputs: vec![("latent_mean", "latent_mean"), ("latent_logvar", "latent_logvar")],
+            outputs: vec![
+                ("latent_mean", "latent_mean"),
+                ("latent_logvar", "latent_logvar"),
+            ],
             reference: fixture("vae").join("reference.safetensors"),
         });
         out.push(Case {

@@ -229,6 +229,160 @@ impl<B: Backend> StableDiffusion<B> {
     }
 }
 
+impl<B: Backend> StableDiffusion<B> {
+    /// Loads a diffusers pipeline folder: `unet/`, `vae/`, `text_encoder/` and, for SDXL,
+    /// `text_encoder_2/`, each a `config.json` and one `.safetensors` file
+    /// (`diffusion_pytorch_model.safetensors` or `model.safetensors`, else the one there,
+    /// e.g. an `.fp16.` variant), each planned and placed as `options` says. Sharded weights
+    /// (`*.safetensors.index.json`) are not supported yet and are an error.
+    pub fn load_diffusers(
+        folder: impl AsRef<Path>,
+        options: &CheckpointOptions<B>,
+    ) -> Result<StableDiffusion<B>, Error> {
+        let folder = folder.as_ref();
+        let load = LoadOptions {
+            check_finite: options.check_finite,
+            ..LoadOptions::default()
+        };
+        let mut loaded = Vec::new();
+
+        let (config_path, index) = component_folder(&folder.join("unet"))?;
+        let config = match &options.unet_config {
+            Some(c) => c.clone(),
+            None => UnetConfig::from_file(&config_path)?,
+        };
+        let split = components::split(&index);
+        let c = first(&split, &index)?;
+        let order = Unet2dCondition::<B>::execution_order(&config, KeyLayout::Diffusers)?;
+        let plan = plan_for(c, &order, &options.unet, &options.graph)?;
+        let (unet, report) = Unet2dCondition::load(
+            &index,
+            c,
+            &plan,
+            &options.unet.devices,
+            config,
+            &load,
+            options.lookahead,
+        )?;
+        loaded.push(("unet".to_owned(), plan, report));
+
+        let mut text_encoders = Vec::new();
+        for (i, name) in ["text_encoder", "text_encoder_2"].into_iter().enumerate() {
+            let dir = folder.join(name);
+            if !dir.is_dir() {
+                continue;
+            }
+            let (config_path, index) = component_folder(&dir)?;
+            let config = match options.clip_configs.as_ref().and_then(|c| c.get(i)) {
+                Some(c) => c.clone(),
+                None => ClipTextConfig::from_file(&config_path)?,
+            };
+            let split = components::split(&index);
+            let c = first(&split, &index)?;
+            let shapes = shape_map(c);
+            let keys = ClipKeys::detect(shapes.keys().map(String::as_str));
+            let projection = shapes.contains_key(&keys.projection_key());
+            let plan = plan_for(
+                c,
+                &keys.order(&config, projection),
+                &options.clip,
+                &options.graph,
+            )?;
+            let (model, report) = ClipTextModel::load(
+                &index,
+                c,
+                &plan,
+                &options.clip.devices,
+                config,
+                &load,
+                options.lookahead,
+            )?;
+            loaded.push((format!("clip.{i}"), plan, report));
+            text_encoders.push(model);
+        }
+
+        let (config_path, index) = component_folder(&folder.join("vae"))?;
+        let config = match &options.vae_config {
+            Some(c) => c.clone(),
+            None => VaeConfig::from_file(&config_path)?,
+        };
+        let split = components::split(&index);
+        let c = first(&split, &index)?;
+        let plan = plan_for(c, &[] as &[String], &options.vae, &options.graph)?;
+        let (vae, report) = AutoencoderKl::load(
+            &index,
+            c,
+            &plan,
+            &options.vae.devices,
+            config,
+            &load,
+            options.lookahead,
+        )?;
+        loaded.push(("vae".to_owned(), plan, report));
+        let family = match text_encoders.len() {
+            2 => "SDXL",
+            _ => "unknown",
+        };
+        Ok(StableDiffusion {
+            family,
+            unet,
+            text_encoders,
+            vae,
+            loaded,
+        })
+    }
+}
+
+/// The config path and weights index of a diffusers component folder.
+fn component_folder(dir: &Path) -> Result<(std::path::PathBuf, SafetensorsIndex), Error> {
+    let bad = |reason: String| Error::Input {
+        input: "model folder",
+        reason: format!("{}: {reason}", dir.display()),
+    };
+    let entries: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| bad(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    let named = |suffix: &str| {
+        entries
+            .iter()
+            .filter(|p| p.to_string_lossy().ends_with(suffix))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    if !named(".safetensors.index.json").is_empty() {
+        return Err(bad(
+            "sharded weights (*.safetensors.index.json) are not supported yet".into(),
+        ));
+    }
+    let mut files = named(".safetensors");
+    files.sort();
+    let preferred = ["diffusion_pytorch_model.safetensors", "model.safetensors"];
+    let weights = preferred
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| files.contains(p))
+        .or_else(|| (files.len() == 1).then(|| files[0].clone()))
+        .ok_or_else(|| {
+            bad(if files.is_empty() {
+                "no .safetensors file".into()
+            } else {
+                format!("several weight files and none of {preferred:?}")
+            })
+        })?;
+    Ok((dir.join("config.json"), SafetensorsIndex::open(weights)?))
+}
+
+fn first<'a>(
+    split: &'a distorch_core::Split<'a>,
+    index: &SafetensorsIndex,
+) -> Result<&'a Component<'a>, Error> {
+    split.components.first().ok_or_else(|| Error::Input {
+        input: "model folder",
+        reason: format!("{}: no tensors", index.path().display()),
+    })
+}
+
 /// Tensor shapes of a component by local key (component prefix stripped).
 fn shape_map(c: &Component<'_>) -> HashMap<String, Vec<u64>> {
     c.tensors

@@ -1,12 +1,10 @@
 //! The VAE against diffusers' `AutoencoderKL` (fixture from `tools/fixtures/gen.py`: a tiny
 //! random two-level config), resident and fully offloaded.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::*;
 use burn::tensor::{Tensor, TensorData};
-use common::*;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{AutoencoderKl, Error, VaeConfig};

@@ -1,15 +1,11 @@
 //! Homes and loading checks: GPU donors, weights borrowed from the mapped file, expected
 //! keys and shapes, non-finite weights, and the execution order the streamer follows.
 
-#![cfg(feature = "runtime")]
-
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use burn::tensor::Tensor;
-use common::*;
 use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, PlanRequest};
 use distorch_alloc::{Plan, VirtualVram};
 use distorch_core::runtime::{

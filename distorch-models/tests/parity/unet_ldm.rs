@@ -2,12 +2,10 @@
 //! `tools/fixtures/gen.py` and checked there with diffusers' own single-file converter), and
 //! architecture detection on a checkpoint with SD 1.5's exact keys and shapes.
 
-mod common;
-
 use std::collections::BTreeSet;
 
+use crate::common::*;
 use burn::tensor::{Tensor, TensorData};
-use common::*;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch_core::{ComponentKind, DemoModel, SafetensorsIndex, components};
 use distorch_models::unet_ldm::detect;

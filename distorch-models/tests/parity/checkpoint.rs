@@ -5,12 +5,10 @@
 
 #![allow(clippy::clone_on_copy)] // Devices are Copy on ndarray only.
 
-mod common;
-
 use std::collections::BTreeMap;
 
+use crate::common::*;
 use burn::tensor::{Tensor, TensorData};
-use common::*;
 use distorch_alloc::{DeviceGraph, DeviceId};
 use distorch_core::safetensors::write;
 use distorch_core::{DemoModel, SafetensorsIndex};
@@ -176,4 +174,73 @@ fn sd15_is_detected_and_planned_with_distorch2_defaults() {
         unet_report.host_mapped.bytes() > 1_500_000_000,
         "{unet_report:?}"
     );
+}
+
+#[test]
+fn a_diffusers_folder_loads_every_component_with_its_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (sub, src, weights) in [
+        ("unet", "unet_sdxl", "diffusion_pytorch_model.safetensors"),
+        ("vae", "vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "clip_text_quick_gelu", "model.safetensors"),
+        ("text_encoder_2", "clip_text_gelu", "model.safetensors"),
+    ] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+        std::fs::copy(
+            fixture(src).join("config.json"),
+            root.join(sub).join("config.json"),
+        )
+        .unwrap();
+        std::fs::copy(fixture(src).join(weights), root.join(sub).join(weights)).unwrap();
+    }
+    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+    let device: burn::tensor::Device<B> = Default::default();
+    let mut options =
+        CheckpointOptions::<B>::new(graph, DeviceId::cuda(0), device.clone(), device.clone())
+            .unwrap();
+    options.unet =
+        Placement::virtual_vram(DeviceId::cuda(0), device, 1.0, vec![DeviceId::CPU]).unwrap();
+    let sd = StableDiffusion::<B>::load_diffusers(root, &options).unwrap();
+    assert_eq!(sd.family, "SDXL");
+    assert_eq!(sd.text_encoders.len(), 2);
+    let names: Vec<&str> = sd.loaded.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, ["unet", "clip.0", "clip.1", "vae"]);
+    let t: Tensor<B, 1> = tensor("unet_sdxl", "timestep");
+    let out = sd
+        .unet
+        .forward(
+            UnetInput::new(
+                tensor("unet_sdxl", "sample"),
+                t.into_data().to_vec::<f32>().unwrap(),
+                tensor("unet_sdxl", "encoder_hidden_states"),
+            )
+            .with_text_time(
+                tensor("unet_sdxl", "text_embeds"),
+                tensor("unet_sdxl", "time_ids"),
+            ),
+        )
+        .unwrap();
+    assert_close(
+        "unet",
+        out,
+        read(&fixture("unet_sdxl").join("reference.safetensors"), "out"),
+    );
+    let stats = sd.unet.streamer().take_stats();
+    assert!(
+        stats.prefetched + stats.on_demand > 0,
+        "streamed from the host: {stats:?}"
+    );
+
+    // A sharded component is refused with a clear error.
+    std::fs::write(
+        root.join("vae")
+            .join("diffusion_pytorch_model.safetensors.index.json"),
+        "{}",
+    )
+    .unwrap();
+    let e = StableDiffusion::<B>::load_diffusers(root, &options)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("sharded weights"), "{e}");
 }

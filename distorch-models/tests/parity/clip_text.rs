@@ -2,12 +2,10 @@
 //! `tools/fixtures/gen.py`: tiny random configs, quick_gelu and gelu), resident and fully
 //! offloaded, with and without the `text_model.` key prefix.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::*;
 use burn::tensor::Tensor;
-use common::*;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{ClipTextConfig, ClipTextModel, Error};

@@ -3,12 +3,10 @@
 //! two transformer layers and the text-time embedding), plain and with ControlNet residuals,
 //! resident and fully offloaded.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::*;
 use burn::tensor::{Tensor, TensorData};
-use common::*;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{Error, Unet2dCondition, UnetConfig, UnetInput};

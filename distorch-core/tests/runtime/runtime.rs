@@ -4,14 +4,10 @@
 //! Compute runs on ndarray, or on wgpu with `--features test-wgpu` (`cargo test-wgpu`), where
 //! host memory and the compute device are two distinct memory spaces.
 
-#![cfg(feature = "runtime")]
-
-mod common;
-
 use std::sync::Arc;
 
+use crate::common::*;
 use burn::tensor::Tensor;
-use common::*;
 use distorch_alloc::{
     ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, PlanRequest, VirtualVram,
 };

@@ -1,0 +1,9 @@
+//! Every model against diffusers / transformers (fixtures from `tools/fixtures/gen.py`), in
+//! both key layouts, resident and offloaded; one test binary so the wgpu build links once.
+
+mod checkpoint;
+mod clip_text;
+mod common;
+mod unet;
+mod unet_ldm;
+mod vae;

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use distorch::ByteSize;
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, TensorInfo, components, units};
-use distorch::models::{ClipLayout, ClipTextConfig, UnetConfig, VaeConfig, text_encoders};
+use distorch::models::{
+    ClipLayout, ClipTextConfig, PerBlock, UnetConfig, VaeConfig, text_encoders,
+};
 use serde_json::json;
 
 use crate::Failure;
@@ -18,20 +20,33 @@ fn detected(c: &Component<'_>) -> Vec<String> {
         r.unwrap_or_else(|e| format!("not recognised: {e}"))
     };
     match c.kind {
-        ComponentKind::Unet if ldm("input_blocks.") => vec![or_why(UnetConfig::detect(c).map(|d| {
-            let cfg = &d.config;
-            format!(
-                "{} UNet (single-file layout): channels {:?}, {:?} resnets per level, depth {:?},                  context {:?}, {} projection{}",
-                d.family,
-                cfg.block_out_channels,
-                cfg.layers_per_block,
-                cfg.transformer_layers_per_block,
-                cfg.cross_attention_dim,
-                if cfg.use_linear_projection { "linear" } else { "conv" },
-                if cfg.has_text_time() { ", text-time embedding" } else { "" }
-            )
-        }))],
-        ComponentKind::Unet => vec!["UNet, diffusers layout (its config.json gives the architecture)".into()],
+        ComponentKind::Unet if ldm("input_blocks.") => {
+            vec![or_why(UnetConfig::detect(c).map(|d| {
+                let cfg = &d.config;
+                format!(
+                    "{} UNet (single-file layout): channels {:?}, {} resnets per level, depth {}, \
+                 context {}, {} projection{}",
+                    d.family,
+                    cfg.block_out_channels,
+                    per_block(&cfg.layers_per_block),
+                    per_block(&cfg.transformer_layers_per_block),
+                    per_block(&cfg.cross_attention_dim),
+                    if cfg.use_linear_projection {
+                        "linear"
+                    } else {
+                        "conv"
+                    },
+                    if cfg.has_text_time() {
+                        ", text-time embedding"
+                    } else {
+                        ""
+                    }
+                )
+            }))]
+        }
+        ComponentKind::Unet => {
+            vec!["UNet, diffusers layout (its config.json gives the architecture)".into()]
+        }
         ComponentKind::Vae if ldm("encoder.down.") => {
             vec![or_why(VaeConfig::detect(c, 0.18215).map(|v| {
                 format!(
@@ -40,14 +55,20 @@ fn detected(c: &Component<'_>) -> Vec<String> {
                 )
             }))]
         }
-        ComponentKind::Vae => vec!["VAE, diffusers layout (its config.json gives the architecture)".into()],
+        ComponentKind::Vae => {
+            vec!["VAE, diffusers layout (its config.json gives the architecture)".into()]
+        }
         ComponentKind::Clip => text_encoders(c)
             .into_iter()
             .map(|(e, layout)| {
                 or_why(ClipTextConfig::detect(&e).map(|cfg| {
                     format!(
                         "{} text encoder: {} layers, width {}, {} heads, {}, projection {}",
-                        if layout == ClipLayout::OpenClip { "OpenCLIP" } else { "CLIP (transformers layout)" },
+                        if layout == ClipLayout::OpenClip {
+                            "OpenCLIP"
+                        } else {
+                            "CLIP (transformers layout)"
+                        },
                         cfg.num_hidden_layers,
                         cfg.hidden_size,
                         cfg.num_attention_heads,
@@ -58,6 +79,13 @@ fn detected(c: &Component<'_>) -> Vec<String> {
             })
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+fn per_block(v: &PerBlock<usize>) -> String {
+    match v {
+        PerBlock::One(x) => x.to_string(),
+        PerBlock::Many(v) => format!("{v:?}"),
     }
 }
 

@@ -275,20 +275,21 @@ impl ClipKeys {
         let layers = (0..)
             .take_while(|&l| shape(&format!("{}.weight", self.layer(l, "layer_norm1"))).is_some())
             .count();
-        let hidden = tokens.get(1).copied().unwrap_or(0);
+        let at = |s: &[usize], i: usize| s.get(i).copied().unwrap_or(0);
+        let hidden = at(&tokens, 1);
         let projection = match (self.layout, shape(&self.projection_key())) {
-            (ClipLayout::Transformers, Some(s)) => s[0],
-            (ClipLayout::OpenClip, Some(s)) => s.get(1).copied().unwrap_or(hidden),
+            (ClipLayout::Transformers, Some(s)) => at(&s, 0),
+            (ClipLayout::OpenClip, Some(s)) => at(&s, 1),
             (_, None) => hidden,
         };
         let config = ClipTextConfig {
-            vocab_size: tokens[0],
+            vocab_size: at(&tokens, 0),
             hidden_size: hidden,
-            intermediate_size: fc1[0],
+            intermediate_size: at(&fc1, 0),
             projection_dim: projection,
             num_hidden_layers: layers,
             num_attention_heads: (hidden / 64).max(1),
-            max_position_embeddings: positions[0],
+            max_position_embeddings: at(&positions, 0),
             hidden_act: match self.layout {
                 ClipLayout::Transformers => "quick_gelu",
                 ClipLayout::OpenClip => "gelu",
@@ -297,6 +298,22 @@ impl ClipKeys {
             layer_norm_eps: 1e-5,
             eos_token_id: 2,
         };
+        if [
+            config.vocab_size,
+            hidden,
+            config.intermediate_size,
+            config.max_position_embeddings,
+        ]
+        .contains(&0)
+            || layers == 0
+        {
+            return Err(Error::Input {
+                input: "checkpoint",
+                reason: format!(
+                    "not a CLIP text encoder: shapes {tokens:?}, {positions:?}, {fc1:?}"
+                ),
+            });
+        }
         config.check()?;
         Ok(config)
     }

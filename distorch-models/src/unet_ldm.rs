@@ -116,7 +116,8 @@ pub fn detect<'a>(
             .map(|&d| d as usize)
             .ok_or_else(|| missing(key))
     };
-    let c0 = dim("input_blocks.0.0.weight", 0)?;
+    // conv_in's output width is checked against the levels when the UNet loads.
+    dim("input_blocks.0.0.weight", 0)?;
     let in_channels = dim("input_blocks.0.0.weight", 1)?;
     let out_channels = dim("out.2.weight", 0)?;
     let depth_of = |prefix: &str| {
@@ -136,7 +137,7 @@ pub fn detect<'a>(
         if let Some(s) = shapes.get(resnet.as_str()) {
             count += 1;
             if count == 1 {
-                channels.push(s[0] as usize);
+                channels.push(s.first().copied().unwrap_or(0) as usize);
             }
             if shapes.contains_key(format!("input_blocks.{i}.1.proj_in.weight").as_str()) {
                 level_attn = true;
@@ -167,9 +168,12 @@ pub fn detect<'a>(
     let context = shapes
         .iter()
         .find(|(k, _)| k.ends_with(".attn2.to_k.weight"))
-        .map(|(_, s)| s[1] as usize)
-        .unwrap_or(768);
-    let text_time = shapes.get("label_emb.0.0.weight").map(|s| s[1] as usize);
+        .and_then(|(_, s)| s.get(1))
+        .map_or(768, |&d| d as usize);
+    let text_time = shapes
+        .get("label_emb.0.0.weight")
+        .and_then(|s| s.get(1))
+        .map(|&d| d as usize);
     let up_attn: Vec<bool> = (0..n)
         .map(|b| {
             shapes.contains_key(format!("output_blocks.{}.1.proj_in.weight", b * (l + 1)).as_str())
@@ -217,7 +221,6 @@ pub fn detect<'a>(
             .unwrap_or(1),
         ..UnetConfig::default()
     };
-    debug_assert!(c0 == config.block_out_channels[0]);
     config.check()?;
     Ok(DetectedUnet { family, config })
 }

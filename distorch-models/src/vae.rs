@@ -152,25 +152,27 @@ impl VaeConfig {
         shape: impl Fn(&str) -> Option<Vec<usize>>,
         scaling_factor: f64,
     ) -> Result<VaeConfig, Error> {
-        let need = |key: &str| {
-            shape(key).ok_or_else(|| Error::Input {
-                input: "checkpoint",
-                reason: format!("not a single-file VAE: no `{key}`"),
-            })
+        let need = |key: &str, i: usize| {
+            shape(key)
+                .and_then(|s| s.get(i).copied())
+                .ok_or_else(|| Error::Input {
+                    input: "checkpoint",
+                    reason: format!("not a single-file VAE: no `{key}` of rank > {i}"),
+                })
         };
-        let conv_in = need("encoder.conv_in.weight")?;
-        let latent = need("decoder.conv_in.weight")?[1];
-        let out = need("decoder.conv_out.weight")?[0];
+        let in_channels = need("encoder.conv_in.weight", 1)?;
+        let latent = need("decoder.conv_in.weight", 1)?;
+        let out = need("decoder.conv_out.weight", 0)?;
         let channels: Vec<usize> = (0..)
             .map_while(|i| shape(&format!("encoder.down.{i}.block.0.conv1.weight")))
-            .map(|s| s[0])
+            .map(|s| s.first().copied().unwrap_or(0))
             .collect();
         let layers = (0..)
             .take_while(|j| shape(&format!("encoder.down.0.block.{j}.conv1.weight")).is_some())
             .count();
         let n = channels.len();
         let config = VaeConfig {
-            in_channels: conv_in[1],
+            in_channels,
             out_channels: out,
             down_block_types: vec!["DownEncoderBlock2D".into(); n],
             up_block_types: vec!["UpDecoderBlock2D".into(); n],

@@ -269,3 +269,38 @@ fn open_clip_layout_matches_transformers() {
     let offloaded = load(&dir, &path, true).unwrap();
     assert_eq!(outputs(&resident, &ids), outputs(&offloaded, &ids));
 }
+
+#[test]
+fn detection_on_malformed_shapes_is_an_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("odd.safetensors");
+    let specs = vec![
+        (
+            "text_model.embeddings.token_embedding.weight".to_owned(),
+            distorch_core::DType::F32,
+            vec![],
+        ),
+        (
+            "text_model.embeddings.position_embedding.weight".to_owned(),
+            distorch_core::DType::F32,
+            vec![],
+        ),
+        (
+            "text_model.encoder.layers.0.mlp.fc1.weight".to_owned(),
+            distorch_core::DType::F32,
+            vec![],
+        ),
+    ];
+    let zero = [0u8; 4];
+    distorch_core::safetensors::write(
+        &path,
+        &specs,
+        &[&zero, &zero, &zero],
+        &std::collections::BTreeMap::new(),
+    )
+    .unwrap();
+    let index = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&index);
+    let e = ClipTextConfig::detect(&split.components[0]).unwrap_err();
+    assert!(e.to_string().contains("not a CLIP text encoder"), "{e}");
+}

@@ -184,13 +184,7 @@ impl<B: Backend> ClipTextModel<B> {
         let keys = ClipKeys::detect(names.iter().map(String::as_str));
         let projection = names.iter().any(|n| *n == keys.projection_key());
         let expected = keys.expected(&config, projection);
-        let options = LoadOptions {
-            patch: options.patch,
-            expected: Some(&expected),
-            allow_missing: options.allow_missing,
-            allow_mismatched: options.allow_mismatched,
-            check_finite: options.check_finite,
-        };
+        let options = options.expecting(&expected);
         let (store, report) = WeightStore::load(index, component, plan, devices, &options)?;
         let order = ExecutionOrder::Declared(
             keys.order(&config, projection)

@@ -115,13 +115,7 @@ impl<B: Backend> Unet2dCondition<B> {
             Some(m) => m.expected(expected),
             None => expected,
         };
-        let options = LoadOptions {
-            patch: options.patch,
-            expected: Some(&expected),
-            allow_missing: options.allow_missing,
-            allow_mismatched: options.allow_mismatched,
-            check_finite: options.check_finite,
-        };
+        let options = options.expecting(&expected);
         let (store, report) = WeightStore::load(index, component, plan, devices, &options)?;
         let streamer = Arc::new(Streamer::new(Arc::new(store), lookahead));
         Ok((

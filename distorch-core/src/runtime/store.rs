@@ -207,6 +207,22 @@ impl<B: Backend> Default for LoadOptions<'_, B> {
     }
 }
 
+impl<'a, B: Backend> LoadOptions<'a, B> {
+    /// The same options, expecting `expected` (a model's tensors).
+    pub fn expecting<'b>(&self, expected: &'b [ExpectedTensor]) -> LoadOptions<'b, B>
+    where
+        'a: 'b,
+    {
+        LoadOptions {
+            patch: self.patch,
+            expected: Some(expected),
+            allow_missing: self.allow_missing,
+            allow_mismatched: self.allow_mismatched,
+            check_finite: self.check_finite,
+        }
+    }
+}
+
 /// What loading did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {

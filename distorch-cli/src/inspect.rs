@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use distorch::ByteSize;
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, TensorInfo, components, units};
 use distorch::models::{
-    ClipLayout, ClipTextConfig, PerBlock, UnetConfig, VaeConfig, text_encoders,
+    ClipLayout, ClipTextConfig, KeyLayout, PerBlock, UnetConfig, VaeConfig, text_encoders,
 };
 use serde_json::json;
 
@@ -14,13 +14,13 @@ use crate::cli::InspectArgs;
 
 /// What the component's keys and shapes say its architecture is, in a line per model.
 fn detected(c: &Component<'_>) -> Vec<String> {
-    let local = |t: &&TensorInfo| t.name.strip_prefix(c.prefix).unwrap_or(&t.name).to_owned();
-    let ldm = |p: &str| c.tensors.iter().any(|t| local(t).starts_with(p));
+    let unet_ldm = KeyLayout::of_unet(c) == KeyLayout::Ldm;
+    let vae_ldm = KeyLayout::of_vae(c) == KeyLayout::Ldm;
     let or_why = |r: Result<String, distorch::models::Error>| {
         r.unwrap_or_else(|e| format!("not recognised: {e}"))
     };
     match c.kind {
-        ComponentKind::Unet if ldm("input_blocks.") => {
+        ComponentKind::Unet if unet_ldm => {
             vec![or_why(UnetConfig::detect(c).map(|d| {
                 let cfg = &d.config;
                 format!(
@@ -47,7 +47,7 @@ fn detected(c: &Component<'_>) -> Vec<String> {
         ComponentKind::Unet => {
             vec!["UNet, diffusers layout (its config.json gives the architecture)".into()]
         }
-        ComponentKind::Vae if ldm("encoder.down.") => {
+        ComponentKind::Vae if vae_ldm => {
             vec![or_why(VaeConfig::detect(c, 0.18215).map(|v| {
                 format!(
                     "VAE (single-file layout): channels {:?}, {} resnets per level, {} latent channels",

@@ -296,17 +296,7 @@ fn run_on<B: Backend>(
 }
 
 fn unet_config(model: &Model, c: &Component<'_>) -> Result<(UnetConfig, KeyLayout), Failure> {
-    let ldm = c.tensors.iter().any(|t| {
-        t.name
-            .strip_prefix(c.prefix)
-            .unwrap_or(&t.name)
-            .starts_with("input_blocks.")
-    });
-    let layout = if ldm {
-        KeyLayout::Ldm
-    } else {
-        KeyLayout::Diffusers
-    };
+    let layout = KeyLayout::of_unet(c);
     let config = match (&model.config, layout) {
         (Some(p), _) => UnetConfig::from_file(p)?,
         (None, KeyLayout::Ldm) => {

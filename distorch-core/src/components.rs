@@ -85,6 +85,19 @@ pub struct Component<'a> {
 }
 
 impl Component<'_> {
+    /// A tensor's key within the component: its name without the component's prefix.
+    pub fn local<'t>(&self, tensor: &'t TensorInfo) -> &'t str {
+        tensor
+            .name
+            .strip_prefix(self.prefix)
+            .unwrap_or(&tensor.name)
+    }
+
+    /// The keys of its tensors within the component, in file order.
+    pub fn local_names(&self) -> impl Iterator<Item = &str> + Clone + '_ {
+        self.tensors.iter().map(|t| self.local(t))
+    }
+
     /// Bytes of its tensors.
     pub fn bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.bytes).sum()

@@ -113,7 +113,7 @@ pub fn inventory(component: &Component<'_>) -> Result<Inventory, Error> {
 pub(crate) fn group<'a>(component: &Component<'a>) -> HashMap<&'a str, Vec<&'a TensorInfo>> {
     let mut groups: HashMap<&str, Vec<&TensorInfo>> = HashMap::new();
     for t in &component.tensors {
-        let local = t.name.strip_prefix(component.prefix).unwrap_or(&t.name);
+        let local = component.local(t);
         groups.entry(unit_name(local)).or_default().push(t);
     }
     groups

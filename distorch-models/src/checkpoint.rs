@@ -387,10 +387,7 @@ fn first<'a>(
 fn shape_map(c: &Component<'_>) -> HashMap<String, Vec<u64>> {
     c.tensors
         .iter()
-        .map(|t| {
-            let name = t.name.strip_prefix(c.prefix).unwrap_or(&t.name).to_owned();
-            (name, t.shape.clone())
-        })
+        .map(|t| (c.local(t).to_owned(), t.shape.clone()))
         .collect()
 }
 
@@ -442,12 +439,11 @@ impl UnetConfig {
 
 /// The text encoders of a CLIP component (see [`text_encoders`]).
 fn encoders<'a>(c: &Component<'a>) -> Vec<Component<'a>> {
-    let local = |name: &'a str| name.strip_prefix(c.prefix).unwrap_or(name);
     let mut numbered: Vec<&str> = c
         .tensors
         .iter()
         .filter_map(|t| {
-            let l = local(&t.name);
+            let l = c.local(t);
             let (head, _) = l.split_once('.')?;
             head.parse::<u32>().ok().map(|_| head)
         })
@@ -465,7 +461,7 @@ fn encoders<'a>(c: &Component<'a>) -> Vec<Component<'a>> {
             tensors: c
                 .tensors
                 .iter()
-                .filter(|t| local(&t.name).starts_with(&format!("{head}.")))
+                .filter(|t| c.local(t).starts_with(&format!("{head}.")))
                 .copied()
                 .collect(),
         })

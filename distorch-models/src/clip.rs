@@ -174,15 +174,8 @@ impl<B: Backend> ClipTextModel<B> {
         lookahead: Lookahead,
     ) -> Result<(ClipTextModel<B>, LoadReport), Error> {
         config.check()?;
-        let local = |t: &&distorch_core::TensorInfo| {
-            t.name
-                .strip_prefix(component.prefix)
-                .unwrap_or(&t.name)
-                .to_owned()
-        };
-        let names: Vec<String> = component.tensors.iter().map(local).collect();
-        let keys = ClipKeys::detect(names.iter().map(String::as_str));
-        let projection = names.iter().any(|n| *n == keys.projection_key());
+        let keys = ClipKeys::detect(component.local_names());
+        let projection = component.local_names().any(|n| n == keys.projection_key());
         let expected = keys.expected(&config, projection);
         let options = options.expecting(&expected);
         let (store, report) = WeightStore::load(index, component, plan, devices, &options)?;

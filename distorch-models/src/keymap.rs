@@ -1,6 +1,7 @@
 //! [`KeyMap`]: from a model's own (diffusers) unit names to another checkpoint layout's, by
 //! sub-tree prefix, with optional renaming of a sub-tree's first segment.
 
+use distorch_core::Component;
 use distorch_core::runtime::ExpectedTensor;
 
 /// The key layout of a model's weights.
@@ -10,6 +11,29 @@ pub enum KeyLayout {
     Diffusers,
     /// The original single-file (LDM) names (`input_blocks.*`, `encoder.down.*`, ...).
     Ldm,
+}
+
+impl KeyLayout {
+    /// The layout of a UNet component: the single-file one has `input_blocks.*`.
+    pub fn of_unet(c: &Component<'_>) -> KeyLayout {
+        Self::when(c.local_names().any(|n| n.starts_with("input_blocks.")))
+    }
+
+    /// The layout of a VAE component: the single-file one has `encoder.down.*`.
+    pub fn of_vae(c: &Component<'_>) -> KeyLayout {
+        Self::when(
+            c.local_names()
+                .any(|n| n.starts_with("encoder.down.") || n.starts_with("decoder.up.")),
+        )
+    }
+
+    fn when(ldm: bool) -> KeyLayout {
+        if ldm {
+            KeyLayout::Ldm
+        } else {
+            KeyLayout::Diffusers
+        }
+    }
 }
 
 /// One prefix rule: units under `from` live under `to`; leading segments after the prefix are

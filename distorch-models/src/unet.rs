@@ -97,16 +97,7 @@ impl<B: Backend> Unet2dCondition<B> {
         lookahead: Lookahead,
     ) -> Result<(Unet2dCondition<B>, LoadReport), Error> {
         let blocks = config.blocks()?;
-        let names = component
-            .tensors
-            .iter()
-            .map(|t| t.name.strip_prefix(component.prefix).unwrap_or(&t.name));
-        let ldm = names.into_iter().any(|n| n.starts_with("input_blocks."));
-        let map = match if ldm {
-            KeyLayout::Ldm
-        } else {
-            KeyLayout::Diffusers
-        } {
+        let map = match KeyLayout::of_unet(component) {
             KeyLayout::Diffusers => None,
             KeyLayout::Ldm => Some(ldm_map(&config, &blocks)?),
         };

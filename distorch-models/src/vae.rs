@@ -356,10 +356,7 @@ impl<B: Backend> AutoencoderKl<B> {
         lookahead: Lookahead,
     ) -> Result<(AutoencoderKl<B>, LoadReport), Error> {
         config.check()?;
-        let ldm = component.tensors.iter().any(|t| {
-            let name = t.name.strip_prefix(component.prefix).unwrap_or(&t.name);
-            name.starts_with("encoder.down.") || name.starts_with("decoder.up.")
-        });
+        let ldm = KeyLayout::of_vae(component) == KeyLayout::Ldm;
         let map = ldm.then(|| ldm_map(&config));
         let expected = config.expected_tensors();
         let expected = match &map {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::common::*;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use distorch_alloc::{DeviceGraph, DeviceId};
 use distorch_core::safetensors::write;
 use distorch_core::{DemoModel, SafetensorsIndex};
@@ -47,13 +47,6 @@ fn tiny_checkpoint(path: &std::path::Path) {
     );
     let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
     write(path, &specs, &refs, &BTreeMap::new()).unwrap();
-}
-
-fn tensor<const D: usize>(name: &str, key: &str) -> Tensor<B, D> {
-    let (shape, v) = read(&fixture(name).join("reference.safetensors"), key);
-    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    let shape: [usize; D] = shape.try_into().unwrap();
-    Tensor::from_data(TensorData::new(v, shape), &Default::default())
 }
 
 #[test]

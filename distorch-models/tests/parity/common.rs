@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use distorch_alloc::{
     ByteSize, DeviceGraph, DeviceId, EmbeddingPolicy, PinPolicy, Plan, PlanRequest, VirtualVram,
 };
@@ -50,6 +50,14 @@ pub fn read(path: &Path, key: &str) -> (Vec<usize>, Vec<f64>) {
         other => panic!("{key}: {other}"),
     };
     (t.shape.iter().map(|&d| d as usize).collect(), values)
+}
+
+/// A float tensor of fixture `name`'s reference file, on the default device.
+pub fn tensor<const D: usize>(name: &str, key: &str) -> Tensor<B, D> {
+    let (shape, v) = read(&fixture(name).join("reference.safetensors"), key);
+    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    let shape: [usize; D] = shape.try_into().unwrap();
+    Tensor::from_data(TensorData::new(v, shape), &Default::default())
 }
 
 pub fn assert_close<const D: usize>(what: &str, got: Tensor<B, D>, want: (Vec<usize>, Vec<f64>)) {

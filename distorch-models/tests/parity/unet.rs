@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{Error, Unet2dCondition, UnetConfig, UnetInput};
@@ -34,13 +34,6 @@ fn load(name: &str, weights: &Path, offload: bool) -> Result<Unet2dCondition<B>,
     );
     assert_eq!(report.tensors, index.tensors().len());
     Ok(model)
-}
-
-fn tensor<const D: usize>(name: &str, key: &str) -> Tensor<B, D> {
-    let (shape, v) = read(&fixture(name).join("reference.safetensors"), key);
-    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    let shape: [usize; D] = shape.try_into().unwrap();
-    Tensor::from_data(TensorData::new(v, shape), &Default::default())
 }
 
 fn input(name: &str, sdxl: bool, control: bool) -> UnetInput<B> {

@@ -5,18 +5,11 @@
 use std::collections::BTreeSet;
 
 use crate::common::*;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch_core::{ComponentKind, DemoModel, SafetensorsIndex, components};
 use distorch_models::unet_ldm::detect;
 use distorch_models::{KeyLayout, PerBlock, Unet2dCondition, UnetConfig, UnetInput};
-
-fn tensor<const D: usize>(name: &str, key: &str) -> Tensor<B, D> {
-    let (shape, v) = read(&fixture(name).join("reference.safetensors"), key);
-    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    let shape: [usize; D] = shape.try_into().unwrap();
-    Tensor::from_data(TensorData::new(v, shape), &Default::default())
-}
 
 #[test]
 fn single_file_layout_matches_diffusers() {

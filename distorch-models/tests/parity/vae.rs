@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::common::*;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{AutoencoderKl, Error, VaeConfig};
@@ -31,10 +31,7 @@ fn load(weights: &Path, offload: bool) -> Result<AutoencoderKl<B>, Error> {
 }
 
 fn input(key: &str) -> Tensor<B, 4> {
-    let (shape, v) = read(&fixture("vae").join("reference.safetensors"), key);
-    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    let shape: [usize; 4] = shape.try_into().unwrap();
-    Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    tensor("vae", key)
 }
 
 fn weights() -> std::path::PathBuf {

@@ -9,8 +9,8 @@ use distorch::alloc::{DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_dev
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, components, units};
 use distorch::models::{
-    AutoencoderKl, ClipLayout, ClipTextConfig, ClipTextModel, KeyLayout, Unet2dCondition,
-    UnetConfig, UnetInput, VaeConfig, text_encoders,
+    AutoencoderKl, ClipLayout, ClipTextConfig, ClipTextModel, ComponentFiles, KeyLayout,
+    Unet2dCondition, UnetConfig, UnetInput, VaeConfig, text_encoders,
 };
 
 use crate::Failure;
@@ -73,45 +73,8 @@ struct Model {
 fn model(args: &RunArgs) -> Result<Model, Failure> {
     let p = &args.model;
     if p.is_dir() {
-        let entries: Vec<PathBuf> = std::fs::read_dir(p)
-            .map_err(|e| Failure::Other(format!("{}: {e}", p.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        if let Some(idx) = entries
-            .iter()
-            .find(|e| e.to_string_lossy().ends_with(".safetensors.index.json"))
-        {
-            return Err(Failure::Other(format!(
-                "{}: sharded weights are not supported yet (merge the shards into one \
-                 .safetensors file)",
-                idx.display()
-            )));
-        }
-        let mut files: Vec<&PathBuf> = entries
-            .iter()
-            .filter(|e| e.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        let weights = match files.as_slice() {
-            [one] => (*one).clone(),
-            [] => {
-                return Err(Failure::Other(format!(
-                    "{}: no .safetensors file in the folder",
-                    p.display()
-                )));
-            }
-            many => {
-                return Err(Failure::Other(format!(
-                    "{}: several weight files ({}); pass the one to use as --model",
-                    p.display(),
-                    many.iter()
-                        .map(|f| f.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-        };
-        let config = p.join("config.json");
+        let files = ComponentFiles::find(p)?;
+        let (weights, config) = (files.weights, files.config);
         Ok(Model {
             weights,
             config: args.config.clone().or(config.exists().then_some(config)),

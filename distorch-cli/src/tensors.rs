@@ -18,7 +18,7 @@ pub struct Inputs {
 
 impl Inputs {
     pub fn read(path: &Path) -> Result<Inputs, Failure> {
-        let index = SafetensorsIndex::open(path)?;
+        let index = SafetensorsIndex::open_file(path)?;
         let bytes =
             std::fs::read(path).map_err(|e| Failure::Other(format!("{}: {e}", path.display())))?;
         let mut tensors = BTreeMap::new();

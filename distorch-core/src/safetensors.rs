@@ -16,6 +16,11 @@ use serde::Deserialize;
 use crate::dtype::DType;
 use crate::error::Error;
 
+mod sharded;
+
+/// How the index of a sharded model is named (`model.safetensors.index.json`).
+pub const SHARD_INDEX_SUFFIX: &str = ".safetensors.index.json";
+
 /// Largest header accepted, as in the reference implementation (100 MB).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
@@ -28,8 +33,11 @@ pub struct TensorInfo {
     pub dtype: DType,
     /// Shape.
     pub shape: Vec<u64>,
-    /// Absolute byte offset of its data in the file.
+    /// Absolute byte offset of its data in its file.
     pub file_offset: u64,
+    /// Which of the index's files holds it ([`SafetensorsIndex::files`]): 0 for a single
+    /// file.
+    pub shard: usize,
     /// Bytes of data.
     pub bytes: u64,
 }
@@ -41,10 +49,12 @@ impl TensorInfo {
     }
 }
 
-/// The header of a safetensors file.
+/// The header of a safetensors file, or the headers of a sharded model's files
+/// (`*.safetensors.index.json`) seen as one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SafetensorsIndex {
     path: PathBuf,
+    files: Vec<PathBuf>,
     tensors: Vec<TensorInfo>,
     metadata: BTreeMap<String, String>,
     file_len: u64,
@@ -86,8 +96,20 @@ struct RawInfo {
 }
 
 impl SafetensorsIndex {
-    /// Reads and validates the header of the file at `path` (reads 8 + header bytes only).
+    /// Reads and validates the header of the file at `path` (reads 8 + header bytes only),
+    /// or, for a path ending in `.safetensors.index.json`, every shard's header (see
+    /// [`SafetensorsIndex::open_sharded`]).
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsIndex, Error> {
+        let path = path.as_ref();
+        if path.to_string_lossy().ends_with(SHARD_INDEX_SUFFIX) {
+            Self::open_sharded(path)
+        } else {
+            Self::open_file(path)
+        }
+    }
+
+    /// Reads and validates the header of one safetensors file (never a shard index).
+    pub fn open_file(path: impl AsRef<Path>) -> Result<SafetensorsIndex, Error> {
         let path = path.as_ref().to_path_buf();
         let io = |source| Error::Io {
             path: path.clone(),
@@ -187,6 +209,7 @@ impl SafetensorsIndex {
                 shape: raw.shape,
                 file_offset: begin,
                 bytes: end - begin,
+                shard: 0,
             });
         }
         // Data ranges must tile [0, data_len) exactly.
@@ -216,6 +239,7 @@ impl SafetensorsIndex {
             t.file_offset += data_start;
         }
         Ok(SafetensorsIndex {
+            files: vec![path.clone()],
             path,
             tensors,
             metadata,
@@ -223,12 +247,23 @@ impl SafetensorsIndex {
         })
     }
 
-    /// The file.
+    /// The file, or the shard index (`*.safetensors.index.json`) of a sharded model.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Tensors in file (data offset) order.
+    /// The files holding the data, indexed by [`TensorInfo::shard`]: the file itself, or
+    /// the shards of a sharded model.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Whether the data is spread over several shard files.
+    pub fn is_sharded(&self) -> bool {
+        self.path.to_string_lossy().ends_with(SHARD_INDEX_SUFFIX)
+    }
+
+    /// Tensors in file (data offset) order; shard by shard for a sharded model.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
@@ -238,7 +273,7 @@ impl SafetensorsIndex {
         &self.metadata
     }
 
-    /// The file's length in bytes.
+    /// The file's length in bytes (the shards' total for a sharded model).
     pub fn file_len(&self) -> u64 {
         self.file_len
     }

@@ -261,3 +261,79 @@ fn sdxl_style_prefixes_split_and_others_are_reported() {
     assert_eq!(split.other.len(), 1);
     assert_eq!(split.other[0].name, "alphas_cumprod");
 }
+
+mod sharded {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use distorch_core::safetensors::write;
+    use distorch_core::{DType, SafetensorsIndex};
+
+    fn shard(dir: &Path, file: &str, names: &[&str]) {
+        let specs: Vec<_> = names
+            .iter()
+            .map(|n| (n.to_string(), DType::F32, vec![2u64]))
+            .collect();
+        let data = vec![[0u8; 8].as_slice(); names.len()];
+        write(dir.join(file), &specs, &data, &BTreeMap::new()).unwrap();
+    }
+
+    fn index(dir: &Path, json: &str) -> Result<SafetensorsIndex, distorch_core::Error> {
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, json).unwrap();
+        SafetensorsIndex::open(path)
+    }
+
+    #[test]
+    fn shards_are_one_index() {
+        let tmp = tempfile::tempdir().unwrap();
+        shard(tmp.path(), "a.safetensors", &["x", "y"]);
+        shard(tmp.path(), "b.safetensors", &["z"]);
+        let idx = index(
+            tmp.path(),
+            r#"{"metadata": {"total_size": 24}, "weight_map": {"x": "a.safetensors", "y": "a.safetensors", "z": "b.safetensors"}}"#,
+        )
+        .unwrap();
+        assert!(idx.is_sharded());
+        assert_eq!(idx.files().len(), 2);
+        let where_: Vec<_> = idx
+            .tensors()
+            .iter()
+            .map(|t| (t.name.as_str(), t.shard))
+            .collect();
+        assert_eq!(where_, [("x", 0), ("y", 0), ("z", 1)]);
+        assert_eq!(idx.data_bytes(), 24);
+        assert_eq!(idx.metadata()["total_size"], "24");
+    }
+
+    #[test]
+    fn bad_indexes_are_typed_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        shard(tmp.path(), "a.safetensors", &["x", "y"]);
+        shard(tmp.path(), "b.safetensors", &["y"]);
+        for (json, says) in [
+            (
+                r#"{"weight_map": {"x": "b.safetensors"}}"#,
+                "x is listed in b.safetensors but is not there",
+            ),
+            (
+                r#"{"weight_map": {"x": "../a.safetensors"}}"#,
+                "is not a file name next to the index",
+            ),
+            (
+                r#"{"weight_map": {"x": "/etc/a.safetensors"}}"#,
+                "is not a file name next to the index",
+            ),
+            (r#"{"weight_map": {}}"#, "the weight_map is empty"),
+            (r#"{"weights": {}}"#, "not a shard index"),
+            (
+                r#"{"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}"#,
+                "y (in a.safetensors and b.safetensors)",
+            ),
+            (r#"{"weight_map": {"x": "c.safetensors"}}"#, "c.safetensors"),
+        ] {
+            let e = index(tmp.path(), json).unwrap_err().to_string();
+            assert!(e.contains(says), "{json}: {e}");
+        }
+    }
+}

@@ -2,18 +2,20 @@
 //! kinds of model, each with its **own** allocation — the library's counterpart of
 //! DisTorch2's `CheckpointLoaderAdvancedDisTorch2MultiGPU` — and each component alone.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use distorch_alloc::{DeviceGraph, DeviceId, Plan, PlanRequest, VirtualVram};
 use distorch_core::runtime::{DeviceMap, LoadOptions, LoadReport, Lookahead};
-use distorch_core::{Component, ComponentKind, SafetensorsIndex, components, units};
+use distorch_core::{Component, ComponentKind, SafetensorsIndex, components};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::clip_keys::{ClipKeys, ClipLayout};
 use crate::error::Error;
 use crate::keymap::KeyLayout;
+use crate::loader::{
+    ComponentOptions, Loaded, Model, load_component, load_model, shape_map, to_usize,
+};
 use crate::unet::Unet2dCondition;
 use crate::unet_config::UnetConfig;
 use crate::unet_ldm::detect;
@@ -116,6 +118,27 @@ pub struct StableDiffusion<B: Backend> {
     pub loaded: Vec<(String, Plan, LoadReport)>,
 }
 
+impl<B: Backend> CheckpointOptions<B> {
+    fn component(&self, placement: &Placement<B>) -> ComponentOptions<B> {
+        ComponentOptions {
+            graph: self.graph.clone(),
+            placement: placement.clone(),
+            lookahead: self.lookahead,
+            check_finite: self.check_finite,
+        }
+    }
+}
+
+/// The loaded components, gathered with their plans and reports.
+struct Gathered(Vec<(String, Plan, LoadReport)>);
+
+impl Gathered {
+    fn keep<M>(&mut self, name: String, loaded: Loaded<M>) -> M {
+        self.0.push((name, loaded.plan, loaded.report));
+        loaded.model
+    }
+}
+
 impl<B: Backend> StableDiffusion<B> {
     /// Loads every component of the single-file checkpoint at `path`, each planned and
     /// placed as `options` says. Architectures are detected from keys and shapes unless
@@ -139,65 +162,37 @@ impl<B: Backend> StableDiffusion<B> {
                     ),
                 })
         };
-        let load = LoadOptions {
-            check_finite: options.check_finite,
-            ..LoadOptions::default()
-        };
-        let mut loaded = Vec::new();
+        let mut loaded = Gathered(Vec::new());
 
         let unet_c = find(ComponentKind::Unet)?;
-        let shapes = shape_map(unet_c);
         let (family, unet_config) = match &options.unet_config {
             Some(c) => ("unknown", c.clone()),
             None => {
-                let d = detect(shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())))?;
+                let d = UnetConfig::detect(unet_c)?;
                 (d.family, d.config)
             }
         };
-        let order = Unet2dCondition::<B>::execution_order(&unet_config, KeyLayout::Ldm)?;
-        let plan = plan_for(unet_c, &order, &options.unet, &options.graph)?;
-        let (unet, report) = Unet2dCondition::load(
+        let unet = load_component(
             &index,
             unet_c,
-            &plan,
-            &options.unet.devices,
             unet_config,
-            &load,
-            options.lookahead,
+            &options.component(&options.unet),
         )?;
-        loaded.push(("unet".to_owned(), plan, report));
+        let unet = loaded.keep("unet".into(), unet);
 
         let clip_c = find(ComponentKind::Clip)?;
+        let clip_options = options.component(&options.clip);
         let mut text_encoders = Vec::new();
         for (i, sub) in encoders(clip_c).into_iter().enumerate() {
-            let shapes = shape_map(&sub);
-            let keys = ClipKeys::detect(shapes.keys().map(String::as_str));
             let config = match options.clip_configs.as_ref().and_then(|c| c.get(i)) {
                 Some(c) => c.clone(),
-                None => keys.detect_config(|k| shapes.get(k).map(|s| to_usize(s)))?,
+                None => ClipTextConfig::detect(&sub)?,
             };
-            let projection = shapes.contains_key(&keys.projection_key());
-            let plan = plan_for(
-                &sub,
-                &keys.order(&config, projection),
-                &options.clip,
-                &options.graph,
-            )?;
-            let (model, report) = ClipTextModel::load(
-                &index,
-                &sub,
-                &plan,
-                &options.clip.devices,
-                config,
-                &load,
-                options.lookahead,
-            )?;
-            loaded.push((format!("clip.{i}"), plan, report));
-            text_encoders.push(model);
+            let model = load_component(&index, &sub, config, &clip_options)?;
+            text_encoders.push(loaded.keep(format!("clip.{i}"), model));
         }
 
         let vae_c = find(ComponentKind::Vae)?;
-        let shapes = shape_map(vae_c);
         let scaling = if family.starts_with("SDXL") {
             0.13025
         } else {
@@ -205,120 +200,58 @@ impl<B: Backend> StableDiffusion<B> {
         };
         let vae_config = match &options.vae_config {
             Some(c) => c.clone(),
-            None => VaeConfig::detect_ldm(|k| shapes.get(k).map(|s| to_usize(s)), scaling)?,
+            None => VaeConfig::detect(vae_c, scaling)?,
         };
-        let plan = plan_for(vae_c, &[] as &[String], &options.vae, &options.graph)?;
-        let (vae, report) = AutoencoderKl::load(
-            &index,
-            vae_c,
-            &plan,
-            &options.vae.devices,
-            vae_config,
-            &load,
-            options.lookahead,
-        )?;
-        loaded.push(("vae".to_owned(), plan, report));
+        let vae = load_component(&index, vae_c, vae_config, &options.component(&options.vae))?;
+        let vae = loaded.keep("vae".into(), vae);
         tracing::info!(family, encoders = text_encoders.len(), "checkpoint loaded");
         Ok(StableDiffusion {
             family,
             unet,
             text_encoders,
             vae,
-            loaded,
+            loaded: loaded.0,
         })
     }
-}
 
-impl<B: Backend> StableDiffusion<B> {
     /// Loads a diffusers pipeline folder: `unet/`, `vae/`, `text_encoder/` and, for SDXL,
-    /// `text_encoder_2/`, each a `config.json` and one `.safetensors` file
-    /// (`diffusion_pytorch_model.safetensors` or `model.safetensors`, else the one there,
-    /// e.g. an `.fp16.` variant), each planned and placed as `options` says. Sharded weights
-    /// (`*.safetensors.index.json`) are not supported yet and are an error.
+    /// `text_encoder_2/`, each a `config.json` and its weights (one `.safetensors` file —
+    /// `diffusion_pytorch_model.safetensors` or `model.safetensors`, else the one there,
+    /// e.g. an `.fp16.` variant — or sharded weights, `*.safetensors.index.json`; see
+    /// [`crate::ComponentFiles::find`]), each planned and placed as `options` says.
     pub fn load_diffusers(
         folder: impl AsRef<Path>,
         options: &CheckpointOptions<B>,
     ) -> Result<StableDiffusion<B>, Error> {
         let folder = folder.as_ref();
-        let load = LoadOptions {
-            check_finite: options.check_finite,
-            ..LoadOptions::default()
-        };
-        let mut loaded = Vec::new();
-
-        let (config_path, index) = component_folder(&folder.join("unet"))?;
-        let config = match &options.unet_config {
-            Some(c) => c.clone(),
-            None => UnetConfig::from_file(&config_path)?,
-        };
-        let split = components::split(&index);
-        let c = first(&split, &index)?;
-        let order = Unet2dCondition::<B>::execution_order(&config, KeyLayout::Diffusers)?;
-        let plan = plan_for(c, &order, &options.unet, &options.graph)?;
-        let (unet, report) = Unet2dCondition::load(
-            &index,
-            c,
-            &plan,
-            &options.unet.devices,
-            config,
-            &load,
-            options.lookahead,
+        let mut loaded = Gathered(Vec::new());
+        let unet = load_model(
+            folder.join("unet"),
+            options.unet_config.clone(),
+            &options.component(&options.unet),
         )?;
-        loaded.push(("unet".to_owned(), plan, report));
-
+        let unet = loaded.keep("unet".into(), unet);
+        let clip_options = options.component(&options.clip);
         let mut text_encoders = Vec::new();
         for (i, name) in ["text_encoder", "text_encoder_2"].into_iter().enumerate() {
             let dir = folder.join(name);
             if !dir.is_dir() {
                 continue;
             }
-            let (config_path, index) = component_folder(&dir)?;
-            let config = match options.clip_configs.as_ref().and_then(|c| c.get(i)) {
-                Some(c) => c.clone(),
-                None => ClipTextConfig::from_file(&config_path)?,
-            };
-            let split = components::split(&index);
-            let c = first(&split, &index)?;
-            let shapes = shape_map(c);
-            let keys = ClipKeys::detect(shapes.keys().map(String::as_str));
-            let projection = shapes.contains_key(&keys.projection_key());
-            let plan = plan_for(
-                c,
-                &keys.order(&config, projection),
-                &options.clip,
-                &options.graph,
-            )?;
-            let (model, report) = ClipTextModel::load(
-                &index,
-                c,
-                &plan,
-                &options.clip.devices,
-                config,
-                &load,
-                options.lookahead,
-            )?;
-            loaded.push((format!("clip.{i}"), plan, report));
-            text_encoders.push(model);
+            let config = options
+                .clip_configs
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .cloned();
+            let model = load_model(dir, config, &clip_options)?;
+            text_encoders.push(loaded.keep(format!("clip.{i}"), model));
         }
-
-        let (config_path, index) = component_folder(&folder.join("vae"))?;
-        let config = match &options.vae_config {
-            Some(c) => c.clone(),
-            None => VaeConfig::from_file(&config_path)?,
-        };
-        let split = components::split(&index);
-        let c = first(&split, &index)?;
-        let plan = plan_for(c, &[] as &[String], &options.vae, &options.graph)?;
-        let (vae, report) = AutoencoderKl::load(
-            &index,
-            c,
-            &plan,
-            &options.vae.devices,
-            config,
-            &load,
-            options.lookahead,
+        let vae = load_model(
+            folder.join("vae"),
+            options.vae_config.clone(),
+            &options.component(&options.vae),
         )?;
-        loaded.push(("vae".to_owned(), plan, report));
+        let vae = loaded.keep("vae".into(), vae);
         let family = match text_encoders.len() {
             2 => "SDXL",
             _ => "unknown",
@@ -328,71 +261,9 @@ impl<B: Backend> StableDiffusion<B> {
             unet,
             text_encoders,
             vae,
-            loaded,
+            loaded: loaded.0,
         })
     }
-}
-
-/// The config path and weights index of a diffusers component folder.
-fn component_folder(dir: &Path) -> Result<(std::path::PathBuf, SafetensorsIndex), Error> {
-    let bad = |reason: String| Error::Input {
-        input: "model folder",
-        reason: format!("{}: {reason}", dir.display()),
-    };
-    let entries: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| bad(e.to_string()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    let named = |suffix: &str| {
-        entries
-            .iter()
-            .filter(|p| p.to_string_lossy().ends_with(suffix))
-            .cloned()
-            .collect::<Vec<_>>()
-    };
-    if !named(".safetensors.index.json").is_empty() {
-        return Err(bad(
-            "sharded weights (*.safetensors.index.json) are not supported yet".into(),
-        ));
-    }
-    let mut files = named(".safetensors");
-    files.sort();
-    let preferred = ["diffusion_pytorch_model.safetensors", "model.safetensors"];
-    let weights = preferred
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| files.contains(p))
-        .or_else(|| (files.len() == 1).then(|| files[0].clone()))
-        .ok_or_else(|| {
-            bad(if files.is_empty() {
-                "no .safetensors file".into()
-            } else {
-                format!("several weight files and none of {preferred:?}")
-            })
-        })?;
-    Ok((dir.join("config.json"), SafetensorsIndex::open(weights)?))
-}
-
-fn first<'a>(
-    split: &'a distorch_core::Split<'a>,
-    index: &SafetensorsIndex,
-) -> Result<&'a Component<'a>, Error> {
-    split.components.first().ok_or_else(|| Error::Input {
-        input: "model folder",
-        reason: format!("{}: no tensors", index.path().display()),
-    })
-}
-
-/// Tensor shapes of a component by local key (component prefix stripped).
-fn shape_map(c: &Component<'_>) -> HashMap<String, Vec<u64>> {
-    c.tensors
-        .iter()
-        .map(|t| (c.local(t).to_owned(), t.shape.clone()))
-        .collect()
-}
-
-fn to_usize(s: &[u64]) -> Vec<usize> {
-    s.iter().map(|&d| d as usize).collect()
 }
 
 /// The text encoders of a CLIP component, each with its key layout: SDXL numbers them
@@ -468,14 +339,92 @@ fn encoders<'a>(c: &Component<'a>) -> Vec<Component<'a>> {
         .collect()
 }
 
-/// The plan of one component: its inventory in the model's execution order, then the
-/// placement's request.
-fn plan_for<B: Backend, S: AsRef<str>>(
-    c: &Component<'_>,
-    order: &[S],
-    placement: &Placement<B>,
-    graph: &DeviceGraph,
-) -> Result<Plan, Error> {
-    let inventory = units::inventory(c)?.in_order(order);
-    Ok(distorch_alloc::plan(&placement.request, &inventory, graph)?)
+impl<B: Backend> Model<B> for Unet2dCondition<B> {
+    type Config = UnetConfig;
+    const KIND: ComponentKind = ComponentKind::Unet;
+    fn config_from_file(path: &Path) -> Result<UnetConfig, Error> {
+        UnetConfig::from_file(path)
+    }
+    fn detect_config(c: &Component<'_>) -> Result<UnetConfig, Error> {
+        Ok(UnetConfig::detect(c)?.config)
+    }
+    fn execution_order(config: &UnetConfig, c: &Component<'_>) -> Result<Vec<String>, Error> {
+        Unet2dCondition::<B>::execution_order(config, KeyLayout::of_unet(c))
+    }
+    fn load(
+        index: &SafetensorsIndex,
+        c: &Component<'_>,
+        plan: &Plan,
+        devices: &DeviceMap<B>,
+        config: UnetConfig,
+        options: &LoadOptions<'_, B>,
+        lookahead: Lookahead,
+    ) -> Result<(Self, LoadReport), Error> {
+        Unet2dCondition::load(index, c, plan, devices, config, options, lookahead)
+    }
+}
+
+impl<B: Backend> Model<B> for ClipTextModel<B> {
+    type Config = ClipTextConfig;
+    const KIND: ComponentKind = ComponentKind::Clip;
+    fn config_from_file(path: &Path) -> Result<ClipTextConfig, Error> {
+        ClipTextConfig::from_file(path)
+    }
+    fn detect_config(c: &Component<'_>) -> Result<ClipTextConfig, Error> {
+        match encoders(c).as_slice() {
+            [one] => ClipTextConfig::detect(one),
+            many => Err(Error::Input {
+                input: "model",
+                reason: format!(
+                    "{} text encoders in the file: pick one with `text_encoders` and \
+                     `load_component`",
+                    many.len()
+                ),
+            }),
+        }
+    }
+    fn execution_order(config: &ClipTextConfig, c: &Component<'_>) -> Result<Vec<String>, Error> {
+        let keys = ClipKeys::detect(c.local_names());
+        let projection = c.local_names().any(|n| n == keys.projection_key());
+        Ok(keys.order(config, projection))
+    }
+    fn load(
+        index: &SafetensorsIndex,
+        c: &Component<'_>,
+        plan: &Plan,
+        devices: &DeviceMap<B>,
+        config: ClipTextConfig,
+        options: &LoadOptions<'_, B>,
+        lookahead: Lookahead,
+    ) -> Result<(Self, LoadReport), Error> {
+        ClipTextModel::load(index, c, plan, devices, config, options, lookahead)
+    }
+}
+
+impl<B: Backend> Model<B> for AutoencoderKl<B> {
+    type Config = VaeConfig;
+    const KIND: ComponentKind = ComponentKind::Vae;
+    fn config_from_file(path: &Path) -> Result<VaeConfig, Error> {
+        VaeConfig::from_file(path)
+    }
+    /// SD 1.x's scaling factor (0.18215) unless a configuration is given: the VAE's
+    /// shapes do not tell it (SDXL's is 0.13025; the checkpoint loader sets it).
+    fn detect_config(c: &Component<'_>) -> Result<VaeConfig, Error> {
+        VaeConfig::detect(c, 0.18215)
+    }
+    fn execution_order(_: &VaeConfig, _: &Component<'_>) -> Result<Vec<String>, Error> {
+        // File order: the encoder, then the decoder, is how the VAE is used.
+        Ok(Vec::new())
+    }
+    fn load(
+        index: &SafetensorsIndex,
+        c: &Component<'_>,
+        plan: &Plan,
+        devices: &DeviceMap<B>,
+        config: VaeConfig,
+        options: &LoadOptions<'_, B>,
+        lookahead: Lookahead,
+    ) -> Result<(Self, LoadReport), Error> {
+        AutoencoderKl::load(index, c, plan, devices, config, options, lookahead)
+    }
 }

@@ -119,7 +119,13 @@ pub fn detect<'a>(
     // conv_in's output width is checked against the levels when the UNet loads.
     dim("input_blocks.0.0.weight", 0)?;
     let in_channels = dim("input_blocks.0.0.weight", 1)?;
-    let out_channels = dim("out.2.weight", 0)?;
+    // A ControlNet has no decoder half: no `out.*`, no `output_blocks.*`.
+    let decoder = shapes.keys().any(|k| k.starts_with("output_blocks."));
+    let out_channels = if decoder {
+        dim("out.2.weight", 0)?
+    } else {
+        in_channels
+    };
     let depth_of = |prefix: &str| {
         shapes
             .keys()
@@ -174,11 +180,17 @@ pub fn detect<'a>(
         .get("label_emb.0.0.weight")
         .and_then(|s| s.get(1))
         .map(|&d| d as usize);
-    let up_attn: Vec<bool> = (0..n)
-        .map(|b| {
-            shapes.contains_key(format!("output_blocks.{}.1.proj_in.weight", b * (l + 1)).as_str())
-        })
-        .collect();
+    let up_attn: Vec<bool> = if decoder {
+        (0..n)
+            .map(|b| {
+                shapes.contains_key(
+                    format!("output_blocks.{}.1.proj_in.weight", b * (l + 1)).as_str(),
+                )
+            })
+            .collect()
+    } else {
+        attn.iter().rev().copied().collect()
+    };
     let (family, heads) = match (context, text_time) {
         (768, None) => ("SD 1.x", vec![8; n]),
         (1024, None) => ("SD 2.x", channels.iter().map(|c| c / 64).collect()),

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
@@ -63,10 +63,6 @@ impl<B: Backend> WeightStore<B> {
         options: &LoadOptions<'_, B>,
     ) -> Result<(WeightStore<B>, LoadReport), Error> {
         let path = index.path();
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
         let mut report = LoadReport::default();
         let local = |t: &TensorInfo| -> String {
             t.name
@@ -172,15 +168,9 @@ impl<B: Backend> WeightStore<B> {
             }
         }
 
-        let file = File::open(path).map_err(io)?;
-        // SAFETY: the map is read-only; the documented contract is that the file is not
-        // modified while the store lives (as for every loader of mapped weights). Ranges come
-        // from the validated index and lie inside the file.
-        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io)?);
         let mut loader = Loader {
-            file,
-            map,
-            path,
+            files: index.files(),
+            shards: index.files().iter().map(|_| None).collect(),
             devices,
             options,
             report,
@@ -250,9 +240,10 @@ impl<B: Backend> WeightStore<B> {
 
 /// Reads, checks, patches and places one tensor at a time.
 struct Loader<'a, B: Backend> {
-    file: File,
-    map: Arc<Mmap>,
-    path: &'a Path,
+    /// The files holding the data (one, or a sharded model's shards).
+    files: &'a [PathBuf],
+    /// Each file opened and mapped when first needed.
+    shards: Vec<Option<Shard>>,
     devices: &'a DeviceMap<B>,
     options: &'a LoadOptions<'a, B>,
     report: LoadReport,
@@ -260,7 +251,36 @@ struct Loader<'a, B: Backend> {
     buf: Vec<u8>,
 }
 
+/// An open weights file and its read-only mapping.
+struct Shard {
+    file: File,
+    map: Arc<Mmap>,
+}
+
 impl<B: Backend> Loader<'_, B> {
+    fn io(&self, shard: usize) -> impl Fn(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: self.files[shard].clone(),
+            source,
+        }
+    }
+
+    /// The file of `shard`, opened and mapped on first use.
+    fn shard(&mut self, shard: usize) -> Result<&mut Shard, Error> {
+        if self.shards[shard].is_none() {
+            let file = File::open(&self.files[shard]).map_err(self.io(shard))?;
+            // SAFETY: the map is read-only; the documented contract is that the file is not
+            // modified while the store lives (as for every loader of mapped weights). Ranges
+            // come from the validated index and lie inside the file.
+            let map = unsafe { Mmap::map(&file) }.map_err(self.io(shard))?;
+            self.shards[shard] = Some(Shard {
+                file,
+                map: Arc::new(map),
+            });
+        }
+        Ok(self.shards[shard].as_mut().expect("opened above"))
+    }
+
     fn tensor(
         &mut self,
         info: &TensorInfo,
@@ -274,15 +294,13 @@ impl<B: Backend> Loader<'_, B> {
                 // Borrowed from the mapping: no copy.
                 let start = info.file_offset as usize;
                 let range = start..start + info.bytes as usize;
+                let map = Arc::clone(&self.shard(info.shard)?.map);
                 if self.options.check_finite {
-                    self.check_finite(info, &self.map[range.clone()])?;
+                    self.check_finite(info, &map[range.clone()])?;
                 }
                 self.report.host_mapped += ByteSize(info.bytes);
                 Stored::Host(HostTensor {
-                    bytes: HostBytes::Mapped {
-                        map: Arc::clone(&self.map),
-                        range,
-                    },
+                    bytes: HostBytes::Mapped { map, range },
                     dtype: info.dtype,
                 })
             }
@@ -341,16 +359,13 @@ impl<B: Backend> Loader<'_, B> {
     /// Copies a tensor out of the file (not through the mapping, so its pages do not stay in
     /// this process's resident set) and widens it to f32.
     fn read(&mut self, info: &TensorInfo) -> Result<TensorData, Error> {
-        let io = |source| Error::Io {
-            path: self.path.to_path_buf(),
-            source,
-        };
         let mut raw = std::mem::take(&mut self.buf);
         raw.resize(info.bytes as usize, 0);
-        self.file
+        let file = &mut self.shard(info.shard)?.file;
+        let done = file
             .seek(SeekFrom::Start(info.file_offset))
-            .map_err(io)?;
-        self.file.read_exact(&mut raw).map_err(io)?;
+            .and_then(|_| file.read_exact(&mut raw));
+        done.map_err(self.io(info.shard))?;
         self.report.bytes_read += ByteSize(info.bytes);
         if self.options.check_finite {
             self.check_finite(info, &raw)?;
@@ -366,7 +381,7 @@ impl<B: Backend> Loader<'_, B> {
         match first_non_finite(info.dtype, bytes) {
             Ok(None) | Err(_) => Ok(()),
             Ok(Some(index)) => Err(Error::NonFinite {
-                path: self.path.to_path_buf(),
+                path: self.files[info.shard].clone(),
                 name: info.name.clone(),
                 index,
             }),

@@ -225,15 +225,27 @@ fn a_diffusers_folder_loads_every_component_with_its_placement() {
         "streamed from the host: {stats:?}"
     );
 
-    // A sharded component is refused with a clear error.
+    // A sharded component (the standard index name wins over the single file) loads the same.
+    let vae_tensors = sd.loaded[3].2.tensors;
+    drop(sd);
+    let vae = root.join("vae");
+    shard("vae", "diffusion_pytorch_model.safetensors", &vae, 2);
+    let sd = StableDiffusion::<B>::load_diffusers(root, &options).unwrap();
+    assert_eq!(sd.loaded[3].2.tensors, vae_tensors);
+    let image = sd.vae.decode(tensor("vae", "z")).unwrap();
+    assert_close(
+        "sharded vae",
+        image,
+        read(&fixture("vae").join("reference.safetensors"), "decoded"),
+    );
+    // A shard index naming a missing shard is an error naming it.
     std::fs::write(
-        root.join("vae")
-            .join("diffusion_pytorch_model.safetensors.index.json"),
-        "{}",
+        vae.join("diffusion_pytorch_model.safetensors.index.json"),
+        r#"{"weight_map": {"decoder.conv_in.weight": "gone.safetensors"}}"#,
     )
     .unwrap();
     let e = StableDiffusion::<B>::load_diffusers(root, &options)
         .err()
         .unwrap();
-    assert!(e.to_string().contains("sharded weights"), "{e}");
+    assert!(e.to_string().contains("gone.safetensors"), "{e}");
 }

@@ -108,3 +108,35 @@ pub fn rewrite(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>) 
     }
     write(dst, &specs, &data, &BTreeMap::new()).unwrap();
 }
+
+/// Writes the fixture's weights as `n` shards and a shard index in `dir` (tensors dealt out
+/// in file order, as transformers' `save_pretrained` splits by size), with its
+/// `config.json`.
+pub fn shard(name: &str, weights: &str, dir: &Path, n: usize) -> PathBuf {
+    let src = fixture(name).join(weights);
+    let index = SafetensorsIndex::open(&src).unwrap();
+    let bytes = std::fs::read(&src).unwrap();
+    let per = index.tensors().len().div_ceil(n);
+    let mut map = serde_json::Map::new();
+    for (i, chunk) in index.tensors().chunks(per).enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let specs: Vec<_> = chunk
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+            .collect();
+        let data: Vec<&[u8]> = chunk
+            .iter()
+            .map(|t| &bytes[t.file_offset as usize..(t.file_offset + t.bytes) as usize])
+            .collect();
+        write(dir.join(&file), &specs, &data, &BTreeMap::new()).unwrap();
+        for t in chunk {
+            map.insert(t.name.clone(), file.clone().into());
+        }
+    }
+    let json =
+        serde_json::json!({"metadata": {"total_size": index.data_bytes()}, "weight_map": map});
+    let path = dir.join(weights.replace(".safetensors", ".safetensors.index.json"));
+    std::fs::write(&path, json.to_string()).unwrap();
+    std::fs::copy(fixture(name).join("config.json"), dir.join("config.json")).unwrap();
+    path
+}

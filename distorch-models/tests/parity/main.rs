@@ -4,6 +4,7 @@
 mod checkpoint;
 mod clip_text;
 mod common;
+mod controlnet;
 mod unet;
 mod unet_ldm;
 mod vae;

@@ -187,3 +187,44 @@ fn configs_that_change_the_maths_are_rejected() {
         "{e}"
     );
 }
+
+#[test]
+fn sharded_folder_loads_through_load_model() {
+    use distorch_alloc::{DeviceGraph, DeviceId};
+    use distorch_models::{ComponentOptions, Loaded, Placement, load_model};
+    let tmp = tempfile::tempdir().unwrap();
+    let index = shard(
+        "unet_sdxl",
+        "diffusion_pytorch_model.safetensors",
+        tmp.path(),
+        3,
+    );
+    let opened = SafetensorsIndex::open(&index).unwrap();
+    assert!(opened.is_sharded());
+    assert_eq!(opened.files().len(), 3);
+    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+    let placement = Placement::virtual_vram(
+        DeviceId::cuda(0),
+        Default::default(),
+        1.0,
+        vec![DeviceId::CPU],
+    )
+    .unwrap();
+    let loaded: Loaded<Unet2dCondition<B>> =
+        load_model(tmp.path(), None, &ComponentOptions::new(graph, placement)).unwrap();
+    assert_eq!(loaded.report.tensors, opened.tensors().len());
+    assert!(loaded.report.host_mapped.0 > 0, "{:?}", loaded.report);
+    let out = loaded
+        .model
+        .forward(input("unet_sdxl", true, false))
+        .unwrap();
+    let reference = fixture("unet_sdxl").join("reference.safetensors");
+    assert_close("sharded unet_sdxl", out.clone(), read(&reference, "out"));
+    let resident = load("unet_sdxl", &weights("unet_sdxl"), false).unwrap();
+    let want = resident.forward(input("unet_sdxl", true, false)).unwrap();
+    assert_eq!(
+        bits(out),
+        bits(want),
+        "sharded and offloaded differs from resident"
+    );
+}

@@ -1,0 +1,161 @@
+//! Loading one model, planned and placed: the [`Model`] trait every model implements, and
+//! [`load_model`] / [`load_component`], the loaders of one component (a file, a diffusers
+//! folder or one component of a checkpoint).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use distorch_alloc::{DeviceGraph, Plan};
+use distorch_core::runtime::{DeviceMap, LoadOptions, LoadReport, Lookahead};
+use distorch_core::{Component, ComponentKind, SafetensorsIndex, components, units};
+
+use crate::checkpoint::Placement;
+use crate::error::Error;
+use crate::folder::ComponentFiles;
+
+/// A model the loaders can plan and place.
+pub trait Model<B: Backend>: Sized {
+    /// Its configuration.
+    type Config: Clone + std::fmt::Debug;
+    /// The component of a checkpoint it is.
+    const KIND: ComponentKind;
+    /// The configuration in a diffusers/transformers `config.json`.
+    fn config_from_file(path: &Path) -> Result<Self::Config, Error>;
+    /// The configuration read from the component's keys and shapes (single-file layouts).
+    fn detect_config(component: &Component<'_>) -> Result<Self::Config, Error>;
+    /// Its units in the order a forward pass uses them, for the planner and the streamer.
+    fn execution_order(
+        config: &Self::Config,
+        component: &Component<'_>,
+    ) -> Result<Vec<String>, Error>;
+    /// Loads the component's weights where `plan` puts them.
+    fn load(
+        index: &SafetensorsIndex,
+        component: &Component<'_>,
+        plan: &Plan,
+        devices: &DeviceMap<B>,
+        config: Self::Config,
+        options: &LoadOptions<'_, B>,
+        lookahead: Lookahead,
+    ) -> Result<(Self, LoadReport), Error>;
+}
+
+/// A model with the plan it was placed by and its load report.
+pub struct Loaded<M> {
+    /// The model.
+    pub model: M,
+    /// Where its units went.
+    pub plan: Plan,
+    /// What loading found and did.
+    pub report: LoadReport,
+}
+
+/// How one component is loaded.
+#[derive(Debug, Clone)]
+pub struct ComponentOptions<B: Backend> {
+    /// The devices plans may use.
+    pub graph: DeviceGraph,
+    /// The allocation and the Burn devices.
+    pub placement: Placement<B>,
+    /// Staging look-ahead of the streamer.
+    pub lookahead: Lookahead,
+    /// Check weights for NaN/inf while loading.
+    pub check_finite: bool,
+}
+
+impl<B: Backend> ComponentOptions<B> {
+    /// `placement` on `graph`, default look-ahead, finite checks on.
+    pub fn new(graph: DeviceGraph, placement: Placement<B>) -> ComponentOptions<B> {
+        ComponentOptions {
+            graph,
+            placement,
+            lookahead: Lookahead::default(),
+            check_finite: true,
+        }
+    }
+}
+
+/// Loads one model of kind `M` from `path`: a diffusers/transformers component folder
+/// (weights and `config.json`, sharded or not), a one-component `.safetensors` file or shard
+/// index, or a checkpoint holding one such component. `config` overrides what the folder's
+/// `config.json` or the file's shapes say.
+pub fn load_model<B: Backend, M: Model<B>>(
+    path: impl AsRef<Path>,
+    config: Option<M::Config>,
+    options: &ComponentOptions<B>,
+) -> Result<Loaded<M>, Error> {
+    let path = path.as_ref();
+    let (weights, config_file) = if path.is_dir() {
+        let files = ComponentFiles::find(path)?;
+        (files.weights, Some(files.config))
+    } else {
+        (path.to_path_buf(), None)
+    };
+    let index = SafetensorsIndex::open(&weights)?;
+    let split = components::split(&index);
+    let c = match (
+        split.components.iter().find(|c| c.kind == M::KIND),
+        split.components.as_slice(),
+    ) {
+        (Some(c), _) => c.clone(),
+        (None, [only]) if only.kind == ComponentKind::Model => only.clone(),
+        _ => {
+            return Err(Error::Input {
+                input: "model",
+                reason: format!("{}: no {} in the file", index.path().display(), M::KIND),
+            });
+        }
+    };
+    let config = match (config, config_file) {
+        (Some(c), _) => c,
+        (None, Some(f)) if f.is_file() => M::config_from_file(&f)?,
+        (None, _) => M::detect_config(&c)?,
+    };
+    load_component(&index, &c, config, options)
+}
+
+/// Plans and loads one component of an opened file with a known configuration (the step
+/// every loader ends with; pick the component with `distorch_core::components::split` or
+/// [`crate::text_encoders`]).
+pub fn load_component<B: Backend, M: Model<B>>(
+    index: &SafetensorsIndex,
+    component: &Component<'_>,
+    config: M::Config,
+    options: &ComponentOptions<B>,
+) -> Result<Loaded<M>, Error> {
+    let order = M::execution_order(&config, component)?;
+    let inventory = units::inventory(component)?.in_order(&order);
+    let plan = distorch_alloc::plan(&options.placement.request, &inventory, &options.graph)?;
+    let load = LoadOptions {
+        check_finite: options.check_finite,
+        ..LoadOptions::default()
+    };
+    let (model, report) = M::load(
+        index,
+        component,
+        &plan,
+        &options.placement.devices,
+        config,
+        &load,
+        options.lookahead,
+    )?;
+    Ok(Loaded {
+        model,
+        plan,
+        report,
+    })
+}
+
+/// Tensor shapes of a component by local key (component prefix stripped).
+pub(crate) fn shape_map(c: &Component<'_>) -> HashMap<String, Vec<u64>> {
+    c.tensors
+        .iter()
+        .map(|t| (c.local(t).to_owned(), t.shape.clone()))
+        .collect()
+}
+
+/// A shape as `usize`s.
+pub(crate) fn to_usize(s: &[u64]) -> Vec<usize> {
+    s.iter().map(|&d| d as usize).collect()
+}

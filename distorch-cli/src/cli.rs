@@ -39,6 +39,10 @@ pub enum Task {
     /// CLIP text encoder: in input_ids; out last_hidden_state, hidden_states (stacked),
     /// pooler_output [, text_embeds].
     ClipText,
+    /// ControlNet: in sample, timestep, encoder_hidden_states, controlnet_cond [,
+    /// conditioning_scale, text_embeds, time_ids]; out down_block_res_samples.N,
+    /// mid_block_res_sample.
+    Controlnet,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

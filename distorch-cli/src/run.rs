@@ -9,7 +9,7 @@ use distorch::alloc::{DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_dev
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, components, units};
 use distorch::models::{
-    AutoencoderKl, ClipLayout, ClipTextConfig, ClipTextModel, ComponentFiles, KeyLayout,
+    AutoencoderKl, ClipLayout, ControlNetConfig, ControlNetInput, ControlNetModel, ClipTextConfig, ClipTextModel, ComponentFiles, KeyLayout,
     Unet2dCondition, UnetConfig, UnetInput, VaeConfig, text_encoders,
 };
 
@@ -98,6 +98,7 @@ fn component<'a>(
         Task::Unet => ComponentKind::Unet,
         Task::VaeEncode | Task::VaeDecode => ComponentKind::Vae,
         Task::ClipText => ComponentKind::Clip,
+        Task::Controlnet => ComponentKind::ControlNet,
     };
     let found = split.components.iter().find(|c| c.kind == kind);
     let c = match (found, split.components.as_slice()) {
@@ -183,19 +184,7 @@ fn run_on<B: Backend>(
             let plan = plan_with(&Unet2dCondition::<B>::execution_order(&config, layout)?)?;
             let (unet, _) =
                 Unet2dCondition::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
-            let sample: Tensor<B, 4> = inputs.tensor("sample", &device)?;
-            let (_, t) = inputs.values("timestep")?;
-            let mut input = UnetInput::new(
-                sample,
-                t.iter().map(|&x| x as f32).collect(),
-                inputs.tensor("encoder_hidden_states", &device)?,
-            );
-            if inputs.has("text_embeds") || inputs.has("time_ids") {
-                input = input.with_text_time(
-                    inputs.tensor("text_embeds", &device)?,
-                    inputs.tensor("time_ids", &device)?,
-                );
-            }
+            let mut input = unet_input(&inputs, &device)?;
             if inputs.has("mid_block_additional_residual") {
                 let down = (0..)
                     .map(|i| format!("down_block_additional_residuals.{i}"))
@@ -209,6 +198,36 @@ fn run_on<B: Backend>(
             }
             out.push("sample", unet.forward(input)?)?;
             log_stats(unet.streamer());
+        }
+        Task::Controlnet => {
+            let config = match &model.config {
+                Some(p) => ControlNetConfig::from_file(p)?,
+                None => <ControlNetModel<B> as distorch::models::Model<B>>::detect_config(&c)?,
+            };
+            let order = ControlNetModel::<B>::execution_order(&config, KeyLayout::of_unet(&c))?;
+            let plan = plan_with(&order)?;
+            let (control, _) =
+                ControlNetModel::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
+            let base = unet_input(&inputs, &device)?;
+            let mut input =
+                ControlNetInput::for_unet(&base, inputs.tensor("controlnet_cond", &device)?);
+            if inputs.has("conditioning_scale") {
+                match inputs.values("conditioning_scale")?.1.as_slice() {
+                    [scale] => input = input.with_scale(*scale as f32),
+                    other => {
+                        return Err(Failure::Other(format!(
+                            "input `conditioning_scale` has {} values; expected one",
+                            other.len()
+                        )));
+                    }
+                }
+            }
+            let res = control.forward(input)?;
+            for (i, t) in res.down_block_res_samples.into_iter().enumerate() {
+                out.push(&format!("down_block_res_samples.{i}"), t)?;
+            }
+            out.push("mid_block_res_sample", res.mid_block_res_sample)?;
+            log_stats(control.streamer());
         }
         Task::VaeEncode | Task::VaeDecode => {
             let config = match &model.config {
@@ -256,6 +275,24 @@ fn run_on<B: Backend>(
         }
     }
     out.write(&args.out)
+}
+
+/// The inputs the UNet and a ControlNet share: `sample`, `timestep`,
+/// `encoder_hidden_states` and SDXL's `text_embeds` / `time_ids`.
+fn unet_input<B: Backend>(inputs: &Inputs, device: &B::Device) -> Result<UnetInput<B>, Failure> {
+    let (_, t) = inputs.values("timestep")?;
+    let mut input = UnetInput::new(
+        inputs.tensor("sample", device)?,
+        t.iter().map(|&x| x as f32).collect(),
+        inputs.tensor("encoder_hidden_states", device)?,
+    );
+    if inputs.has("text_embeds") || inputs.has("time_ids") {
+        input = input.with_text_time(
+            inputs.tensor("text_embeds", device)?,
+            inputs.tensor("time_ids", device)?,
+        );
+    }
+    Ok(input)
 }
 
 fn unet_config(model: &Model, c: &Component<'_>) -> Result<(UnetConfig, KeyLayout), Failure> {

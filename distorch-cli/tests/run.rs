@@ -2,6 +2,7 @@
 //! fixtures (`tools/fixtures/gen.py`, diffusers / transformers), both key layouts, resident on
 //! the CPU and — in a `--features wgpu` build — computed on wgpu with every weight streamed
 //! from host memory (`--expert "wgpu:0,0b;cpu,*"`), bit-identical to the resident run.
+//! Tasks: unet (plain and ControlNet-driven), controlnet, vae-encode, vae-decode, clip-text.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -131,6 +132,57 @@ fn cases() -> Vec<Case> {
                 reference: fixture(name).join("reference.safetensors"),
             });
         }
+    }
+    for (name, unet, sdxl) in [
+        ("controlnet_sd", "unet_sd", false),
+        ("controlnet_sdxl", "unet_sdxl", true),
+    ] {
+        let mut ins = vec![
+            ("sample", "sample"),
+            ("timestep", "timestep"),
+            ("encoder_hidden_states", "encoder_hidden_states"),
+        ];
+        if sdxl {
+            ins.extend([("text_embeds", "text_embeds"), ("time_ids", "time_ids")]);
+        }
+        let reference = fixture(name).join("reference.safetensors");
+        let mut control_ins = ins.clone();
+        control_ins.push(("controlnet_cond", "controlnet_cond"));
+        let residuals = [
+            "down_block_res_samples.0",
+            "down_block_res_samples.1",
+            "down_block_res_samples.2",
+            "down_block_res_samples.3",
+            "mid_block_res_sample",
+        ];
+        for file in ["diffusion_pytorch_model.safetensors", "ldm.safetensors"] {
+            out.push(Case {
+                task: "controlnet",
+                model: fixture(name).join(file),
+                config: fixture(name).join("config.json"),
+                component: None,
+                inputs: control_ins.clone(),
+                outputs: residuals.iter().map(|r| (*r, *r)).collect(),
+                reference: reference.clone(),
+            });
+        }
+        // The UNet driven by those residuals: diffusers' controlled output.
+        ins.extend([
+            ("mid_block_res_sample", "mid_block_additional_residual"),
+            ("down_block_res_samples.0", "down_block_additional_residuals.0"),
+            ("down_block_res_samples.1", "down_block_additional_residuals.1"),
+            ("down_block_res_samples.2", "down_block_additional_residuals.2"),
+            ("down_block_res_samples.3", "down_block_additional_residuals.3"),
+        ]);
+        out.push(Case {
+            task: "unet",
+            model: fixture(unet).join("diffusion_pytorch_model.safetensors"),
+            config: fixture(unet).join("config.json"),
+            component: None,
+            inputs: ins,
+            outputs: vec![("sample", "controlled_unet_out")],
+            reference,
+        });
     }
     for file in ["diffusion_pytorch_model.safetensors", "ldm.safetensors"] {
         out.push(Case {

@@ -9,8 +9,9 @@ use distorch::alloc::{DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_dev
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, components, units};
 use distorch::models::{
-    AutoencoderKl, ClipLayout, ControlNetConfig, ControlNetInput, ControlNetModel, ClipTextConfig, ClipTextModel, ComponentFiles, KeyLayout,
-    Unet2dCondition, UnetConfig, UnetInput, VaeConfig, text_encoders,
+    AutoencoderKl, ClipLayout, ClipTextConfig, ClipTextModel, ComponentFiles, ControlNetConfig,
+    ControlNetInput, ControlNetModel, KeyLayout, Unet2dCondition, UnetConfig, UnetInput, VaeConfig,
+    text_encoders,
 };
 
 use crate::Failure;

@@ -169,10 +169,22 @@ fn cases() -> Vec<Case> {
         // The UNet driven by those residuals: diffusers' controlled output.
         ins.extend([
             ("mid_block_res_sample", "mid_block_additional_residual"),
-            ("down_block_res_samples.0", "down_block_additional_residuals.0"),
-            ("down_block_res_samples.1", "down_block_additional_residuals.1"),
-            ("down_block_res_samples.2", "down_block_additional_residuals.2"),
-            ("down_block_res_samples.3", "down_block_additional_residuals.3"),
+            (
+                "down_block_res_samples.0",
+                "down_block_additional_residuals.0",
+            ),
+            (
+                "down_block_res_samples.1",
+                "down_block_additional_residuals.1",
+            ),
+            (
+                "down_block_res_samples.2",
+                "down_block_additional_residuals.2",
+            ),
+            (
+                "down_block_res_samples.3",
+                "down_block_additional_residuals.3",
+            ),
         ]);
         out.push(Case {
             task: "unet",

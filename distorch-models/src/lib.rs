@@ -13,7 +13,9 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod clip_image;
 mod clip_keys;
+pub mod clip_vision;
 mod config;
 pub mod controlnet;
 mod error;
@@ -30,6 +32,7 @@ pub mod vae;
 pub use checkpoint::{CheckpointOptions, Placement, StableDiffusion, text_encoders};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use clip_keys::ClipLayout;
+pub use clip_vision::{ClipVisionConfig, ClipVisionModel, ClipVisionOutput};
 pub use controlnet::{ControlNetConfig, ControlNetInput, ControlNetModel, ControlNetOutput};
 pub use error::Error;
 pub use folder::ComponentFiles;

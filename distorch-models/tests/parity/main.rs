@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod clip_text;
+mod clip_vision;
 mod common;
 mod controlnet;
 mod unet;

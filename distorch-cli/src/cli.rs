@@ -43,6 +43,9 @@ pub enum Task {
     /// conditioning_scale, text_embeds, time_ids]; out down_block_res_samples.N,
     /// mid_block_res_sample.
     Controlnet,
+    /// CLIP vision encoder: in pixel_values; out image_embeds, last_hidden_state,
+    /// hidden_states (stacked).
+    ClipVision,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -9,9 +9,9 @@ use distorch::alloc::{DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_dev
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, components, units};
 use distorch::models::{
-    AutoencoderKl, ClipLayout, ClipTextConfig, ClipTextModel, ComponentFiles, ControlNetConfig,
-    ControlNetInput, ControlNetModel, KeyLayout, Unet2dCondition, UnetConfig, UnetInput, VaeConfig,
-    text_encoders,
+    AutoencoderKl, ClipLayout, ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel,
+    ComponentFiles, ControlNetConfig, ControlNetInput, ControlNetModel, KeyLayout, Unet2dCondition,
+    UnetConfig, UnetInput, VaeConfig, text_encoders,
 };
 
 use crate::Failure;
@@ -100,6 +100,7 @@ fn component<'a>(
         Task::VaeEncode | Task::VaeDecode => ComponentKind::Vae,
         Task::ClipText => ComponentKind::Clip,
         Task::Controlnet => ComponentKind::ControlNet,
+        Task::ClipVision => ComponentKind::ClipVision,
     };
     let found = split.components.iter().find(|c| c.kind == kind);
     let c = match (found, split.components.as_slice()) {
@@ -229,6 +230,20 @@ fn run_on<B: Backend>(
             }
             out.push("mid_block_res_sample", res.mid_block_res_sample)?;
             log_stats(control.streamer());
+        }
+        Task::ClipVision => {
+            let config = match &model.config {
+                Some(p) => ClipVisionConfig::from_file(p)?,
+                None => ClipVisionConfig::detect(&c)?,
+            };
+            let plan = plan_with(&[])?;
+            let (vision, _) =
+                ClipVisionModel::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
+            let enc = vision.forward(inputs.tensor("pixel_values", &device)?)?;
+            out.push("image_embeds", enc.image_embeds)?;
+            out.push("last_hidden_state", enc.last_hidden_state)?;
+            out.push("hidden_states", Tensor::stack::<4>(enc.hidden_states, 0))?;
+            log_stats(vision.streamer());
         }
         Task::VaeEncode | Task::VaeDecode => {
             let config = match &model.config {

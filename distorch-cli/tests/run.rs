@@ -2,7 +2,8 @@
 //! fixtures (`tools/fixtures/gen.py`, diffusers / transformers), both key layouts, resident on
 //! the CPU and — in a `--features wgpu` build — computed on wgpu with every weight streamed
 //! from host memory (`--expert "wgpu:0,0b;cpu,*"`), bit-identical to the resident run.
-//! Tasks: unet (plain and ControlNet-driven), controlnet, vae-encode, vae-decode, clip-text.
+//! Tasks: unet (plain and ControlNet-driven), controlnet, vae-encode, vae-decode, clip-text,
+//! clip-vision.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -196,6 +197,19 @@ fn cases() -> Vec<Case> {
             reference,
         });
     }
+    out.push(Case {
+        task: "clip-vision",
+        model: fixture("clip_vision").join("model.safetensors"),
+        config: fixture("clip_vision").join("config.json"),
+        component: None,
+        inputs: vec![("pixel_values", "pixel_values")],
+        outputs: vec![
+            ("image_embeds", "image_embeds"),
+            ("last_hidden_state", "last_hidden_state"),
+            ("hidden_states", "hidden_states"),
+        ],
+        reference: fixture("clip_vision").join("reference.safetensors"),
+    });
     for file in ["diffusion_pytorch_model.safetensors", "ldm.safetensors"] {
         out.push(Case {
             task: "vae-encode",

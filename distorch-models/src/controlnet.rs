@@ -502,7 +502,7 @@ impl ControlNetConfig {
         };
         let convs: Vec<&[u64]> = hint.values().copied().collect();
         let ok = convs.len() >= 2
-            && convs.len() % 2 == 0
+            && convs.len().is_multiple_of(2)
             && hint.keys().copied().eq((0..convs.len()).map(|i| 2 * i))
             && convs.iter().all(|s| s.len() == 4);
         if !ok {

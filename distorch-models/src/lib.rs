@@ -37,7 +37,9 @@ pub use controlnet::{ControlNetConfig, ControlNetInput, ControlNetModel, Control
 pub use error::Error;
 pub use folder::ComponentFiles;
 pub use keymap::KeyLayout;
-pub use loader::{ComponentOptions, Loaded, Model, load_component, load_model};
+pub use loader::{
+    ComponentOptions, Loaded, Model, Models, load_cached, load_component, load_model,
+};
 pub use nn::Activation;
 pub use unet::{Unet2dCondition, UnetInput};
 pub use unet_config::{PerBlock, UnetConfig};

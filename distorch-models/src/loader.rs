@@ -1,13 +1,18 @@
 //! Loading one model, planned and placed: the [`Model`] trait every model implements, and
 //! [`load_model`] / [`load_component`], the loaders of one component (a file, a diffusers
-//! folder or one component of a checkpoint).
+//! folder or one component of a checkpoint), and [`load_cached`], the same through the
+//! shared model cache with `eject_models` semantics.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
-use distorch_alloc::{DeviceGraph, Plan};
-use distorch_core::runtime::{DeviceMap, LoadOptions, LoadReport, Lookahead};
+use distorch_alloc::{ByteSize, DeviceGraph, Plan};
+use distorch_core::runtime::{
+    DeviceMap, EjectPolicy, LoadOptions, LoadReport, Lookahead, ModelCache,
+};
 use distorch_core::{Component, ComponentKind, SafetensorsIndex, components, units};
 
 use crate::checkpoint::Placement;
@@ -85,34 +90,100 @@ pub fn load_model<B: Backend, M: Model<B>>(
     config: Option<M::Config>,
     options: &ComponentOptions<B>,
 ) -> Result<Loaded<M>, Error> {
-    let path = path.as_ref();
+    let (index, config_file) = open(path.as_ref())?;
+    let c = pick::<B, M>(&index)?;
+    let config = resolve::<B, M>(&c, config, config_file)?;
+    load_component(&index, &c, config, options)
+}
+
+/// The weights index of a folder or file, and the folder's `config.json`.
+fn open(path: &Path) -> Result<(SafetensorsIndex, Option<std::path::PathBuf>), Error> {
     let (weights, config_file) = if path.is_dir() {
         let files = ComponentFiles::find(path)?;
         (files.weights, Some(files.config))
     } else {
         (path.to_path_buf(), None)
     };
-    let index = SafetensorsIndex::open(&weights)?;
-    let split = components::split(&index);
-    let c = match (
+    Ok((SafetensorsIndex::open(&weights)?, config_file))
+}
+
+/// The component of kind `M::KIND` in the file (or its only, unrecognised one).
+fn pick<'a, B: Backend, M: Model<B>>(index: &'a SafetensorsIndex) -> Result<Component<'a>, Error> {
+    let split = components::split(index);
+    match (
         split.components.iter().find(|c| c.kind == M::KIND),
         split.components.as_slice(),
     ) {
-        (Some(c), _) => c.clone(),
-        (None, [only]) if only.kind == ComponentKind::Model => only.clone(),
-        _ => {
-            return Err(Error::Input {
-                input: "model",
-                reason: format!("{}: no {} in the file", index.path().display(), M::KIND),
-            });
-        }
-    };
-    let config = match (config, config_file) {
-        (Some(c), _) => c,
-        (None, Some(f)) if f.is_file() => M::config_from_file(&f)?,
-        (None, _) => M::detect_config(&c)?,
-    };
-    load_component(&index, &c, config, options)
+        (Some(c), _) => Ok(c.clone()),
+        (None, [only]) if only.kind == ComponentKind::Model => Ok(only.clone()),
+        _ => Err(Error::Input {
+            input: "model",
+            reason: format!("{}: no {} in the file", index.path().display(), M::KIND),
+        }),
+    }
+}
+
+/// The configuration given, else the folder's `config.json`, else detected from shapes.
+fn resolve<B: Backend, M: Model<B>>(
+    c: &Component<'_>,
+    config: Option<M::Config>,
+    config_file: Option<std::path::PathBuf>,
+) -> Result<M::Config, Error> {
+    match (config, config_file) {
+        (Some(c), _) => Ok(c),
+        (None, Some(f)) if f.is_file() => M::config_from_file(&f),
+        (None, _) => M::detect_config(c),
+    }
+}
+
+/// Models of every kind the loaders keep loaded, with DisTorch2's `eject_models` semantics
+/// (see [`ModelCache`]).
+pub type Models = ModelCache<dyn Any + Send + Sync>;
+
+/// [`load_model`] through `cache`: the model already loaded from `path` with the same
+/// allocation is shared; otherwise, before anything is read, `eject` makes room on the
+/// compute device — `EjectAll` (the loaders' `eject_models = true`) unloads every cached model
+/// holding weights there, `EvictLeastRecentlyUsed` only as many as the new model's resident
+/// bytes need — against the compute device's free memory in `options.graph` (cached models
+/// included). A model that cannot fit even then is an error and nothing is loaded.
+pub fn load_cached<B, M>(
+    cache: &mut Models,
+    path: impl AsRef<Path>,
+    config: Option<M::Config>,
+    options: &ComponentOptions<B>,
+    eject: EjectPolicy,
+) -> Result<Arc<M>, Error>
+where
+    B: Backend,
+    M: Model<B> + Send + Sync + 'static,
+{
+    let path = path.as_ref();
+    let id = format!(
+        "{}:{}:{:?}",
+        M::KIND,
+        path.display(),
+        options.placement.request
+    );
+    if let Some(hit) = cache.get(&id).and_then(|m| m.downcast::<M>().ok()) {
+        tracing::debug!(model = id.as_str(), "cached");
+        return Ok(hit);
+    }
+    let (index, config_file) = open(path)?;
+    let c = pick::<B, M>(&index)?;
+    let config = resolve::<B, M>(&c, config, config_file)?;
+    let plan = plan::<B, M>(&c, &config, options)?;
+    let compute = plan.compute();
+    let needed = plan
+        .devices()
+        .iter()
+        .find(|r| r.device == compute)
+        .map_or(ByteSize(0), |r| r.model_bytes);
+    let capacity = options.graph.get(compute).map_or(ByteSize(0), |d| d.free);
+    cache.make_room(compute, needed, capacity, eject)?;
+    let loaded = place::<B, M>(&index, &c, plan, config, options)?;
+    let model = Arc::new(loaded.model);
+    cache.insert(id, model.clone(), &loaded.report.bytes_per_device);
+    Ok(model)
 }
 
 /// Plans and loads one component of an opened file with a known configuration (the step
@@ -124,9 +195,34 @@ pub fn load_component<B: Backend, M: Model<B>>(
     config: M::Config,
     options: &ComponentOptions<B>,
 ) -> Result<Loaded<M>, Error> {
-    let order = M::execution_order(&config, component)?;
+    let plan = plan::<B, M>(component, &config, options)?;
+    place(index, component, plan, config, options)
+}
+
+/// The component's plan: its inventory in the model's execution order, then the placement's
+/// request.
+fn plan<B: Backend, M: Model<B>>(
+    component: &Component<'_>,
+    config: &M::Config,
+    options: &ComponentOptions<B>,
+) -> Result<Plan, Error> {
+    let order = M::execution_order(config, component)?;
     let inventory = units::inventory(component)?.in_order(&order);
-    let plan = distorch_alloc::plan(&options.placement.request, &inventory, &options.graph)?;
+    Ok(distorch_alloc::plan(
+        &options.placement.request,
+        &inventory,
+        &options.graph,
+    )?)
+}
+
+/// Loads the component where `plan` puts it.
+fn place<B: Backend, M: Model<B>>(
+    index: &SafetensorsIndex,
+    component: &Component<'_>,
+    plan: Plan,
+    config: M::Config,
+    options: &ComponentOptions<B>,
+) -> Result<Loaded<M>, Error> {
     let load = LoadOptions {
         check_finite: options.check_finite,
         ..LoadOptions::default()

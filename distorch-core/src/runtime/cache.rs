@@ -20,7 +20,7 @@ pub enum EjectPolicy {
     EvictLeastRecentlyUsed,
 }
 
-struct Entry<M> {
+struct Entry<M: ?Sized> {
     id: String,
     model: Arc<M>,
     bytes: BTreeMap<DeviceId, ByteSize>,
@@ -30,14 +30,17 @@ struct Entry<M> {
 /// Loaded models, keyed by an id of the caller's choosing (a path and its allocation, say),
 /// with the bytes each holds on each device.
 ///
+/// `M` may be unsized: `ModelCache<dyn Any + Send + Sync>` holds models of several types
+/// (what the model loaders share).
+///
 /// Removing a model from the cache drops the cache's handle; its memory is freed when the
 /// last handle (`Arc`) a caller holds is dropped too.
-pub struct ModelCache<M> {
+pub struct ModelCache<M: ?Sized> {
     entries: Vec<Entry<M>>,
     clock: u64,
 }
 
-impl<M> Default for ModelCache<M> {
+impl<M: ?Sized> Default for ModelCache<M> {
     fn default() -> Self {
         ModelCache {
             entries: Vec::new(),
@@ -46,7 +49,7 @@ impl<M> Default for ModelCache<M> {
     }
 }
 
-impl<M> ModelCache<M> {
+impl<M: ?Sized> ModelCache<M> {
     /// An empty cache.
     pub fn new() -> Self {
         ModelCache::default()

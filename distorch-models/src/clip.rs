@@ -199,6 +199,13 @@ impl<B: Backend> ClipTextModel<B> {
         ))
     }
 
+    /// The final layer norm applied to `x`, hidden states of this encoder (SD 2.x
+    /// conditions on the penultimate layer through it).
+    pub fn final_norm(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Error> {
+        let w = Weights::new(&self.streamer, "");
+        w.layer_norm(&self.keys.final_unit(), x, self.config.layer_norm_eps)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ClipTextConfig {
         &self.config

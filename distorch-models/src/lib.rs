@@ -1,10 +1,13 @@
 //! Model definitions for distorch, generic over Burn backends, with weights fetched through
 //! distorch-core's streamer, so every model runs whatever its placement.
 //!
-//! So far: the CLIP text encoder ([`clip`], against transformers), the UNet ([`unet`], SD
-//! 1.x/2.x and SDXL, with ControlNet residual inputs) and the VAE ([`vae`]), against diffusers;
-//! all tested on tiny random configurations in diffusers/transformers key layouts.
-//! ControlNet, CLIP Vision, T5/UMT5 and Wan arrive with later work.
+//! So far: the CLIP text encoder ([`clip`]) and its tokenizer ([`tokenizer`]), the CLIP
+//! vision encoder ([`clip_vision`]) and its image preprocessing ([`clip_image`]), against
+//! transformers; the UNet ([`unet`], SD 1.x/2.x and SDXL), the ControlNet ([`controlnet`]),
+//! the VAE ([`vae`]) and the samplers ([`scheduler`]), against diffusers; all tested on tiny
+//! random configurations in both key layouts. [`load_model`] loads any of them with its own
+//! allocation, [`checkpoint`] a whole Stable Diffusion checkpoint. T5/UMT5 and Wan arrive
+//! with later work.
 //!
 //! Compute is f32 on every backend; weights of any float dtype are widened when they reach
 //! the compute device (see `distorch_core::runtime`).
@@ -23,6 +26,9 @@ mod folder;
 mod keymap;
 pub mod loader;
 mod nn;
+pub mod pipeline;
+pub mod scheduler;
+pub mod tokenizer;
 pub mod unet;
 mod unet_config;
 pub mod unet_ldm;
@@ -41,6 +47,9 @@ pub use loader::{
     ComponentOptions, Loaded, Model, Models, load_cached, load_component, load_model,
 };
 pub use nn::Activation;
+pub use pipeline::{Control, Generated, Progress, Txt2Img};
+pub use scheduler::{SamplerKind, Scheduler, SchedulerConfig};
+pub use tokenizer::ClipTokenizer;
 pub use unet::{Unet2dCondition, UnetInput};
 pub use unet_config::{PerBlock, UnetConfig};
 pub use unet_ldm::DetectedUnet;

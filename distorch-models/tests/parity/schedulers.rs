@@ -1,0 +1,115 @@
+//! The samplers against diffusers' schedulers (fixture from `tools/fixtures/schedulers.py`,
+//! SD 1.5's scheduler config, 10 steps): timesteps, sigmas, the initial noise scale, and
+//! every step's input scaling and update on fixed samples, model outputs and noise, for ε- and
+//! v-prediction.
+
+use crate::common::*;
+use burn::tensor::Tensor;
+use distorch_models::scheduler::{SamplerKind, Scheduler, SchedulerConfig};
+
+const KINDS: [(&str, SamplerKind); 4] = [
+    ("euler", SamplerKind::Euler),
+    ("euler_a", SamplerKind::EulerAncestral),
+    ("ddim", SamplerKind::Ddim),
+    ("dpmpp_2m_karras", SamplerKind::DpmPp2mKarras),
+];
+
+fn values(key: &str) -> Vec<f64> {
+    read(&fixture("schedulers").join("reference.safetensors"), key).1
+}
+
+fn close(what: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 + 1e-5 * w.abs(),
+            "{what}[{i}]: got {g}, reference {w}"
+        );
+    }
+}
+
+#[test]
+fn match_diffusers_schedulers() {
+    for (name, kind) in KINDS {
+        for pred in ["epsilon", "v_prediction"] {
+            let key = format!("{name}.{pred}");
+            let config = SchedulerConfig {
+                prediction_type: pred.into(),
+                ..SchedulerConfig::default()
+            };
+            let mut s = Scheduler::<B>::new(kind, &config, 10).unwrap();
+            close(
+                &format!("{key} timesteps"),
+                s.timesteps(),
+                &values(&format!("{key}.timesteps")),
+            );
+            if kind != SamplerKind::Ddim {
+                close(
+                    &format!("{key} sigmas"),
+                    s.sigmas(),
+                    &values(&format!("{key}.sigmas")),
+                );
+            }
+            close(
+                &format!("{key} init_noise_sigma"),
+                &[s.init_noise_sigma()],
+                &values(&format!("{key}.init_noise_sigma")),
+            );
+            for i in 0..10 {
+                let t = |part: &str| -> Tensor<B, 4> {
+                    tensor("schedulers", &format!("{key}.{i}.{part}"))
+                };
+                let scaled = s.scale_model_input(t("sample"), i);
+                let file = fixture("schedulers").join("reference.safetensors");
+                assert_close(
+                    &format!("{key} step {i} scaled"),
+                    scaled,
+                    read(&file, &format!("{key}.{i}.scaled")),
+                );
+                let prev = s
+                    .step(t("model_output"), i, t("sample"), Some(t("noise")))
+                    .unwrap();
+                assert_close(
+                    &format!("{key} step {i}"),
+                    prev,
+                    read(&file, &format!("{key}.{i}.prev_sample")),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_settings_are_typed_errors() {
+    let e = SamplerKind::from_name("heun").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("known: euler, euler_a, ddim, dpmpp_2m_karras"),
+        "{e}"
+    );
+    let e = Scheduler::<B>::new(SamplerKind::Euler, &SchedulerConfig::default(), 0)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("0 steps"), "{e}");
+    let config = SchedulerConfig {
+        beta_schedule: "squaredcos_cap_v2".into(),
+        ..SchedulerConfig::default()
+    };
+    let e = Scheduler::<B>::new(SamplerKind::Euler, &config, 10)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("beta_schedule"), "{e}");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("scheduler_config.json");
+    std::fs::write(&path, r#"{"rescale_betas_zero_snr": true}"#).unwrap();
+    let e = SchedulerConfig::from_file(&path).unwrap_err();
+    assert!(
+        e.to_string().contains("`rescale_betas_zero_snr` = true"),
+        "{e}"
+    );
+    let mut s =
+        Scheduler::<B>::new(SamplerKind::EulerAncestral, &SchedulerConfig::default(), 2).unwrap();
+    let x = Tensor::<B, 4>::zeros([1, 4, 2, 2], &Default::default());
+    let e = s.step(x.clone(), 0, x, None).unwrap_err();
+    assert!(e.to_string().contains("needs noise"), "{e}");
+}

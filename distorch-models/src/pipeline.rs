@@ -139,7 +139,11 @@ impl<B: Backend> StableDiffusion<B> {
         let vae_scale = 1usize << (self.vae.config().block_out_channels.len() - 1);
         let unet_scale = 1usize << (self.unet.config().block_out_channels.len() - 1);
         let multiple = vae_scale * unet_scale;
-        if r.width == 0 || r.height == 0 || r.width % multiple != 0 || r.height % multiple != 0 {
+        if r.width == 0
+            || r.height == 0
+            || !r.width.is_multiple_of(multiple)
+            || !r.height.is_multiple_of(multiple)
+        {
             return Err(Error::Input {
                 input: "size",
                 reason: format!(

@@ -66,6 +66,82 @@ impl DemoModel {
     }
 }
 
+#[cfg(feature = "runtime")]
+impl DemoModel {
+    /// The file name of the random-weights variant.
+    pub fn random_file_name(self) -> &'static str {
+        match self {
+            DemoModel::Sd15 => "demo-sd15-random-fp16.safetensors",
+        }
+    }
+
+    /// Writes the checkpoint with deterministic random weights into `dir` unless a complete
+    /// copy is already there; returns its path. Linear and convolution weights are uniform
+    /// with standard deviation 1/√fan-in, 1-D weights (norm scales) are 1 and biases 0, so
+    /// activations stay bounded and the model draws an abstract image; the same bytes on
+    /// every machine. Written tensor by tensor (about 2 GB for SD 1.5, little memory), under
+    /// a temporary name renamed at the end, so an interrupted write is never taken for a
+    /// complete one.
+    pub fn ensure_random_in(self, dir: &Path) -> Result<PathBuf, Error> {
+        use std::io::{Seek, SeekFrom, Write};
+        let path = dir.join(self.random_file_name());
+        let tensors = self.tensors();
+        if let Ok(index) = SafetensorsIndex::open(&path)
+            && index.tensors().len() == tensors.len()
+        {
+            return Ok(path);
+        }
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| Error::Io { path: p, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let partial = dir.join(format!("{}.partial", self.random_file_name()));
+        let mut meta = BTreeMap::new();
+        meta.insert(
+            "distorch.demo".to_owned(),
+            "SD1.5 shapes, deterministic random weights: abstract images only".to_owned(),
+        );
+        tracing::info!(path = %path.display(), "writing the random-weights demo checkpoint");
+        write_zeroed(&partial, &tensors, &meta)?;
+        let index = SafetensorsIndex::open(&partial)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&partial)
+            .map_err(io(&partial))?;
+        let mut state = 0x5EED_u64;
+        let mut buf = Vec::new();
+        for t in index.tensors() {
+            let n = t.numel() as usize;
+            buf.clear();
+            buf.reserve(2 * n);
+            let param = t.name.rsplit('.').next().unwrap_or("");
+            let constant = match (t.shape.len(), param) {
+                (1, "weight") => Some(1.0f32),
+                (1, _) => Some(0.0),
+                _ => None,
+            };
+            let fan_in: u64 = t.shape.iter().skip(1).product::<u64>().max(1);
+            let half_width = (3.0 / fan_in as f64).sqrt() as f32;
+            for _ in 0..n {
+                let v = constant.unwrap_or_else(|| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width
+                });
+                buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+            file.seek(SeekFrom::Start(t.file_offset))
+                .and_then(|_| file.write_all(&buf))
+                .map_err(io(&partial))?;
+        }
+        file.sync_all().map_err(io(&partial))?;
+        std::fs::rename(&partial, &path).map_err(io(&path))?;
+        Ok(path)
+    }
+}
+
 #[derive(Default)]
 struct Builder {
     out: Vec<TensorSpec>,

@@ -82,8 +82,9 @@ pub struct CheckpointOptions<B: Backend> {
 }
 
 impl<B: Backend> CheckpointOptions<B> {
-    /// DisTorch2's defaults: the UNet on `compute` with 4 GiB of virtual VRAM on `cpu`, the
-    /// text encoders computed on `cpu` (bound to `cpu_device`), the VAE on `compute`.
+    /// DisTorch2's defaults: the UNet on `compute` with 4 GiB of virtual VRAM on `cpu` (all
+    /// of it on `compute` when that is the CPU), the text encoders computed on `cpu` (bound
+    /// to `cpu_device`), the VAE on `compute`.
     pub fn new(
         graph: DeviceGraph,
         compute: DeviceId,
@@ -92,7 +93,11 @@ impl<B: Backend> CheckpointOptions<B> {
     ) -> Result<CheckpointOptions<B>, Error> {
         Ok(CheckpointOptions {
             graph,
-            unet: Placement::virtual_vram(compute, device.clone(), 4.0, vec![DeviceId::CPU])?,
+            unet: if compute == DeviceId::CPU {
+                Placement::on(compute, device.clone())
+            } else {
+                Placement::virtual_vram(compute, device.clone(), 4.0, vec![DeviceId::CPU])?
+            },
             clip: Placement::on(DeviceId::CPU, cpu_device),
             vae: Placement::on(compute, device),
             lookahead: Lookahead::default(),

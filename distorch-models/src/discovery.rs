@@ -294,7 +294,9 @@ mod tests {
             models.join("checkpoints/sd15/v1-5.safetensors")
         );
         assert_eq!(
-            r(ModelKind::Checkpoints, "dreamshaper").file_name().unwrap(),
+            r(ModelKind::Checkpoints, "dreamshaper")
+                .file_name()
+                .unwrap(),
             "dreamshaper.safetensors"
         );
         assert!(r(ModelKind::Checkpoints, "dreamshaper").is_file());
@@ -314,10 +316,18 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let yaml = tmp.path().join("extra_model_paths.yaml");
         std::fs::write(&yaml, "comfyui:\n  base_path: [1, 2]\n").unwrap();
-        let e = ModelFolders::new().add_extra_model_paths(&yaml).unwrap_err();
-        assert!(e.to_string().contains("`comfyui.base_path` is not a string"), "{e}");
+        let e = ModelFolders::new()
+            .add_extra_model_paths(&yaml)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`comfyui.base_path` is not a string"),
+            "{e}"
+        );
         std::fs::write(&yaml, "comfyui: [\n").unwrap();
-        let e = ModelFolders::new().add_extra_model_paths(&yaml).unwrap_err();
+        let e = ModelFolders::new()
+            .add_extra_model_paths(&yaml)
+            .unwrap_err();
         assert!(e.to_string().contains("not YAML"), "{e}");
     }
 }

@@ -1,0 +1,363 @@
+//! Text to image: a prompt in, a PNG out, each component of the model placed as asked.
+//!
+//! ```text
+//! cargo run --release --example txt2img -- [--ckpt PATH_OR_NAME] --prompt "..."
+//!     [--negative ...] [--steps N] [--cfg X] [--sampler euler|euler_a|ddim|dpmpp_2m_karras]
+//!     [--seed N] [--width W --height H] [--device cpu|wgpu:0|cuda:N]
+//!     [--unet-virtual-vram GB --unet-donor DEV | --unet-expert STR] [--clip-device DEV]
+//!     [--vae-device DEV] [--controlnet PATH_OR_NAME --hint IMG [--control-strength X]]
+//!     [--models-dir DIR] [--extra-model-paths YAML] [--devices DECL] [--v-prediction]
+//!     --out out.png
+//! ```
+//!
+//! `--ckpt` is a single-file checkpoint (SD 1.x/2.x/SDXL), a diffusers pipeline folder, or a
+//! name found in `--models-dir` (a ComfyUI `models/` folder) and `--extra-model-paths`.
+//! Without it, the example writes a demo checkpoint once (SD 1.5's shapes, deterministic
+//! random weights; about 2 GB in `$DISTORCH_CACHE`, else `~/.cache/distorch`): it runs the
+//! whole pipeline but draws an abstract image. `--device wgpu:0` and `cuda:N` need the
+//! facade's `wgpu` / `cuda` features.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use clap::Parser;
+use distorch::alloc::{DeviceKind, parse_device_list};
+use distorch::core::DemoModel;
+use distorch::core::runtime::DeviceMap;
+use distorch::models::pipeline::to_rgb8;
+use distorch::models::{
+    CheckpointOptions, ClipTokenizer, ComponentOptions, Control, ControlNetModel, Loaded,
+    ModelFolders, ModelKind, Placement, Progress, SamplerKind, SchedulerConfig, StableDiffusion,
+    Txt2Img, load_model,
+};
+use distorch::{ByteSize, DeviceGraph, DeviceId, PlanRequest, VirtualVram};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+struct Args {
+    /// Checkpoint file, diffusers folder, or a name in the model folders (default: the demo).
+    #[arg(long)]
+    ckpt: Option<String>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative: String,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    cfg: f64,
+    #[arg(long, default_value = "euler")]
+    sampler: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    /// The compute device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// GiB of the UNet moved off the compute device (DisTorch2's default: 4).
+    #[arg(long)]
+    unet_virtual_vram: Option<f64>,
+    /// Where the moved UNet weights live.
+    #[arg(long, default_value = "cpu")]
+    unet_donor: String,
+    /// An allocation string for the UNet instead (`cuda:0,2.5gb;cpu,*`).
+    #[arg(long)]
+    unet_expert: Option<String>,
+    /// Where the text encoders compute.
+    #[arg(long, default_value = "cpu")]
+    clip_device: String,
+    /// Where the VAE computes (default: the compute device).
+    #[arg(long)]
+    vae_device: Option<String>,
+    #[arg(long)]
+    controlnet: Option<String>,
+    #[arg(long)]
+    hint: Option<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    control_strength: f32,
+    /// A ComfyUI `models/` folder to find names in.
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
+    /// A ComfyUI `extra_model_paths.yaml`.
+    #[arg(long)]
+    extra_model_paths: Option<PathBuf>,
+    /// Declared devices instead of detection (`cuda:0=8gib,cpu=32gib`).
+    #[arg(long)]
+    devices: Option<String>,
+    /// The model predicts v (SD 2.x 768-v) rather than noise.
+    #[arg(long)]
+    v_prediction: bool,
+    #[arg(long, default_value = "out.png")]
+    out: PathBuf,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = dispatch(&args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Failure = Box<dyn std::error::Error>;
+
+fn dispatch(args: &Args) -> Result<(), Failure> {
+    let compute: DeviceId = args.device.parse()?;
+    match compute.kind() {
+        DeviceKind::Cpu => {
+            #[cfg(feature = "ndarray")]
+            return run::<distorch::backends::NdArray>(args, compute, Default::default());
+        }
+        DeviceKind::Wgpu if compute.index() == 0 => {
+            #[cfg(feature = "wgpu")]
+            return run::<distorch::backends::Wgpu>(args, compute, Default::default());
+        }
+        DeviceKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            return run::<distorch::backends::Cuda>(
+                args,
+                compute,
+                burn::backend::cuda::CudaDevice::new(compute.index() as usize),
+            );
+        }
+        _ => {}
+    }
+    Err(format!(
+        "--device {compute}: this build cannot compute there (backends compiled in: {:?})",
+        distorch::backends::compiled()
+    )
+    .into())
+}
+
+fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<(), Failure> {
+    let graph = match &args.devices {
+        Some(d) => DeviceGraph::declare(d)?,
+        None => distorch::backends::detect().graph,
+    };
+    let mut folders = match &args.models_dir {
+        Some(d) => ModelFolders::from_models_dir(d)?,
+        None => ModelFolders::new(),
+    };
+    if let Some(y) = &args.extra_model_paths {
+        folders.add_extra_model_paths(y)?;
+    }
+    let ckpt = match &args.ckpt {
+        Some(name) => folders.resolve(ModelKind::Checkpoints, name)?,
+        None => {
+            let dir = std::env::var_os("DISTORCH_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/distorch")))
+                .ok_or("no cache folder: set DISTORCH_CACHE")?;
+            println!(
+                "No --ckpt: using the demo checkpoint (SD 1.5 shapes, random weights — the \
+                 image will be abstract). Point --ckpt at a real SD 1.x/2.x/SDXL checkpoint \
+                 or diffusers folder for real images."
+            );
+            let t = Instant::now();
+            let path = DemoModel::Sd15.ensure_random_in(&dir)?;
+            println!(
+                "demo checkpoint: {} ({:.1} s)",
+                path.display(),
+                t.elapsed().as_secs_f64()
+            );
+            path
+        }
+    };
+
+    // Placements: the UNet as DisTorch2's loader, the text encoders and the VAE on a device.
+    // One build computes on one backend: "cpu" for a component of a GPU run means its weights
+    // live in host memory and stream to the compute device.
+    let place = |name: &str| -> Result<Placement<B>, Failure> {
+        let id: DeviceId = name.parse()?;
+        if id == compute {
+            Ok(Placement::on(compute, device.clone()))
+        } else if id == DeviceId::CPU {
+            let all = VirtualVram::new(compute, ByteSize(1 << 50), vec![DeviceId::CPU])?;
+            Ok(Placement {
+                request: PlanRequest::virtual_vram(all),
+                devices: DeviceMap::new(device.clone()),
+            })
+        } else {
+            Err(format!("{name}: use the compute device ({compute}) or cpu").into())
+        }
+    };
+    let mut options =
+        CheckpointOptions::<B>::new(graph.clone(), compute, device.clone(), device.clone())?;
+    let unet_request = match (&args.unet_expert, args.unet_virtual_vram) {
+        (Some(e), _) => PlanRequest::expert_with_compute(e.parse()?, compute),
+        (None, Some(gib)) => PlanRequest::virtual_vram(VirtualVram::from_gib(
+            compute,
+            gib,
+            parse_device_list(&args.unet_donor)?,
+        )?),
+        (None, None) if compute == DeviceId::CPU => {
+            PlanRequest::virtual_vram(VirtualVram::none(compute))
+        }
+        (None, None) => options.unet.request.clone(),
+    };
+    options.unet.request = unet_request;
+    options.clip = place(&args.clip_device)?;
+    options.vae = place(args.vae_device.as_deref().unwrap_or(&args.device))?;
+
+    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", ckpt.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let t = Instant::now();
+    let sd = if ckpt.is_dir() {
+        StableDiffusion::<B>::load_diffusers(&ckpt, &options)?
+    } else {
+        StableDiffusion::<B>::load_single_file(&ckpt, &options)?
+    };
+    spinner.finish_and_clear();
+    let read: u64 = sd
+        .loaded
+        .iter()
+        .map(|(_, _, r)| r.bytes_read.0 + r.host_mapped.0)
+        .sum();
+    println!(
+        "loaded {} ({}) in {:.1} s, {:.2} GB placed",
+        ckpt.display(),
+        sd.family,
+        t.elapsed().as_secs_f64(),
+        read as f64 / 1e9
+    );
+    for (name, plan, _) in &sd.loaded {
+        println!("\n[{name}]\n{plan}");
+    }
+
+    let tokenizers = tokenizers(&ckpt, sd.text_encoders.len())?;
+    let scheduler_file = ckpt.join("scheduler/scheduler_config.json");
+    let mut scheduler = if scheduler_file.is_file() {
+        SchedulerConfig::from_file(&scheduler_file)?
+    } else {
+        SchedulerConfig::default()
+    };
+    if args.v_prediction {
+        scheduler.prediction_type = "v_prediction".into();
+    }
+
+    let control: Option<Loaded<ControlNetModel<B>>> = match &args.controlnet {
+        Some(name) => {
+            let path = folders.resolve(ModelKind::ControlNet, name)?;
+            let opts = ComponentOptions::new(graph.clone(), Placement::on(compute, device.clone()));
+            let loaded: Loaded<ControlNetModel<B>> = load_model(path, None, &opts)?;
+            loaded.model.config().check_unet(sd.unet.config())?;
+            println!("\n[controlnet]\n{}", loaded.plan);
+            Some(loaded)
+        }
+        None => None,
+    };
+    let hint = match (&control, &args.hint) {
+        (Some(_), Some(p)) => Some(hint_tensor::<B>(p, args.width, args.height, &device)?),
+        (Some(_), None) => return Err("--controlnet needs --hint IMAGE".into()),
+        (None, Some(_)) => return Err("--hint needs --controlnet".into()),
+        (None, None) => None,
+    };
+
+    let request = Txt2Img {
+        negative: args.negative.clone(),
+        steps: args.steps,
+        cfg: args.cfg,
+        sampler: SamplerKind::from_name(&args.sampler)?,
+        scheduler,
+        seed: args.seed,
+        width: args.width,
+        height: args.height,
+        latents: None,
+        control: control.as_ref().zip(hint).map(|(c, hint)| Control {
+            model: &c.model,
+            hint,
+            strength: args.control_strength,
+        }),
+        ..Txt2Img::new(args.prompt.clone())
+    };
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}")
+            .map_err(|e| e.to_string())?,
+    );
+    let mut report = Vec::new();
+    let out = sd.txt2img(&tokenizers, &request, &mut |p| match p {
+        Progress::Step { elapsed, .. } => {
+            bar.inc(1);
+            report.push(elapsed);
+        }
+        Progress::Encoded { elapsed } => report.push(elapsed),
+        Progress::Decoded { .. } => bar.finish_and_clear(),
+    })?;
+    println!();
+    for (i, t) in out.step_times.iter().enumerate() {
+        println!("step {:>3}: {:>8.1} ms", i + 1, t.as_secs_f64() * 1e3);
+    }
+    let stats = sd.unet.streamer().take_stats();
+    let moved: u64 = stats.bytes_moved.values().map(|b| b.0).sum();
+    println!(
+        "unet streamer: {} fetches, {} resident, {} prefetched, {} on demand, {:.2} GB moved, \
+         stall {:.1} ms",
+        stats.fetches,
+        stats.resident,
+        stats.prefetched,
+        stats.on_demand,
+        moved as f64 / 1e9,
+        stats.stall.as_secs_f64() * 1e3
+    );
+    to_rgb8(out.image)?.save(&args.out)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// One tokenizer per text encoder: the diffusers folder's own when it has them, else the
+/// bundled CLIP vocabulary (SDXL's second encoder pads with `!`).
+fn tokenizers(ckpt: &Path, encoders: usize) -> Result<Vec<ClipTokenizer>, Failure> {
+    (0..encoders)
+        .map(|i| {
+            let dir = ckpt.join(if i == 0 { "tokenizer" } else { "tokenizer_2" });
+            if dir.join("vocab.json").is_file() {
+                Ok(ClipTokenizer::from_folder(&dir)?)
+            } else if i == 1 {
+                Ok(ClipTokenizer::bundled()?.with_pad("!")?)
+            } else {
+                Ok(ClipTokenizer::bundled()?)
+            }
+        })
+        .collect()
+}
+
+/// The hint image resized to the output size, [1, 3, h, w] in [0, 1].
+fn hint_tensor<B: Backend>(
+    path: &Path,
+    width: usize,
+    height: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, Failure> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let image = distorch::models::clip_image::decode(&bytes)?;
+    let image = image::imageops::resize(
+        &image,
+        width as u32,
+        height as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
+    let mut values = vec![0f32; 3 * width * height];
+    for (x, y, p) in image.enumerate_pixels() {
+        for c in 0..3 {
+            values[(c * height + y as usize) * width + x as usize] = f32::from(p[c]) / 255.0;
+        }
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(values, [1, 3, height, width]),
+        device,
+    ))
+}

@@ -20,6 +20,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -30,11 +31,11 @@ use distorch::core::DemoModel;
 use distorch::core::runtime::DeviceMap;
 use distorch::models::pipeline::to_rgb8;
 use distorch::models::{
-    CheckpointOptions, ClipTokenizer, ComponentOptions, Control, ControlNetModel, Loaded,
-    ModelFolders, ModelKind, Placement, Progress, SamplerKind, SchedulerConfig, StableDiffusion,
-    Txt2Img, load_model,
+    CheckpointOptions, ClipTokenizer, ComponentFiles, ComponentOptions, Control, ControlNetModel,
+    LoadProgress, Loaded, ModelFolders, ModelKind, Placement, Progress, SamplerKind,
+    SchedulerConfig, StableDiffusion, Txt2Img, load_model,
 };
-use distorch::{ByteSize, DeviceGraph, DeviceId, PlanRequest, VirtualVram};
+use distorch::{ByteSize, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -212,15 +213,20 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     options.clip = place(&args.clip_device)?;
     options.vae = place(args.vae_device.as_deref().unwrap_or(&args.device))?;
 
-    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", ckpt.display()));
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let loading = ProgressBar::new(checkpoint_bytes(&ckpt)?);
+    loading.set_style(
+        ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes}  {bytes_per_sec}")
+            .map_err(|e| e.to_string())?,
+    );
+    let bar = loading.clone();
+    options.progress = Some(LoadProgress(Arc::new(move |bytes| bar.inc(bytes))));
     let t = Instant::now();
     let sd = if ckpt.is_dir() {
         StableDiffusion::<B>::load_diffusers(&ckpt, &options)?
     } else {
         StableDiffusion::<B>::load_single_file(&ckpt, &options)?
     };
-    spinner.finish_and_clear();
+    loading.finish_and_clear();
     let read: u64 = sd
         .loaded
         .iter()
@@ -316,6 +322,22 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     to_rgb8(out.image)?.save(&args.out)?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Bytes of tensor data in a checkpoint file or a diffusers pipeline folder's components.
+fn checkpoint_bytes(ckpt: &Path) -> Result<u64, Failure> {
+    if !ckpt.is_dir() {
+        return Ok(SafetensorsIndex::open(ckpt)?.data_bytes());
+    }
+    let mut total = 0;
+    for part in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        let dir = ckpt.join(part);
+        if dir.is_dir() {
+            let files = ComponentFiles::find(&dir)?;
+            total += SafetensorsIndex::open(files.weights)?.data_bytes();
+        }
+    }
+    Ok(total)
 }
 
 /// One tokenizer per text encoder: the diffusers folder's own when it has them, else the

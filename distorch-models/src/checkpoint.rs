@@ -14,7 +14,7 @@ use crate::clip_keys::{ClipKeys, ClipLayout};
 use crate::error::Error;
 use crate::keymap::KeyLayout;
 use crate::loader::{
-    ComponentOptions, Loaded, Model, load_component, load_model, shape_map, to_usize,
+    ComponentOptions, LoadProgress, Loaded, Model, load_component, load_model, shape_map, to_usize,
 };
 use crate::unet::Unet2dCondition;
 use crate::unet_config::UnetConfig;
@@ -79,6 +79,8 @@ pub struct CheckpointOptions<B: Backend> {
     pub vae_config: Option<VaeConfig>,
     /// See `unet_config`; one per text encoder, in the file's order.
     pub clip_configs: Option<Vec<ClipTextConfig>>,
+    /// Told the bytes of each tensor placed, across components (for a progress bar).
+    pub progress: Option<LoadProgress>,
 }
 
 impl<B: Backend> CheckpointOptions<B> {
@@ -105,6 +107,7 @@ impl<B: Backend> CheckpointOptions<B> {
             unet_config: None,
             vae_config: None,
             clip_configs: None,
+            progress: None,
         })
     }
 }
@@ -130,6 +133,7 @@ impl<B: Backend> CheckpointOptions<B> {
             placement: placement.clone(),
             lookahead: self.lookahead,
             check_finite: self.check_finite,
+            progress: self.progress.clone(),
         }
     }
 }

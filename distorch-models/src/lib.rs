@@ -46,7 +46,7 @@ pub use error::Error;
 pub use folder::ComponentFiles;
 pub use keymap::KeyLayout;
 pub use loader::{
-    ComponentOptions, Loaded, Model, Models, load_cached, load_component, load_model,
+    ComponentOptions, LoadProgress, Loaded, Model, Models, load_cached, load_component, load_model,
 };
 pub use nn::Activation;
 pub use pipeline::{Control, Generated, Progress, Txt2Img};

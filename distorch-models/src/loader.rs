@@ -56,6 +56,16 @@ pub struct Loaded<M> {
     pub report: LoadReport,
 }
 
+/// A load-progress callback: called with the file bytes of each tensor as it is placed.
+#[derive(Clone)]
+pub struct LoadProgress(pub Arc<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress(..)")
+    }
+}
+
 /// How one component is loaded.
 #[derive(Debug, Clone)]
 pub struct ComponentOptions<B: Backend> {
@@ -67,6 +77,8 @@ pub struct ComponentOptions<B: Backend> {
     pub lookahead: Lookahead,
     /// Check weights for NaN/inf while loading.
     pub check_finite: bool,
+    /// Told the bytes of each tensor placed.
+    pub progress: Option<LoadProgress>,
 }
 
 impl<B: Backend> ComponentOptions<B> {
@@ -77,6 +89,7 @@ impl<B: Backend> ComponentOptions<B> {
             placement,
             lookahead: Lookahead::default(),
             check_finite: true,
+            progress: None,
         }
     }
 }
@@ -223,8 +236,15 @@ fn place<B: Backend, M: Model<B>>(
     config: M::Config,
     options: &ComponentOptions<B>,
 ) -> Result<Loaded<M>, Error> {
+    let progress = options.progress.as_ref().map(|p| Arc::clone(&p.0));
+    let tick = |bytes: u64| {
+        if let Some(p) = &progress {
+            p(bytes);
+        }
+    };
     let load = LoadOptions {
         check_finite: options.check_finite,
+        progress: Some(&tick),
         ..LoadOptions::default()
     };
     let (model, report) = M::load(

@@ -349,6 +349,9 @@ impl<B: Backend> Loader<'_, B> {
                 }
             }
         };
+        if let Some(progress) = self.options.progress {
+            progress(info.bytes);
+        }
         Ok(StoredTensor {
             name: local.to_owned(),
             shape,

@@ -193,6 +193,8 @@ pub struct LoadOptions<'a, B: Backend> {
     /// Fail on NaN or infinite weights (default). Checking reads every weight once, mapped
     /// ones included.
     pub check_finite: bool,
+    /// Called after each tensor is placed with its bytes in the file (for a progress bar).
+    pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
 }
 
 impl<B: Backend> Default for LoadOptions<'_, B> {
@@ -203,6 +205,7 @@ impl<B: Backend> Default for LoadOptions<'_, B> {
             allow_missing: false,
             allow_mismatched: false,
             check_finite: true,
+            progress: None,
         }
     }
 }
@@ -219,6 +222,7 @@ impl<'a, B: Backend> LoadOptions<'a, B> {
             allow_missing: self.allow_missing,
             allow_mismatched: self.allow_mismatched,
             check_finite: self.check_finite,
+            progress: self.progress,
         }
     }
 }

@@ -16,11 +16,13 @@ use distorch_models::{
 
 fn generate(offload: bool) -> (Tensor<B, 4>, Tensor<B, 4>, usize) {
     let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
-    let device = Default::default();
+    let device: burn::tensor::Device<B> = Default::default();
     let mut options =
-        CheckpointOptions::<B>::new(graph, DeviceId::cuda(0), device, Default::default()).unwrap();
+        CheckpointOptions::<B>::new(graph, DeviceId::cuda(0), device.clone(), Default::default())
+            .unwrap();
     options.unet = if offload {
-        Placement::virtual_vram(DeviceId::cuda(0), device, 1.0, vec![DeviceId::CPU]).unwrap()
+        Placement::virtual_vram(DeviceId::cuda(0), device.clone(), 1.0, vec![DeviceId::CPU])
+            .unwrap()
     } else {
         Placement::on(DeviceId::cuda(0), device)
     };

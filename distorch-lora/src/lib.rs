@@ -1,8 +1,27 @@
-//! LoRA support for distorch: file formats (kohya/A1111, diffusers/PEFT, LoCon), key mapping
-//! onto the model's own tensor names, and high-precision patching during
-//! Load-Patch-Distribute.
+//! LoRA support for distorch: file formats, key mapping onto a model's own tensor names, and
+//! high-precision patching during Load-Patch-Distribute.
 //!
-//! **Not implemented yet.** This crate is reserved in the workspace so its place in the
-//! dependency graph is fixed; it exposes nothing until the LoRA work lands.
+//! - Formats ([`LoraFile`]): kohya / A1111 (`lora_unet_*`, `lora_te_*`, `lora_te1_*`,
+//!   `lora_te2_*` with `.lora_up.weight`, `.lora_down.weight`, `.alpha`), diffusers / PEFT
+//!   (`*.lora_A.weight` / `*.lora_B.weight`, with or without `unet.`, `transformer.`,
+//!   `text_encoder.`, `text_encoder_2.` or `base_model.model.` prefixes, `.alpha` when
+//!   present), LoCon (convolution LoRA: a k×k down and a 1×1 up), and full-weight differences
+//!   (`.diff`). LoHa and LoKr are not supported: their keys are reported as unmatched.
+//! - Mapping ([`LoraPatch::build`]): every LoRA module is matched against the model's module
+//!   names in diffusers/transformers naming and in the file's own layout (dots or kohya's
+//!   underscores), so the same LoRA applies to a diffusers folder and a single-file
+//!   checkpoint. What matches nothing is reported, never dropped silently; a LoRA that
+//!   matches nothing in a component it targets is an error.
+//! - Patching ([`LoraPatch`] is a `WeightPatch`): `W + Σ strength · alpha/rank · up·down`
+//!   computed at f32 on the compute device while the weight loads, then rounded to the
+//!   storage dtype and sent home (see `distorch_core::runtime::WeightStore::load`).
 
 #![deny(missing_docs)]
+
+mod error;
+mod file;
+mod patch;
+
+pub use error::Error;
+pub use file::{LoraFile, LoraModule, Target};
+pub use patch::{LoraPatch, LoraReport, ModelTensor};

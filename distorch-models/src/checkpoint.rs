@@ -3,6 +3,7 @@
 //! DisTorch2's `CheckpointLoaderAdvancedDisTorch2MultiGPU` — and each component alone.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use distorch_alloc::{DeviceGraph, DeviceId, Plan, PlanRequest, VirtualVram};
@@ -11,10 +12,14 @@ use distorch_core::{Component, ComponentKind, SafetensorsIndex, components};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::clip_keys::{ClipKeys, ClipLayout};
+use distorch_core::runtime::ExpectedTensor;
+use distorch_lora::{LoraFile, LoraReport, ModelTensor, Target};
+
 use crate::error::Error;
 use crate::keymap::KeyLayout;
 use crate::loader::{
-    ComponentOptions, LoadProgress, Loaded, Model, load_component, load_model, shape_map, to_usize,
+    ComponentLoras, ComponentOptions, LoadProgress, Loaded, Model, load_component, load_model,
+    shape_map, to_usize,
 };
 use crate::unet::Unet2dCondition;
 use crate::unet_config::UnetConfig;
@@ -81,6 +86,20 @@ pub struct CheckpointOptions<B: Backend> {
     pub clip_configs: Option<Vec<ClipTextConfig>>,
     /// Told the bytes of each tensor placed, across components (for a progress bar).
     pub progress: Option<LoadProgress>,
+    /// LoRAs, patched into the UNet (model strength) and the text encoders (CLIP strength)
+    /// while they load.
+    pub loras: Vec<LoraSpec>,
+}
+
+/// A LoRA with ComfyUI's two strengths.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    /// The LoRA.
+    pub file: Arc<LoraFile>,
+    /// Strength on the denoiser.
+    pub model: f32,
+    /// Strength on the text encoders.
+    pub clip: f32,
 }
 
 impl<B: Backend> CheckpointOptions<B> {
@@ -108,6 +127,7 @@ impl<B: Backend> CheckpointOptions<B> {
             vae_config: None,
             clip_configs: None,
             progress: None,
+            loras: Vec::new(),
         })
     }
 }
@@ -124,6 +144,8 @@ pub struct StableDiffusion<B: Backend> {
     pub vae: AutoencoderKl<B>,
     /// Each component's plan and load report, by name (`unet`, `clip.0`, `clip.1`, `vae`).
     pub loaded: Vec<(String, Plan, LoadReport)>,
+    /// What the LoRAs matched in each component they touch.
+    pub loras: Vec<(String, LoraReport)>,
 }
 
 impl<B: Backend> CheckpointOptions<B> {
@@ -134,15 +156,41 @@ impl<B: Backend> CheckpointOptions<B> {
             lookahead: self.lookahead,
             check_finite: self.check_finite,
             progress: self.progress.clone(),
+            loras: None,
         }
+    }
+
+    /// The options of one component with the LoRAs' modules for `target`.
+    fn with_loras(&self, placement: &Placement<B>, target: Target) -> ComponentOptions<B> {
+        let mut o = self.component(placement);
+        if !self.loras.is_empty() {
+            let files = self
+                .loras
+                .iter()
+                .map(|l| {
+                    let strength = if target == Target::Unet {
+                        l.model
+                    } else {
+                        l.clip
+                    };
+                    (Arc::clone(&l.file), strength)
+                })
+                .collect();
+            o.loras = Some(ComponentLoras { files, target });
+        }
+        o
     }
 }
 
 /// The loaded components, gathered with their plans and reports.
-struct Gathered(Vec<(String, Plan, LoadReport)>);
+#[derive(Default)]
+struct Gathered(Vec<(String, Plan, LoadReport)>, Vec<(String, LoraReport)>);
 
 impl Gathered {
     fn keep<M>(&mut self, name: String, loaded: Loaded<M>) -> M {
+        if !loaded.lora.matched.is_empty() || !loaded.lora.unmatched.is_empty() {
+            self.1.push((name.clone(), loaded.lora));
+        }
         self.0.push((name, loaded.plan, loaded.report));
         loaded.model
     }
@@ -171,7 +219,7 @@ impl<B: Backend> StableDiffusion<B> {
                     ),
                 })
         };
-        let mut loaded = Gathered(Vec::new());
+        let mut loaded = Gathered::default();
 
         let unet_c = find(ComponentKind::Unet)?;
         let (family, unet_config) = match &options.unet_config {
@@ -185,18 +233,21 @@ impl<B: Backend> StableDiffusion<B> {
             &index,
             unet_c,
             unet_config,
-            &options.component(&options.unet),
+            &options.with_loras(&options.unet, Target::Unet),
         )?;
         let unet = loaded.keep("unet".into(), unet);
 
         let clip_c = find(ComponentKind::Clip)?;
-        let clip_options = options.component(&options.clip);
         let mut text_encoders = Vec::new();
         for (i, sub) in encoders(clip_c).into_iter().enumerate() {
             let config = match options.clip_configs.as_ref().and_then(|c| c.get(i)) {
                 Some(c) => c.clone(),
                 None => ClipTextConfig::detect(&sub)?,
             };
+            let mut clip_options = options.with_loras(&options.clip, Target::TextEncoder(i));
+            if ClipKeys::detect(sub.local_names()).layout == ClipLayout::OpenClip {
+                skip_open_clip_loras(&mut clip_options, &mut loaded, i);
+            }
             let model = load_component(&index, &sub, config, &clip_options)?;
             text_encoders.push(loaded.keep(format!("clip.{i}"), model));
         }
@@ -220,6 +271,7 @@ impl<B: Backend> StableDiffusion<B> {
             text_encoders,
             vae,
             loaded: loaded.0,
+            loras: loaded.1,
         })
     }
 
@@ -233,14 +285,13 @@ impl<B: Backend> StableDiffusion<B> {
         options: &CheckpointOptions<B>,
     ) -> Result<StableDiffusion<B>, Error> {
         let folder = folder.as_ref();
-        let mut loaded = Gathered(Vec::new());
+        let mut loaded = Gathered::default();
         let unet = load_model(
             folder.join("unet"),
             options.unet_config.clone(),
-            &options.component(&options.unet),
+            &options.with_loras(&options.unet, Target::Unet),
         )?;
         let unet = loaded.keep("unet".into(), unet);
-        let clip_options = options.component(&options.clip);
         let mut text_encoders = Vec::new();
         for (i, name) in ["text_encoder", "text_encoder_2"].into_iter().enumerate() {
             let dir = folder.join(name);
@@ -252,6 +303,7 @@ impl<B: Backend> StableDiffusion<B> {
                 .as_ref()
                 .and_then(|c| c.get(i))
                 .cloned();
+            let clip_options = options.with_loras(&options.clip, Target::TextEncoder(i));
             let model = load_model(dir, config, &clip_options)?;
             text_encoders.push(loaded.keep(format!("clip.{i}"), model));
         }
@@ -271,6 +323,7 @@ impl<B: Backend> StableDiffusion<B> {
             text_encoders,
             vae,
             loaded: loaded.0,
+            loras: loaded.1,
         })
     }
 }
@@ -317,6 +370,59 @@ impl UnetConfig {
     }
 }
 
+/// OpenCLIP's fused q/k/v take no LoRA here yet: the encoder's LoRA modules are reported
+/// as unmatched (with a warning) instead of failing the load.
+fn skip_open_clip_loras<B: Backend>(
+    options: &mut ComponentOptions<B>,
+    gathered: &mut Gathered,
+    i: usize,
+) {
+    let Some(l) = options.loras.take() else {
+        return;
+    };
+    let unmatched: Vec<String> = l
+        .files
+        .iter()
+        .flat_map(|(f, _)| f.modules().iter())
+        .filter(|m| m.target == l.target)
+        .map(|m| m.name.clone())
+        .collect();
+    if !unmatched.is_empty() {
+        tracing::warn!(
+            encoder = i,
+            modules = unmatched.len(),
+            "LoRA modules for an OpenCLIP-layout text encoder are not applied (fused q/k/v)"
+        );
+        gathered.1.push((
+            format!("clip.{i}"),
+            LoraReport {
+                matched: Vec::new(),
+                unmatched,
+            },
+        ));
+    }
+}
+
+/// Tensors with their module names in two layouts (expected tensors listed in the same
+/// order), for LoRA mapping.
+pub(crate) fn both_names(ours: Vec<ExpectedTensor>, file: Vec<ExpectedTensor>) -> Vec<ModelTensor> {
+    let module = |k: &str| k.rsplit_once('.').map_or(k, |(m, _)| m).to_owned();
+    ours.into_iter()
+        .zip(file)
+        .map(|(o, f)| {
+            let mut modules = vec![module(&o.name)];
+            if module(&f.name) != modules[0] {
+                modules.push(module(&f.name));
+            }
+            ModelTensor {
+                key: f.name,
+                modules,
+                shape: f.shape,
+            }
+        })
+        .collect()
+}
+
 /// The text encoders of a CLIP component (see [`text_encoders`]).
 fn encoders<'a>(c: &Component<'a>) -> Vec<Component<'a>> {
     let mut numbered: Vec<&str> = c
@@ -360,6 +466,12 @@ impl<B: Backend> Model<B> for Unet2dCondition<B> {
     fn execution_order(config: &UnetConfig, c: &Component<'_>) -> Result<Vec<String>, Error> {
         Unet2dCondition::<B>::execution_order(config, KeyLayout::of_unet(c))
     }
+    /// Each tensor under its diffusers module name and the file's (LDM) one.
+    fn lora_tensors(config: &UnetConfig, c: &Component<'_>) -> Result<Vec<ModelTensor>, Error> {
+        let ours = Unet2dCondition::<B>::expected_tensors(config, KeyLayout::Diffusers)?;
+        let file = Unet2dCondition::<B>::expected_tensors(config, KeyLayout::of_unet(c))?;
+        Ok(both_names(ours, file))
+    }
     fn load(
         index: &SafetensorsIndex,
         c: &Component<'_>,
@@ -396,6 +508,20 @@ impl<B: Backend> Model<B> for ClipTextModel<B> {
         let keys = ClipKeys::detect(c.local_names());
         let projection = c.local_names().any(|n| n == keys.projection_key());
         Ok(keys.order(config, projection))
+    }
+    /// transformers' names, from `text_model.` on, whatever prefix the file puts before it
+    /// (kohya's `lora_te_text_model_*`, PEFT's `text_encoder.text_model.*`).
+    fn lora_tensors(_: &ClipTextConfig, c: &Component<'_>) -> Result<Vec<ModelTensor>, Error> {
+        let mut tensors = crate::loader::own_modules(c);
+        for t in &mut tensors {
+            let m = t.modules[0].clone();
+            let alias = match m.find("text_model.") {
+                Some(i) => m[i..].to_owned(),
+                None => format!("text_model.{m}"),
+            };
+            t.modules.push(alias);
+        }
+        Ok(tensors)
     }
     fn load(
         index: &SafetensorsIndex,

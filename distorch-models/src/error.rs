@@ -9,6 +9,9 @@ pub enum Error {
     /// From the file index, the loader or the streamer.
     #[error(transparent)]
     Core(#[from] distorch_core::Error),
+    /// From a LoRA (its file, or its fit to the model).
+    #[error(transparent)]
+    Lora(#[from] distorch_lora::Error),
     /// From planning (an allocation that cannot be met, say).
     #[error(transparent)]
     Alloc(#[from] distorch_alloc::Error),

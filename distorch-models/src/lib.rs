@@ -36,7 +36,7 @@ pub mod unet_ldm;
 mod unet_trunk;
 pub mod vae;
 
-pub use checkpoint::{CheckpointOptions, Placement, StableDiffusion, text_encoders};
+pub use checkpoint::{CheckpointOptions, LoraSpec, Placement, StableDiffusion, text_encoders};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use clip_keys::ClipLayout;
 pub use clip_vision::{ClipVisionConfig, ClipVisionModel, ClipVisionOutput};
@@ -46,7 +46,8 @@ pub use error::Error;
 pub use folder::ComponentFiles;
 pub use keymap::KeyLayout;
 pub use loader::{
-    ComponentOptions, LoadProgress, Loaded, Model, Models, load_cached, load_component, load_model,
+    ComponentLoras, ComponentOptions, LoadProgress, Loaded, Model, Models, load_cached,
+    load_component, load_model, lora_patch,
 };
 pub use nn::Activation;
 pub use pipeline::{Control, Generated, Progress, Txt2Img};

@@ -15,6 +15,9 @@ use distorch_core::runtime::{
 };
 use distorch_core::{Component, ComponentKind, SafetensorsIndex, components, units};
 
+use distorch_core::runtime::WeightPatch;
+use distorch_lora::{LoraFile, LoraPatch, LoraReport, ModelTensor, Target};
+
 use crate::checkpoint::Placement;
 use crate::error::Error;
 use crate::folder::ComponentFiles;
@@ -34,6 +37,16 @@ pub trait Model<B: Backend>: Sized {
         config: &Self::Config,
         component: &Component<'_>,
     ) -> Result<Vec<String>, Error>;
+    /// The component's tensors with the module names LoRAs may use for them: by default
+    /// each tensor's own module (the file's layout); models whose file layout differs from
+    /// their own naming add the latter.
+    fn lora_tensors(
+        config: &Self::Config,
+        component: &Component<'_>,
+    ) -> Result<Vec<ModelTensor>, Error> {
+        let _ = config;
+        Ok(own_modules(component))
+    }
     /// Loads the component's weights where `plan` puts them.
     fn load(
         index: &SafetensorsIndex,
@@ -54,6 +67,18 @@ pub struct Loaded<M> {
     pub plan: Plan,
     /// What loading found and did.
     pub report: LoadReport,
+    /// What the LoRAs matched (empty without LoRAs).
+    pub lora: LoraReport,
+}
+
+/// LoRAs for one component: files with their strengths, and which component of theirs
+/// applies (the denoiser, or text encoder N).
+#[derive(Debug, Clone)]
+pub struct ComponentLoras {
+    /// The LoRAs and their strengths, applied in order.
+    pub files: Vec<(Arc<LoraFile>, f32)>,
+    /// Their modules for this component.
+    pub target: Target,
 }
 
 /// A load-progress callback: called with the file bytes of each tensor as it is placed.
@@ -79,6 +104,8 @@ pub struct ComponentOptions<B: Backend> {
     pub check_finite: bool,
     /// Told the bytes of each tensor placed.
     pub progress: Option<LoadProgress>,
+    /// LoRAs patched into the weights while they load (Load-Patch-Distribute).
+    pub loras: Option<ComponentLoras>,
 }
 
 impl<B: Backend> ComponentOptions<B> {
@@ -90,6 +117,7 @@ impl<B: Backend> ComponentOptions<B> {
             lookahead: Lookahead::default(),
             check_finite: true,
             progress: None,
+            loras: None,
         }
     }
 }
@@ -242,9 +270,17 @@ fn place<B: Backend, M: Model<B>>(
             p(bytes);
         }
     };
+    let (patch, lora) = match &options.loras {
+        Some(l) => {
+            let files: Vec<(&LoraFile, f32)> = l.files.iter().map(|(f, s)| (&**f, *s)).collect();
+            lora_patch::<B, M>(component, &config, &files, l.target)?
+        }
+        None => (LoraPatch::default(), LoraReport::default()),
+    };
     let load = LoadOptions {
         check_finite: options.check_finite,
         progress: Some(&tick),
+        patch: (!patch.is_empty()).then_some(&patch as &dyn WeightPatch<B>),
         ..LoadOptions::default()
     };
     let (model, report) = M::load(
@@ -260,7 +296,40 @@ fn place<B: Backend, M: Model<B>>(
         model,
         plan,
         report,
+        lora,
     })
+}
+
+/// Each tensor of the component with its own module name.
+pub(crate) fn own_modules(component: &Component<'_>) -> Vec<ModelTensor> {
+    component
+        .tensors
+        .iter()
+        .map(|t| {
+            let key = component.local(t).to_owned();
+            let module = key
+                .rsplit_once('.')
+                .map_or(key.as_str(), |(m, _)| m)
+                .to_owned();
+            ModelTensor {
+                key,
+                modules: vec![module],
+                shape: t.shape.iter().map(|&d| d as usize).collect(),
+            }
+        })
+        .collect()
+}
+
+/// Maps `loras` (each with its strength) onto `component` as model `M` of `config` sees
+/// it: the patch and what matched. The loaders do this for [`ComponentOptions::loras`].
+pub fn lora_patch<B: Backend, M: Model<B>>(
+    component: &Component<'_>,
+    config: &M::Config,
+    loras: &[(&LoraFile, f32)],
+    target: Target,
+) -> Result<(LoraPatch, LoraReport), Error> {
+    let tensors = M::lora_tensors(config, component)?;
+    Ok(LoraPatch::build(loras, target, &tensors)?)
 }
 
 /// Tensor shapes of a component by local key (component prefix stripped).

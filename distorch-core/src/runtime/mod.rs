@@ -27,6 +27,12 @@ mod store;
 mod stream;
 
 pub use cache::{EjectPolicy, ModelCache};
+
+/// A tensor's raw little-endian bytes of a float `dtype` widened to f32 (`None` for integer
+/// and boolean dtypes, or a length that is not a whole number of elements).
+pub fn decode_f32(dtype: crate::DType, bytes: &[u8]) -> Option<Vec<f32>> {
+    decode::to_f32(dtype, bytes).ok()
+}
 pub use store::{
     DeviceMap, DonorCopy, ExpectedTensor, LoadOptions, LoadReport, ShapeMismatch, StoredTensor,
     StoredUnit, WeightPatch, WeightStore,

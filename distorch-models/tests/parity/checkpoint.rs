@@ -132,6 +132,34 @@ fn a_tiny_checkpoint_reproduces_every_reference_with_its_own_placements() {
             "last_hidden_state",
         ),
     );
+
+    // A LoRA through the checkpoint loader: patched while the half-offloaded UNet loads.
+    let kohya = distorch_lora::LoraFile::open(fixture("lora").join("kohya.safetensors")).unwrap();
+    options.loras = vec![distorch_models::LoraSpec {
+        file: std::sync::Arc::new(kohya),
+        model: 0.8,
+        clip: 1.0,
+    }];
+    let sd = StableDiffusion::<B>::load_single_file(&path, &options).unwrap();
+    assert_eq!(sd.loras.len(), 1, "only the UNet has LoRA modules");
+    assert_eq!(sd.loras[0].0, "unet");
+    assert_eq!(sd.loras[0].1.matched.len(), 40);
+    let out = sd
+        .unet
+        .forward(UnetInput::new(
+            tensor("unet_sd", "sample"),
+            tensor::<1>("unet_sd", "timestep")
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+            tensor("unet_sd", "encoder_hidden_states"),
+        ))
+        .unwrap();
+    assert_close(
+        "unet with LoRA",
+        out,
+        read(&fixture("lora").join("reference.safetensors"), "lora_out"),
+    );
 }
 
 #[test]

@@ -1,0 +1,206 @@
+//! LoRAs patched during Load-Patch-Distribute against a fused update computed in PyTorch
+//! (fixtures from `tools/fixtures/lora.py` on the tiny SD UNet): kohya, diffusers/PEFT and
+//! LoCon files, on diffusers- and single-file-layout weights, resident and fully offloaded;
+//! strength 0 leaves the weights exactly as they were; bad LoRAs are typed errors naming the
+//! key.
+
+#![allow(clippy::clone_on_copy)] // Devices are Copy on ndarray only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::common::*;
+use burn::tensor::Tensor;
+use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, EmbeddingPolicy, PinPolicy};
+use distorch_core::DType;
+use distorch_core::safetensors::write;
+use distorch_lora::{LoraFile, Target};
+use distorch_models::{
+    ComponentLoras, ComponentOptions, Loaded, Placement, Unet2dCondition, UnetConfig, UnetInput,
+    load_model,
+};
+
+fn lora(name: &str) -> Arc<LoraFile> {
+    Arc::new(LoraFile::open(fixture("lora").join(name)).unwrap())
+}
+
+fn options(offload: bool, loras: &[(Arc<LoraFile>, f32)]) -> ComponentOptions<B> {
+    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+    let device: burn::tensor::Device<B> = Default::default();
+    let placement = if offload {
+        let mut p =
+            Placement::virtual_vram(DeviceId::cuda(0), device.clone(), 1.0, vec![DeviceId::CPU])
+                .unwrap();
+        p.request = p.request.with_pin(PinPolicy {
+            tiny_threshold: ByteSize(0),
+            embeddings: EmbeddingPolicy::Movable,
+        });
+        p
+    } else {
+        Placement::on(DeviceId::cuda(0), device)
+    };
+    let mut o = ComponentOptions::new(graph, placement);
+    if !loras.is_empty() {
+        o.loras = Some(ComponentLoras {
+            files: loras.to_vec(),
+            target: Target::Unet,
+        });
+    }
+    o
+}
+
+fn unet(
+    path: PathBuf,
+    offload: bool,
+    loras: &[(Arc<LoraFile>, f32)],
+) -> Loaded<Unet2dCondition<B>> {
+    let config = UnetConfig::from_file(fixture("unet_sd").join("config.json")).unwrap();
+    load_model(path, Some(config), &options(offload, loras)).unwrap()
+}
+
+fn run(m: &Unet2dCondition<B>) -> Tensor<B, 4> {
+    let t: Tensor<B, 1> = tensor("unet_sd", "timestep");
+    m.forward(UnetInput::new(
+        tensor("unet_sd", "sample"),
+        t.into_data().to_vec::<f32>().unwrap(),
+        tensor("unet_sd", "encoder_hidden_states"),
+    ))
+    .unwrap()
+}
+
+fn bits(t: Tensor<B, 4>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn every_format_matches_the_fused_reference() {
+    let reference = fixture("lora").join("reference.safetensors");
+    let diffusers = fixture("unet_sd").join("diffusion_pytorch_model.safetensors");
+    let ldm = fixture("unet_sd").join("ldm.safetensors");
+    for (file, key) in [
+        ("kohya.safetensors", "lora_out"),
+        ("peft.safetensors", "lora_out"),
+        ("locon.safetensors", "locon_out"),
+    ] {
+        let l = [(lora(file), 0.8f32)];
+        for weights in [&diffusers, &ldm] {
+            let what = format!("{file} on {}", weights.display());
+            let resident = unet(weights.clone(), false, &l);
+            assert!(!resident.lora.matched.is_empty(), "{what}");
+            let out = run(&resident.model);
+            assert_close(&what, out.clone(), read(&reference, key));
+            let offloaded = unet(weights.clone(), true, &l);
+            assert_eq!(
+                bits(out),
+                bits(run(&offloaded.model)),
+                "{what}: offloaded differs"
+            );
+            assert!(offloaded.report.patched.len() == resident.report.patched.len());
+        }
+    }
+    // The file's module that the UNet does not have is reported.
+    let k = unet(
+        diffusers.clone(),
+        false,
+        &[(lora("kohya.safetensors"), 1.0)],
+    );
+    assert_eq!(k.lora.unmatched, ["not_a_module"]);
+    assert_eq!(k.lora.matched.len(), 40);
+}
+
+#[test]
+fn strength_zero_leaves_the_weights_exactly() {
+    let weights = fixture("unet_sd").join("diffusion_pytorch_model.safetensors");
+    let plain = run(&unet(weights.clone(), false, &[]).model);
+    let zero = unet(weights, false, &[(lora("kohya.safetensors"), 0.0)]);
+    assert_eq!(zero.report.patched.len(), 40);
+    assert_eq!(bits(plain), bits(run(&zero.model)));
+}
+
+#[test]
+fn bad_loras_are_typed_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = fixture("unet_sd").join("diffusion_pytorch_model.safetensors");
+    let config = || UnetConfig::from_file(fixture("unet_sd").join("config.json")).unwrap();
+    let f32s = |n: usize| vec![0u8; 4 * n];
+    // Another architecture: modules this UNet does not have.
+    let other = tmp.path().join("sdxl.safetensors");
+    let (down, up) = (f32s(2 * 640), f32s(640 * 2));
+    write(
+        &other,
+        &[
+            (
+                "lora_unet_down_blocks_2_attentions_1_proj_in.lora_down.weight".into(),
+                DType::F32,
+                vec![2, 640],
+            ),
+            (
+                "lora_unet_down_blocks_2_attentions_1_proj_in.lora_up.weight".into(),
+                DType::F32,
+                vec![640, 2],
+            ),
+        ],
+        &[&down, &up],
+        &Default::default(),
+    )
+    .unwrap();
+    let o = options(false, &[(Arc::new(LoraFile::open(&other).unwrap()), 1.0)]);
+    let e = load_model::<B, Unet2dCondition<B>>(&weights, Some(config()), &o)
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .contains("none of its 1 modules for the denoiser match"),
+        "{e}"
+    );
+
+    // Up and down of different ranks.
+    let ranks = tmp.path().join("ranks.safetensors");
+    let (down, up) = (f32s(2 * 16), f32s(16 * 3));
+    let m = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    write(
+        &ranks,
+        &[
+            (format!("{m}.lora_down.weight"), DType::F32, vec![2, 16]),
+            (format!("{m}.lora_up.weight"), DType::F32, vec![16, 3]),
+        ],
+        &[&down, &up],
+        &Default::default(),
+    )
+    .unwrap();
+    let e = LoraFile::open(&ranks).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("`{m}.lora_up.weight`")) && e.contains("rank"),
+        "{e}"
+    );
+
+    // A right-rank update of the wrong size for the tensor it names.
+    let wide = tmp.path().join("wide.safetensors");
+    let (down, up) = (f32s(2 * 32), f32s(16 * 2));
+    write(
+        &wide,
+        &[
+            (format!("{m}.lora_down.weight"), DType::F32, vec![2, 32]),
+            (format!("{m}.lora_up.weight"), DType::F32, vec![16, 2]),
+        ],
+        &[&down, &up],
+        &Default::default(),
+    )
+    .unwrap();
+    let o = options(false, &[(Arc::new(LoraFile::open(&wide).unwrap()), 1.0)]);
+    let e = load_model::<B, Unet2dCondition<B>>(&weights, Some(config()), &o)
+        .err()
+        .unwrap();
+    let module = m.strip_prefix("lora_unet_").unwrap();
+    assert!(
+        e.to_string().contains(&format!("`{module}` does not fit"))
+            && e.to_string().contains("is not [16, 16]"),
+        "{e}"
+    );
+
+    // A truncated file.
+    let bytes = std::fs::read(fixture("lora").join("kohya.safetensors")).unwrap();
+    let cut = tmp.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(LoraFile::open(&cut).is_err());
+}

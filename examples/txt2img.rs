@@ -6,7 +6,8 @@
 //!     [--seed N] [--width W --height H] [--device cpu|wgpu:0|cuda:N]
 //!     [--unet-virtual-vram GB --unet-donor DEV | --unet-expert STR] [--clip-device DEV]
 //!     [--vae-device DEV] [--controlnet PATH_OR_NAME --hint IMG [--control-strength X]]
-//!     [--models-dir DIR] [--extra-model-paths YAML] [--devices DECL] [--v-prediction]
+//!     [--lora NAME[:MODEL[:CLIP]]]... [--models-dir DIR] [--extra-model-paths YAML]
+//!     [--devices DECL] [--v-prediction]
 //!     --out out.png
 //! ```
 //!
@@ -29,10 +30,11 @@ use clap::Parser;
 use distorch::alloc::{DeviceKind, parse_device_list};
 use distorch::core::DemoModel;
 use distorch::core::runtime::DeviceMap;
+use distorch::lora::LoraFile;
 use distorch::models::pipeline::to_rgb8;
 use distorch::models::{
     CheckpointOptions, ClipTokenizer, ComponentFiles, ComponentOptions, Control, ControlNetModel,
-    LoadProgress, Loaded, ModelFolders, ModelKind, Placement, Progress, SamplerKind,
+    LoadProgress, Loaded, LoraSpec, ModelFolders, ModelKind, Placement, Progress, SamplerKind,
     SchedulerConfig, StableDiffusion, Txt2Img, load_model,
 };
 use distorch::{ByteSize, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram};
@@ -92,6 +94,10 @@ struct Args {
     /// Declared devices instead of detection (`cuda:0=8gib,cpu=32gib`).
     #[arg(long)]
     devices: Option<String>,
+    /// A LoRA, `PATH_OR_NAME[:MODEL_STRENGTH[:CLIP_STRENGTH]]` (1 and the model strength by
+    /// default); repeatable. Names are looked up in the `loras` folders.
+    #[arg(long, value_name = "LORA[:MODEL[:CLIP]]")]
+    lora: Vec<String>,
     /// The model predicts v (SD 2.x 768-v) rather than noise.
     #[arg(long)]
     v_prediction: bool,
@@ -213,6 +219,29 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     options.clip = place(&args.clip_device)?;
     options.vae = place(args.vae_device.as_deref().unwrap_or(&args.device))?;
 
+    for spec in &args.lora {
+        let mut parts = spec.rsplitn(3, ':').collect::<Vec<_>>();
+        parts.reverse();
+        // Trailing numbers are strengths; the rest (which may hold ':') is the name.
+        let numbers: Vec<f32> = parts
+            .iter()
+            .rev()
+            .map_while(|p| p.parse::<f32>().ok())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let name_parts = parts.len() - numbers.len();
+        let name = parts[..name_parts.max(1)].join(":");
+        let model = numbers.first().copied().unwrap_or(1.0);
+        let clip = numbers.get(1).copied().unwrap_or(model);
+        let path = folders.resolve(ModelKind::Loras, &name)?;
+        options.loras.push(LoraSpec {
+            file: Arc::new(LoraFile::open(&path)?),
+            model,
+            clip,
+        });
+    }
     let loading = ProgressBar::new(checkpoint_bytes(&ckpt)?);
     loading.set_style(
         ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes}  {bytes_per_sec}")
@@ -241,6 +270,17 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     );
     for (name, plan, _) in &sd.loaded {
         println!("\n[{name}]\n{plan}");
+    }
+    for (name, report) in &sd.loras {
+        println!(
+            "LoRA on {name}: {} tensors patched, {} modules unmatched{}",
+            report.matched.len(),
+            report.unmatched.len(),
+            report
+                .unmatched
+                .first()
+                .map_or(String::new(), |u| format!(" (first: {u})"))
+        );
     }
 
     let tokenizers = tokenizers(&ckpt, sd.text_encoders.len())?;

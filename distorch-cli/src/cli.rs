@@ -97,6 +97,10 @@ pub struct RunArgs {
     /// Compute dtype (only f32 is implemented).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// A LoRA patched in while the weights load, `PATH[:STRENGTH]` (strength 1 by default);
+    /// repeatable. For the unet and clip-text tasks.
+    #[arg(long, value_name = "PATH[:STRENGTH]")]
+    pub lora: Vec<String>,
 }
 
 /// Which file to read: a path, or a generated demo checkpoint.

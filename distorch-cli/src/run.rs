@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use distorch::alloc::{DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_device_list};
-use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead};
+use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, WeightPatch};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, components, units};
+use distorch::lora::{LoraFile, LoraPatch, Target};
 use distorch::models::{
     AutoencoderKl, ClipLayout, ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel,
     ComponentFiles, ControlNetConfig, ControlNetInput, ControlNetModel, KeyLayout, Unet2dCondition,
@@ -184,6 +185,11 @@ fn run_on<B: Backend>(
         Task::Unet => {
             let (config, layout) = unet_config(&model, &c)?;
             let plan = plan_with(&Unet2dCondition::<B>::execution_order(&config, layout)?)?;
+            let patch = loras::<B, Unet2dCondition<B>>(args, &c, &config, Target::Unet)?;
+            let options = LoadOptions {
+                patch: patch.as_ref().map(|p| p as &dyn WeightPatch<B>),
+                ..LoadOptions::default()
+            };
             let (unet, _) =
                 Unet2dCondition::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
             let mut input = unet_input(&inputs, &device)?;
@@ -268,6 +274,11 @@ fn run_on<B: Backend>(
                 None => ClipTextConfig::detect(&c)?,
             };
             let plan = plan_with(&[])?;
+            let patch = loras::<B, ClipTextModel<B>>(args, &c, &config, Target::TextEncoder(0))?;
+            let options = LoadOptions {
+                patch: patch.as_ref().map(|p| p as &dyn WeightPatch<B>),
+                ..LoadOptions::default()
+            };
             let (clip, _) =
                 ClipTextModel::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
             let (shape, ids) = inputs.values("input_ids")?;
@@ -291,6 +302,47 @@ fn run_on<B: Backend>(
         }
     }
     out.write(&args.out)
+}
+
+/// The `--lora` files mapped onto component `c` of model `M` (their modules for `target`;
+/// for a CLIP-G encoder, kohya's `lora_te2_*` are text encoder 2, so both are tried).
+fn loras<B: Backend, M: distorch::models::Model<B>>(
+    args: &RunArgs,
+    c: &Component<'_>,
+    config: &M::Config,
+    target: Target,
+) -> Result<Option<LoraPatch>, Failure> {
+    if args.lora.is_empty() {
+        return Ok(None);
+    }
+    if !matches!(args.task, Task::Unet | Task::ClipText) {
+        return Err(Failure::Other(
+            "--lora applies to the unet and clip-text tasks".into(),
+        ));
+    }
+    let mut files = Vec::new();
+    for spec in &args.lora {
+        let (path, strength) = match spec.rsplit_once(':') {
+            Some((p, s)) if s.parse::<f32>().is_ok() => (p, s.parse::<f32>().unwrap_or(1.0)),
+            _ => (spec.as_str(), 1.0),
+        };
+        files.push((
+            LoraFile::open(path).map_err(distorch::models::Error::from)?,
+            strength,
+        ));
+    }
+    let refs: Vec<(&LoraFile, f32)> = files.iter().map(|(f, s)| (f, *s)).collect();
+    let target = match (target, args.component) {
+        (Target::TextEncoder(_), Some(RunComponent::ClipG)) => Target::TextEncoder(1),
+        (t, _) => t,
+    };
+    let (patch, report) = distorch::models::lora_patch::<B, M>(c, config, &refs, target)?;
+    tracing::info!(
+        matched = report.matched.len(),
+        unmatched = report.unmatched.len(),
+        "LoRA applied"
+    );
+    Ok(Some(patch))
 }
 
 /// The inputs the UNet and a ControlNet share: `sample`, `timestep`,

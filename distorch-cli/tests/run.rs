@@ -348,3 +348,45 @@ fn bad_runs_are_clear_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("only f32 compute is implemented"));
 }
+
+#[test]
+fn lora_flag_patches_the_unet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = fixture("unet_sd").join("reference.safetensors");
+    let ins = tmp.path().join("in.safetensors");
+    let out = tmp.path().join("out.safetensors");
+    inputs(
+        &reference,
+        &[
+            ("sample", "sample"),
+            ("timestep", "timestep"),
+            ("encoder_hidden_states", "encoder_hidden_states"),
+        ],
+        &ins,
+    );
+    let lora = format!(
+        "{}:0.8",
+        fixture("lora").join("kohya.safetensors").display()
+    );
+    for model in ["diffusion_pytorch_model.safetensors", "ldm.safetensors"] {
+        run(&[
+            "unet",
+            "--model",
+            fixture("unet_sd").join(model).to_str().unwrap(),
+            "--config",
+            fixture("unet_sd").join("config.json").to_str().unwrap(),
+            "--inputs",
+            ins.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--lora",
+            &lora,
+        ]);
+        check(
+            &out,
+            "sample",
+            &fixture("lora").join("reference.safetensors"),
+            "lora_out",
+        );
+    }
+}

@@ -466,11 +466,20 @@ impl<B: Backend> Model<B> for Unet2dCondition<B> {
     fn execution_order(config: &UnetConfig, c: &Component<'_>) -> Result<Vec<String>, Error> {
         Unet2dCondition::<B>::execution_order(config, KeyLayout::of_unet(c))
     }
-    /// Each tensor under its diffusers module name and the file's (LDM) one.
+    /// Each tensor under its diffusers module name and its original (LDM) one, whichever
+    /// layout the file has: kohya LoRAs use the former, ComfyUI's own the latter.
     fn lora_tensors(config: &UnetConfig, c: &Component<'_>) -> Result<Vec<ModelTensor>, Error> {
         let ours = Unet2dCondition::<B>::expected_tensors(config, KeyLayout::Diffusers)?;
+        let ldm = Unet2dCondition::<B>::expected_tensors(config, KeyLayout::Ldm)?;
         let file = Unet2dCondition::<B>::expected_tensors(config, KeyLayout::of_unet(c))?;
-        Ok(both_names(ours, file))
+        let mut tensors = both_names(ours, file);
+        for (t, l) in tensors.iter_mut().zip(ldm) {
+            let m = l.name.rsplit_once('.').map_or(l.name.as_str(), |(m, _)| m);
+            if !t.modules.iter().any(|x| x == m) {
+                t.modules.push(m.to_owned());
+            }
+        }
+        Ok(tensors)
     }
     fn load(
         index: &SafetensorsIndex,

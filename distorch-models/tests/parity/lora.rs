@@ -204,3 +204,39 @@ fn bad_loras_are_typed_errors() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     assert!(LoraFile::open(&cut).is_err());
 }
+
+#[test]
+fn comfyui_keys_on_the_original_layout_patch_a_diffusers_folder() {
+    // The kohya file's modules renamed to ComfyUI's `diffusion_model.<original name>`.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("lora").join("kohya.safetensors");
+    let config = UnetConfig::from_file(fixture("unet_sd").join("config.json")).unwrap();
+    let ldm_names: std::collections::HashMap<String, String> =
+        Unet2dCondition::<B>::expected_tensors(&config, distorch_models::KeyLayout::Diffusers)
+            .unwrap()
+            .into_iter()
+            .zip(
+                Unet2dCondition::<B>::expected_tensors(&config, distorch_models::KeyLayout::Ldm)
+                    .unwrap(),
+            )
+            .map(|(d, l)| {
+                let m = |k: &str| k.rsplit_once('.').unwrap().0.to_owned();
+                (m(&d.name).replace('.', "_"), m(&l.name))
+            })
+            .collect();
+    let renamed = tmp.path().join("comfy.safetensors");
+    rewrite(&src, &renamed, |k| {
+        let rest = k.strip_prefix("lora_unet_")?;
+        let (module, param) = rest.split_once('.')?;
+        let ldm = ldm_names.get(module)?;
+        Some(format!("diffusion_model.{ldm}.{param}"))
+    });
+    let l = [(Arc::new(LoraFile::open(&renamed).unwrap()), 0.8f32)];
+    let m = unet(fixture("unet_sd"), false, &l);
+    assert_eq!(m.lora.matched.len(), 40);
+    assert_close(
+        "ComfyUI-keyed LoRA",
+        run(&m.model),
+        read(&fixture("lora").join("reference.safetensors"), "lora_out"),
+    );
+}

@@ -2,9 +2,11 @@
 //! model's weights across devices — the compute GPU keeps what fits, donors (CPU RAM, other
 //! GPUs) hold the rest — and streams them to the compute device just in time.
 //!
-//! This facade re-exports the workspace's crates. What works today is everything that can be
-//! decided before a tensor is touched: allocation strings, device graphs, header-only file
-//! indexes and exact, explainable placement plans.
+//! This facade re-exports the workspace's crates: allocation strings, device graphs and exact,
+//! explainable placement plans; the weight store that loads a model where its plan says and
+//! streams offloaded weights to the compute device; Stable Diffusion's models (SD 1.x/2.x,
+//! SDXL, ControlNet, CLIP Vision) and a txt2img pipeline over them; LoRAs. See
+//! `examples/txt2img.rs` for the whole flow.
 //!
 //! ```no_run
 //! use distorch::{ComponentKind, PlanRequest, SafetensorsIndex};
@@ -18,8 +20,9 @@
 //! ```
 //!
 //! Crates: [`alloc`] (grammar, device graph, planner), [`core`] (file indexes, dtypes,
-//! inventories), [`backends`] (compiled Burn backends, host memory), [`lora`] and [`models`]
-//! (arrive with later work; see their docs).
+//! inventories, the weight store and streamer), [`backends`] (compiled Burn backends, memory
+//! probes), [`models`] (the models, their loaders, the tokenizer, samplers and the txt2img
+//! pipeline) and [`lora`] (LoRA files and patching).
 
 #![deny(missing_docs)]
 

@@ -92,7 +92,7 @@ pub fn unit_name(tensor: &str) -> &str {
 }
 
 /// Builds the planner's inventory for one component. Unit names keep the component's key
-/// prefix stripped; execution order is approximated from key names (see [`SEGMENT_ORDER`]).
+/// prefix stripped; execution order is approximated from key names (see `SEGMENT_ORDER` in the source).
 pub fn inventory(component: &Component<'_>) -> Result<Inventory, Error> {
     let groups = group(component);
     let mut names: Vec<&str> = groups.keys().copied().collect();

@@ -1,6 +1,6 @@
 //! The original (LDM / single-file) UNet layout: `input_blocks`, `middle_block`,
 //! `output_blocks`, as in `model.diffusion_model.*` of SD 1.x/2.x and SDXL checkpoints. The
-//! UNet reads it through a [`KeyMap`] from diffusers names (the same mapping as diffusers'
+//! UNet reads it through a `KeyMap` from diffusers names (the same mapping as diffusers'
 //! single-file converter), and [`detect`] reads the architecture from key names and shapes.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -234,12 +234,7 @@ impl VisionKeys {
 
     /// Units in the order a forward pass uses them.
     fn order(&self, c: &ClipVisionConfig) -> Vec<String> {
-        let mut seen = std::collections::HashSet::new();
-        self.expected(c)
-            .into_iter()
-            .map(|e| distorch_core::units::unit_name(&e.name).to_owned())
-            .filter(|u| seen.insert(u.clone()))
-            .collect()
+        crate::loader::units_in_order(self.expected(c))
     }
 }
 

@@ -355,12 +355,9 @@ impl<B: Backend> ControlNetModel<B> {
         config: &ControlNetConfig,
         layout: KeyLayout,
     ) -> Result<Vec<String>, Error> {
-        let mut seen = std::collections::HashSet::new();
-        Ok(Self::expected_tensors(config, layout)?
-            .into_iter()
-            .filter_map(|e| e.name.rsplit_once('.').map(|(u, _)| u.to_owned()))
-            .filter(|u| seen.insert(u.clone()))
-            .collect())
+        Ok(crate::loader::units_in_order(Self::expected_tensors(
+            config, layout,
+        )?))
     }
 
     /// The configuration.

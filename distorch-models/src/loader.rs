@@ -300,6 +300,17 @@ fn place<B: Backend, M: Model<B>>(
     })
 }
 
+/// The units of `expected` tensors, in their order, each once: a model's execution order
+/// when its expected tensors are listed as its forward pass uses them.
+pub(crate) fn units_in_order(expected: Vec<distorch_core::runtime::ExpectedTensor>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    expected
+        .into_iter()
+        .map(|e| units::unit_name(&e.name).to_owned())
+        .filter(|u| seen.insert(u.clone()))
+        .collect()
+}
+
 /// Each tensor of the component with its own module name.
 pub(crate) fn own_modules(component: &Component<'_>) -> Vec<ModelTensor> {
     component

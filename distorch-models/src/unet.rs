@@ -133,12 +133,9 @@ impl<B: Backend> Unet2dCondition<B> {
     /// The units of a UNet of `config`, keys in `layout`, in the order a forward pass uses
     /// them: give it to [`distorch_alloc::Inventory::in_order`] before planning.
     pub fn execution_order(config: &UnetConfig, layout: KeyLayout) -> Result<Vec<String>, Error> {
-        let mut seen = std::collections::HashSet::new();
-        Ok(Self::expected_tensors(config, layout)?
-            .into_iter()
-            .filter_map(|e| e.name.rsplit_once('.').map(|(u, _)| u.to_owned()))
-            .filter(|u| seen.insert(u.clone()))
-            .collect())
+        Ok(crate::loader::units_in_order(Self::expected_tensors(
+            config, layout,
+        )?))
     }
 
     fn trunk(&self) -> Trunk<'_> {

@@ -6,34 +6,13 @@
 
 use crate::common::*;
 use burn::tensor::Tensor;
-use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, EmbeddingPolicy, PinPolicy};
 use distorch_core::{SafetensorsIndex, components};
 use distorch_models::clip_image::{decode, preprocess};
-use distorch_models::{
-    ClipVisionConfig, ClipVisionModel, ClipVisionOutput, ComponentOptions, Loaded, Placement,
-    load_model,
-};
+use distorch_models::{ClipVisionConfig, ClipVisionModel, ClipVisionOutput, Loaded, load_model};
 
 fn load(offload: bool) -> ClipVisionModel<B> {
-    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
-    let device = Default::default();
-    let placement = if offload {
-        let mut p =
-            Placement::virtual_vram(DeviceId::cuda(0), device, 1.0, vec![DeviceId::CPU]).unwrap();
-        p.request = p.request.with_pin(PinPolicy {
-            tiny_threshold: ByteSize(0),
-            embeddings: EmbeddingPolicy::Movable,
-        });
-        p
-    } else {
-        Placement::on(DeviceId::cuda(0), device)
-    };
-    let loaded: Loaded<ClipVisionModel<B>> = load_model(
-        fixture("clip_vision"),
-        None,
-        &ComponentOptions::new(graph, placement),
-    )
-    .unwrap();
+    let loaded: Loaded<ClipVisionModel<B>> =
+        load_model(fixture("clip_vision"), None, &component_options(offload)).unwrap();
     assert!(
         loaded.report.missing.is_empty() && loaded.report.unused.is_empty(),
         "{:?}",

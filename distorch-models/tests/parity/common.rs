@@ -93,6 +93,26 @@ pub fn plan(path: &Path, offload: bool) -> Plan {
     distorch_alloc::plan(&PlanRequest::virtual_vram(vv).with_pin(pin), &inv, &graph).unwrap()
 }
 
+/// One component's options: everything on the compute device, or every unit (however
+/// small; the default keeps tiny ones resident) offloaded to the CPU.
+pub fn component_options(offload: bool) -> distorch_models::ComponentOptions<B> {
+    use distorch_models::{ComponentOptions, Placement};
+    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+    let device: burn::tensor::Device<B> = Default::default();
+    let placement = if offload {
+        let mut p =
+            Placement::virtual_vram(DeviceId::cuda(0), device, 1.0, vec![DeviceId::CPU]).unwrap();
+        p.request = p.request.with_pin(PinPolicy {
+            tiny_threshold: ByteSize(0),
+            embeddings: EmbeddingPolicy::Movable,
+        });
+        p
+    } else {
+        Placement::on(DeviceId::cuda(0), device)
+    };
+    ComponentOptions::new(graph, placement)
+}
+
 /// Rewrites the fixture's weights with `rename` applied to keys (dropping those it maps to
 /// `None`).
 pub fn rewrite(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>) {

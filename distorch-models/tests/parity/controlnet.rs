@@ -9,10 +9,9 @@ use std::path::PathBuf;
 
 use crate::common::*;
 use burn::tensor::Tensor;
-use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, EmbeddingPolicy, PinPolicy};
 use distorch_models::{
     ComponentOptions, ControlNetConfig, ControlNetInput, ControlNetModel, ControlNetOutput, Loaded,
-    Placement, Unet2dCondition, UnetInput, load_model,
+    Unet2dCondition, UnetInput, load_model,
 };
 
 const CASES: [(&str, &str, bool); 2] = [
@@ -21,21 +20,7 @@ const CASES: [(&str, &str, bool); 2] = [
 ];
 
 fn options(offload: bool) -> ComponentOptions<B> {
-    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
-    let device = Default::default();
-    let placement = if offload {
-        // Every unit offloaded, however small (the default keeps tiny ones resident).
-        let mut p =
-            Placement::virtual_vram(DeviceId::cuda(0), device, 1.0, vec![DeviceId::CPU]).unwrap();
-        p.request = p.request.with_pin(PinPolicy {
-            tiny_threshold: ByteSize(0),
-            embeddings: EmbeddingPolicy::Movable,
-        });
-        p
-    } else {
-        Placement::on(DeviceId::cuda(0), device)
-    };
-    ComponentOptions::new(graph, placement)
+    component_options(offload)
 }
 
 /// Loads a folder, or a single file with the folder's config (tiny models' heads do not follow

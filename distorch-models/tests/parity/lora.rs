@@ -11,13 +11,11 @@ use std::sync::Arc;
 
 use crate::common::*;
 use burn::tensor::Tensor;
-use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, EmbeddingPolicy, PinPolicy};
 use distorch_core::DType;
 use distorch_core::safetensors::write;
 use distorch_lora::{LoraFile, Target};
 use distorch_models::{
-    ComponentLoras, ComponentOptions, Loaded, Placement, Unet2dCondition, UnetConfig, UnetInput,
-    load_model,
+    ComponentLoras, ComponentOptions, Loaded, Unet2dCondition, UnetConfig, UnetInput, load_model,
 };
 
 fn lora(name: &str) -> Arc<LoraFile> {
@@ -25,21 +23,7 @@ fn lora(name: &str) -> Arc<LoraFile> {
 }
 
 fn options(offload: bool, loras: &[(Arc<LoraFile>, f32)]) -> ComponentOptions<B> {
-    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
-    let device: burn::tensor::Device<B> = Default::default();
-    let placement = if offload {
-        let mut p =
-            Placement::virtual_vram(DeviceId::cuda(0), device.clone(), 1.0, vec![DeviceId::CPU])
-                .unwrap();
-        p.request = p.request.with_pin(PinPolicy {
-            tiny_threshold: ByteSize(0),
-            embeddings: EmbeddingPolicy::Movable,
-        });
-        p
-    } else {
-        Placement::on(DeviceId::cuda(0), device)
-    };
-    let mut o = ComponentOptions::new(graph, placement);
+    let mut o = component_options(offload);
     if !loras.is_empty() {
         o.loras = Some(ComponentLoras {
             files: loras.to_vec(),

@@ -2,17 +2,18 @@
 //! asked, named outputs written — the parity harness against diffusers / transformers.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use distorch::alloc::{DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_device_list};
-use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, WeightPatch};
-use distorch::core::{Component, ComponentKind, SafetensorsIndex, components, units};
-use distorch::lora::{LoraFile, LoraPatch, Target};
+use distorch::core::runtime::DeviceMap;
+use distorch::core::{Component, ComponentKind, SafetensorsIndex, components};
+use distorch::lora::{LoraFile, Target};
 use distorch::models::{
-    AutoencoderKl, ClipLayout, ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel,
-    ComponentFiles, ControlNetConfig, ControlNetInput, ControlNetModel, KeyLayout, Unet2dCondition,
-    UnetConfig, UnetInput, VaeConfig, text_encoders,
+    AutoencoderKl, ClipLayout, ClipTextModel, ClipVisionModel, ComponentFiles, ComponentLoras,
+    ComponentOptions, ControlNetInput, ControlNetModel, Placement, Unet2dCondition, UnetInput,
+    load_component, text_encoders,
 };
 
 use crate::Failure;
@@ -159,6 +160,38 @@ fn request(args: &RunArgs, device: DeviceId) -> Result<PlanRequest, Failure> {
     })
 }
 
+/// What every task loads its component from.
+struct Source<'a, B: Backend> {
+    args: &'a RunArgs,
+    model: &'a Model,
+    index: &'a SafetensorsIndex,
+    component: &'a Component<'a>,
+    options: ComponentOptions<B>,
+}
+
+impl<B: Backend> Source<'_, B> {
+    /// The component as model `M`: its configuration from `--config` or the folder, else
+    /// read from its shapes; planned in the model's execution order and loaded by the
+    /// library's loader, with the `--lora` files' modules for `target` patched in.
+    fn load<M: distorch::models::Model<B>>(&self, target: Option<Target>) -> Result<M, Failure> {
+        let config = match &self.model.config {
+            Some(p) => M::config_from_file(p)?,
+            None => M::detect_config(self.component)?,
+        };
+        let mut options = self.options.clone();
+        options.loras = loras(self.args, target)?;
+        let loaded = load_component::<B, M>(self.index, self.component, config, &options)?;
+        if !loaded.lora.matched.is_empty() || !loaded.lora.unmatched.is_empty() {
+            tracing::info!(
+                matched = loaded.lora.matched.len(),
+                unmatched = loaded.lora.unmatched.len(),
+                "LoRA applied"
+            );
+        }
+        Ok(loaded.model)
+    }
+}
+
 fn run_on<B: Backend>(
     args: &RunArgs,
     device_id: DeviceId,
@@ -168,30 +201,25 @@ fn run_on<B: Backend>(
         Some(d) => DeviceGraph::declare(d)?,
         None => distorch::backends::detect().graph,
     };
-    let request = request(args, device_id)?;
+    let placement = Placement {
+        request: request(args, device_id)?,
+        devices: DeviceMap::<B>::new(device.clone()),
+    };
     let inputs = Inputs::read(&args.inputs)?;
     let model = model(args)?;
     let index = SafetensorsIndex::open(&model.weights)?;
     let c = component(&index, args.task, args.component)?;
-    let devices = DeviceMap::<B>::new(device.clone());
-    let options = LoadOptions::default();
-    let look = Lookahead::default();
-    let mut out = Outputs::default();
-    let plan_with = |order: &[String]| -> Result<distorch::Plan, Failure> {
-        let inv = units::inventory(&c)?.in_order(order);
-        Ok(distorch::plan(&request, &inv, &graph)?)
+    let src = Source {
+        args,
+        model: &model,
+        index: &index,
+        component: &c,
+        options: ComponentOptions::new(graph, placement),
     };
+    let mut out = Outputs::default();
     match args.task {
         Task::Unet => {
-            let (config, layout) = unet_config(&model, &c)?;
-            let plan = plan_with(&Unet2dCondition::<B>::execution_order(&config, layout)?)?;
-            let patch = loras::<B, Unet2dCondition<B>>(args, &c, &config, Target::Unet)?;
-            let options = LoadOptions {
-                patch: patch.as_ref().map(|p| p as &dyn WeightPatch<B>),
-                ..LoadOptions::default()
-            };
-            let (unet, _) =
-                Unet2dCondition::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
+            let unet: Unet2dCondition<B> = src.load(Some(Target::Unet))?;
             let mut input = unet_input(&inputs, &device)?;
             if inputs.has("mid_block_additional_residual") {
                 let down = (0..)
@@ -208,14 +236,7 @@ fn run_on<B: Backend>(
             log_stats(unet.streamer());
         }
         Task::Controlnet => {
-            let config = match &model.config {
-                Some(p) => ControlNetConfig::from_file(p)?,
-                None => <ControlNetModel<B> as distorch::models::Model<B>>::detect_config(&c)?,
-            };
-            let order = ControlNetModel::<B>::execution_order(&config, KeyLayout::of_unet(&c))?;
-            let plan = plan_with(&order)?;
-            let (control, _) =
-                ControlNetModel::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
+            let control: ControlNetModel<B> = src.load(None)?;
             let base = unet_input(&inputs, &device)?;
             let mut input =
                 ControlNetInput::for_unet(&base, inputs.tensor("controlnet_cond", &device)?);
@@ -238,13 +259,7 @@ fn run_on<B: Backend>(
             log_stats(control.streamer());
         }
         Task::ClipVision => {
-            let config = match &model.config {
-                Some(p) => ClipVisionConfig::from_file(p)?,
-                None => ClipVisionConfig::detect(&c)?,
-            };
-            let plan = plan_with(&[])?;
-            let (vision, _) =
-                ClipVisionModel::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
+            let vision: ClipVisionModel<B> = src.load(None)?;
             let enc = vision.forward(inputs.tensor("pixel_values", &device)?)?;
             out.push("image_embeds", enc.image_embeds)?;
             out.push("last_hidden_state", enc.last_hidden_state)?;
@@ -252,13 +267,7 @@ fn run_on<B: Backend>(
             log_stats(vision.streamer());
         }
         Task::VaeEncode | Task::VaeDecode => {
-            let config = match &model.config {
-                Some(p) => VaeConfig::from_file(p)?,
-                None => VaeConfig::detect(&c, 0.18215)?,
-            };
-            let plan = plan_with(&[])?;
-            let (vae, _) =
-                AutoencoderKl::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
+            let vae: AutoencoderKl<B> = src.load(None)?;
             if args.task == Task::VaeEncode {
                 let (mean, logvar) = vae.encode(inputs.tensor("image", &device)?)?;
                 out.push("latent_mean", mean)?;
@@ -269,18 +278,9 @@ fn run_on<B: Backend>(
             log_stats(vae.streamer());
         }
         Task::ClipText => {
-            let config = match &model.config {
-                Some(p) => ClipTextConfig::from_file(p)?,
-                None => ClipTextConfig::detect(&c)?,
-            };
-            let plan = plan_with(&[])?;
-            let patch = loras::<B, ClipTextModel<B>>(args, &c, &config, Target::TextEncoder(0))?;
-            let options = LoadOptions {
-                patch: patch.as_ref().map(|p| p as &dyn WeightPatch<B>),
-                ..LoadOptions::default()
-            };
-            let (clip, _) =
-                ClipTextModel::<B>::load(&index, &c, &plan, &devices, config, &options, look)?;
+            // kohya's `lora_te2_*` are SDXL's second encoder, OpenCLIP-G.
+            let encoder = usize::from(args.component == Some(RunComponent::ClipG));
+            let clip: ClipTextModel<B> = src.load(Some(Target::TextEncoder(encoder)))?;
             let (shape, ids) = inputs.values("input_ids")?;
             let [batch, _] = shape.as_slice().try_into().map_err(|_| {
                 Failure::Other(format!(
@@ -304,45 +304,27 @@ fn run_on<B: Backend>(
     out.write(&args.out)
 }
 
-/// The `--lora` files mapped onto component `c` of model `M` (their modules for `target`;
-/// for a CLIP-G encoder, kohya's `lora_te2_*` are text encoder 2, so both are tried).
-fn loras<B: Backend, M: distorch::models::Model<B>>(
-    args: &RunArgs,
-    c: &Component<'_>,
-    config: &M::Config,
-    target: Target,
-) -> Result<Option<LoraPatch>, Failure> {
+/// The `--lora PATH[:STRENGTH]` files, with their modules for `target` (tasks without one
+/// take no LoRA).
+fn loras(args: &RunArgs, target: Option<Target>) -> Result<Option<ComponentLoras>, Failure> {
     if args.lora.is_empty() {
         return Ok(None);
     }
-    if !matches!(args.task, Task::Unet | Task::ClipText) {
+    let Some(target) = target else {
         return Err(Failure::Other(
             "--lora applies to the unet and clip-text tasks".into(),
         ));
-    }
+    };
     let mut files = Vec::new();
     for spec in &args.lora {
         let (path, strength) = match spec.rsplit_once(':') {
             Some((p, s)) if s.parse::<f32>().is_ok() => (p, s.parse::<f32>().unwrap_or(1.0)),
             _ => (spec.as_str(), 1.0),
         };
-        files.push((
-            LoraFile::open(path).map_err(distorch::models::Error::from)?,
-            strength,
-        ));
+        let file = LoraFile::open(path).map_err(distorch::models::Error::from)?;
+        files.push((Arc::new(file), strength));
     }
-    let refs: Vec<(&LoraFile, f32)> = files.iter().map(|(f, s)| (f, *s)).collect();
-    let target = match (target, args.component) {
-        (Target::TextEncoder(_), Some(RunComponent::ClipG)) => Target::TextEncoder(1),
-        (t, _) => t,
-    };
-    let (patch, report) = distorch::models::lora_patch::<B, M>(c, config, &refs, target)?;
-    tracing::info!(
-        matched = report.matched.len(),
-        unmatched = report.unmatched.len(),
-        "LoRA applied"
-    );
-    Ok(Some(patch))
+    Ok(Some(ComponentLoras { files, target }))
 }
 
 /// The inputs the UNet and a ControlNet share: `sample`, `timestep`,
@@ -361,25 +343,6 @@ fn unet_input<B: Backend>(inputs: &Inputs, device: &B::Device) -> Result<UnetInp
         );
     }
     Ok(input)
-}
-
-fn unet_config(model: &Model, c: &Component<'_>) -> Result<(UnetConfig, KeyLayout), Failure> {
-    let layout = KeyLayout::of_unet(c);
-    let config = match (&model.config, layout) {
-        (Some(p), _) => UnetConfig::from_file(p)?,
-        (None, KeyLayout::Ldm) => {
-            let found = UnetConfig::detect(c)?;
-            tracing::info!(family = found.family, "detected the UNet's architecture");
-            found.config
-        }
-        (None, KeyLayout::Diffusers) => {
-            return Err(Failure::Other(
-                "a diffusers-layout UNet needs its config.json (a folder as --model, or --config)"
-                    .into(),
-            ));
-        }
-    };
-    Ok((config, layout))
 }
 
 fn log_stats<B: Backend>(s: &distorch::core::runtime::Streamer<B>) {

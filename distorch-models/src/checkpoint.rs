@@ -370,6 +370,18 @@ impl UnetConfig {
     }
 }
 
+/// The error for a diffusers-layout file given without its `config.json`: its shapes do not
+/// say everything the model needs.
+pub(crate) fn needs_config(model: &str) -> Error {
+    Error::Input {
+        input: "model",
+        reason: format!(
+            "a diffusers-layout {model} needs its config.json (load its folder, or give the \
+             configuration)"
+        ),
+    }
+}
+
 /// OpenCLIP's fused q/k/v take no LoRA here yet: the encoder's LoRA modules are reported
 /// as unmatched (with a warning) instead of failing the load.
 fn skip_open_clip_loras<B: Backend>(
@@ -461,7 +473,12 @@ impl<B: Backend> Model<B> for Unet2dCondition<B> {
         UnetConfig::from_file(path)
     }
     fn detect_config(c: &Component<'_>) -> Result<UnetConfig, Error> {
-        Ok(UnetConfig::detect(c)?.config)
+        if KeyLayout::of_unet(c) == KeyLayout::Diffusers {
+            return Err(needs_config("UNet"));
+        }
+        let found = UnetConfig::detect(c)?;
+        tracing::info!(family = found.family, "detected the UNet's architecture");
+        Ok(found.config)
     }
     fn execution_order(config: &UnetConfig, c: &Component<'_>) -> Result<Vec<String>, Error> {
         Unet2dCondition::<B>::execution_order(config, KeyLayout::of_unet(c))
@@ -554,6 +571,9 @@ impl<B: Backend> Model<B> for AutoencoderKl<B> {
     /// SD 1.x's scaling factor (0.18215) unless a configuration is given: the VAE's
     /// shapes do not tell it (SDXL's is 0.13025; the checkpoint loader sets it).
     fn detect_config(c: &Component<'_>) -> Result<VaeConfig, Error> {
+        if KeyLayout::of_vae(c) == KeyLayout::Diffusers {
+            return Err(needs_config("VAE"));
+        }
         VaeConfig::detect(c, 0.18215)
     }
     fn execution_order(_: &VaeConfig, _: &Component<'_>) -> Result<Vec<String>, Error> {

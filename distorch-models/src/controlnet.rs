@@ -534,11 +534,7 @@ impl<B: Backend> crate::loader::Model<B> for ControlNetModel<B> {
     }
     fn detect_config(c: &Component<'_>) -> Result<ControlNetConfig, Error> {
         if KeyLayout::of_unet(c) == KeyLayout::Diffusers {
-            return Err(Error::Input {
-                input: "controlnet",
-                reason: "a diffusers-layout ControlNet needs its config.json (load its folder)"
-                    .into(),
-            });
+            return Err(crate::checkpoint::needs_config("ControlNet"));
         }
         let shapes = crate::loader::shape_map(c);
         ControlNetConfig::detect_ldm(shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())))

@@ -12,18 +12,7 @@ use distorch_models::{ClipTextConfig, ClipTextModel, Error};
 
 fn load(dir: &Path, weights: &Path, offload: bool) -> Result<ClipTextModel<B>, Error> {
     let config = ClipTextConfig::from_file(dir.join("config.json"))?;
-    let index = SafetensorsIndex::open(weights)?;
-    let split = components::split(&index);
-    let plan = plan(weights, offload);
-    let (model, report) = ClipTextModel::load(
-        &index,
-        &split.components[0],
-        &plan,
-        &DeviceMap::new(Default::default()),
-        config,
-        &LoadOptions::default(),
-        Lookahead::default(),
-    )?;
+    let (model, report) = load_as::<ClipTextModel<B>>(weights, config, offload)?;
     assert!(
         report.missing.is_empty() && report.unused.is_empty(),
         "{report:?}"

@@ -93,6 +93,48 @@ pub fn plan(path: &Path, offload: bool) -> Plan {
     distorch_alloc::plan(&PlanRequest::virtual_vram(vv).with_pin(pin), &inv, &graph).unwrap()
 }
 
+/// Loads the one component of `weights` as model `M` through the model's own `load`, at the
+/// homes [`plan`] gives (everything resident, or everything offloaded).
+pub fn load_as<M: distorch_models::Model<B>>(
+    weights: &Path,
+    config: M::Config,
+    offload: bool,
+) -> Result<(M, distorch_core::runtime::LoadReport), distorch_models::Error> {
+    use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
+    let index = SafetensorsIndex::open(weights)?;
+    let split = components::split(&index);
+    M::load(
+        &index,
+        &split.components[0],
+        &plan(weights, offload),
+        &DeviceMap::new(Default::default()),
+        config,
+        &LoadOptions::default(),
+        Lookahead::default(),
+    )
+}
+
+/// The keys (prefix stripped) and shapes of one component of the SD 1.5-shaped demo
+/// checkpoint: what a model's expected tensors must cover.
+pub fn demo_shapes(
+    kind: distorch_core::ComponentKind,
+) -> std::collections::BTreeSet<(String, Vec<usize>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = distorch_core::DemoModel::Sd15
+        .ensure_in(dir.path())
+        .unwrap();
+    let index = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&index);
+    let c = split.components.iter().find(|c| c.kind == kind).unwrap();
+    c.tensors
+        .iter()
+        .map(|t| {
+            let name = c.local(t).to_owned();
+            (name, t.shape.iter().map(|&d| d as usize).collect())
+        })
+        .collect()
+}
+
 /// One component's options: everything on the compute device, or every unit (however
 /// small; the default keeps tiny ones resident) offloaded to the CPU.
 pub fn component_options(offload: bool) -> distorch_models::ComponentOptions<B> {

@@ -18,16 +18,7 @@ fn weights(name: &str) -> PathBuf {
 fn load(name: &str, weights: &Path, offload: bool) -> Result<Unet2dCondition<B>, Error> {
     let config = UnetConfig::from_file(fixture(name).join("config.json"))?;
     let index = SafetensorsIndex::open(weights)?;
-    let split = components::split(&index);
-    let (model, report) = Unet2dCondition::load(
-        &index,
-        &split.components[0],
-        &plan(weights, offload),
-        &DeviceMap::new(Default::default()),
-        config,
-        &LoadOptions::default(),
-        Lookahead::default(),
-    )?;
+    let (model, report) = load_as::<Unet2dCondition<B>>(weights, config, offload)?;
     assert!(
         report.missing.is_empty() && report.unused.is_empty(),
         "{report:?}"

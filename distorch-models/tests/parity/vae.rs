@@ -11,17 +11,7 @@ use distorch_models::{AutoencoderKl, Error, VaeConfig};
 
 fn load(weights: &Path, offload: bool) -> Result<AutoencoderKl<B>, Error> {
     let config = VaeConfig::from_file(fixture("vae").join("config.json"))?;
-    let index = SafetensorsIndex::open(weights)?;
-    let split = components::split(&index);
-    let (model, report) = AutoencoderKl::load(
-        &index,
-        &split.components[0],
-        &plan(weights, offload),
-        &DeviceMap::new(Default::default()),
-        config,
-        &LoadOptions::default(),
-        Lookahead::default(),
-    )?;
+    let (model, report) = load_as::<AutoencoderKl<B>>(weights, config, offload)?;
     assert!(
         report.missing.is_empty() && report.unused.is_empty(),
         "{report:?}"
@@ -165,25 +155,7 @@ fn single_file_layout_matches_diffusers() {
 
 #[test]
 fn sd15_single_file_vae_keys_and_shapes_are_all_covered() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = distorch_core::DemoModel::Sd15
-        .ensure_in(dir.path())
-        .unwrap();
-    let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
-    let vae = split
-        .components
-        .iter()
-        .find(|c| c.kind == distorch_core::ComponentKind::Vae)
-        .unwrap();
-    let want: std::collections::BTreeSet<(String, Vec<usize>)> = vae
-        .tensors
-        .iter()
-        .map(|t| {
-            let name = t.name.strip_prefix(vae.prefix).unwrap().to_owned();
-            (name, t.shape.iter().map(|&d| d as usize).collect())
-        })
-        .collect();
+    let want = demo_shapes(distorch_core::ComponentKind::Vae);
     let config = VaeConfig {
         block_out_channels: vec![128, 256, 512, 512],
         down_block_types: vec!["DownEncoderBlock2D".into(); 4],

@@ -235,6 +235,19 @@ pub enum Error {
         /// The first such element.
         index: usize,
     },
+    /// A tensor key the weight store does not hold.
+    #[error("the weight store has no tensor `{key}`")]
+    UnknownTensor {
+        /// The key asked for.
+        key: String,
+    },
+    /// A weights file changed (length or modification time) since the store was loaded
+    /// from it, so its pristine weights cannot be re-read.
+    #[error("{}: the weights file changed since it was loaded; reload the model", path.display())]
+    SourceChanged {
+        /// The file.
+        path: PathBuf,
+    },
     /// Building the inventory failed.
     #[error(transparent)]
     Inventory(#[from] distorch_alloc::Error),

@@ -8,6 +8,7 @@ use memmap2::Mmap;
 
 use crate::dtype::DType;
 use crate::runtime::decode::to_f32;
+use crate::runtime::fp8::{PatchPrecision, encode_stochastic};
 
 /// Bytes in host memory.
 #[derive(Debug, Clone)]
@@ -47,18 +48,40 @@ impl HostTensor {
     }
 }
 
-/// The dtype a tensor is stored in at a host home after loading changed its values: the
-/// file's dtype, except fp8 (kept at bf16 rather than re-quantised, as `high_precision_loras`
-/// in the original) and f64 (f32, the compute dtype).
-pub(crate) fn storage_dtype(file: DType) -> DType {
-    match file {
-        DType::F8E4M3 | DType::F8E5M2 => DType::BF16,
-        DType::F64 => DType::F32,
-        other => other,
+/// The dtype a tensor is stored in at its home after loading changed its values: the file's
+/// dtype, except fp8 (kept at bf16 rather than re-quantised, unless `precision` asks for
+/// re-quantising — `high_precision_loras` in the original) and f64 (f32, the compute dtype).
+pub(crate) fn storage_dtype(file: DType, precision: PatchPrecision) -> DType {
+    match (file, precision) {
+        (DType::F8E4M3 | DType::F8E5M2, PatchPrecision::Fp8Stochastic { .. }) => file,
+        (DType::F8E4M3 | DType::F8E5M2, PatchPrecision::High) => DType::BF16,
+        (DType::F64, _) => DType::F32,
+        (other, _) => other,
     }
 }
 
-/// Encodes f32 values in `dtype` (one of [`storage_dtype`]'s results), rounding to nearest.
+/// Changed values of the tensor `key` of a file of dtype `file`, stored as
+/// [`storage_dtype`] says (fp8 by seeded stochastic rounding).
+pub(crate) fn changed(
+    values: &[f32],
+    file: DType,
+    precision: PatchPrecision,
+    key: &str,
+) -> HostTensor {
+    let dtype = storage_dtype(file, precision);
+    let bytes = match (dtype, precision) {
+        (DType::F8E4M3 | DType::F8E5M2, PatchPrecision::Fp8Stochastic { seed }) => {
+            encode_stochastic(values, dtype, key, seed)
+        }
+        _ => encode(values, dtype),
+    };
+    HostTensor {
+        bytes: HostBytes::Owned(bytes.into()),
+        dtype,
+    }
+}
+
+/// Encodes f32 values in `dtype` (f16, bf16 or f32), rounding to nearest.
 pub(crate) fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
         DType::F16 => values

@@ -15,7 +15,8 @@ use crate::components::Component;
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::runtime::decode::{first_non_finite, to_f32};
-use crate::runtime::host::{HostBytes, HostTensor, encode, storage_dtype};
+use crate::runtime::fp8::PatchPrecision;
+use crate::runtime::host::{HostBytes, HostTensor, changed, storage_dtype};
 use crate::runtime::store::{
     DeviceMap, DonorCopy, LoadOptions, LoadReport, ShapeMismatch, Stored, StoredTensor, StoredUnit,
     WeightStore,
@@ -24,7 +25,7 @@ use crate::safetensors::{SafetensorsIndex, TensorInfo};
 use crate::units::group;
 
 /// Where a unit goes.
-enum Home<'d, B: Backend> {
+pub(crate) enum Home<'d, B: Backend> {
     Compute,
     Donor(&'d B::Device, DonorCopy),
     Host,
@@ -168,14 +169,12 @@ impl<B: Backend> WeightStore<B> {
             }
         }
 
-        let mut loader = Loader {
-            files: index.files(),
-            shards: index.files().iter().map(|_| None).collect(),
-            devices,
-            options,
-            report,
-            buf: Vec::new(),
-        };
+        let fingerprints = index
+            .files()
+            .iter()
+            .map(|f| Fingerprint::of(f))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let mut loader = Loader::new(index.files(), devices, options, report);
         let mut held: BTreeMap<DeviceId, u64> = BTreeMap::new();
         let mut units = Vec::with_capacity(todo.len());
         for (placed, home, infos) in todo {
@@ -183,21 +182,7 @@ impl<B: Backend> WeightStore<B> {
                 .into_iter()
                 .map(|info| loader.tensor(info, &local(info), home))
                 .collect::<Result<Vec<_>, Error>>()?;
-            let (mut bytes, mut upload) = (0u64, 0u64);
-            for t in &tensors {
-                let f32_bytes = 4 * t.numel() as u64;
-                match &t.data {
-                    Stored::Host(h) => {
-                        bytes += h.bytes.as_slice().len() as u64;
-                        upload += f32_bytes;
-                    }
-                    Stored::Donor(..) => {
-                        bytes += f32_bytes;
-                        upload += f32_bytes;
-                    }
-                    Stored::Device(_) => bytes += f32_bytes,
-                }
-            }
+            let (bytes, upload) = unit_bytes(&tensors);
             loader.report.tensors += tensors.len();
             *held.entry(placed.device).or_default() += bytes;
             units.push(StoredUnit {
@@ -232,21 +217,44 @@ impl<B: Backend> WeightStore<B> {
                 compute: devices.compute.clone(),
                 units,
                 by_name,
+                files: index.files().into(),
+                fingerprints,
+                precision: options.precision,
             },
             report,
         ))
     }
 }
 
+/// The bytes a unit's tensors hold at home, and the bytes one upload of it moves.
+pub(crate) fn unit_bytes<B: Backend>(tensors: &[StoredTensor<B>]) -> (u64, u64) {
+    let (mut bytes, mut upload) = (0u64, 0u64);
+    for t in tensors {
+        let f32_bytes = 4 * t.numel() as u64;
+        match &t.data {
+            Stored::Host(h) => {
+                bytes += h.bytes.as_slice().len() as u64;
+                upload += f32_bytes;
+            }
+            Stored::Donor(..) => {
+                bytes += f32_bytes;
+                upload += f32_bytes;
+            }
+            Stored::Device(_) => bytes += f32_bytes,
+        }
+    }
+    (bytes, upload)
+}
+
 /// Reads, checks, patches and places one tensor at a time.
-struct Loader<'a, B: Backend> {
+pub(crate) struct Loader<'a, B: Backend> {
     /// The files holding the data (one, or a sharded model's shards).
     files: &'a [PathBuf],
     /// Each file opened and mapped when first needed.
     shards: Vec<Option<Shard>>,
     devices: &'a DeviceMap<B>,
     options: &'a LoadOptions<'a, B>,
-    report: LoadReport,
+    pub(crate) report: LoadReport,
     /// The read buffer, reused from tensor to tensor (as large as the largest one read).
     buf: Vec<u8>,
 }
@@ -257,7 +265,23 @@ struct Shard {
     map: Arc<Mmap>,
 }
 
-impl<B: Backend> Loader<'_, B> {
+impl<'a, B: Backend> Loader<'a, B> {
+    pub(crate) fn new(
+        files: &'a [PathBuf],
+        devices: &'a DeviceMap<B>,
+        options: &'a LoadOptions<'a, B>,
+        report: LoadReport,
+    ) -> Loader<'a, B> {
+        Loader {
+            files,
+            shards: files.iter().map(|_| None).collect(),
+            devices,
+            options,
+            report,
+            buf: Vec::new(),
+        }
+    }
+
     fn io(&self, shard: usize) -> impl Fn(std::io::Error) -> Error + '_ {
         move |source| Error::Io {
             path: self.files[shard].clone(),
@@ -281,7 +305,7 @@ impl<B: Backend> Loader<'_, B> {
         Ok(self.shards[shard].as_mut().expect("opened above"))
     }
 
-    fn tensor(
+    pub(crate) fn tensor(
         &mut self,
         info: &TensorInfo,
         local: &str,
@@ -329,10 +353,11 @@ impl<B: Backend> Loader<'_, B> {
                 };
                 // Rounded to the storage dtype whatever the home, so the patched model
                 // computes the same wherever its weights live.
-                let rounded = if storage_dtype(info.dtype) == DType::F32 {
+                let precision = self.options.precision;
+                let rounded = if storage_dtype(info.dtype, precision) == DType::F32 {
                     None
                 } else {
-                    Some(owned(t.clone(), info)?)
+                    Some(owned(t.clone(), info, precision, local)?)
                 };
                 let device =
                     |t: Tensor<B, 1>, rounded: Option<HostTensor>, d: &B::Device| match rounded {
@@ -344,7 +369,7 @@ impl<B: Backend> Loader<'_, B> {
                     Home::Donor(d, copy) => Stored::Donor(device(t, rounded, d), copy),
                     Home::Host => Stored::Host(match rounded {
                         Some(h) => h,
-                        None => owned(t, info)?,
+                        None => owned(t, info, precision, local)?,
                     }),
                 }
             }
@@ -356,6 +381,7 @@ impl<B: Backend> Loader<'_, B> {
             name: local.to_owned(),
             shape,
             data,
+            origin: info.clone(),
         })
     }
 
@@ -393,16 +419,38 @@ impl<B: Backend> Loader<'_, B> {
 }
 
 /// A patched tensor brought back to the host, in its storage dtype.
-fn owned<B: Backend>(t: Tensor<B, 1>, info: &TensorInfo) -> Result<HostTensor, Error> {
+fn owned<B: Backend>(
+    t: Tensor<B, 1>,
+    info: &TensorInfo,
+    precision: PatchPrecision,
+    key: &str,
+) -> Result<HostTensor, Error> {
     let values = t
         .into_data()
         .into_vec::<f32>()
         .map_err(|e| Error::DeviceTransfer {
             reason: format!("{e:?}"),
         })?;
-    let dtype = storage_dtype(info.dtype);
-    Ok(HostTensor {
-        bytes: HostBytes::Owned(encode(&values, dtype).into()),
-        dtype,
-    })
+    Ok(changed(&values, info.dtype, precision, key))
+}
+
+/// A weights file's length and modification time when it was loaded: re-reading pristine
+/// weights from it later ([`WeightStore::repatch`]) refuses a file that changed since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fingerprint {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Fingerprint {
+    pub(crate) fn of(path: &std::path::Path) -> Result<Fingerprint, Error> {
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Fingerprint {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
 }

@@ -11,7 +11,7 @@
 //! | compute device | f32 tensor | nothing (resident) |
 //! | GPU donor (same backend) | f32 tensor | a device-to-device copy when fetched (CUDA), or read back on the prefetch thread and uploaded (wgpu) |
 //! | `cpu`, unchanged by loading | the file's bytes, borrowed from the memory map | widened to f32 on the prefetch thread, uploaded |
-//! | `cpu`, patched | an owned copy in the file's dtype (fp8 → bf16, f64 → f32) | the same |
+//! | `cpu`, patched | an owned copy in the file's dtype (fp8 → bf16, or fp8 by stochastic rounding with [`PatchPrecision::Fp8Stochastic`]; f64 → f32) | the same |
 //!
 //! Every float dtype a file may hold (f32, f16, bf16, f8_e4m3fn, f8_e5m2, f64) is widened to
 //! f32 on the host, so backends without f16 (ndarray) need nothing more; host homes keep the
@@ -21,12 +21,15 @@
 
 mod cache;
 mod decode;
+mod fp8;
 mod host;
 mod load;
+mod repatch;
 mod store;
 mod stream;
 
 pub use cache::{EjectPolicy, ModelCache};
+pub use fp8::PatchPrecision;
 
 /// A tensor's raw little-endian bytes of a float `dtype` widened to f32 (`None` for integer
 /// and boolean dtypes, or a length that is not a whole number of elements).

@@ -7,7 +7,13 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use distorch_alloc::{ByteSize, DeviceId};
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::HostTensor;
+use crate::runtime::load::Fingerprint;
+use crate::safetensors::TensorInfo;
 
 /// Where a stored tensor's data is.
 #[derive(Debug, Clone)]
@@ -28,6 +34,8 @@ pub struct StoredTensor<B: Backend> {
     /// Its shape.
     pub shape: Vec<usize>,
     pub(crate) data: Stored<B>,
+    /// Where its pristine bytes are in the weights file (for re-patching).
+    pub(crate) origin: TensorInfo,
 }
 
 impl<B: Backend> StoredTensor<B> {
@@ -195,6 +203,8 @@ pub struct LoadOptions<'a, B: Backend> {
     pub check_finite: bool,
     /// Called after each tensor is placed with its bytes in the file (for a progress bar).
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
+    /// How patched tensors of fp8 files are stored (bf16 by default).
+    pub precision: PatchPrecision,
 }
 
 impl<B: Backend> Default for LoadOptions<'_, B> {
@@ -206,6 +216,7 @@ impl<B: Backend> Default for LoadOptions<'_, B> {
             allow_mismatched: false,
             check_finite: true,
             progress: None,
+            precision: PatchPrecision::High,
         }
     }
 }
@@ -223,6 +234,7 @@ impl<'a, B: Backend> LoadOptions<'a, B> {
             allow_mismatched: self.allow_mismatched,
             check_finite: self.check_finite,
             progress: self.progress,
+            precision: self.precision,
         }
     }
 }
@@ -250,12 +262,18 @@ pub struct LoadReport {
 }
 
 /// The tensors of one component, each unit at the home its plan gives.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WeightStore<B: Backend> {
     pub(crate) compute_id: DeviceId,
     pub(crate) compute: B::Device,
     pub(crate) units: Vec<StoredUnit<B>>,
     pub(crate) by_name: HashMap<String, usize>,
+    /// The weights files it was loaded from (one, or a sharded model's shards).
+    pub(crate) files: Arc<[PathBuf]>,
+    /// Each file as it was when loaded.
+    pub(crate) fingerprints: Vec<Fingerprint>,
+    /// How patched fp8 tensors were stored.
+    pub(crate) precision: PatchPrecision,
 }
 
 impl<B: Backend> WeightStore<B> {

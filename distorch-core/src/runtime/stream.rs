@@ -21,7 +21,7 @@ use burn::tensor::{Tensor, TensorData};
 use distorch_alloc::{ByteSize, DeviceId};
 
 use crate::error::Error;
-use crate::runtime::store::{DonorCopy, Stored, StoredUnit, WeightStore};
+use crate::runtime::store::{DonorCopy, LoadReport, Stored, StoredUnit, WeightPatch, WeightStore};
 
 /// How far the streamer looks ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +154,11 @@ impl Order {
     }
 }
 
-struct State {
+struct State<B: Backend> {
+    /// The store streamed from; replaced whole by [`Streamer::repatch`].
+    store: Arc<WeightStore<B>>,
+    /// Bumped when the store is replaced: staging begun before is discarded.
+    generation: u64,
     order: Order,
     ready: HashMap<usize, Vec<TensorData>>,
     queue: VecDeque<usize>,
@@ -167,7 +171,7 @@ struct State {
     stats: StreamStats,
 }
 
-impl State {
+impl<B: Backend> State<B> {
     fn note_peak(&mut self) {
         let now = ByteSize(self.held + self.handed_out);
         if now > self.stats.peak_extra_bytes {
@@ -177,13 +181,14 @@ impl State {
 }
 
 struct Shared<B: Backend> {
-    store: Arc<WeightStore<B>>,
-    state: Mutex<State>,
+    state: Mutex<State<B>>,
     changed: Condvar,
+    /// Held while a re-patch builds the new store, so two cannot interleave.
+    repatching: Mutex<()>,
 }
 
 impl<B: Backend> Shared<B> {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
         // A poisoned lock means the worker panicked while staging; the state is still
         // consistent enough to continue (the unit is simply staged on demand).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -240,7 +245,7 @@ impl<B: Backend> Streamer<B> {
     /// The units in the order the look-ahead follows now.
     pub fn execution_order(&self) -> Vec<String> {
         let st = self.shared.lock();
-        let units = self.shared.store.units();
+        let units = st.store.units();
         st.order
             .order
             .iter()
@@ -250,8 +255,9 @@ impl<B: Backend> Streamer<B> {
 
     fn start(store: Arc<WeightStore<B>>, lookahead: Lookahead, order: Order) -> Streamer<B> {
         let shared = Arc::new(Shared {
-            store,
             state: Mutex::new(State {
+                store,
+                generation: 0,
                 order,
                 ready: HashMap::new(),
                 queue: VecDeque::new(),
@@ -262,6 +268,7 @@ impl<B: Backend> Streamer<B> {
                 stats: StreamStats::default(),
             }),
             changed: Condvar::new(),
+            repatching: Mutex::new(()),
         });
         let worker_shared = Arc::clone(&shared);
         let worker = std::thread::Builder::new()
@@ -278,16 +285,42 @@ impl<B: Backend> Streamer<B> {
         }
     }
 
-    /// The store it streams from.
-    pub fn store(&self) -> &WeightStore<B> {
-        &self.shared.store
+    /// The store it streams from now (a re-patch replaces it).
+    pub fn store(&self) -> Arc<WeightStore<B>> {
+        Arc::clone(&self.shared.lock().store)
+    }
+
+    /// Re-patches the tensors `keys` from pristine weights with `patch`
+    /// ([`WeightStore::repatch`]) and streams from the result from the next fetch on;
+    /// units staged ahead from the old weights are dropped. A fetch running meanwhile gets
+    /// the old weights or the new, never a mix within one tensor. On error nothing changes.
+    pub fn repatch(
+        &self,
+        patch: Option<&dyn WeightPatch<B>>,
+        keys: &[String],
+    ) -> Result<LoadReport, Error> {
+        let _one = self
+            .shared
+            .repatching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (store, report) = self.store().repatch(patch, keys)?;
+        let mut st = self.shared.lock();
+        st.store = Arc::new(store);
+        st.generation += 1;
+        st.ready.clear();
+        st.queue.clear();
+        st.held = 0;
+        drop(st);
+        self.shared.changed.notify_all();
+        Ok(report)
     }
 
     /// The tensors of `unit` on the compute device. An offloaded unit is taken from the
     /// staged units (waiting if it is being staged, staging it here if it was not) and its
     /// upload is enqueued; the next offloaded units are queued for staging.
     pub fn fetch(&self, unit: &str) -> Result<UnitWeights<B>, Error> {
-        let store = &self.shared.store;
+        let store = self.store();
         let i = store.position(unit).ok_or_else(|| Error::UnknownUnit {
             unit: unit.to_owned(),
         })?;
@@ -332,7 +365,7 @@ impl<B: Backend> Streamer<B> {
         *st.stats.bytes_moved.entry(u.home).or_default() += u.upload_bytes;
         st.handed_out = u.upload_bytes.0;
         st.note_peak();
-        self.schedule(&mut st, i);
+        self.schedule(&mut st, &store, i);
         drop(st);
         self.shared.changed.notify_all();
         // Enqueuing the upload is compute-thread time spent on weights too.
@@ -343,8 +376,8 @@ impl<B: Backend> Streamer<B> {
     }
 
     /// Queues offloaded units after `i` in execution order (wrapping) within the look-ahead.
-    fn schedule(&self, st: &mut State, i: usize) {
-        let units = self.shared.store.units();
+    fn schedule(&self, st: &mut State<B>, store: &WeightStore<B>, i: usize) {
+        let units = store.units();
         let n = units.len();
         let at = st.order.pos[i];
         let mut taken = 0;
@@ -410,11 +443,14 @@ fn worker<B: Backend>(shared: &Shared<B>) {
             continue;
         };
         st.in_flight = Some(j);
+        let (store, generation) = (Arc::clone(&st.store), st.generation);
         drop(st);
-        let t = stage(&shared.store.units()[j]);
+        let t = stage(&store.units()[j]);
         st = shared.lock();
         st.in_flight = None;
-        st.ready.insert(j, t);
+        if st.generation == generation {
+            st.ready.insert(j, t);
+        }
         shared.changed.notify_all();
     }
 }

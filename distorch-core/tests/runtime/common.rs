@@ -39,6 +39,26 @@ pub fn backend_available() -> bool {
     true
 }
 
+/// A second Burn device for the donor: on wgpu a distinct device (its own memory space);
+/// ndarray has one device, so there the donor copy is within host memory; on CUDA the second
+/// GPU when there is one.
+pub fn donor_device() -> burn::tensor::Device<B> {
+    #[cfg(all(feature = "test-wgpu", not(feature = "test-cuda")))]
+    {
+        burn::backend::wgpu::WgpuDevice::Cpu
+    }
+    #[cfg(feature = "test-cuda")]
+    {
+        let gpus = std::env::var("DISTORCH_TEST_CUDA_GPUS").ok();
+        let index = usize::from(gpus.and_then(|g| g.parse::<usize>().ok()).unwrap_or(1) > 1);
+        burn::backend::cuda::CudaDevice::new(index)
+    }
+    #[cfg(not(any(feature = "test-wgpu", feature = "test-cuda")))]
+    {
+        Default::default()
+    }
+}
+
 pub const WIDTH: usize = 48;
 pub const LAYERS: usize = 8;
 

@@ -19,26 +19,6 @@ const FILE_UNIT: u64 = (WIDTH * WIDTH * 2 + WIDTH * 4) as u64;
 /// Bytes one layer moves to the compute device (f32).
 const UPLOAD_UNIT: u64 = ((WIDTH * WIDTH + WIDTH) * 4) as u64;
 
-/// A second Burn device for the donor: on wgpu a distinct device (its own memory space);
-/// ndarray has one device, so there the donor copy is within host memory; on CUDA the second
-/// GPU when there is one.
-fn donor_device() -> burn::tensor::Device<B> {
-    #[cfg(all(feature = "test-wgpu", not(feature = "test-cuda")))]
-    {
-        burn::backend::wgpu::WgpuDevice::Cpu
-    }
-    #[cfg(feature = "test-cuda")]
-    {
-        let gpus = std::env::var("DISTORCH_TEST_CUDA_GPUS").ok();
-        let index = usize::from(gpus.and_then(|g| g.parse::<usize>().ok()).unwrap_or(1) > 1);
-        burn::backend::cuda::CudaDevice::new(index)
-    }
-    #[cfg(not(any(feature = "test-wgpu", feature = "test-cuda")))]
-    {
-        Default::default()
-    }
-}
-
 /// Everything offloaded to virtual VRAM donors `donors` of graph `graph`.
 fn offload_plan(index: &SafetensorsIndex, graph: &str, donors: Vec<DeviceId>) -> Plan {
     let split = components::split(index);

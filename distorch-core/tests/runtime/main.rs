@@ -6,4 +6,5 @@
 
 mod common;
 mod homes;
+mod repatch;
 mod runtime;

@@ -101,6 +101,10 @@ pub struct RunArgs {
     /// repeatable. For the unet and clip-text tasks.
     #[arg(long, value_name = "PATH[:STRENGTH]")]
     pub lora: Vec<String>,
+    /// Keep LoRA-patched weights of fp8 models at bf16 (true, the default); `false`
+    /// re-quantises them to fp8 with seeded stochastic rounding (half the memory).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub high_precision_loras: bool,
 }
 
 /// Which file to read: a path, or a generated demo checkpoint.

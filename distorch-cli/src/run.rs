@@ -7,7 +7,7 @@ use std::sync::Arc;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use distorch::alloc::{DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_device_list};
-use distorch::core::runtime::DeviceMap;
+use distorch::core::runtime::{DeviceMap, PatchPrecision};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, components};
 use distorch::lora::{LoraFile, Target};
 use distorch::models::{
@@ -180,6 +180,9 @@ impl<B: Backend> Source<'_, B> {
         };
         let mut options = self.options.clone();
         options.loras = loras(self.args, target)?;
+        if !self.args.high_precision_loras {
+            options.precision = PatchPrecision::Fp8Stochastic { seed: 0 };
+        }
         let loaded = load_component::<B, M>(self.index, self.component, config, &options)?;
         if !loaded.lora.matched.is_empty() || !loaded.lora.unmatched.is_empty() {
             tracing::info!(

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use distorch_alloc::{DeviceGraph, DeviceId, Plan, PlanRequest, VirtualVram};
-use distorch_core::runtime::{DeviceMap, LoadOptions, LoadReport, Lookahead};
+use distorch_core::runtime::{
+    DeviceMap, LoadOptions, LoadReport, Lookahead, PatchPrecision, Streamer,
+};
 use distorch_core::{Component, ComponentKind, SafetensorsIndex, components};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
@@ -89,6 +91,9 @@ pub struct CheckpointOptions<B: Backend> {
     /// LoRAs, patched into the UNet (model strength) and the text encoders (CLIP strength)
     /// while they load.
     pub loras: Vec<LoraSpec>,
+    /// How LoRA-patched tensors of fp8 checkpoints are stored (see
+    /// [`ComponentOptions::precision`]).
+    pub precision: PatchPrecision,
 }
 
 /// A LoRA with ComfyUI's two strengths.
@@ -128,6 +133,7 @@ impl<B: Backend> CheckpointOptions<B> {
             clip_configs: None,
             progress: None,
             loras: Vec::new(),
+            precision: PatchPrecision::High,
         })
     }
 }
@@ -157,6 +163,7 @@ impl<B: Backend> CheckpointOptions<B> {
             check_finite: self.check_finite,
             progress: self.progress.clone(),
             loras: None,
+            precision: self.precision,
         }
     }
 
@@ -498,6 +505,9 @@ impl<B: Backend> Model<B> for Unet2dCondition<B> {
         }
         Ok(tensors)
     }
+    fn streamer(&self) -> &Streamer<B> {
+        self.streamer()
+    }
     fn load(
         index: &SafetensorsIndex,
         c: &Component<'_>,
@@ -549,6 +559,9 @@ impl<B: Backend> Model<B> for ClipTextModel<B> {
         }
         Ok(tensors)
     }
+    fn streamer(&self) -> &Streamer<B> {
+        self.streamer()
+    }
     fn load(
         index: &SafetensorsIndex,
         c: &Component<'_>,
@@ -579,6 +592,9 @@ impl<B: Backend> Model<B> for AutoencoderKl<B> {
     fn execution_order(_: &VaeConfig, _: &Component<'_>) -> Result<Vec<String>, Error> {
         // File order: the encoder, then the decoder, is how the VAE is used.
         Ok(Vec::new())
+    }
+    fn streamer(&self) -> &Streamer<B> {
+        self.streamer()
     }
     fn load(
         index: &SafetensorsIndex,

@@ -372,6 +372,9 @@ impl<B: Backend> crate::loader::Model<B> for ClipVisionModel<B> {
     fn execution_order(config: &ClipVisionConfig, c: &Component<'_>) -> Result<Vec<String>, Error> {
         Ok(VisionKeys::detect(c)?.order(config))
     }
+    fn streamer(&self) -> &Streamer<B> {
+        self.streamer()
+    }
     fn load(
         index: &SafetensorsIndex,
         c: &Component<'_>,

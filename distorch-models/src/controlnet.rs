@@ -542,6 +542,9 @@ impl<B: Backend> crate::loader::Model<B> for ControlNetModel<B> {
     fn execution_order(config: &ControlNetConfig, c: &Component<'_>) -> Result<Vec<String>, Error> {
         ControlNetModel::<B>::execution_order(config, KeyLayout::of_unet(c))
     }
+    fn streamer(&self) -> &Streamer<B> {
+        self.streamer()
+    }
     fn load(
         index: &SafetensorsIndex,
         c: &Component<'_>,

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 use distorch_alloc::{ByteSize, DeviceGraph, Plan};
 use distorch_core::runtime::{
-    DeviceMap, EjectPolicy, LoadOptions, LoadReport, Lookahead, ModelCache,
+    DeviceMap, EjectPolicy, LoadOptions, LoadReport, Lookahead, ModelCache, PatchPrecision,
+    Streamer,
 };
 use distorch_core::{Component, ComponentKind, SafetensorsIndex, components, units};
 
@@ -47,6 +48,9 @@ pub trait Model<B: Backend>: Sized {
         let _ = config;
         Ok(own_modules(component))
     }
+    /// The streamer its weights are fetched through (re-patched by
+    /// [`Loaded::set_loras`]).
+    fn streamer(&self) -> &Streamer<B>;
     /// Loads the component's weights where `plan` puts them.
     fn load(
         index: &SafetensorsIndex,
@@ -69,6 +73,63 @@ pub struct Loaded<M> {
     pub report: LoadReport,
     /// What the LoRAs matched (empty without LoRAs).
     pub lora: LoraReport,
+    /// The tensors as LoRAs name them and the keys patched now, for [`Loaded::set_loras`].
+    lora_state: LoraState,
+}
+
+impl<M> Loaded<M> {
+    /// Replaces the model's LoRAs (other strengths, other files, or none: an empty
+    /// `loras.files`) without reloading it: only the tensors the old or the new LoRAs touch
+    /// are read again from the weights file — pristine — patched and put back at their
+    /// homes ([`Streamer::repatch`]); every other tensor stays where it is. Setting the
+    /// strengths back to 0 or removing the LoRAs restores the original weights exactly.
+    /// The new LoRAs are mapped and checked before anything changes; on error the model
+    /// keeps its current weights. Returns what re-patching read and patched.
+    pub fn set_loras<B: Backend>(&mut self, loras: &ComponentLoras) -> Result<LoadReport, Error>
+    where
+        M: Model<B>,
+    {
+        let (report, load) = self.lora_state.set(self.model.streamer(), loras)?;
+        self.lora = report;
+        Ok(load)
+    }
+}
+
+/// What a loaded component needs to change its LoRAs later.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LoraState {
+    /// Its tensors with the module names LoRAs use.
+    tensors: Vec<ModelTensor>,
+    /// The keys the current LoRAs patch.
+    patched: Vec<String>,
+}
+
+impl LoraState {
+    /// Maps `loras` and re-patches what the old and the new LoRAs touch.
+    pub(crate) fn set<B: Backend>(
+        &mut self,
+        streamer: &Streamer<B>,
+        loras: &ComponentLoras,
+    ) -> Result<(LoraReport, LoadReport), Error> {
+        let files: Vec<(&LoraFile, f32)> = loras.files.iter().map(|(f, s)| (&**f, *s)).collect();
+        let (patch, report) = LoraPatch::build(&files, loras.target, &self.tensors)?;
+        let mut keys: Vec<String> = self.patched.clone();
+        keys.extend(patch.keys().map(str::to_owned));
+        keys.sort();
+        keys.dedup();
+        let load = streamer.repatch(
+            (!patch.is_empty()).then_some(&patch as &dyn WeightPatch<B>),
+            &keys,
+        )?;
+        self.patched = patch.keys().map(str::to_owned).collect();
+        tracing::info!(
+            target = %loras.target,
+            loras = loras.files.len(),
+            tensors = keys.len(),
+            "LoRAs changed"
+        );
+        Ok((report, load))
+    }
 }
 
 /// LoRAs for one component: files with their strengths, and which component of theirs
@@ -106,6 +167,10 @@ pub struct ComponentOptions<B: Backend> {
     pub progress: Option<LoadProgress>,
     /// LoRAs patched into the weights while they load (Load-Patch-Distribute).
     pub loras: Option<ComponentLoras>,
+    /// How LoRA-patched tensors of fp8 models are stored: bf16 (`PatchPrecision::High`, the
+    /// default: DisTorch2's `high_precision_loras = true`) or fp8 again by seeded stochastic
+    /// rounding.
+    pub precision: PatchPrecision,
 }
 
 impl<B: Backend> ComponentOptions<B> {
@@ -118,6 +183,7 @@ impl<B: Backend> ComponentOptions<B> {
             check_finite: true,
             progress: None,
             loras: None,
+            precision: PatchPrecision::High,
         }
     }
 }
@@ -270,10 +336,11 @@ fn place<B: Backend, M: Model<B>>(
             p(bytes);
         }
     };
+    let tensors = M::lora_tensors(&config, component)?;
     let (patch, lora) = match &options.loras {
         Some(l) => {
             let files: Vec<(&LoraFile, f32)> = l.files.iter().map(|(f, s)| (&**f, *s)).collect();
-            lora_patch::<B, M>(component, &config, &files, l.target)?
+            LoraPatch::build(&files, l.target, &tensors)?
         }
         None => (LoraPatch::default(), LoraReport::default()),
     };
@@ -281,6 +348,7 @@ fn place<B: Backend, M: Model<B>>(
         check_finite: options.check_finite,
         progress: Some(&tick),
         patch: (!patch.is_empty()).then_some(&patch as &dyn WeightPatch<B>),
+        precision: options.precision,
         ..LoadOptions::default()
     };
     let (model, report) = M::load(
@@ -292,11 +360,16 @@ fn place<B: Backend, M: Model<B>>(
         &load,
         options.lookahead,
     )?;
+    let lora_state = LoraState {
+        tensors,
+        patched: patch.keys().map(str::to_owned).collect(),
+    };
     Ok(Loaded {
         model,
         plan,
         report,
         lora,
+        lora_state,
     })
 }
 

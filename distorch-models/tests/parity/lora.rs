@@ -101,15 +101,93 @@ fn strength_zero_leaves_the_weights_exactly() {
     assert_eq!(bits(plain), bits(run(&zero.model)));
 }
 
+/// Every weight of the model as the streamer hands it to the compute device, by key.
+fn all_weights(m: &Unet2dCondition<B>) -> Vec<(String, Vec<f32>)> {
+    let s = m.streamer();
+    let mut out = Vec::new();
+    for u in s.store().units() {
+        for (name, _, t) in s.fetch(&u.name).unwrap().tensors() {
+            out.push((name.clone(), t.clone().into_data().to_vec::<f32>().unwrap()));
+        }
+    }
+    out
+}
+
 #[test]
-fn bad_loras_are_typed_errors() {
-    let tmp = tempfile::tempdir().unwrap();
+fn changing_the_strength_repatches_from_pristine_weights() {
     let weights = fixture("unet_sd").join("diffusion_pytorch_model.safetensors");
-    let config = || UnetConfig::from_file(fixture("unet_sd").join("config.json")).unwrap();
-    let f32s = |n: usize| vec![0u8; 4 * n];
-    // Another architecture: modules this UNet does not have.
-    let other = tmp.path().join("sdxl.safetensors");
-    let (down, up) = (f32s(2 * 640), f32s(640 * 2));
+    let reference = fixture("lora").join("reference.safetensors");
+    let kohya = lora("kohya.safetensors");
+    let with = |strength: f32| ComponentLoras {
+        files: vec![(Arc::clone(&kohya), strength)],
+        target: Target::Unet,
+    };
+    for offload in [false, true] {
+        let plain = unet(weights.clone(), offload, &[]);
+        let (plain_w, plain_out) = (all_weights(&plain.model), bits(run(&plain.model)));
+        let mut m = unet(weights.clone(), offload, &[(Arc::clone(&kohya), 1.0)]);
+        assert_ne!(bits(run(&m.model)), plain_out);
+
+        // 1.0 -> 0.0: exactly the original weights, re-reading only the LoRA's 40 tensors.
+        let r = m.set_loras(&with(0.0)).unwrap();
+        assert_eq!(r.tensors, 40, "offload {offload}");
+        assert!(
+            all_weights(&m.model) == plain_w,
+            "offload {offload}: weights differ"
+        );
+        assert_eq!(bits(run(&m.model)), plain_out);
+
+        // 0.0 -> 0.8: the fused reference, as if loaded with it.
+        m.set_loras(&with(0.8)).unwrap();
+        assert_eq!(m.lora.matched.len(), 40);
+        assert_close(
+            "strength 0.8 after 0.0",
+            run(&m.model),
+            read(&reference, "lora_out"),
+        );
+
+        // Removed: the original weights, borrowed from the mapped file again when offloaded.
+        let r = m.set_loras(&with(0.0)).unwrap();
+        m.set_loras(&ComponentLoras {
+            files: Vec::new(),
+            target: Target::Unet,
+        })
+        .unwrap();
+        assert_eq!(r.patched.len(), 40);
+        assert!(all_weights(&m.model) == plain_w);
+        let mapped = |m: &Unet2dCondition<B>| -> Vec<bool> {
+            let store = m.streamer().store();
+            let units = store.units();
+            units
+                .iter()
+                .flat_map(|u| u.tensors().iter().map(|t| t.is_mapped()))
+                .collect()
+        };
+        assert_eq!(mapped(&m.model), mapped(&plain.model));
+        assert_eq!(mapped(&m.model).contains(&true), offload);
+
+        // A LoRA for another architecture is refused and changes nothing.
+        m.set_loras(&with(1.0)).unwrap();
+        let patched_w = all_weights(&m.model);
+        let tmp = tempfile::tempdir().unwrap();
+        let other = Arc::new(LoraFile::open(other_architecture(tmp.path())).unwrap());
+        let e = m
+            .set_loras(&ComponentLoras {
+                files: vec![(other, 1.0)],
+                target: Target::Unet,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("match"), "{e}");
+        assert!(all_weights(&m.model) == patched_w);
+        assert_eq!(m.lora.matched.len(), 40);
+    }
+}
+
+/// A kohya LoRA for another architecture (SDXL's 640-wide `down_blocks.2`): modules this
+/// UNet does not have.
+fn other_architecture(dir: &std::path::Path) -> PathBuf {
+    let other = dir.join("sdxl.safetensors");
+    let (down, up) = (vec![0u8; 4 * 2 * 640], vec![0u8; 4 * 640 * 2]);
     write(
         &other,
         &[
@@ -128,6 +206,16 @@ fn bad_loras_are_typed_errors() {
         &Default::default(),
     )
     .unwrap();
+    other
+}
+
+#[test]
+fn bad_loras_are_typed_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = fixture("unet_sd").join("diffusion_pytorch_model.safetensors");
+    let config = || UnetConfig::from_file(fixture("unet_sd").join("config.json")).unwrap();
+    let f32s = |n: usize| vec![0u8; 4 * n];
+    let other = other_architecture(tmp.path());
     let o = options(false, &[(Arc::new(LoraFile::open(&other).unwrap()), 1.0)]);
     let e = load_model::<B, Unet2dCondition<B>>(&weights, Some(config()), &o)
         .err()

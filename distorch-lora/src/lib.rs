@@ -10,11 +10,15 @@
 //! - Mapping ([`LoraPatch::build`]): every LoRA module is matched against the model's module
 //!   names in diffusers/transformers naming and in the file's own layout (dots or kohya's
 //!   underscores), so the same LoRA applies to a diffusers folder and a single-file
-//!   checkpoint. What matches nothing is reported, never dropped silently; a LoRA that
+//!   checkpoint; a module may be a row slice of a fused tensor ([`ModelTensor::rows`]:
+//!   OpenCLIP's `in_proj` holds q, k and v). What matches nothing is reported, never dropped silently; a LoRA that
 //!   matches nothing in a component it targets is an error.
 //! - Patching ([`LoraPatch`] is a `WeightPatch`): `W + Σ strength · alpha/rank · up·down`
 //!   computed at f32 on the compute device while the weight loads, then rounded to the
-//!   storage dtype and sent home (see `distorch_core::runtime::WeightStore::load`).
+//!   storage dtype and sent home (see `distorch_core::runtime::WeightStore::load`); fp8
+//!   weights are kept at bf16 or re-quantised by seeded stochastic rounding
+//!   (`distorch_core::runtime::PatchPrecision`). Changing LoRAs later re-patches only the
+//!   tensors they touch from the file's pristine bytes (`WeightStore::repatch`).
 
 #![deny(missing_docs)]
 

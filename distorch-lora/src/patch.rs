@@ -1,6 +1,7 @@
 //! [`LoraPatch`]: LoRA updates mapped onto a model's tensors, applied while they load.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
@@ -21,6 +22,36 @@ pub struct ModelTensor {
     pub modules: Vec<String>,
     /// Its shape.
     pub shape: Vec<usize>,
+    /// The rows of the tensor these modules are, when they are a slice of a fused tensor
+    /// (OpenCLIP's `in_proj_weight` holds q, k and v); `None` for the whole tensor.
+    pub rows: Option<Range<usize>>,
+}
+
+impl ModelTensor {
+    /// The whole tensor `key` of `shape`, named by `modules`.
+    pub fn new(key: String, modules: Vec<String>, shape: Vec<usize>) -> ModelTensor {
+        ModelTensor {
+            key,
+            modules,
+            shape,
+            rows: None,
+        }
+    }
+
+    /// The slice's shape: the tensor's with its first dimension cut to `rows`.
+    fn slice_shape(&self) -> Vec<usize> {
+        let mut s = self.shape.clone();
+        if let (Some(r), Some(first)) = (&self.rows, s.first_mut()) {
+            *first = r.len();
+        }
+        s
+    }
+
+    /// The slice's first element in the flattened tensor.
+    fn offset(&self) -> usize {
+        let row: usize = self.shape.iter().skip(1).product();
+        self.rows.as_ref().map_or(0, |r| r.start * row)
+    }
 }
 
 /// What a set of LoRAs matched.
@@ -42,10 +73,13 @@ enum Delta {
         rank: usize,
         cols: usize,
         scale: f32,
+        /// First element of the rows updated (a slice of a fused tensor), else 0.
+        offset: usize,
     },
     Full {
         values: Arc<[f32]>,
         scale: f32,
+        offset: usize,
     },
 }
 
@@ -68,13 +102,14 @@ impl LoraPatch {
     ) -> Result<(LoraPatch, LoraReport), Error> {
         let mut by_name: HashMap<(String, &str), &ModelTensor> = HashMap::new();
         for t in tensors {
-            let Some((_, param)) = t.key.rsplit_once('.') else {
+            // `weight`/`bias`, or a fused tensor's `in_proj_weight`/`in_proj_bias`.
+            let last = t.key.rsplit('.').next().unwrap_or("");
+            let param: &str = if last.ends_with("weight") {
+                "weight"
+            } else if last.ends_with("bias") {
+                "bias"
+            } else {
                 continue;
-            };
-            let param: &str = match param {
-                "weight" => "weight",
-                "bias" => "bias",
-                _ => continue,
             };
             for m in &t.modules {
                 by_name.insert((m.clone(), param), t);
@@ -105,7 +140,9 @@ impl LoraPatch {
                     target: t.key.clone(),
                     reason,
                 };
-                let numel: usize = t.shape.iter().product();
+                let shape = t.slice_shape();
+                let numel: usize = shape.iter().product();
+                let offset = t.offset();
                 let delta = match &m.update {
                     Update::LowRank {
                         up,
@@ -116,10 +153,9 @@ impl LoraPatch {
                     } => {
                         let (rows, rank) = (up_shape[0], up_shape[1]);
                         let cols: usize = down_shape[1..].iter().product();
-                        if t.shape.first() != Some(&rows) || rows * cols != numel {
+                        if shape.first() != Some(&rows) || rows * cols != numel {
                             return Err(shape_err(format!(
-                                "up {up_shape:?} · down {down_shape:?} is not {:?}",
-                                t.shape
+                                "up {up_shape:?} · down {down_shape:?} is not {shape:?}"
                             )));
                         }
                         let scale = strength * alpha.unwrap_or(rank as f32) / rank as f32;
@@ -130,18 +166,23 @@ impl LoraPatch {
                             rank,
                             cols,
                             scale,
+                            offset,
                         }
                     }
-                    Update::Diff { values, shape, .. } => {
+                    Update::Diff {
+                        values,
+                        shape: diff_shape,
+                        ..
+                    } => {
                         if values.len() != numel {
                             return Err(shape_err(format!(
-                                "difference {shape:?} is not {:?}",
-                                t.shape
+                                "difference {diff_shape:?} is not {shape:?}"
                             )));
                         }
                         Delta::Full {
                             values: Arc::clone(values),
                             scale: *strength,
+                            offset,
                         }
                     }
                 };
@@ -184,9 +225,10 @@ impl<B: Backend> WeightPatch<B> for LoraPatch {
     fn patch(&self, key: &str, weight: &Tensor<B, 1>, _shape: &[usize]) -> Option<Tensor<B, 1>> {
         let deltas = self.deltas.get(key)?;
         let device = weight.device();
+        let total = weight.dims()[0];
         let mut out = weight.clone();
         for d in deltas {
-            out = match d {
+            let (update, offset) = match d {
                 Delta::LowRank {
                     up,
                     down,
@@ -194,6 +236,7 @@ impl<B: Backend> WeightPatch<B> for LoraPatch {
                     rank,
                     cols,
                     scale,
+                    offset,
                 } => {
                     let up = Tensor::<B, 2>::from_data(
                         TensorData::new(up.to_vec(), [*rows, *rank]),
@@ -203,13 +246,29 @@ impl<B: Backend> WeightPatch<B> for LoraPatch {
                         TensorData::new(down.to_vec(), [*rank, *cols]),
                         &device,
                     );
-                    out + up.matmul(down).reshape([rows * cols]).mul_scalar(*scale)
+                    let update = up.matmul(down).reshape([rows * cols]).mul_scalar(*scale);
+                    (update, *offset)
                 }
-                Delta::Full { values, scale } => {
+                Delta::Full {
+                    values,
+                    scale,
+                    offset,
+                } => {
                     let n = values.len();
-                    out + Tensor::<B, 1>::from_data(TensorData::new(values.to_vec(), [n]), &device)
-                        .mul_scalar(*scale)
+                    let update =
+                        Tensor::<B, 1>::from_data(TensorData::new(values.to_vec(), [n]), &device)
+                            .mul_scalar(*scale);
+                    (update, *offset)
                 }
+            };
+            let n = update.dims()[0];
+            out = if offset == 0 && n == total {
+                out + update
+            } else {
+                // A slice of a fused tensor: only its rows change.
+                let range = offset..offset + n;
+                let rows = out.clone().slice([range.clone()]) + update;
+                out.slice_assign([range], rows)
             };
         }
         Some(out)

@@ -251,10 +251,7 @@ impl<B: Backend> StableDiffusion<B> {
                 Some(c) => c.clone(),
                 None => ClipTextConfig::detect(&sub)?,
             };
-            let mut clip_options = options.with_loras(&options.clip, Target::TextEncoder(i));
-            if ClipKeys::detect(sub.local_names()).layout == ClipLayout::OpenClip {
-                skip_open_clip_loras(&mut clip_options, &mut loaded, i);
-            }
+            let clip_options = options.with_loras(&options.clip, Target::TextEncoder(i));
             let model = load_component(&index, &sub, config, &clip_options)?;
             text_encoders.push(loaded.keep(format!("clip.{i}"), model));
         }
@@ -389,39 +386,6 @@ pub(crate) fn needs_config(model: &str) -> Error {
     }
 }
 
-/// OpenCLIP's fused q/k/v take no LoRA here yet: the encoder's LoRA modules are reported
-/// as unmatched (with a warning) instead of failing the load.
-fn skip_open_clip_loras<B: Backend>(
-    options: &mut ComponentOptions<B>,
-    gathered: &mut Gathered,
-    i: usize,
-) {
-    let Some(l) = options.loras.take() else {
-        return;
-    };
-    let unmatched: Vec<String> = l
-        .files
-        .iter()
-        .flat_map(|(f, _)| f.modules().iter())
-        .filter(|m| m.target == l.target)
-        .map(|m| m.name.clone())
-        .collect();
-    if !unmatched.is_empty() {
-        tracing::warn!(
-            encoder = i,
-            modules = unmatched.len(),
-            "LoRA modules for an OpenCLIP-layout text encoder are not applied (fused q/k/v)"
-        );
-        gathered.1.push((
-            format!("clip.{i}"),
-            LoraReport {
-                matched: Vec::new(),
-                unmatched,
-            },
-        ));
-    }
-}
-
 /// Tensors with their module names in two layouts (expected tensors listed in the same
 /// order), for LoRA mapping.
 pub(crate) fn both_names(ours: Vec<ExpectedTensor>, file: Vec<ExpectedTensor>) -> Vec<ModelTensor> {
@@ -437,6 +401,7 @@ pub(crate) fn both_names(ours: Vec<ExpectedTensor>, file: Vec<ExpectedTensor>) -
                 key: f.name,
                 modules,
                 shape: f.shape,
+                rows: None,
             }
         })
         .collect()
@@ -546,16 +511,24 @@ impl<B: Backend> Model<B> for ClipTextModel<B> {
         Ok(keys.order(config, projection))
     }
     /// transformers' names, from `text_model.` on, whatever prefix the file puts before it
-    /// (kohya's `lora_te_text_model_*`, PEFT's `text_encoder.text_model.*`).
+    /// (kohya's `lora_te_text_model_*`, PEFT's `text_encoder.text_model.*`); OpenCLIP-layout
+    /// weights (SD 2.x, SDXL's second encoder in single files) under the same names, q, k
+    /// and v as row slices of the fused `in_proj`.
     fn lora_tensors(_: &ClipTextConfig, c: &Component<'_>) -> Result<Vec<ModelTensor>, Error> {
-        let mut tensors = crate::loader::own_modules(c);
-        for t in &mut tensors {
+        let keys = ClipKeys::detect(c.local_names());
+        let mut tensors = Vec::new();
+        for mut t in crate::loader::own_modules(c) {
             let m = t.modules[0].clone();
+            if keys.layout == ClipLayout::OpenClip {
+                tensors.extend(crate::clip_keys::open_clip_lora_names(&keys, t));
+                continue;
+            }
             let alias = match m.find("text_model.") {
                 Some(i) => m[i..].to_owned(),
                 None => format!("text_model.{m}"),
             };
             t.modules.push(alias);
+            tensors.push(t);
         }
         Ok(tensors)
     }

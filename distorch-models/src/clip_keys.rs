@@ -7,6 +7,8 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use distorch_core::runtime::ExpectedTensor;
 
+use distorch_lora::ModelTensor;
+
 use crate::clip::ClipTextConfig;
 use crate::error::Error;
 use crate::nn::{Weights, linear};
@@ -317,4 +319,45 @@ impl ClipKeys {
         config.check()?;
         Ok(config)
     }
+}
+
+/// An OpenCLIP-layout tensor with transformers' module names, as LoRAs name them: the
+/// fused `attn.in_proj_weight`/`_bias` as three row slices (q, k, v), `attn.out_proj`,
+/// `mlp.c_fc`/`c_proj` as `mlp.fc1`/`fc2`, `ln_1`/`ln_2` as the layer norms. Other
+/// tensors keep their own name only.
+pub(crate) fn open_clip_lora_names(keys: &ClipKeys, mut t: ModelTensor) -> Vec<ModelTensor> {
+    let rest = t
+        .key
+        .strip_prefix(&keys.prefix)
+        .and_then(|k| k.strip_prefix("transformer.resblocks."))
+        .and_then(|k| k.split_once('.'));
+    let Some((layer, part)) = rest else {
+        return vec![t];
+    };
+    let ours = format!("text_model.encoder.layers.{layer}");
+    if let Some(param) = part.strip_prefix("attn.in_proj_") {
+        let h = t.shape.first().copied().unwrap_or(0) / 3;
+        return ["q_proj", "k_proj", "v_proj"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| ModelTensor {
+                key: t.key.clone(),
+                modules: vec![format!("{ours}.self_attn.{p}")],
+                shape: t.shape.clone(),
+                rows: Some(i * h..(i + 1) * h),
+            })
+            .filter(|_| param == "weight" || param == "bias")
+            .collect();
+    }
+    let module = part.rsplit_once('.').map_or(part, |(m, _)| m);
+    let alias = match module {
+        "attn.out_proj" => "self_attn.out_proj",
+        "mlp.c_fc" => "mlp.fc1",
+        "mlp.c_proj" => "mlp.fc2",
+        "ln_1" => "layer_norm1",
+        "ln_2" => "layer_norm2",
+        _ => return vec![t],
+    };
+    t.modules.push(format!("{ours}.{alias}"));
+    vec![t]
 }

@@ -399,6 +399,7 @@ pub(crate) fn own_modules(component: &Component<'_>) -> Vec<ModelTensor> {
                 key,
                 modules: vec![module],
                 shape: t.shape.iter().map(|&d| d as usize).collect(),
+                rows: None,
             }
         })
         .collect()

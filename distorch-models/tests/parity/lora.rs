@@ -15,7 +15,8 @@ use distorch_core::DType;
 use distorch_core::safetensors::write;
 use distorch_lora::{LoraFile, Target};
 use distorch_models::{
-    ComponentLoras, ComponentOptions, Loaded, Unet2dCondition, UnetConfig, UnetInput, load_model,
+    ClipTextConfig, ClipTextModel, ComponentLoras, ComponentOptions, Loaded, Unet2dCondition,
+    UnetConfig, UnetInput, load_model,
 };
 
 fn lora(name: &str) -> Arc<LoraFile> {
@@ -180,6 +181,47 @@ fn changing_the_strength_repatches_from_pristine_weights() {
         assert!(e.to_string().contains("match"), "{e}");
         assert!(all_weights(&m.model) == patched_w);
         assert_eq!(m.lora.matched.len(), 40);
+    }
+}
+
+#[test]
+fn text_encoder_loras_match_the_fused_reference_in_both_layouts() {
+    // SDXL's second encoder (`lora_te2_`) on the CLIP fixture, stored in transformers'
+    // layout and in OpenCLIP's (fused q/k/v: the LoRA's q, k and v land on row slices).
+    let dir = fixture("clip_text_gelu");
+    let config = ClipTextConfig::from_file(dir.join("config.json")).unwrap();
+    let (_, ids) = read(&dir.join("reference.safetensors"), "input_ids");
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let reference = fixture("lora").join("clip_reference.safetensors");
+    let l = lora("clip_kohya.safetensors");
+    for (weights, patched) in [("model.safetensors", 18), ("open_clip.safetensors", 12)] {
+        let mut outs = Vec::new();
+        for offload in [false, true] {
+            let mut o = component_options(offload);
+            o.loras = Some(ComponentLoras {
+                files: vec![(Arc::clone(&l), 0.8)],
+                target: Target::TextEncoder(1),
+            });
+            let m: Loaded<ClipTextModel<B>> =
+                load_model(dir.join(weights), Some(config.clone()), &o).unwrap();
+            assert_eq!(m.lora.matched.len(), 18, "{weights}");
+            assert!(
+                m.lora.unmatched.is_empty(),
+                "{weights}: {:?}",
+                m.lora.unmatched
+            );
+            assert_eq!(m.report.patched.len(), patched, "{weights}");
+            let out = m.model.forward(&ids, 2).unwrap();
+            let what = format!("{weights}, offload {offload}");
+            let last = out.last_hidden_state;
+            let embeds = out.text_embeds.unwrap();
+            assert_close(&what, last.clone(), read(&reference, "last_hidden_state"));
+            assert_close(&what, embeds.clone(), read(&reference, "text_embeds"));
+            let mut all = last.into_data().to_vec::<f32>().unwrap();
+            all.extend(embeds.into_data().to_vec::<f32>().unwrap());
+            outs.push(all);
+        }
+        assert_eq!(outs[0], outs[1], "{weights}: offloaded differs");
     }
 }
 

@@ -42,6 +42,12 @@ pub enum Error {
         /// The virtual VRAM requested.
         amount: ByteSize,
     },
+    /// A block-swap request that cannot apply to the model.
+    #[error("block swap: {reason}")]
+    BlockSwap {
+        /// What is wrong.
+        reason: String,
+    },
     /// A donor is the compute device itself.
     #[error("donor `{device}` is the compute device: a donor must be another device")]
     DonorIsCompute {

@@ -72,6 +72,7 @@
 
 #![deny(missing_docs)]
 
+mod block_swap;
 mod bytesize;
 mod device;
 mod error;
@@ -85,6 +86,7 @@ mod request;
 mod spec;
 pub mod syntax;
 
+pub use block_swap::BlockSwap;
 pub use bytesize::{ByteSize, UNITS};
 pub use device::{DeviceId, DeviceKind, parse_device_list};
 pub use error::{Error, Grammar, ParseError, ParseErrorKind};

@@ -44,6 +44,9 @@ pub fn plan(
             expert_layout(spec, *compute, inventory.total_bytes(), graph)?
         }
         Allocation::VirtualVram(vv) => vv_layout(vv, movable_bytes, graph, &mut warnings)?,
+        Allocation::BlockSwap(swap) => {
+            return crate::block_swap::plan(swap, request, inventory, graph);
+        }
     };
     let compute_row = layout
         .rows
@@ -187,25 +190,25 @@ fn is_pinned(unit: &Unit, pin: &PinPolicy) -> bool {
 }
 
 /// One device row before units are dealt.
-struct RowSpec {
+pub(crate) struct RowSpec {
     info: DeviceInfo,
     quota: Quota,
 }
 
 impl RowSpec {
-    fn new(info: DeviceInfo, quota: Quota) -> RowSpec {
+    pub(crate) fn new(info: DeviceInfo, quota: Quota) -> RowSpec {
         RowSpec { info, quota }
     }
 }
 
-struct Layout {
-    rows: Vec<RowSpec>,
-    compute: DeviceId,
-    sink: Option<usize>,
+pub(crate) struct Layout {
+    pub(crate) rows: Vec<RowSpec>,
+    pub(crate) compute: DeviceId,
+    pub(crate) sink: Option<usize>,
     /// Virtual VRAM only: the bytes all donors together may take.
-    vv_budget: Option<ByteSize>,
+    pub(crate) vv_budget: Option<ByteSize>,
     /// The rest-taking row is `cpu`, appended because the allocation had no `*`.
-    cpu_default: bool,
+    pub(crate) cpu_default: bool,
 }
 
 /// Rows for an expert allocation: entries in order, compute first if the string does not
@@ -366,7 +369,7 @@ impl Dealer<'_> {
 }
 
 /// Builds the rows' totals, checks capacities and assembles the plan.
-fn finish(
+pub(crate) fn finish(
     request: &PlanRequest,
     inventory: &Inventory,
     layout: Layout,

@@ -181,6 +181,8 @@ pub enum Allocation {
     },
     /// Virtual VRAM.
     VirtualVram(VirtualVram),
+    /// Block swap: a transformer's last blocks on a swap device.
+    BlockSwap(crate::block_swap::BlockSwap),
 }
 
 /// Everything the planner needs besides the inventory and the device graph.
@@ -211,6 +213,15 @@ impl PlanRequest {
     pub fn virtual_vram(vv: VirtualVram) -> PlanRequest {
         PlanRequest {
             allocation: Allocation::VirtualVram(vv),
+            order: PlacementOrder::default(),
+            pin: PinPolicy::default(),
+        }
+    }
+
+    /// A block-swap request (see [`crate::BlockSwap`]).
+    pub fn block_swap(swap: crate::block_swap::BlockSwap) -> PlanRequest {
+        PlanRequest {
+            allocation: Allocation::BlockSwap(swap),
             order: PlacementOrder::default(),
             pin: PinPolicy::default(),
         }

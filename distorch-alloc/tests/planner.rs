@@ -326,3 +326,111 @@ fn an_inventory_takes_a_models_execution_order() {
     let orders: Vec<u32> = ordered.units().iter().map(|u| u.order).collect();
     assert_eq!(orders, [0, 1, 2, 3]);
 }
+
+/// A DiT: embedders, `blocks.0..n` of three units each (a norm among them), a head.
+fn dit(n: usize) -> Inventory {
+    let mut units = vec![
+        Unit::new("patch_embedding", ByteSize::mib(10), 0, UnitKind::Weight),
+        Unit::new(
+            "condition_embedder.text_embedder.linear_1",
+            ByteSize::mib(50),
+            1,
+            UnitKind::Weight,
+        ),
+    ];
+    for b in 0..n {
+        for (i, (part, kind)) in [
+            ("attn1.to_q", UnitKind::Weight),
+            ("attn1.norm_q", UnitKind::Norm),
+            ("ffn.net.2", UnitKind::Weight),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            units.push(Unit::new(
+                format!("blocks.{b}.{part}"),
+                ByteSize::mib(100),
+                (2 + 3 * b + i) as u32,
+                kind,
+            ));
+        }
+    }
+    units.push(Unit::new(
+        "proj_out",
+        ByteSize::mib(1),
+        999,
+        UnitKind::Weight,
+    ));
+    Inventory::new("transformer", units).unwrap()
+}
+
+#[test]
+fn block_swap_moves_the_last_blocks_whole_and_named_embedders() {
+    use distorch_alloc::BlockSwap;
+    let swap = BlockSwap::new(DeviceId::cuda(0), DeviceId::CPU, 2)
+        .offloading("condition_embedder.text_embedder");
+    let p = plan(&PlanRequest::block_swap(swap), &dit(5), &graph()).unwrap();
+    let on_cpu: Vec<&str> = p
+        .units()
+        .iter()
+        .filter(|u| u.device == DeviceId::CPU)
+        .map(|u| u.name.as_str())
+        .collect();
+    assert_eq!(
+        on_cpu,
+        [
+            "condition_embedder.text_embedder.linear_1",
+            "blocks.3.attn1.to_q",
+            "blocks.3.attn1.norm_q",
+            "blocks.3.ffn.net.2",
+            "blocks.4.attn1.to_q",
+            "blocks.4.attn1.norm_q",
+            "blocks.4.ffn.net.2",
+        ]
+    );
+    assert_eq!(bytes_on(&p, "cpu"), 650 * MIB);
+    assert_eq!(bytes_on(&p, "cuda:0"), (10 + 900 + 1) * MIB);
+    assert_eq!(p.devices()[0].role, Role::Compute);
+    // No block swapped: everything on the compute device; all of them: every block moves.
+    let none = BlockSwap::new(DeviceId::cuda(0), DeviceId::CPU, 0);
+    assert_eq!(
+        bytes_on(
+            &plan(&PlanRequest::block_swap(none), &dit(5), &graph()).unwrap(),
+            "cpu"
+        ),
+        0
+    );
+    // Seven blocks of 300 MiB do not fit in cuda:1's 2 GiB.
+    let all = BlockSwap::new(DeviceId::cuda(0), DeviceId::cuda(1), 7);
+    let e = plan(&PlanRequest::block_swap(all), &dit(7), &graph()).unwrap_err();
+    assert!(matches!(e, Error::DeviceOverCapacity { .. }), "{e}");
+}
+
+#[test]
+fn block_swap_errors_name_what_is_wrong() {
+    use distorch_alloc::BlockSwap;
+    let cases = [
+        (
+            BlockSwap::new(DeviceId::cuda(0), DeviceId::CPU, 6),
+            dit(5),
+            "has 5 blocks",
+        ),
+        (
+            BlockSwap::new(DeviceId::cuda(0), DeviceId::cuda(0), 1),
+            dit(5),
+            "is the compute device",
+        ),
+        (
+            BlockSwap::new(DeviceId::cuda(0), DeviceId::CPU, 1),
+            model(3),
+            "no units under `blocks.N.`",
+        ),
+    ];
+    for (swap, inv, want) in cases {
+        let e = plan(&PlanRequest::block_swap(swap), &inv, &graph()).unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    let unknown = BlockSwap::new(DeviceId::cuda(0), DeviceId::cuda(3), 1);
+    let e = plan(&PlanRequest::block_swap(unknown), &dit(2), &graph()).unwrap_err();
+    assert!(matches!(e, Error::UnknownDevice { .. }), "{e}");
+}

@@ -30,6 +30,7 @@ mod nn;
 pub mod pipeline;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod umt5;
 pub mod unet;
 mod unet_config;
 pub mod unet_ldm;

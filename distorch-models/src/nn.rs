@@ -359,3 +359,40 @@ pub(crate) fn timestep_embedding<B: Backend>(
         emb
     }
 }
+
+/// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `approximate="tanh"`).
+pub(crate) fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
+    x * (inner.tanh() + 1.0) * 0.5
+}
+
+/// RMS norm over the last dimension: `x / sqrt(mean(x²) + eps) · w` (T5's layer norm,
+/// `torch.nn.RMSNorm`).
+pub(crate) fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
+    x / (ms + eps).sqrt() * w.unsqueeze::<D>()
+}
+
+/// Layer norm over the last dimension without weight or bias.
+pub(crate) fn layer_norm_plain<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let mean = x.clone().mean_dim(D - 1);
+    let centred = x - mean;
+    let var = centred.clone().powi_scalar(2).mean_dim(D - 1);
+    centred / (var + eps).sqrt()
+}
+
+impl<B: Backend> Unit<B> {
+    /// The unit's only tensor (a unit that is one parameter, such as `scale_shift_table`).
+    pub(crate) fn sole<const D: usize>(&self) -> Result<Tensor<B, D>, Error> {
+        let param = self.key.rsplit('.').next().unwrap_or(&self.key).to_owned();
+        self.get::<D>(&param)
+    }
+}

@@ -11,6 +11,7 @@ mod lora;
 mod pipeline;
 mod schedulers;
 mod tokenizer;
+mod umt5;
 mod unet;
 mod unet_ldm;
 mod vae;

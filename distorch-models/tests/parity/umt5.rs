@@ -1,0 +1,63 @@
+//! The UMT5 encoder against transformers' `UMT5EncoderModel` (`tools/fixtures/wan.py`): a
+//! padded, masked row and a 140-token row (relative positions in the log-spaced buckets),
+//! resident and fully offloaded.
+
+use crate::common::*;
+use distorch_core::{SafetensorsIndex, components};
+use distorch_models::umt5::{Umt5Config, Umt5Encoder};
+use distorch_models::{Loaded, load_model};
+
+fn ids(key: &str) -> Vec<u32> {
+    let (_, v) = read(&fixture("umt5").join("reference.safetensors"), key);
+    v.iter().map(|&x| x as u32).collect()
+}
+
+#[test]
+fn umt5_matches_transformers() {
+    let dir = fixture("umt5");
+    let weights = dir.join("model.safetensors");
+    let reference = dir.join("reference.safetensors");
+    let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
+    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let mut outs = Vec::new();
+    for offload in [false, true] {
+        let (m, report) = load_as::<Umt5Encoder<B>>(&weights, config.clone(), offload).unwrap();
+        assert!(
+            report.missing.is_empty() && report.unused.is_empty(),
+            "{report:?}"
+        );
+        let out = m.forward(&input_ids, &mask, 2).unwrap();
+        assert_close(
+            &format!("last_hidden_state, offload {offload}"),
+            out.clone(),
+            read(&reference, "last_hidden_state"),
+        );
+        outs.push(out.into_data().to_vec::<f32>().unwrap());
+    }
+    assert_eq!(outs[0], outs[1], "offloaded differs");
+
+    // The configuration read from the shapes is the file's.
+    let index = SafetensorsIndex::open(&weights).unwrap();
+    let split = components::split(&index);
+    assert_eq!(Umt5Config::detect(&split.components[0]).unwrap(), config);
+    // The folder loads through the generic loader, its config.json read.
+    let m: Loaded<Umt5Encoder<B>> = load_model(&dir, None, &component_options(true)).unwrap();
+    let out = m.model.forward(&input_ids, &mask, 2).unwrap();
+    assert_eq!(out.into_data().to_vec::<f32>().unwrap(), outs[0]);
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let dir = fixture("umt5");
+    let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
+    let (m, _) = load_as::<Umt5Encoder<B>>(&dir.join("model.safetensors"), config, false).unwrap();
+    let e = m.forward(&[1, 2, 3], &[1, 1], 1).unwrap_err();
+    assert!(e.to_string().contains("2 values for 3 ids"), "{e}");
+    let e = m.forward(&[1, 2, 300], &[1, 1, 1], 1).unwrap_err();
+    assert!(
+        e.to_string().contains("outside the vocabulary of 300"),
+        "{e}"
+    );
+    let e = m.forward(&[1, 2, 3], &[1, 1, 1], 2).unwrap_err();
+    assert!(e.to_string().contains("do not split into 2"), "{e}");
+}

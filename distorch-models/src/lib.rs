@@ -36,6 +36,8 @@ mod unet_config;
 pub mod unet_ldm;
 mod unet_trunk;
 pub mod vae;
+pub mod wan_dit;
+mod wan_keys;
 
 pub use checkpoint::{CheckpointOptions, LoraSpec, Placement, StableDiffusion, text_encoders};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};

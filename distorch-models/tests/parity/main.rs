@@ -15,3 +15,4 @@ mod umt5;
 mod unet;
 mod unet_ldm;
 mod vae;
+mod wan;

@@ -1,0 +1,145 @@
+//! The Wan transformer against diffusers' `WanTransformer3DModel` (`tools/fixtures/wan.py`):
+//! both key layouts, resident, fully offloaded and with every block swapped to host memory,
+//! bit-identical between placements.
+
+use crate::common::*;
+use burn::tensor::Tensor;
+use distorch_alloc::{BlockSwap, DeviceGraph, DeviceId, PlanRequest};
+use distorch_core::{SafetensorsIndex, components};
+use distorch_models::wan_dit::{WanDitConfig, WanDitInput, WanLayout, WanTransformer};
+use distorch_models::{Loaded, Placement, load_model};
+
+fn input() -> WanDitInput<B> {
+    let t: Tensor<B, 1> = tensor("wan_dit", "timestep");
+    WanDitInput {
+        hidden_states: tensor("wan_dit", "hidden_states"),
+        timestep: t.into_data().to_vec::<f32>().unwrap(),
+        encoder_hidden_states: tensor("wan_dit", "encoder_hidden_states"),
+    }
+}
+
+fn bits(t: Tensor<B, 5>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+fn config() -> WanDitConfig {
+    WanDitConfig::from_file(fixture("wan_dit").join("config.json")).unwrap()
+}
+
+#[test]
+fn wan_transformer_matches_diffusers_in_both_layouts() {
+    let dir = fixture("wan_dit");
+    let reference = dir.join("reference.safetensors");
+    let mut all = Vec::new();
+    for (file, layout) in [
+        ("diffusion_pytorch_model.safetensors", WanLayout::Diffusers),
+        ("original.safetensors", WanLayout::Original),
+    ] {
+        for offload in [false, true] {
+            let (m, report) =
+                load_as::<WanTransformer<B>>(&dir.join(file), config(), offload).unwrap();
+            assert_eq!(m.layout(), layout);
+            assert!(
+                report.missing.is_empty() && report.unused.is_empty(),
+                "{report:?}"
+            );
+            let out = m.forward(input()).unwrap();
+            assert_close(
+                &format!("{file}, offload {offload}"),
+                out.clone(),
+                read(&reference, "sample"),
+            );
+            all.push(bits(out));
+        }
+    }
+    assert!(
+        all.iter().all(|o| *o == all[0]),
+        "outputs differ between layouts or placements"
+    );
+}
+
+#[test]
+fn block_swap_gives_bit_identical_outputs() {
+    let dir = fixture("wan_dit");
+    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+    let resident = bits(
+        load_model::<B, WanTransformer<B>>(&dir, None, &component_options(false))
+            .unwrap()
+            .model
+            .forward(input())
+            .unwrap(),
+    );
+    for blocks in [1, 3] {
+        let swap = BlockSwap::new(DeviceId::cuda(0), DeviceId::CPU, blocks)
+            .offloading("condition_embedder.text_embedder");
+        let mut options = component_options(false);
+        options.graph = graph.clone();
+        options.placement = Placement {
+            request: PlanRequest::block_swap(swap),
+            devices: options.placement.devices.clone(),
+        };
+        let m: Loaded<WanTransformer<B>> = load_model(&dir, None, &options).unwrap();
+        let on_cpu: Vec<&str> = m
+            .plan
+            .units()
+            .iter()
+            .filter(|u| u.device == DeviceId::CPU)
+            .map(|u| u.name.as_str())
+            .collect();
+        let swapped_blocks = on_cpu
+            .iter()
+            .filter(|u| u.ends_with("scale_shift_table"))
+            .count();
+        assert_eq!(swapped_blocks, blocks);
+        assert!(on_cpu.contains(&"condition_embedder.text_embedder.linear_1"));
+        assert!(!on_cpu.iter().any(|u| u.starts_with("blocks.0.")) || blocks == 3);
+        assert_eq!(
+            bits(m.model.forward(input()).unwrap()),
+            resident,
+            "{blocks} swapped"
+        );
+        let stats = m.model.streamer().take_stats();
+        assert_eq!(
+            stats.fetches - stats.resident,
+            on_cpu.len(),
+            "each swapped unit streamed once"
+        );
+    }
+}
+
+#[test]
+fn detection_reads_the_shapes_and_refuses_what_is_not_wan() {
+    let dir = fixture("wan_dit");
+    let index = SafetensorsIndex::open(dir.join("original.safetensors")).unwrap();
+    let split = components::split(&index);
+    // 24-wide heads are not the released models' 128: detection says to give the config.
+    let e = WanDitConfig::detect(&split.components[0]).unwrap_err();
+    assert!(e.to_string().contains("multiple of 128"), "{e}");
+    let index = SafetensorsIndex::open(fixture("umt5").join("model.safetensors")).unwrap();
+    let split = components::split(&index);
+    let e = WanDitConfig::detect(&split.components[0]).unwrap_err();
+    assert!(e.to_string().contains("not a Wan transformer"), "{e}");
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let dir = fixture("wan_dit");
+    let (m, _) = load_as::<WanTransformer<B>>(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        config(),
+        false,
+    )
+    .unwrap();
+    let mut i = input();
+    i.hidden_states = i.hidden_states.narrow(4, 0, 5);
+    let e = m.forward(i).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("width 5 is not a positive multiple of the patch size 2"),
+        "{e}"
+    );
+    let mut i = input();
+    i.timestep.pop();
+    let e = m.forward(i).unwrap_err();
+    assert!(e.to_string().contains("1 values for a batch of 2"), "{e}");
+}

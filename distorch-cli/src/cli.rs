@@ -46,6 +46,11 @@ pub enum Task {
     /// CLIP vision encoder: in pixel_values; out image_embeds, last_hidden_state,
     /// hidden_states (stacked).
     ClipVision,
+    /// T5/UMT5 encoder: in input_ids [, attention_mask]; out last_hidden_state.
+    T5,
+    /// Wan transformer: in hidden_states [B,C,F,H,W], timestep, encoder_hidden_states; out
+    /// sample.
+    WanDit,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -94,11 +99,24 @@ pub struct RunArgs {
     /// Declared devices instead of detection, e.g. "wgpu:0=8gib,cpu=16gib".
     #[arg(long)]
     pub devices: Option<String>,
+    /// Block swap (wan-dit): this many of the last transformer blocks live on
+    /// --swap-device and are streamed in when used.
+    #[arg(long, conflicts_with_all = ["expert", "virtual_vram"])]
+    pub blocks_to_swap: Option<usize>,
+    /// Where swapped blocks live.
+    #[arg(long, default_value = "cpu")]
+    pub swap_device: String,
+    /// Swapped blocks staged ahead of use.
+    #[arg(long, default_value_t = 1)]
+    pub prefetch_blocks: usize,
+    /// With block swap, keep the text embedder on --swap-device too.
+    #[arg(long)]
+    pub offload_txt_emb: bool,
     /// Compute dtype (only f32 is implemented).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// A LoRA patched in while the weights load, `PATH[:STRENGTH]` (strength 1 by default);
-    /// repeatable. For the unet and clip-text tasks.
+    /// repeatable. For the unet, clip-text and wan-dit tasks.
     #[arg(long, value_name = "PATH[:STRENGTH]")]
     pub lora: Vec<String>,
     /// Keep LoRA-patched weights of fp8 models at bf16 (true, the default); `false`

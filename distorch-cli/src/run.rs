@@ -6,10 +6,14 @@ use std::sync::Arc;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use distorch::alloc::{DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_device_list};
-use distorch::core::runtime::{DeviceMap, PatchPrecision};
+use distorch::alloc::{
+    BlockSwap, DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_device_list,
+};
+use distorch::core::runtime::{DeviceMap, Lookahead, PatchPrecision};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, components};
 use distorch::lora::{LoraFile, Target};
+use distorch::models::umt5::Umt5Encoder;
+use distorch::models::wan_dit::{WanDitInput, WanTransformer};
 use distorch::models::{
     AutoencoderKl, ClipLayout, ClipTextModel, ClipVisionModel, ComponentFiles, ComponentLoras,
     ComponentOptions, ControlNetInput, ControlNetModel, Placement, Unet2dCondition, UnetInput,
@@ -98,7 +102,8 @@ fn component<'a>(
 ) -> Result<Component<'a>, Failure> {
     let split = components::split(index);
     let kind = match task {
-        Task::Unet => ComponentKind::Unet,
+        Task::Unet | Task::WanDit => ComponentKind::Unet,
+        Task::T5 => ComponentKind::Model,
         Task::VaeEncode | Task::VaeDecode => ComponentKind::Vae,
         Task::ClipText => ComponentKind::Clip,
         Task::Controlnet => ComponentKind::ControlNet,
@@ -150,6 +155,21 @@ fn component<'a>(
 }
 
 fn request(args: &RunArgs, device: DeviceId) -> Result<PlanRequest, Failure> {
+    if let Some(n) = args.blocks_to_swap {
+        if args.task != Task::WanDit {
+            return Err(Failure::Other(
+                "--blocks-to-swap applies to the wan-dit task".into(),
+            ));
+        }
+        let mut swap = BlockSwap::new(device, args.swap_device.parse()?, n);
+        if args.offload_txt_emb {
+            // Whichever layout the file has.
+            swap = swap
+                .offloading("condition_embedder.text_embedder.")
+                .offloading("text_embedding.");
+        }
+        return Ok(PlanRequest::block_swap(swap));
+    }
     Ok(match (&args.expert, args.virtual_vram) {
         (Some(e), _) => PlanRequest::expert_with_compute(e.parse()?, device),
         (None, Some(gib)) => {
@@ -212,12 +232,19 @@ fn run_on<B: Backend>(
     let model = model(args)?;
     let index = SafetensorsIndex::open(&model.weights)?;
     let c = component(&index, args.task, args.component)?;
+    let mut options = ComponentOptions::new(graph, placement);
+    if args.blocks_to_swap.is_some() {
+        options.lookahead = Lookahead {
+            units: args.prefetch_blocks.max(1) * units_per_block(&c),
+            ..Lookahead::default()
+        };
+    }
     let src = Source {
         args,
         model: &model,
         index: &index,
         component: &c,
-        options: ComponentOptions::new(graph, placement),
+        options,
     };
     let mut out = Outputs::default();
     match args.task {
@@ -280,20 +307,33 @@ fn run_on<B: Backend>(
             }
             log_stats(vae.streamer());
         }
+        Task::T5 => {
+            let t5: Umt5Encoder<B> = src.load(None)?;
+            let (batch, ids) = id_rows(&inputs, "input_ids")?;
+            let mask = if inputs.has("attention_mask") {
+                id_rows(&inputs, "attention_mask")?.1
+            } else {
+                vec![1; ids.len()]
+            };
+            out.push("last_hidden_state", t5.forward(&ids, &mask, batch)?)?;
+            log_stats(t5.streamer());
+        }
+        Task::WanDit => {
+            let dit: WanTransformer<B> = src.load(Some(Target::Unet))?;
+            let (_, t) = inputs.values("timestep")?;
+            let input = WanDitInput {
+                hidden_states: inputs.tensor("hidden_states", &device)?,
+                timestep: t.iter().map(|&x| x as f32).collect(),
+                encoder_hidden_states: inputs.tensor("encoder_hidden_states", &device)?,
+            };
+            out.push("sample", dit.forward(input)?)?;
+            log_stats(dit.streamer());
+        }
         Task::ClipText => {
             // kohya's `lora_te2_*` are SDXL's second encoder, OpenCLIP-G.
             let encoder = usize::from(args.component == Some(RunComponent::ClipG));
             let clip: ClipTextModel<B> = src.load(Some(Target::TextEncoder(encoder)))?;
-            let (shape, ids) = inputs.values("input_ids")?;
-            let [batch, _] = shape.as_slice().try_into().map_err(|_| {
-                Failure::Other(format!(
-                    "input `input_ids` has shape {shape:?}; expected [B, T]"
-                ))
-            })?;
-            let ids: Vec<u32> = ids
-                .iter()
-                .map(|&x| u32::try_from(x as i64).unwrap_or(u32::MAX))
-                .collect();
+            let (batch, ids) = id_rows(&inputs, "input_ids")?;
             let enc = clip.forward(&ids, batch)?;
             out.push("last_hidden_state", enc.last_hidden_state)?;
             out.push("hidden_states", Tensor::stack::<4>(enc.hidden_states, 0))?;
@@ -315,7 +355,7 @@ fn loras(args: &RunArgs, target: Option<Target>) -> Result<Option<ComponentLoras
     }
     let Some(target) = target else {
         return Err(Failure::Other(
-            "--lora applies to the unet and clip-text tasks".into(),
+            "--lora applies to the unet, clip-text and wan-dit tasks".into(),
         ));
     };
     let mut files = Vec::new();
@@ -346,6 +386,34 @@ fn unet_input<B: Backend>(inputs: &Inputs, device: &B::Device) -> Result<UnetInp
         );
     }
     Ok(input)
+}
+
+/// Integer rows `[B, T]` of input `name`: the batch and the values (negative or too large
+/// values become `u32::MAX`, which the models reject as outside the vocabulary).
+fn id_rows(inputs: &Inputs, name: &str) -> Result<(usize, Vec<u32>), Failure> {
+    let (shape, ids) = inputs.values(name)?;
+    let [batch, _] = shape.as_slice().try_into().map_err(|_| {
+        Failure::Other(format!(
+            "input `{name}` has shape {shape:?}; expected [B, T]"
+        ))
+    })?;
+    let ids = ids
+        .iter()
+        .map(|&x| u32::try_from(x as i64).unwrap_or(u32::MAX))
+        .collect();
+    Ok((batch, ids))
+}
+
+/// Units of the first transformer block (`blocks.0.`): the look-ahead of one block.
+fn units_per_block(c: &Component<'_>) -> usize {
+    let mut units: Vec<&str> = c
+        .local_names()
+        .filter(|n| n.starts_with("blocks.0."))
+        .map(distorch::core::units::unit_name)
+        .collect();
+    units.sort_unstable();
+    units.dedup();
+    units.len().max(1)
 }
 
 fn log_stats<B: Backend>(s: &distorch::core::runtime::Streamer<B>) {

@@ -38,6 +38,8 @@ mod unet_trunk;
 pub mod vae;
 pub mod wan_dit;
 mod wan_keys;
+pub mod wan_vae;
+mod wan_vae_blocks;
 
 pub use checkpoint::{CheckpointOptions, LoraSpec, Placement, StableDiffusion, text_encoders};
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};

@@ -16,3 +16,4 @@ mod unet;
 mod unet_ldm;
 mod vae;
 mod wan;
+mod wan_vae;

@@ -1,0 +1,323 @@
+//! The Wan VAE's layers over video tensors [batch, channels, frames, height, width], and the
+//! causal cache that lets them run chunk by chunk over time exactly as diffusers'
+//! `AutoencoderKLWan` does (each causal convolution keeps the last two frames it saw).
+
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::Error;
+use crate::nn::{Weights, conv2d_gemm, pad_bottom_right, silu, upsample_nearest2x};
+
+/// One causal convolution's memory between chunks.
+#[derive(Clone)]
+enum Cached<B: Backend> {
+    /// The last (up to two) input frames.
+    Frames(Tensor<B, 5>),
+    /// A temporal upsampler that has passed its first chunk through unchanged (`"Rep"`).
+    Rep,
+}
+
+/// The cache slots of one pass over a video, in call order (reset per chunk).
+pub(crate) struct CausalCache<B: Backend> {
+    slots: Vec<Option<Cached<B>>>,
+    cursor: usize,
+}
+
+impl<B: Backend> CausalCache<B> {
+    pub(crate) fn new() -> CausalCache<B> {
+        CausalCache {
+            slots: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Starts a chunk: slots are used again in the same order.
+    pub(crate) fn next_chunk(&mut self) {
+        self.cursor = 0;
+    }
+
+    /// The current slot's value, and moves to the next slot.
+    fn take(&mut self) -> (usize, Option<Cached<B>>) {
+        if self.cursor == self.slots.len() {
+            self.slots.push(None);
+        }
+        let i = self.cursor;
+        self.cursor += 1;
+        (i, self.slots[i].clone())
+    }
+
+    fn put(&mut self, i: usize, value: Cached<B>) {
+        self.slots[i] = Some(value);
+    }
+}
+
+/// The last `n` frames of `x` (all when it has fewer).
+fn last_frames<B: Backend>(x: &Tensor<B, 5>, n: usize) -> Tensor<B, 5> {
+    let t = x.dims()[2];
+    x.clone().narrow(2, t - n.min(t), n.min(t))
+}
+
+/// `n` zero frames shaped like `x`'s.
+fn zero_frames<B: Backend>(x: &Tensor<B, 5>, n: usize) -> Tensor<B, 5> {
+    let [b, c, _, h, w] = x.dims();
+    Tensor::zeros([b, c, n, h, w], &x.device())
+}
+
+/// A 3-D convolution (no padding) as a sum over the kernel's time taps of 2-D convolutions
+/// over frames folded into the batch (the 2-D ones use the fast path on ndarray).
+pub(crate) fn conv3d<B: Backend>(
+    x: Tensor<B, 5>,
+    w: Tensor<B, 5>,
+    bias: Option<Tensor<B, 1>>,
+    stride_t: usize,
+) -> Tensor<B, 5> {
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    let [b, c, t, h, wd] = x.dims();
+    let [o, _, kt, kh, kw] = w.dims();
+    let t_out = (t - kt) / stride_t + 1;
+    let device = x.device();
+    let mut out: Option<Tensor<B, 4>> = None;
+    for k in 0..kt {
+        let frames: Vec<i64> = (0..t_out).map(|i| (i * stride_t + k) as i64).collect();
+        let frames = Tensor::<B, 1, Int>::from_data(TensorData::new(frames, [t_out]), &device);
+        let xs = x
+            .clone()
+            .select(2, frames)
+            .swap_dims(1, 2)
+            .reshape([b * t_out, c, h, wd]);
+        let wk = w.clone().narrow(2, k, 1).reshape([o, c, kh, kw]);
+        let y = if B::name(&device).contains("ndarray") {
+            conv2d_gemm(xs, wk, None, 0)
+        } else {
+            conv2d(xs, wk, None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
+        };
+        out = Some(match out {
+            Some(acc) => acc + y,
+            None => y,
+        });
+    }
+    let y = out.expect("kernels have at least one time tap");
+    let [_, _, ho, wo] = y.dims();
+    let y = y.reshape([b, t_out, o, ho, wo]).swap_dims(1, 2);
+    match bias {
+        Some(bias) => y + bias.reshape([1, o, 1, 1, 1]),
+        None => y,
+    }
+}
+
+/// Pads height and width by `p` zeros on every side.
+fn pad_hw<B: Backend>(x: Tensor<B, 5>, p: usize) -> Tensor<B, 5> {
+    if p == 0 {
+        return x;
+    }
+    let [b, c, t, h, w] = x.dims();
+    let device = x.device();
+    let rows = Tensor::zeros([b, c, t, p, w], &device);
+    let x = Tensor::cat(vec![rows.clone(), x, rows], 3);
+    let cols = Tensor::zeros([b, c, t, h + 2 * p, p], &device);
+    Tensor::cat(vec![cols.clone(), x, cols], 4)
+}
+
+/// The Wan VAE's layers, reading weights by unit name through `map` (diffusers' names to
+/// the file's).
+pub(crate) struct Layers<'a, B: Backend> {
+    pub(crate) w: Weights<'a, B>,
+    pub(crate) map: &'a dyn Fn(&str) -> String,
+}
+
+impl<B: Backend> Layers<'_, B> {
+    fn weights(&self, name: &str) -> Result<(Tensor<B, 5>, Option<Tensor<B, 1>>), Error> {
+        let unit = self.w.unit(&(self.map)(name))?;
+        Ok((unit.get("weight")?, unit.maybe("bias")))
+    }
+
+    /// A causal convolution with a time kernel of 3 (2 frames of context) or 1, spatial
+    /// padding `pad`, through `cache` when given (the chunked pass).
+    pub(crate) fn causal_conv(
+        &self,
+        name: &str,
+        x: Tensor<B, 5>,
+        pad: usize,
+        cache: Option<&mut CausalCache<B>>,
+    ) -> Result<Tensor<B, 5>, Error> {
+        let (w, bias) = self.weights(name)?;
+        let context = w.dims()[2] - 1;
+        if context == 0 {
+            return Ok(conv3d(pad_hw(x, pad), w, bias, 1));
+        }
+        let input = match cache {
+            None => Tensor::cat(vec![zero_frames(&x, context), x], 2),
+            Some(cache) => {
+                let (slot, old) = cache.take();
+                let mut keep = last_frames(&x, context);
+                if let (true, Some(Cached::Frames(o))) = (keep.dims()[2] < context, &old) {
+                    keep = Tensor::cat(vec![last_frames(o, 1), keep], 2);
+                }
+                cache.put(slot, Cached::Frames(keep));
+                match old {
+                    Some(Cached::Frames(o)) => {
+                        let missing = context.saturating_sub(o.dims()[2]);
+                        let mut parts = vec![o, x];
+                        if missing > 0 {
+                            parts.insert(0, zero_frames(&parts[1], missing));
+                        }
+                        Tensor::cat(parts, 2)
+                    }
+                    _ => Tensor::cat(vec![zero_frames(&x, context), x], 2),
+                }
+            }
+        };
+        Ok(conv3d(pad_hw(input, pad), w, bias, 1))
+    }
+
+    /// `F.normalize` over channels · √C · gamma (WanRMS_norm, no bias).
+    pub(crate) fn rms(&self, name: &str, x: Tensor<B, 5>) -> Result<Tensor<B, 5>, Error> {
+        let c = x.dims()[1];
+        let gamma: Tensor<B, 1> = self.w.unit(&(self.map)(name))?.get("gamma")?;
+        let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+        Ok(x / norm * (c as f64).sqrt() * gamma.reshape([1, c, 1, 1, 1]))
+    }
+
+    /// A residual block: norm, SiLU, causal conv, twice, plus the (1×1×1) shortcut.
+    pub(crate) fn resnet(
+        &self,
+        name: &str,
+        x: Tensor<B, 5>,
+        cache: &mut CausalCache<B>,
+    ) -> Result<Tensor<B, 5>, Error> {
+        let shortcut = format!("{name}.conv_shortcut");
+        let h = if self.w.has(&(self.map)(&shortcut)) {
+            self.causal_conv(&shortcut, x.clone(), 0, None)?
+        } else {
+            x.clone()
+        };
+        let y = silu(self.rms(&format!("{name}.norm1"), x)?);
+        let y = self.causal_conv(&format!("{name}.conv1"), y, 1, Some(cache))?;
+        let y = silu(self.rms(&format!("{name}.norm2"), y)?);
+        let y = self.causal_conv(&format!("{name}.conv2"), y, 1, Some(cache))?;
+        Ok(y + h)
+    }
+
+    /// Single-head self-attention within each frame.
+    pub(crate) fn attention(&self, name: &str, x: Tensor<B, 5>) -> Result<Tensor<B, 5>, Error> {
+        let [b, c, t, h, w] = x.dims();
+        // Normalised over channels at each position: the same per frame.
+        let y = self.rms(&format!("{name}.norm"), x.clone())?;
+        let y = y.swap_dims(1, 2).reshape([b * t, c, h, w]);
+        let qkv = self
+            .w
+            .conv2d(&(self.map)(&format!("{name}.to_qkv")), y, 1, 0)?;
+        let qkv = qkv.reshape([b * t, 3 * c, h * w]).swap_dims(1, 2);
+        let q = qkv.clone().narrow(2, 0, c);
+        let k = qkv.clone().narrow(2, c, c);
+        let v = qkv.narrow(2, 2 * c, c);
+        let scores = q.matmul(k.swap_dims(1, 2)) * (1.0 / (c as f64).sqrt());
+        let a = softmax(scores, 2)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b * t, c, h, w]);
+        let out = self
+            .w
+            .conv2d(&(self.map)(&format!("{name}.proj")), a, 1, 0)?;
+        let out = out.reshape([b, t, c, h, w]).swap_dims(1, 2);
+        Ok(out + x)
+    }
+
+    /// A spatial 2× resample of every frame (`resample.1` is the convolution).
+    fn spatial(&self, name: &str, x: Tensor<B, 5>, up: bool) -> Result<Tensor<B, 5>, Error> {
+        let [b, c, t, h, w] = x.dims();
+        let frames = x.swap_dims(1, 2).reshape([b * t, c, h, w]);
+        let conv = (self.map)(&format!("{name}.resample.1"));
+        let y = if up {
+            self.w.conv2d(&conv, upsample_nearest2x(frames), 1, 1)?
+        } else {
+            self.w.conv2d(&conv, pad_bottom_right(frames), 2, 0)?
+        };
+        let [_, co, ho, wo] = y.dims();
+        Ok(y.reshape([b, t, co, ho, wo]).swap_dims(1, 2))
+    }
+
+    /// Downsampling: spatial, then (temporal) a stride-2 time convolution over the previous
+    /// chunk's last frame and this chunk; the first chunk passes through unchanged.
+    pub(crate) fn downsample(
+        &self,
+        name: &str,
+        x: Tensor<B, 5>,
+        temporal: bool,
+        cache: &mut CausalCache<B>,
+    ) -> Result<Tensor<B, 5>, Error> {
+        let x = self.spatial(name, x, false)?;
+        if !temporal {
+            return Ok(x);
+        }
+        let (slot, old) = cache.take();
+        cache.put(slot, Cached::Frames(last_frames(&x, 1)));
+        match old {
+            Some(Cached::Frames(o)) => {
+                let (w, bias) = self.weights(&format!("{name}.time_conv"))?;
+                Ok(conv3d(
+                    Tensor::cat(vec![last_frames(&o, 1), x], 2),
+                    w,
+                    bias,
+                    2,
+                ))
+            }
+            _ => Ok(x),
+        }
+    }
+
+    /// Upsampling: (temporal) a causal time convolution to twice the channels, interleaved
+    /// into twice the frames — except the first chunk, which passes through — then spatial.
+    pub(crate) fn upsample(
+        &self,
+        name: &str,
+        x: Tensor<B, 5>,
+        temporal: bool,
+        cache: &mut CausalCache<B>,
+    ) -> Result<Tensor<B, 5>, Error> {
+        let mut x = x;
+        if temporal {
+            let (slot, old) = cache.take();
+            match old {
+                None => cache.put(slot, Cached::Rep),
+                Some(old) => {
+                    let mut keep = last_frames(&x, 2);
+                    if keep.dims()[2] < 2 {
+                        let before = match &old {
+                            Cached::Frames(o) => last_frames(o, 1),
+                            Cached::Rep => zero_frames(&keep, 1),
+                        };
+                        keep = Tensor::cat(vec![before, keep], 2);
+                    }
+                    let (w, bias) = self.weights(&format!("{name}.time_conv"))?;
+                    let input = match old {
+                        Cached::Frames(o) => {
+                            let missing = 2usize.saturating_sub(o.dims()[2]);
+                            let mut parts = vec![o, x.clone()];
+                            if missing > 0 {
+                                parts.insert(0, zero_frames(&x, missing));
+                            }
+                            Tensor::cat(parts, 2)
+                        }
+                        Cached::Rep => Tensor::cat(vec![zero_frames(&x, 2), x.clone()], 2),
+                    };
+                    cache.put(slot, Cached::Frames(keep));
+                    let y = conv3d(input, w, bias, 1);
+                    let [b, c2, t, h, wd] = y.dims();
+                    let c = c2 / 2;
+                    // [b, 2, c, t, h, w] -> [b, c, t, 2, h, w] -> [b, c, 2t, h, w]
+                    x = y.reshape([b, 2, c * t, h * wd]).swap_dims(1, 2).reshape([
+                        b,
+                        c,
+                        t * 2,
+                        h,
+                        wd,
+                    ]);
+                }
+            }
+        }
+        self.spatial(name, x, true)
+    }
+}

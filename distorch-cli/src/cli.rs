@@ -51,6 +51,10 @@ pub enum Task {
     /// Wan transformer: in hidden_states [B,C,F,H,W], timestep, encoder_hidden_states; out
     /// sample.
     WanDit,
+    /// Wan VAE encoder: in video [B,3,1+4k,H,W]; out latent_mean, latent_logvar.
+    WanVaeEncode,
+    /// Wan VAE decoder: in z; out video.
+    WanVaeDecode,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

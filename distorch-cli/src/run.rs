@@ -14,6 +14,7 @@ use distorch::core::{Component, ComponentKind, SafetensorsIndex, components};
 use distorch::lora::{LoraFile, Target};
 use distorch::models::umt5::Umt5Encoder;
 use distorch::models::wan_dit::{WanDitInput, WanTransformer};
+use distorch::models::wan_vae::WanVae;
 use distorch::models::{
     AutoencoderKl, ClipLayout, ClipTextModel, ClipVisionModel, ComponentFiles, ComponentLoras,
     ComponentOptions, ControlNetInput, ControlNetModel, Placement, Unet2dCondition, UnetInput,
@@ -104,7 +105,9 @@ fn component<'a>(
     let kind = match task {
         Task::Unet | Task::WanDit => ComponentKind::Unet,
         Task::T5 => ComponentKind::Model,
-        Task::VaeEncode | Task::VaeDecode => ComponentKind::Vae,
+        Task::VaeEncode | Task::VaeDecode | Task::WanVaeEncode | Task::WanVaeDecode => {
+            ComponentKind::Vae
+        }
         Task::ClipText => ComponentKind::Clip,
         Task::Controlnet => ComponentKind::ControlNet,
         Task::ClipVision => ComponentKind::ClipVision,
@@ -328,6 +331,17 @@ fn run_on<B: Backend>(
             };
             out.push("sample", dit.forward(input)?)?;
             log_stats(dit.streamer());
+        }
+        Task::WanVaeEncode | Task::WanVaeDecode => {
+            let vae: WanVae<B> = src.load(None)?;
+            if args.task == Task::WanVaeEncode {
+                let (mean, logvar) = vae.encode(inputs.tensor("video", &device)?)?;
+                out.push("latent_mean", mean)?;
+                out.push("latent_logvar", logvar)?;
+            } else {
+                out.push("video", vae.decode(inputs.tensor("z", &device)?)?)?;
+            }
+            log_stats(vae.streamer());
         }
         Task::ClipText => {
             // kohya's `lora_te2_*` are SDXL's second encoder, OpenCLIP-G.

@@ -3,7 +3,7 @@
 //! the CPU and — in a `--features wgpu` build — computed on wgpu with every weight streamed
 //! from host memory (`--expert "wgpu:0,0b;cpu,*"`), bit-identical to the resident run.
 //! Tasks: unet (plain and ControlNet-driven), controlnet, vae-encode, vae-decode, clip-text,
-//! clip-vision, t5, wan-dit (and wan-dit with block swap).
+//! clip-vision, t5, wan-dit (and wan-dit with block swap), wan-vae-encode, wan-vae-decode.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -419,6 +419,34 @@ fn lora_flag_patches_the_unet() {
             "lora_out",
         );
     }
+}
+
+#[test]
+fn lora_flag_patches_the_wan_transformer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ins = wan_inputs(tmp.path());
+    let out = tmp.path().join("out.safetensors");
+    let dir = fixture("wan_dit");
+    let lora = format!("{}:0.8", dir.join("lora_comfy.safetensors").display());
+    run(&[
+        "wan-dit",
+        "--model",
+        dir.join("original.safetensors").to_str().unwrap(),
+        "--config",
+        dir.join("config.json").to_str().unwrap(),
+        "--inputs",
+        ins.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--lora",
+        &lora,
+    ]);
+    check(
+        &out,
+        "sample",
+        &dir.join("lora_reference.safetensors"),
+        "lora_sample",
+    );
 }
 
 fn wan_inputs(dir: &Path) -> PathBuf {

@@ -143,3 +143,41 @@ fn bad_inputs_are_typed_errors() {
     let e = m.forward(i).unwrap_err();
     assert!(e.to_string().contains("1 values for a batch of 2"), "{e}");
 }
+
+#[test]
+fn loras_in_either_format_patch_either_layout() {
+    use distorch_lora::{LoraFile, Target};
+    use distorch_models::ComponentLoras;
+    use std::sync::Arc;
+    let dir = fixture("wan_dit");
+    let reference = dir.join("lora_reference.safetensors");
+    for lora in ["lora_peft.safetensors", "lora_comfy.safetensors"] {
+        let file = Arc::new(LoraFile::open(dir.join(lora)).unwrap());
+        for weights in [
+            "diffusion_pytorch_model.safetensors",
+            "original.safetensors",
+        ] {
+            let mut outs = Vec::new();
+            for offload in [false, true] {
+                let mut o = component_options(offload);
+                o.loras = Some(ComponentLoras {
+                    files: vec![(Arc::clone(&file), 0.8)],
+                    target: Target::Unet,
+                });
+                let m: Loaded<WanTransformer<B>> =
+                    load_model(dir.join(weights), Some(config()), &o).unwrap();
+                let what = format!("{lora} on {weights}, offload {offload}");
+                assert_eq!(m.lora.matched.len(), 30, "{what}");
+                assert!(
+                    m.lora.unmatched.is_empty(),
+                    "{what}: {:?}",
+                    m.lora.unmatched
+                );
+                let out = m.model.forward(input()).unwrap();
+                assert_close(&what, out.clone(), read(&reference, "lora_sample"));
+                outs.push(bits(out));
+            }
+            assert_eq!(outs[0], outs[1], "{lora} on {weights}: offloaded differs");
+        }
+    }
+}

@@ -4,6 +4,9 @@ use std::collections::BTreeMap;
 
 use distorch::ByteSize;
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, TensorInfo, components, units};
+use distorch::models::umt5::Umt5Config;
+use distorch::models::wan_dit::{WanDitConfig, WanLayout};
+use distorch::models::wan_vae::{WanVaeConfig, WanVaeLayout};
 use distorch::models::{
     ClipLayout, ClipTextConfig, KeyLayout, PerBlock, UnetConfig, VaeConfig, text_encoders,
 };
@@ -19,6 +22,51 @@ fn detected(c: &Component<'_>) -> Vec<String> {
     let or_why = |r: Result<String, distorch::models::Error>| {
         r.unwrap_or_else(|e| format!("not recognised: {e}"))
     };
+    let has = |p: &str| c.local_names().any(|n| n.starts_with(p));
+    if has("patch_embedding.") && has("blocks.0.") {
+        return vec![or_why(WanDitConfig::detect(c).map(|d| {
+            let cfg = &d.config;
+            format!(
+                "{} transformer ({:?} layout): width {}, {} blocks, {} heads of {}, ffn {}, text \
+                 {}, patch {:?}, {} latent channels",
+                d.family,
+                WanLayout::of(c),
+                cfg.inner_dim(),
+                cfg.num_layers,
+                cfg.num_attention_heads,
+                cfg.attention_head_dim,
+                cfg.ffn_dim,
+                cfg.text_dim,
+                cfg.patch_size,
+                cfg.in_channels
+            )
+        }))];
+    }
+    if c.kind == ComponentKind::Vae
+        && (has("encoder.downsamples.") || has("encoder.down_blocks.0.residual"))
+        || has("encoder.down_blocks.0.norm1.gamma")
+    {
+        return vec![or_why(WanVaeConfig::detect(c).map(|v| {
+            format!(
+                "Wan VAE ({:?} layout): base width {}, {} latent channels, levels {:?}, temporal \
+                 downsampling {:?}",
+                WanVaeLayout::of(c),
+                v.base_dim,
+                v.z_dim,
+                v.dim_mult,
+                v.temperal_downsample
+            )
+        }))];
+    }
+    if has("encoder.block.0.layer.0.SelfAttention.") {
+        return vec![or_why(Umt5Config::detect(c).map(|t| {
+            format!(
+                "T5/UMT5 encoder: {} layers, width {}, {} heads of {}, feed-forward {}, vocabulary \
+                 {}",
+                t.num_layers, t.d_model, t.num_heads, t.d_kv, t.d_ff, t.vocab_size
+            )
+        }))];
+    }
     match c.kind {
         ComponentKind::Unet if unet_ldm => {
             vec![or_why(UnetConfig::detect(c).map(|d| {

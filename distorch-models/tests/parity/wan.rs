@@ -115,6 +115,75 @@ fn detection_reads_the_shapes_and_refuses_what_is_not_wan() {
     // 24-wide heads are not the released models' 128: detection says to give the config.
     let e = WanDitConfig::detect(&split.components[0]).unwrap_err();
     assert!(e.to_string().contains("multiple of 128"), "{e}");
+    // A 256-wide, two-block model in the original layout: two 128-wide heads.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("wan.safetensors");
+    let mut specs: Vec<(String, distorch_core::DType, Vec<u64>)> = vec![
+        (
+            "patch_embedding.weight".into(),
+            distorch_core::DType::BF16,
+            vec![256, 4, 1, 2, 2],
+        ),
+        (
+            "text_embedding.0.weight".into(),
+            distorch_core::DType::BF16,
+            vec![256, 24],
+        ),
+        (
+            "time_embedding.0.weight".into(),
+            distorch_core::DType::BF16,
+            vec![256, 16],
+        ),
+        (
+            "blocks.0.ffn.0.weight".into(),
+            distorch_core::DType::BF16,
+            vec![64, 256],
+        ),
+        (
+            "blocks.0.norm3.weight".into(),
+            distorch_core::DType::BF16,
+            vec![256],
+        ),
+        (
+            "head.head.weight".into(),
+            distorch_core::DType::BF16,
+            vec![16, 256],
+        ),
+    ];
+    for b in 0..2 {
+        specs.push((
+            format!("blocks.{b}.self_attn.q.weight"),
+            distorch_core::DType::BF16,
+            vec![256, 256],
+        ));
+    }
+    let data: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|(_, _, s)| vec![0u8; 2 * s.iter().product::<u64>() as usize])
+        .collect();
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    distorch_core::safetensors::write(&path, &specs, &refs, &Default::default()).unwrap();
+    let index = SafetensorsIndex::open(&path).unwrap();
+    let split = components::split(&index);
+    let found = WanDitConfig::detect(&split.components[0]).unwrap();
+    assert_eq!(found.family, "Wan (other size)");
+    let c = found.config;
+    assert_eq!(
+        (c.num_attention_heads, c.attention_head_dim, c.num_layers),
+        (2, 128, 2)
+    );
+    assert_eq!(
+        (
+            c.in_channels,
+            c.out_channels,
+            c.text_dim,
+            c.freq_dim,
+            c.ffn_dim
+        ),
+        (4, 4, 24, 16, 64)
+    );
+    assert!(c.cross_attn_norm);
+
     let index = SafetensorsIndex::open(fixture("umt5").join("model.safetensors")).unwrap();
     let split = components::split(&index);
     let e = WanDitConfig::detect(&split.components[0]).unwrap_err();

@@ -33,8 +33,8 @@ pub use distorch_lora as lora;
 pub use distorch_models as models;
 
 pub use distorch_alloc::{
-    AllocSpec, ByteSize, DeviceGraph, DeviceId, Inventory, PlacementOrder, Plan, PlanRequest,
-    VirtualVram, plan,
+    AllocSpec, BlockSwap, ByteSize, DeviceGraph, DeviceId, Inventory, PlacementOrder, Plan,
+    PlanRequest, VirtualVram, plan,
 };
 pub use distorch_core::{ComponentKind, DType, SafetensorsIndex};
 
@@ -48,6 +48,12 @@ pub enum Error {
     /// From reading a file or building an inventory.
     #[error(transparent)]
     Core(#[from] distorch_core::Error),
+    /// From loading or running a model.
+    #[error(transparent)]
+    Models(#[from] distorch_models::Error),
+    /// From reading or mapping a LoRA.
+    #[error(transparent)]
+    Lora(#[from] distorch_lora::Error),
 }
 
 impl From<distorch_alloc::ParseError> for Error {

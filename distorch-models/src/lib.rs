@@ -29,6 +29,7 @@ pub mod loader;
 mod nn;
 pub mod pipeline;
 pub mod scheduler;
+pub mod t5_tokenizer;
 pub mod tokenizer;
 pub mod umt5;
 pub mod unet;

@@ -10,6 +10,7 @@ mod controlnet;
 mod lora;
 mod pipeline;
 mod schedulers;
+mod t5_tokenizer;
 mod tokenizer;
 mod umt5;
 mod unet;

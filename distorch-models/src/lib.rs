@@ -23,6 +23,7 @@ mod config;
 pub mod controlnet;
 pub mod discovery;
 mod error;
+pub mod flow_match;
 mod folder;
 mod keymap;
 pub mod loader;

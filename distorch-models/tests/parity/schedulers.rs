@@ -113,3 +113,44 @@ fn bad_settings_are_typed_errors() {
     let e = s.step(x.clone(), 0, x, None).unwrap_err();
     assert!(e.to_string().contains("needs noise"), "{e}");
 }
+
+#[test]
+fn flow_matching_matches_diffusers() {
+    use distorch_models::flow_match::{FlowMatchConfig, FlowMatchEuler};
+    let file = fixture("schedulers").join("flow_match.safetensors");
+    let get = |key: &str| read(&file, key);
+    for shift in ["1.0", "3.0", "5.0"] {
+        let key = format!("flow_match.{shift}");
+        let s =
+            FlowMatchEuler::new(&FlowMatchConfig::with_shift(shift.parse().unwrap()), 10).unwrap();
+        let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+        close(
+            &format!("{key} timesteps"),
+            &f64s(s.timesteps()),
+            &get(&format!("{key}.timesteps")).1,
+        );
+        close(
+            &format!("{key} sigmas"),
+            &f64s(s.sigmas()),
+            &get(&format!("{key}.sigmas")).1,
+        );
+        for i in 0..s.steps() {
+            let t = |name: &str| -> Tensor<B, 5> {
+                let (shape, v) = get(&format!("{key}.{i}.{name}"));
+                let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                let shape: [usize; 5] = shape.try_into().unwrap();
+                Tensor::from_data(burn::tensor::TensorData::new(v, shape), &Default::default())
+            };
+            let prev = s.step(t("model_output"), i, t("sample"));
+            assert_close(
+                &format!("{key} step {i}"),
+                prev,
+                get(&format!("{key}.{i}.prev_sample")),
+            );
+        }
+    }
+    let mut bad = FlowMatchConfig::with_shift(3.0);
+    bad.use_dynamic_shifting = true;
+    let e = FlowMatchEuler::new(&bad, 10).unwrap_err();
+    assert!(e.to_string().contains("use_dynamic_shifting"), "{e}");
+}

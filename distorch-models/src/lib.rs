@@ -40,6 +40,7 @@ mod unet_trunk;
 pub mod vae;
 pub mod wan_dit;
 mod wan_keys;
+pub mod wan_pipeline;
 pub mod wan_vae;
 mod wan_vae_blocks;
 

@@ -17,4 +17,5 @@ mod unet;
 mod unet_ldm;
 mod vae;
 mod wan;
+mod wan_pipeline;
 mod wan_vae;

@@ -20,8 +20,8 @@ use distorch_lora::{LoraFile, LoraReport, ModelTensor, Target};
 use crate::error::Error;
 use crate::keymap::KeyLayout;
 use crate::loader::{
-    ComponentLoras, ComponentOptions, LoadProgress, Loaded, Model, load_component, load_model,
-    shape_map, to_usize,
+    ComponentLoras, ComponentOptions, LoadProgress, Loaded, LoraState, Model, load_component,
+    load_model, shape_map, to_usize,
 };
 use crate::unet::Unet2dCondition;
 use crate::unet_config::UnetConfig;
@@ -152,6 +152,8 @@ pub struct StableDiffusion<B: Backend> {
     pub loaded: Vec<(String, Plan, LoadReport)>,
     /// What the LoRAs matched in each component they touch.
     pub loras: Vec<(String, LoraReport)>,
+    /// Each LoRA-able component's tensors as LoRAs name them, for [`StableDiffusion::set_loras`].
+    lora_states: Vec<(String, LoraState)>,
 }
 
 impl<B: Backend> CheckpointOptions<B> {
@@ -191,12 +193,19 @@ impl<B: Backend> CheckpointOptions<B> {
 
 /// The loaded components, gathered with their plans and reports.
 #[derive(Default)]
-struct Gathered(Vec<(String, Plan, LoadReport)>, Vec<(String, LoraReport)>);
+struct Gathered(
+    Vec<(String, Plan, LoadReport)>,
+    Vec<(String, LoraReport)>,
+    Vec<(String, LoraState)>,
+);
 
 impl Gathered {
     fn keep<M>(&mut self, name: String, loaded: Loaded<M>) -> M {
         if !loaded.lora.matched.is_empty() || !loaded.lora.unmatched.is_empty() {
             self.1.push((name.clone(), loaded.lora));
+        }
+        if name != "vae" {
+            self.2.push((name.clone(), loaded.lora_state));
         }
         self.0.push((name, loaded.plan, loaded.report));
         loaded.model
@@ -276,6 +285,7 @@ impl<B: Backend> StableDiffusion<B> {
             vae,
             loaded: loaded.0,
             loras: loaded.1,
+            lora_states: loaded.2,
         })
     }
 
@@ -328,7 +338,53 @@ impl<B: Backend> StableDiffusion<B> {
             vae,
             loaded: loaded.0,
             loras: loaded.1,
+            lora_states: loaded.2,
         })
+    }
+}
+
+impl<B: Backend> StableDiffusion<B> {
+    /// Replaces the LoRAs (other strengths, other files, or none) without reloading: in the
+    /// UNet (model strengths) and every text encoder (CLIP strengths), only the tensors the
+    /// old or the new LoRAs touch are re-read from the checkpoint — pristine — patched and put
+    /// back at their homes (see [`Loaded::set_loras`]). Every component's LoRAs are mapped and
+    /// checked before any weight changes; `loras` is updated to what they matched.
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<(), Error> {
+        let mut prepared = Vec::with_capacity(self.lora_states.len());
+        for (name, state) in &self.lora_states {
+            let target = match name.strip_prefix("clip.") {
+                Some(i) => Target::TextEncoder(i.parse().unwrap_or(0)),
+                None => Target::Unet,
+            };
+            let files = loras
+                .iter()
+                .map(|l| {
+                    let s = if target == Target::Unet {
+                        l.model
+                    } else {
+                        l.clip
+                    };
+                    (Arc::clone(&l.file), s)
+                })
+                .collect();
+            prepared.push(state.prepare(&ComponentLoras { files, target })?);
+        }
+        self.loras.clear();
+        for ((name, state), p) in self.lora_states.iter_mut().zip(prepared) {
+            let streamer = match name.strip_prefix("clip.") {
+                Some(i) => self
+                    .text_encoders
+                    .get(i.parse::<usize>().unwrap_or(0))
+                    .map(|e| e.streamer()),
+                None => Some(self.unet.streamer()),
+            };
+            let Some(streamer) = streamer else { continue };
+            let (report, _) = state.apply(streamer, p)?;
+            if !report.matched.is_empty() || !report.unmatched.is_empty() {
+                self.loras.push((name.clone(), report));
+            }
+        }
+        Ok(())
     }
 }
 

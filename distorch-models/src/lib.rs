@@ -6,8 +6,10 @@
 //! transformers; the UNet ([`unet`], SD 1.x/2.x and SDXL), the ControlNet ([`controlnet`]),
 //! the VAE ([`vae`]) and the samplers ([`scheduler`]), against diffusers; all tested on tiny
 //! random configurations in both key layouts. [`load_model`] loads any of them with its own
-//! allocation, [`checkpoint`] a whole Stable Diffusion checkpoint. T5/UMT5 and Wan arrive
-//! with later work.
+//! allocation, [`checkpoint`] a whole Stable Diffusion checkpoint. Wan 2.1 video: the UMT5
+//! encoder ([`umt5`]) and its tokenizer ([`t5_tokenizer`]), the transformer ([`wan_dit`]),
+//! the VAE ([`wan_vae`]), the flow-matching sampler ([`flow_match`]) and text to video
+//! ([`wan_pipeline`]), against transformers / diffusers the same way.
 //!
 //! Compute is f32 on every backend; weights of any float dtype are widened when they reach
 //! the compute device (see `distorch_core::runtime`).

@@ -74,7 +74,7 @@ pub struct Loaded<M> {
     /// What the LoRAs matched (empty without LoRAs).
     pub lora: LoraReport,
     /// The tensors as LoRAs name them and the keys patched now, for [`Loaded::set_loras`].
-    lora_state: LoraState,
+    pub(crate) lora_state: LoraState,
 }
 
 impl<M> Loaded<M> {
@@ -104,6 +104,13 @@ pub(crate) struct LoraState {
     patched: Vec<String>,
 }
 
+/// LoRAs mapped onto a component and checked, not applied yet.
+pub(crate) struct PreparedLoras {
+    patch: LoraPatch,
+    report: LoraReport,
+    keys: Vec<String>,
+}
+
 impl LoraState {
     /// Maps `loras` and re-patches what the old and the new LoRAs touch.
     pub(crate) fn set<B: Backend>(
@@ -111,23 +118,42 @@ impl LoraState {
         streamer: &Streamer<B>,
         loras: &ComponentLoras,
     ) -> Result<(LoraReport, LoadReport), Error> {
+        let prepared = self.prepare(loras)?;
+        self.apply(streamer, prepared)
+    }
+
+    /// Maps and checks `loras` against the component, changing nothing.
+    pub(crate) fn prepare(&self, loras: &ComponentLoras) -> Result<PreparedLoras, Error> {
         let files: Vec<(&LoraFile, f32)> = loras.files.iter().map(|(f, s)| (&**f, *s)).collect();
         let (patch, report) = LoraPatch::build(&files, loras.target, &self.tensors)?;
         let mut keys: Vec<String> = self.patched.clone();
         keys.extend(patch.keys().map(str::to_owned));
         keys.sort();
         keys.dedup();
+        Ok(PreparedLoras {
+            patch,
+            report,
+            keys,
+        })
+    }
+
+    /// Re-patches the tensors `prepared` touches.
+    pub(crate) fn apply<B: Backend>(
+        &mut self,
+        streamer: &Streamer<B>,
+        prepared: PreparedLoras,
+    ) -> Result<(LoraReport, LoadReport), Error> {
+        let PreparedLoras {
+            patch,
+            report,
+            keys,
+        } = prepared;
         let load = streamer.repatch(
             (!patch.is_empty()).then_some(&patch as &dyn WeightPatch<B>),
             &keys,
         )?;
         self.patched = patch.keys().map(str::to_owned).collect();
-        tracing::info!(
-            target = %loras.target,
-            loras = loras.files.len(),
-            tensors = keys.len(),
-            "LoRAs changed"
-        );
+        tracing::info!(tensors = keys.len(), "LoRAs changed");
         Ok((report, load))
     }
 }

@@ -140,26 +140,43 @@ fn a_tiny_checkpoint_reproduces_every_reference_with_its_own_placements() {
         model: 0.8,
         clip: 1.0,
     }];
-    let sd = StableDiffusion::<B>::load_single_file(&path, &options).unwrap();
+    let mut sd = StableDiffusion::<B>::load_single_file(&path, &options).unwrap();
     assert_eq!(sd.loras.len(), 1, "only the UNet has LoRA modules");
     assert_eq!(sd.loras[0].0, "unet");
     assert_eq!(sd.loras[0].1.matched.len(), 40);
-    let out = sd
-        .unet
-        .forward(UnetInput::new(
-            tensor("unet_sd", "sample"),
-            tensor::<1>("unet_sd", "timestep")
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap(),
-            tensor("unet_sd", "encoder_hidden_states"),
-        ))
-        .unwrap();
-    assert_close(
-        "unet with LoRA",
-        out,
-        read(&fixture("lora").join("reference.safetensors"), "lora_out"),
-    );
+    let unet = |sd: &StableDiffusion<B>| {
+        sd.unet
+            .forward(UnetInput::new(
+                tensor("unet_sd", "sample"),
+                tensor::<1>("unet_sd", "timestep")
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap(),
+                tensor("unet_sd", "encoder_hidden_states"),
+            ))
+            .unwrap()
+    };
+    let lora_out = read(&fixture("lora").join("reference.safetensors"), "lora_out");
+    assert_close("unet with LoRA", unet(&sd), lora_out.clone());
+
+    // Strength 0 without a reload: exactly the checkpoint loaded without the LoRA; back to
+    // 0.8: the reference again.
+    let mut zero = options.loras.clone();
+    zero[0].model = 0.0;
+    sd.set_loras(&zero).unwrap();
+    let plain = {
+        let mut o = options.clone();
+        o.loras.clear();
+        StableDiffusion::<B>::load_single_file(&path, &o).unwrap()
+    };
+    let bits = |t: burn::tensor::Tensor<B, 4>| t.into_data().to_vec::<f32>().unwrap();
+    assert_eq!(bits(unet(&sd)), bits(unet(&plain)));
+    sd.set_loras(&options.loras).unwrap();
+    assert_close("unet with LoRA again", unet(&sd), lora_out);
+    assert_eq!(sd.loras[0].1.matched.len(), 40);
+    sd.set_loras(&[]).unwrap();
+    assert!(sd.loras.is_empty());
+    assert_eq!(bits(unet(&sd)), bits(unet(&plain)));
 }
 
 #[test]

@@ -1,0 +1,374 @@
+//! Text to video with Wan 2.1: a prompt in, a PNG per frame out, the transformer's last
+//! blocks swapped to another device and streamed in when used.
+//!
+//! ```text
+//! cargo run --release --example txt2video -- --prompt "..." [--model WAN_DIFFUSERS_FOLDER]
+//!     [--negative ...] [--frames 1+4k] [--width W --height H] [--steps N] [--guidance X]
+//!     [--shift X] [--seed N] [--max-sequence-length N] [--device cpu|wgpu:0|cuda:N]
+//!     [--blocks-to-swap N] [--swap-device DEV] [--prefetch-blocks N] [--offload-txt-emb]
+//!     [--devices DECL] --out-dir frames/
+//! ```
+//!
+//! `--model` is a diffusers Wan folder (`tokenizer/`, `text_encoder/`, `transformer/`,
+//! `vae/`; single-file weights in the original layout work for each component too). Without
+//! it the example writes a small demo folder once (Wan's architecture at small widths —
+//! 4 blocks of 256, a 2-layer UMT5, Wan's VAE at base width 16 — deterministic random
+//! weights and a character-level tokenizer, in `$DISTORCH_CACHE`, else `~/.cache/distorch`):
+//! it runs the whole pipeline but draws abstract frames. Prints each component's plan and
+//! the transformer's streamer statistics.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use clap::Parser;
+use distorch::alloc::DeviceKind;
+use distorch::core::runtime::{DeviceMap, ExpectedTensor, Lookahead};
+use distorch::core::safetensors::write;
+use distorch::models::t5_tokenizer::T5Tokenizer;
+use distorch::models::umt5::{Umt5Config, Umt5Encoder};
+use distorch::models::wan_dit::{WanDitConfig, WanTransformer};
+use distorch::models::wan_pipeline::{Txt2Video, Wan, frame_rgb8};
+use distorch::models::wan_vae::{WanVae, WanVaeConfig};
+use distorch::models::{ComponentOptions, Loaded, Placement, Progress, load_model};
+use distorch::{BlockSwap, DType, DeviceGraph, DeviceId, PlanRequest};
+
+#[derive(Parser)]
+struct Args {
+    /// A diffusers Wan folder (default: the demo).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// Frames: 1 + 4k.
+    #[arg(long, default_value_t = 9)]
+    frames: usize,
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    #[arg(long, default_value_t = 64)]
+    height: usize,
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    /// The sampler's shift (3 at 480p, 5 at 720p).
+    #[arg(long, default_value_t = 3.0)]
+    shift: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tokens per prompt (Wan: 512).
+    #[arg(long, default_value_t = 512)]
+    max_sequence_length: usize,
+    /// The compute device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Transformer blocks, counted from the last, kept on --swap-device (default: half).
+    #[arg(long)]
+    blocks_to_swap: Option<usize>,
+    /// Where swapped blocks live.
+    #[arg(long, default_value = "cpu")]
+    swap_device: String,
+    /// Swapped blocks staged ahead of use.
+    #[arg(long, default_value_t = 1)]
+    prefetch_blocks: usize,
+    /// Keep the transformer's text embedder on --swap-device too.
+    #[arg(long)]
+    offload_txt_emb: bool,
+    /// Declared devices instead of detection (`cuda:0=8gib,cpu=32gib`).
+    #[arg(long)]
+    devices: Option<String>,
+    #[arg(long, default_value = "frames")]
+    out_dir: PathBuf,
+}
+
+type Failure = Box<dyn std::error::Error>;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = dispatch(&args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(args: &Args) -> Result<(), Failure> {
+    let compute: DeviceId = args.device.parse()?;
+    match compute.kind() {
+        DeviceKind::Cpu => {
+            #[cfg(feature = "ndarray")]
+            return run::<distorch::backends::NdArray>(args, compute, Default::default());
+        }
+        DeviceKind::Wgpu if compute.index() == 0 => {
+            #[cfg(feature = "wgpu")]
+            return run::<distorch::backends::Wgpu>(args, compute, Default::default());
+        }
+        DeviceKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            return run::<distorch::backends::Cuda>(
+                args,
+                compute,
+                burn::backend::cuda::CudaDevice::new(compute.index() as usize),
+            );
+        }
+        _ => {}
+    }
+    Err(format!(
+        "--device {compute}: this build cannot compute there (backends compiled in: {:?})",
+        distorch::backends::compiled()
+    )
+    .into())
+}
+
+fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<(), Failure> {
+    let folder = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let cache = std::env::var_os("DISTORCH_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/distorch")))
+                .ok_or("no cache folder: set DISTORCH_CACHE")?;
+            let dir = cache.join("demo-wan-small");
+            if !dir.join("complete").exists() {
+                println!(
+                    "writing the demo Wan folder (random weights: the frames will be abstract) to {}",
+                    dir.display()
+                );
+                write_demo(&dir)?;
+            }
+            dir
+        }
+    };
+    let graph = match &args.devices {
+        Some(d) => DeviceGraph::declare(d)?,
+        None => distorch::backends::detect().graph,
+    };
+    // On a CPU-only build the compute device is host memory too: there is nothing to swap to.
+    let on = |id: DeviceId| Placement::<B>::on(id, device.clone());
+    let options = |p: Placement<B>| ComponentOptions::new(graph.clone(), p);
+
+    let t5: Loaded<Umt5Encoder<B>> =
+        load_model(folder.join("text_encoder"), None, &options(on(compute)))?;
+    let config = WanDitConfig::from_file(folder.join("transformer").join("config.json"))?;
+    let swap_device: DeviceId = args.swap_device.parse()?;
+    let blocks = args.blocks_to_swap.unwrap_or(config.num_layers / 2);
+    let mut dit_options = if swap_device == compute {
+        println!("(compute and swap device are both {compute}: no block swap)");
+        options(on(compute))
+    } else {
+        let mut swap = BlockSwap::new(compute, swap_device, blocks);
+        if args.offload_txt_emb {
+            swap = swap
+                .offloading("condition_embedder.text_embedder.")
+                .offloading("text_embedding.");
+        }
+        options(Placement {
+            request: PlanRequest::block_swap(swap),
+            devices: DeviceMap::new(device.clone()),
+        })
+    };
+    dit_options.lookahead = Lookahead {
+        units: args.prefetch_blocks.max(1) * config.units_per_block(),
+        ..Lookahead::default()
+    };
+    let dit: Loaded<WanTransformer<B>> =
+        load_model(folder.join("transformer"), Some(config), &dit_options)?;
+    let vae: Loaded<WanVae<B>> = load_model(folder.join("vae"), None, &options(on(compute)))?;
+    for (name, plan) in [
+        ("text encoder", &t5.plan),
+        ("transformer", &dit.plan),
+        ("vae", &vae.plan),
+    ] {
+        println!("\n[{name}]\n{plan}");
+    }
+    let wan = Wan {
+        tokenizer: T5Tokenizer::from_folder(&folder)?,
+        text_encoder: t5.model,
+        transformer: dit.model,
+        vae: vae.model,
+    };
+    let mut req = Txt2Video::<B>::new(args.prompt.clone());
+    req.negative_prompt = args.negative.clone();
+    req.frames = args.frames;
+    req.width = args.width;
+    req.height = args.height;
+    req.steps = args.steps;
+    req.guidance = args.guidance;
+    req.shift = args.shift;
+    req.seed = args.seed;
+    req.max_sequence_length = args.max_sequence_length;
+    let video = wan.txt2video(&req, &mut |p| match p {
+        Progress::Encoded { elapsed } => {
+            println!("\nprompts encoded in {:.1} s", elapsed.as_secs_f64())
+        }
+        Progress::Step { done, of, elapsed } => {
+            println!("step {done}/{of}: {:.1} s", elapsed.as_secs_f64())
+        }
+        Progress::Decoded { elapsed } => println!("decoded in {:.1} s", elapsed.as_secs_f64()),
+    })?;
+    let stats = wan.transformer.streamer().take_stats();
+    let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
+    println!(
+        "transformer streamer: {} fetches, {} resident, {} prefetched, {} on demand, {:.1} MB moved, {:.1} ms waited",
+        stats.fetches,
+        stats.resident,
+        stats.prefetched,
+        stats.on_demand,
+        moved as f64 / 1e6,
+        stats.stall.as_secs_f64() * 1e3
+    );
+    std::fs::create_dir_all(&args.out_dir)?;
+    let frames = video.video.dims()[2];
+    for i in 0..frames {
+        let path = args.out_dir.join(format!("frame_{i:03}.png"));
+        frame_rgb8(&video.video, i)?.save(&path)?;
+    }
+    println!("wrote {frames} frames to {}", args.out_dir.display());
+    Ok(())
+}
+
+fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+/// Random bf16 weights for `expected` (norm scales near 1, others scaled by fan-in).
+fn write_weights(path: &Path, expected: Vec<ExpectedTensor>, seed: u64) -> Result<(), Failure> {
+    let mut specs = Vec::new();
+    let mut data: Vec<Vec<u8>> = Vec::new();
+    for (i, e) in expected.into_iter().enumerate() {
+        let n: usize = e.shape.iter().product();
+        let fan_in: usize = e.shape.iter().skip(1).product::<usize>().max(1);
+        let norm = e.name.ends_with("gamma")
+            || (e.name.contains("norm") && e.name.ends_with("weight") && e.shape.len() == 1);
+        let v = values(seed * 1000 + i as u64 + 1, n, 2.0 / (fan_in as f32).sqrt());
+        let v: Vec<f32> = if norm {
+            v.iter().map(|x| 1.0 + 0.1 * x).collect()
+        } else {
+            v
+        };
+        data.push(
+            v.iter()
+                .flat_map(|f| half::bf16::from_f32(*f).to_le_bytes())
+                .collect(),
+        );
+        specs.push((
+            e.name,
+            DType::BF16,
+            e.shape.iter().map(|&d| d as u64).collect(),
+        ));
+    }
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    write(path, &specs, &refs, &BTreeMap::new())?;
+    Ok(())
+}
+
+/// Writes the demo folder: small Wan-architecture models with random weights and a
+/// character-level unigram tokenizer (ids, not meaning: the weights are random).
+fn write_demo(dir: &Path) -> Result<(), Failure> {
+    type Nd = distorch::backends::NdArray;
+    for sub in ["tokenizer", "text_encoder", "transformer", "vae"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let mut vocab: Vec<(String, f64)> = vec![
+        ("<pad>".into(), 0.0),
+        ("</s>".into(), 0.0),
+        ("<unk>".into(), 0.0),
+        ("▁".into(), -2.0),
+    ];
+    for c in (b' '..=b'~').map(char::from).filter(|c| !c.is_whitespace()) {
+        vocab.push((c.to_string(), -3.0));
+        vocab.push((format!("▁{c}"), -2.5));
+    }
+    let meta = serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false,
+        "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<pad>"), special(1, "</s>"), special(2, "<unk>")],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, meta]},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+        "decoder": meta,
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false},
+    });
+    std::fs::write(dir.join("tokenizer/tokenizer.json"), tokenizer.to_string())?;
+
+    let t5 = Umt5Config {
+        vocab_size: vocab.len(),
+        d_model: 256,
+        d_kv: 64,
+        d_ff: 512,
+        num_layers: 2,
+        num_heads: 4,
+        ..Umt5Config::default()
+    };
+    let dit = WanDitConfig {
+        num_attention_heads: 2,
+        attention_head_dim: 128,
+        ffn_dim: 1024,
+        num_layers: 4,
+        text_dim: 256,
+        ..WanDitConfig::default()
+    };
+    let vae = WanVaeConfig {
+        base_dim: 16,
+        ..WanVaeConfig::default()
+    };
+    let json = |v: serde_json::Value, path: PathBuf| std::fs::write(path, v.to_string());
+    json(
+        serde_json::json!({"vocab_size": t5.vocab_size, "d_model": t5.d_model, "d_kv": t5.d_kv,
+            "d_ff": t5.d_ff, "num_layers": t5.num_layers, "num_heads": t5.num_heads,
+            "feed_forward_proj": "gated-gelu"}),
+        dir.join("text_encoder/config.json"),
+    )?;
+    json(
+        serde_json::json!({"num_attention_heads": dit.num_attention_heads,
+            "attention_head_dim": dit.attention_head_dim, "ffn_dim": dit.ffn_dim,
+            "num_layers": dit.num_layers, "text_dim": dit.text_dim}),
+        dir.join("transformer/config.json"),
+    )?;
+    json(
+        serde_json::json!({"base_dim": vae.base_dim}),
+        dir.join("vae/config.json"),
+    )?;
+    write_weights(
+        &dir.join("text_encoder/model.safetensors"),
+        Umt5Encoder::<Nd>::expected_tensors(&t5, "shared"),
+        1,
+    )?;
+    write_weights(
+        &dir.join("transformer/diffusion_pytorch_model.safetensors"),
+        WanTransformer::<Nd>::expected_tensors(&dit),
+        2,
+    )?;
+    write_weights(
+        &dir.join("vae/diffusion_pytorch_model.safetensors"),
+        WanVae::<Nd>::expected_tensors(&vae),
+        3,
+    )?;
+    std::fs::write(dir.join("complete"), b"")?;
+    Ok(())
+}

@@ -52,6 +52,61 @@ pub enum Update {
         /// `weight` or `bias`.
         param: &'static str,
     },
+    /// LoHa (LyCORIS): `ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / rank`, rank the rows of
+    /// `w1_b`.
+    Hadamard {
+        /// `hada_w1_a`, [out, rank].
+        w1_a: Matrix,
+        /// `hada_w1_b`, [rank, in…].
+        w1_b: Matrix,
+        /// `hada_w2_a`.
+        w2_a: Matrix,
+        /// `hada_w2_b`.
+        w2_b: Matrix,
+        /// Its `alpha`, if stored.
+        alpha: Option<f32>,
+    },
+    /// LoKr (LyCORIS): `ΔW = w1 ⊗ w2` (Kronecker product), each factor whole or a product
+    /// `a · b`; scaled by `alpha / rank` when a factor is a product (rank: the rows of `w2`'s
+    /// `b`, else `w1`'s), else by 1.
+    Kronecker {
+        /// `lokr_w1`, or `lokr_w1_a · lokr_w1_b`.
+        w1: KronFactor,
+        /// `lokr_w2`, or `lokr_w2_a · lokr_w2_b` (a convolution's kernel folded into columns).
+        w2: KronFactor,
+        /// Its `alpha`, if stored.
+        alpha: Option<f32>,
+    },
+}
+
+/// A stored matrix (or higher-rank tensor read as [rows, everything else]).
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    /// Its values, row-major.
+    pub values: Arc<[f32]>,
+    /// Its shape in the file.
+    pub shape: Vec<usize>,
+}
+
+impl Matrix {
+    /// Rows: the first dimension.
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+
+    /// Columns: the product of the other dimensions.
+    pub fn cols(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+}
+
+/// One factor of a LoKr product.
+#[derive(Debug, Clone)]
+pub enum KronFactor {
+    /// Stored whole.
+    Whole(Matrix),
+    /// Stored as a low-rank product `a · b`.
+    Product(Matrix, Matrix),
 }
 
 /// A LoRA module: the model module it names and its update.
@@ -90,7 +145,7 @@ const PREFIXES: [(&str, Target); 11] = [
 ];
 
 /// Parameter suffixes: (suffix, role).
-const SUFFIXES: [(&str, &str); 10] = [
+const SUFFIXES: &[(&str, &str)] = &[
     (".lora_up.weight", "up"),
     (".lora_down.weight", "down"),
     (".lora_B.weight", "up"),
@@ -101,6 +156,19 @@ const SUFFIXES: [(&str, &str); 10] = [
     (".diff_b", "diff_b"),
     (".diff", "diff"),
     (".lora_mid.weight", "unsupported"),
+    (".hada_w1_a", "hada_w1_a"),
+    (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+    (".hada_t1", "unsupported"),
+    (".hada_t2", "unsupported"),
+    (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"),
+    (".lokr_w1", "lokr_w1"),
+    (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_w2", "lokr_w2"),
+    (".lokr_t2", "unsupported"),
 ];
 
 impl LoraFile {
@@ -125,6 +193,10 @@ impl LoraFile {
             down: Option<Part<String>>,
             alpha: Option<f32>,
             diffs: Vec<Part<&'static str>>,
+            /// LyCORIS (LoHa, LoKr) tensors by role.
+            lyco: BTreeMap<&'static str, Matrix>,
+            /// Keys of a kind not supported (a Tucker core): the module is skipped whole.
+            refused: Vec<String>,
         }
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         let mut unsupported = Vec::new();
@@ -134,7 +206,8 @@ impl LoraFile {
                 continue;
             };
             if *role == "unsupported" {
-                unsupported.push(t.name.clone());
+                let base = t.name[..t.name.len() - suffix.len()].to_owned();
+                parts.entry(base).or_default().refused.push(t.name.clone());
                 continue;
             }
             let base = t.name[..t.name.len() - suffix.len()].to_owned();
@@ -152,11 +225,19 @@ impl LoraFile {
                     p.alpha = Some(*values.first().ok_or_else(|| bad(&t.name, "empty".into()))?)
                 }
                 "diff" => p.diffs.push((values, shape, "weight")),
-                _ => p.diffs.push((values, shape, "bias")),
+                "diff_b" => p.diffs.push((values, shape, "bias")),
+                lyco => {
+                    p.lyco.insert(lyco, Matrix { values, shape });
+                }
             }
         }
         let mut modules = Vec::new();
-        for (base, p) in parts {
+        for (base, mut p) in parts {
+            if !p.refused.is_empty() {
+                unsupported.append(&mut p.refused);
+                unsupported.extend(p.lyco.keys().map(|r| format!("{base}.{r}")));
+                continue;
+            }
             let (name, target) = PREFIXES
                 .iter()
                 .find_map(|(pre, target)| base.strip_prefix(pre).map(|n| (n.to_owned(), *target)))
@@ -195,6 +276,13 @@ impl LoraFile {
                 }
                 (None, None) => {}
             }
+            if let Some(update) = lycoris(&mut p.lyco, p.alpha, &base, &bad)? {
+                modules.push(LoraModule {
+                    name: name.clone(),
+                    target,
+                    update,
+                });
+            }
             for (values, shape, param) in p.diffs {
                 modules.push(LoraModule {
                     name: name.clone(),
@@ -212,7 +300,7 @@ impl LoraFile {
                 path = %path.display(),
                 keys = unsupported.len(),
                 first = unsupported[0].as_str(),
-                "LoRA keys of an unsupported kind (LoHa, LoKr, ...) are ignored"
+                "LoRA keys of an unsupported kind (Tucker cores, unknown suffixes) are ignored"
             );
         }
         Ok(LoraFile {
@@ -236,4 +324,52 @@ impl LoraFile {
     pub fn unsupported(&self) -> &[String] {
         &self.unsupported
     }
+}
+
+/// A LoHa or LoKr update from its tensors by role (`None` when there are none); a module
+/// missing one of its tensors is an error naming it.
+fn lycoris(
+    lyco: &mut BTreeMap<&'static str, Matrix>,
+    alpha: Option<f32>,
+    base: &str,
+    bad: &dyn Fn(&str, String) -> Error,
+) -> Result<Option<Update>, Error> {
+    if lyco.is_empty() {
+        return Ok(None);
+    }
+    let hada = lyco.keys().any(|k| k.starts_with("hada_"));
+    let missing = |role: &str| {
+        bad(
+            &format!("{base}.{role}"),
+            "is missing from the module".into(),
+        )
+    };
+    if hada {
+        let mut get = |role: &'static str| lyco.remove(role).ok_or_else(|| missing(role));
+        return Ok(Some(Update::Hadamard {
+            w1_a: get("hada_w1_a")?,
+            w1_b: get("hada_w1_b")?,
+            w2_a: get("hada_w2_a")?,
+            w2_b: get("hada_w2_b")?,
+            alpha,
+        }));
+    }
+    let mut factor = |whole: &'static str, a: &'static str, b: &'static str| match (
+        lyco.remove(whole),
+        lyco.remove(a),
+        lyco.remove(b),
+    ) {
+        (Some(w), None, None) => Ok(KronFactor::Whole(w)),
+        (None, Some(a), Some(b)) => Ok(KronFactor::Product(a, b)),
+        (None, Some(_), None) => Err(missing(b)),
+        (None, None, Some(_)) => Err(missing(a)),
+        (None, None, None) => Err(missing(whole)),
+        (Some(_), _, _) => Err(bad(
+            &format!("{base}.{whole}"),
+            "is stored both whole and as a product".into(),
+        )),
+    };
+    let w1 = factor("lokr_w1", "lokr_w1_a", "lokr_w1_b")?;
+    let w2 = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b")?;
+    Ok(Some(Update::Kronecker { w1, w2, alpha }))
 }

@@ -5,8 +5,11 @@
 //!   `lora_te2_*` with `.lora_up.weight`, `.lora_down.weight`, `.alpha`), diffusers / PEFT
 //!   (`*.lora_A.weight` / `*.lora_B.weight`, with or without `unet.`, `transformer.`,
 //!   `text_encoder.`, `text_encoder_2.` or `base_model.model.` prefixes, `.alpha` when
-//!   present), LoCon (convolution LoRA: a k×k down and a 1×1 up), and full-weight differences
-//!   (`.diff`). LoHa and LoKr are not supported: their keys are reported as unmatched.
+//!   present), LoCon (convolution LoRA: a k×k down and a 1×1 up), full-weight differences
+//!   (`.diff`, `.diff_b`), and LyCORIS LoHa (`hada_w1_a/b`, `hada_w2_a/b`) and LoKr
+//!   (`lokr_w1` or `lokr_w1_a/b`, `lokr_w2` or `lokr_w2_a/b`). Tucker cores (`hada_t1/t2`,
+//!   `lokr_t2`, `lora_mid`) are not supported: those modules are listed in
+//!   [`LoraFile::unsupported`] with a warning, not applied.
 //! - Mapping ([`LoraPatch::build`]): every LoRA module is matched against the model's module
 //!   names in diffusers/transformers naming and in the file's own layout (dots or kohya's
 //!   underscores), so the same LoRA applies to a diffusers folder and a single-file
@@ -27,5 +30,5 @@ mod file;
 mod patch;
 
 pub use error::Error;
-pub use file::{LoraFile, LoraModule, Target};
+pub use file::{KronFactor, LoraFile, LoraModule, Matrix, Target, Update};
 pub use patch::{LoraPatch, LoraReport, ModelTensor};

@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData};
 use distorch_core::runtime::WeightPatch;
 
 use crate::error::Error;
-use crate::file::{LoraFile, Target, Update};
+use crate::file::{KronFactor, LoraFile, Matrix, Target, Update};
 
 /// A tensor of the model, as LoRAs may name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +81,76 @@ enum Delta {
         scale: f32,
         offset: usize,
     },
+    Hadamard {
+        a1: Dense,
+        b1: Dense,
+        a2: Dense,
+        b2: Dense,
+        scale: f32,
+        offset: usize,
+    },
+    Kronecker {
+        w1: Factor,
+        w2: Factor,
+        scale: f32,
+        offset: usize,
+    },
+}
+
+/// A matrix ready to upload.
+#[derive(Debug, Clone)]
+struct Dense {
+    values: Arc<[f32]>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Dense {
+    fn of(m: &Matrix) -> Dense {
+        Dense {
+            values: Arc::clone(&m.values),
+            rows: m.rows(),
+            cols: m.cols(),
+        }
+    }
+
+    fn on<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        Tensor::from_data(
+            TensorData::new(self.values.to_vec(), [self.rows, self.cols]),
+            device,
+        )
+    }
+}
+
+/// A LoKr factor: whole, or a product computed on the device.
+#[derive(Debug, Clone)]
+enum Factor {
+    Whole(Dense),
+    Product(Dense, Dense),
+}
+
+impl Factor {
+    /// The factor, its [rows, cols], and the product's rank (`None` when whole); `None` when
+    /// a product's halves do not multiply.
+    fn of(f: &KronFactor) -> Option<(Factor, [usize; 2], Option<usize>)> {
+        match f {
+            KronFactor::Whole(m) => Some((Factor::Whole(Dense::of(m)), [m.rows(), m.cols()], None)),
+            KronFactor::Product(a, b) => (a.cols() == b.rows()).then(|| {
+                (
+                    Factor::Product(Dense::of(a), Dense::of(b)),
+                    [a.rows(), b.cols()],
+                    Some(b.rows()),
+                )
+            }),
+        }
+    }
+
+    fn on<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        match self {
+            Factor::Whole(m) => m.on(device),
+            Factor::Product(a, b) => a.on(device).matmul(b.on(device)),
+        }
+    }
 }
 
 /// LoRA updates by model tensor key: a [`WeightPatch`] for `WeightStore::load`.
@@ -128,7 +198,7 @@ impl LoraPatch {
             for m in &mine {
                 let param = match &m.update {
                     Update::Diff { param, .. } => *param,
-                    Update::LowRank { .. } => "weight",
+                    _ => "weight",
                 };
                 let Some(t) = by_name.get(&(m.name.clone(), param)) else {
                     report.unmatched.push(m.name.clone());
@@ -182,6 +252,56 @@ impl LoraPatch {
                         Delta::Full {
                             values: Arc::clone(values),
                             scale: *strength,
+                            offset,
+                        }
+                    }
+                    Update::Hadamard {
+                        w1_a,
+                        w1_b,
+                        w2_a,
+                        w2_b,
+                        alpha,
+                    } => {
+                        let (rows, rank, cols) = (w1_a.rows(), w1_b.rows(), w1_b.cols());
+                        let fits = w1_a.cols() == rank
+                            && w2_a.rows() == rows
+                            && w2_a.cols() == w2_b.rows()
+                            && w2_b.cols() == cols
+                            && shape.first() == Some(&rows)
+                            && rows * cols == numel;
+                        if !fits {
+                            return Err(shape_err(format!(
+                                "LoHa ({:?}·{:?}) ⊙ ({:?}·{:?}) is not {shape:?}",
+                                w1_a.shape, w1_b.shape, w2_a.shape, w2_b.shape
+                            )));
+                        }
+                        Delta::Hadamard {
+                            a1: Dense::of(w1_a),
+                            b1: Dense::of(w1_b),
+                            a2: Dense::of(w2_a),
+                            b2: Dense::of(w2_b),
+                            scale: strength * alpha.map_or(1.0, |a| a / rank as f32),
+                            offset,
+                        }
+                    }
+                    Update::Kronecker { w1, w2, alpha } => {
+                        let (f1, f2) = (Factor::of(w1), Factor::of(w2));
+                        let (Some((w1, [a, b], r1)), Some((w2, [c, dk], r2))) = (f1, f2) else {
+                            return Err(shape_err("a LoKr factor's halves do not multiply".into()));
+                        };
+                        if shape.first() != Some(&(a * c)) || a * c * b * dk != numel {
+                            return Err(shape_err(format!(
+                                "LoKr [{a}, {b}] ⊗ [{c}, {dk}] is not {shape:?}"
+                            )));
+                        }
+                        let scale = match (alpha, r2.or(r1)) {
+                            (Some(alpha), Some(rank)) => strength * alpha / rank as f32,
+                            _ => *strength,
+                        };
+                        Delta::Kronecker {
+                            w1,
+                            w2,
+                            scale,
                             offset,
                         }
                     }
@@ -248,6 +368,31 @@ impl<B: Backend> WeightPatch<B> for LoraPatch {
                     );
                     let update = up.matmul(down).reshape([rows * cols]).mul_scalar(*scale);
                     (update, *offset)
+                }
+                Delta::Hadamard {
+                    a1,
+                    b1,
+                    a2,
+                    b2,
+                    scale,
+                    offset,
+                } => {
+                    let m1 = a1.on::<B>(&device).matmul(b1.on(&device));
+                    let m2 = a2.on::<B>(&device).matmul(b2.on(&device));
+                    let n = a1.rows * b1.cols;
+                    ((m1 * m2).reshape([n]).mul_scalar(*scale), *offset)
+                }
+                Delta::Kronecker {
+                    w1,
+                    w2,
+                    scale,
+                    offset,
+                } => {
+                    let (x, y) = (w1.on::<B>(&device), w2.on::<B>(&device));
+                    let ([a, b], [c, dk]) = (x.dims(), y.dims());
+                    // kron(x, y)[i·c + k, j·dk + m] = x[i, j] · y[k, m]
+                    let k = x.reshape([a, 1, b, 1]) * y.reshape([1, c, 1, dk]);
+                    (k.reshape([a * c * b * dk]).mul_scalar(*scale), *offset)
                 }
                 Delta::Full {
                     values,

@@ -354,3 +354,69 @@ fn comfyui_keys_on_the_original_layout_patch_a_diffusers_folder() {
         read(&fixture("lora").join("reference.safetensors"), "lora_out"),
     );
 }
+
+#[test]
+fn loha_and_lokr_match_the_fused_reference() {
+    let reference = fixture("lora").join("lycoris_reference.safetensors");
+    let diffusers = fixture("unet_sd").join("diffusion_pytorch_model.safetensors");
+    let ldm = fixture("unet_sd").join("ldm.safetensors");
+    for (file, key) in [
+        ("loha.safetensors", "loha_out"),
+        ("lokr.safetensors", "lokr_out"),
+    ] {
+        let l = [(lora(file), 0.8f32)];
+        assert!(l[0].0.unsupported().is_empty(), "{file}");
+        for weights in [&diffusers, &ldm] {
+            let what = format!("{file} on {}", weights.display());
+            let resident = unet(weights.clone(), false, &l);
+            assert_eq!(resident.lora.matched.len(), 40, "{what}");
+            let out = run(&resident.model);
+            assert_close(&what, out.clone(), read(&reference, key));
+            let offloaded = unet(weights.clone(), true, &l);
+            assert_eq!(
+                bits(out),
+                bits(run(&offloaded.model)),
+                "{what}: offloaded differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn incomplete_lycoris_modules_are_errors_and_tucker_cores_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    let f32s = |n: usize| vec![0u8; 4 * n];
+    let missing = tmp.path().join("loha.safetensors");
+    let (a, b) = (f32s(32 * 2), f32s(2 * 32));
+    write(
+        &missing,
+        &[
+            (format!("{m}.hada_w1_a"), DType::F32, vec![32, 2]),
+            (format!("{m}.hada_w1_b"), DType::F32, vec![2, 32]),
+            (format!("{m}.hada_w2_a"), DType::F32, vec![32, 2]),
+        ],
+        &[&a, &b, &a],
+        &Default::default(),
+    )
+    .unwrap();
+    let e = LoraFile::open(&missing).unwrap_err();
+    assert!(e.to_string().contains(&format!("{m}.hada_w2_b")), "{e}");
+    let tucker = tmp.path().join("tucker.safetensors");
+    let t = f32s(2 * 2 * 3 * 3);
+    write(
+        &tucker,
+        &[
+            (format!("{m}.lokr_w1"), DType::F32, vec![2, 2]),
+            (format!("{m}.lokr_w2_a"), DType::F32, vec![16, 2]),
+            (format!("{m}.lokr_w2_b"), DType::F32, vec![2, 16]),
+            (format!("{m}.lokr_t2"), DType::F32, vec![2, 2, 3, 3]),
+        ],
+        &[&f32s(4), &f32s(32), &f32s(32), &t],
+        &Default::default(),
+    )
+    .unwrap();
+    let f = LoraFile::open(&tucker).unwrap();
+    assert!(f.modules().is_empty());
+    assert_eq!(f.unsupported().len(), 4, "{:?}", f.unsupported());
+}

@@ -116,6 +116,21 @@ impl WanVaeConfig {
                 "attention outside the middle blocks is not implemented",
             );
         }
+        let levels = self.dim_mult.len().saturating_sub(1);
+        let temporal = self
+            .temperal_downsample
+            .iter()
+            .take(levels)
+            .filter(|t| **t)
+            .count();
+        if temporal > 2 {
+            // Encoding runs chunks of four frames (as the reference): at most two halvings.
+            return unsupported(
+                "temperal_downsample",
+                format!("{:?}", self.temperal_downsample),
+                "at most two temporal downsampling levels (chunks of four frames)",
+            );
+        }
         if self.dim_mult.is_empty()
             || self.temperal_downsample.len() + 1 < self.dim_mult.len()
             || self.decoder_base_dim.is_some_and(|d| d != self.base_dim)

@@ -410,6 +410,31 @@ pub(crate) fn units_in_order(expected: Vec<distorch_core::runtime::ExpectedTenso
         .collect()
 }
 
+/// Loads `component`'s `expected` tensors where `plan` puts them and starts a streamer that
+/// follows their order (listed as the forward pass uses them): the step the models' `load`
+/// functions share.
+pub(crate) fn stream_expected<B: Backend>(
+    index: &SafetensorsIndex,
+    component: &Component<'_>,
+    plan: &Plan,
+    devices: &DeviceMap<B>,
+    expected: Vec<distorch_core::runtime::ExpectedTensor>,
+    options: &LoadOptions<'_, B>,
+    lookahead: Lookahead,
+) -> Result<(Arc<Streamer<B>>, LoadReport), Error> {
+    use distorch_core::runtime::{ExecutionOrder, WeightStore};
+    let (store, report) = WeightStore::load(
+        index,
+        component,
+        plan,
+        devices,
+        &options.expecting(&expected),
+    )?;
+    let order = ExecutionOrder::Declared(units_in_order(expected));
+    let streamer = Streamer::with_order(Arc::new(store), lookahead, order)?;
+    Ok((Arc::new(streamer), report))
+}
+
 /// Each tensor of the component with its own module name.
 pub(crate) fn own_modules(component: &Component<'_>) -> Vec<ModelTensor> {
     component

@@ -10,14 +10,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use distorch_alloc::Plan;
 use distorch_core::runtime::{
-    DeviceMap, ExecutionOrder, ExpectedTensor, LoadOptions, LoadReport, Lookahead, Streamer,
-    WeightStore,
+    DeviceMap, ExpectedTensor, LoadOptions, LoadReport, Lookahead, Streamer,
 };
 use distorch_core::{Component, ComponentKind, SafetensorsIndex};
 use serde::Deserialize;
 
 use crate::error::Error;
-use crate::loader::{Model, shape_map, to_usize, units_in_order};
+use crate::loader::{Model, shape_map, stream_expected, to_usize, units_in_order};
 use crate::nn::{Weights, gelu_tanh, rms_norm};
 
 /// The fields of a transformers `UMT5Config` (or `T5Config`) the encoder uses.
@@ -214,19 +213,13 @@ impl<B: Backend> Umt5Encoder<B> {
         config.check()?;
         let tokens = Self::tokens_unit(component);
         let expected = Self::expected_tensors(&config, tokens);
-        let order = ExecutionOrder::Declared(units_in_order(expected.clone()));
-        let (store, report) = WeightStore::load(
-            index,
-            component,
-            plan,
-            devices,
-            &options.expecting(&expected),
+        let (streamer, report) = stream_expected(
+            index, component, plan, devices, expected, options, lookahead,
         )?;
-        let streamer = Streamer::with_order(Arc::new(store), lookahead, order)?;
         Ok((
             Umt5Encoder {
                 config,
-                streamer: Arc::new(streamer),
+                streamer,
                 tokens,
             },
             report,

@@ -15,8 +15,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use distorch_alloc::Plan;
 use distorch_core::runtime::{
-    DeviceMap, ExecutionOrder, ExpectedTensor, LoadOptions, LoadReport, Lookahead, Streamer,
-    WeightStore,
+    DeviceMap, ExpectedTensor, LoadOptions, LoadReport, Lookahead, Streamer,
 };
 use distorch_core::{Component, ComponentKind, SafetensorsIndex, units};
 use distorch_lora::ModelTensor;
@@ -25,7 +24,7 @@ use serde::Deserialize;
 pub use crate::wan_keys::WanLayout;
 
 use crate::error::Error;
-use crate::loader::{Model, shape_map, to_usize, units_in_order};
+use crate::loader::{Model, shape_map, stream_expected, to_usize, units_in_order};
 use crate::nn::{
     Weights, attention, gelu_tanh, layer_norm_plain, rms_norm, silu, timestep_embedding,
 };
@@ -327,20 +326,14 @@ impl<B: Backend> WanTransformer<B> {
         config.check()?;
         let layout = WanLayout::of(component);
         let expected = Self::expected_in(&config, layout);
-        let order = ExecutionOrder::Declared(units_in_order(expected.clone()));
-        let (store, report) = WeightStore::load(
-            index,
-            component,
-            plan,
-            devices,
-            &options.expecting(&expected),
+        let (streamer, report) = stream_expected(
+            index, component, plan, devices, expected, options, lookahead,
         )?;
-        let streamer = Streamer::with_order(Arc::new(store), lookahead, order)?;
         Ok((
             WanTransformer {
                 config,
                 layout,
-                streamer: Arc::new(streamer),
+                streamer,
             },
             report,
         ))

@@ -15,14 +15,13 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use distorch_alloc::Plan;
 use distorch_core::runtime::{
-    DeviceMap, ExecutionOrder, ExpectedTensor, LoadOptions, LoadReport, Lookahead, Streamer,
-    WeightStore,
+    DeviceMap, ExpectedTensor, LoadOptions, LoadReport, Lookahead, Streamer,
 };
 use distorch_core::{Component, ComponentKind, SafetensorsIndex, units};
 use serde::Deserialize;
 
 use crate::error::Error;
-use crate::loader::{Model, shape_map, to_usize, units_in_order};
+use crate::loader::{Model, shape_map, stream_expected, to_usize, units_in_order};
 use crate::nn::{Weights, silu};
 use crate::wan_vae_blocks::{CausalCache, Layers};
 
@@ -475,20 +474,14 @@ impl<B: Backend> WanVae<B> {
         config.check()?;
         let layout = WanVaeLayout::of(component);
         let expected = Self::expected_in(&config, layout);
-        let order = ExecutionOrder::Declared(units_in_order(expected.clone()));
-        let (store, report) = WeightStore::load(
-            index,
-            component,
-            plan,
-            devices,
-            &options.expecting(&expected),
+        let (streamer, report) = stream_expected(
+            index, component, plan, devices, expected, options, lookahead,
         )?;
-        let streamer = Streamer::with_order(Arc::new(store), lookahead, order)?;
         Ok((
             WanVae {
                 config,
                 layout,
-                streamer: Arc::new(streamer),
+                streamer,
             },
             report,
         ))

@@ -26,7 +26,7 @@ use burn::tensor::backend::Backend;
 use clap::Parser;
 use distorch::alloc::DeviceKind;
 use distorch::core::runtime::{DeviceMap, ExpectedTensor, Lookahead};
-use distorch::core::safetensors::write;
+use distorch::core::write_random;
 use distorch::models::t5_tokenizer::T5Tokenizer;
 use distorch::models::umt5::{Umt5Config, Umt5Encoder};
 use distorch::models::wan_dit::{WanDitConfig, WanTransformer};
@@ -236,46 +236,19 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     Ok(())
 }
 
-fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
-
-/// Random bf16 weights for `expected` (norm scales near 1, others scaled by fan-in).
+/// Random bf16 weights for `expected` (see `distorch::core::write_random`).
 fn write_weights(path: &Path, expected: Vec<ExpectedTensor>, seed: u64) -> Result<(), Failure> {
-    let mut specs = Vec::new();
-    let mut data: Vec<Vec<u8>> = Vec::new();
-    for (i, e) in expected.into_iter().enumerate() {
-        let n: usize = e.shape.iter().product();
-        let fan_in: usize = e.shape.iter().skip(1).product::<usize>().max(1);
-        let norm = e.name.ends_with("gamma")
-            || (e.name.contains("norm") && e.name.ends_with("weight") && e.shape.len() == 1);
-        let v = values(seed * 1000 + i as u64 + 1, n, 2.0 / (fan_in as f32).sqrt());
-        let v: Vec<f32> = if norm {
-            v.iter().map(|x| 1.0 + 0.1 * x).collect()
-        } else {
-            v
-        };
-        data.push(
-            v.iter()
-                .flat_map(|f| half::bf16::from_f32(*f).to_le_bytes())
-                .collect(),
-        );
-        specs.push((
-            e.name,
-            DType::BF16,
-            e.shape.iter().map(|&d| d as u64).collect(),
-        ));
-    }
-    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
-    write(path, &specs, &refs, &BTreeMap::new())?;
+    let specs: Vec<_> = expected
+        .into_iter()
+        .map(|e| {
+            (
+                e.name,
+                DType::BF16,
+                e.shape.iter().map(|&d| d as u64).collect(),
+            )
+        })
+        .collect();
+    write_random(path, &specs, seed, &BTreeMap::new())?;
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use distorch::core::runtime::Lookahead;
-use distorch::core::safetensors::write;
+use distorch::core::write_random;
 use distorch::models::wan_dit::{WanDitConfig, WanDitInput, WanTransformer};
 use distorch::models::{ComponentOptions, Loaded, Placement, load_model};
 use distorch::{BlockSwap, DType, DeviceGraph, DeviceId, PlanRequest};
@@ -45,46 +45,26 @@ fn config(blocks: usize) -> WanDitConfig {
     }
 }
 
-/// Writes the checkpoint (original layout, bf16) unless it is there.
+/// Writes the checkpoint (original layout, bf16, `distorch::core::write_random`'s weights)
+/// unless it is there.
 fn write_model(path: &std::path::Path, c: &WanDitConfig) -> Result<(), distorch::Error> {
     if path.exists() {
         return Ok(());
     }
-    let mut specs = Vec::new();
-    let mut data: Vec<Vec<u8>> = Vec::new();
-    for (i, e) in WanTransformer::<distorch::backends::NdArray>::expected_in(
+    let specs: Vec<_> = WanTransformer::<distorch::backends::NdArray>::expected_in(
         c,
         distorch::models::wan_dit::WanLayout::Original,
     )
     .into_iter()
-    .enumerate()
-    {
-        let n: usize = e.shape.iter().product();
-        let fan_in = if e.shape.len() > 1 {
-            e.shape[1..].iter().product::<usize>()
-        } else {
-            1
-        };
-        let norm = e.name.contains("norm") && e.shape.len() == 1;
-        let v = values(i as u64 + 1, n, 2.0 / (fan_in as f32).sqrt());
-        let v: Vec<f32> = if norm {
-            v.iter().map(|x| 1.0 + x).collect()
-        } else {
-            v
-        };
-        data.push(
-            v.iter()
-                .flat_map(|f| half::bf16::from_f32(*f).to_le_bytes())
-                .collect(),
-        );
-        specs.push((
+    .map(|e| {
+        (
             e.name,
             DType::BF16,
             e.shape.iter().map(|&d| d as u64).collect(),
-        ));
-    }
-    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
-    write(path, &specs, &refs, &BTreeMap::new())?;
+        )
+    })
+    .collect();
+    write_random(path, &specs, 1, &BTreeMap::new())?;
     Ok(())
 }
 

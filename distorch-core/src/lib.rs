@@ -28,7 +28,7 @@ pub mod safetensors;
 pub mod units;
 
 pub use components::{Component, ComponentKind, Split};
-pub use demo::DemoModel;
+pub use demo::{DemoModel, write_random};
 pub use dtype::DType;
 pub use error::Error;
 pub use memory::{DeviceMemory, MemoryProbe};

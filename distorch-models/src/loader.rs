@@ -410,6 +410,25 @@ pub(crate) fn units_in_order(expected: Vec<distorch_core::runtime::ExpectedTenso
         .collect()
 }
 
+/// `expected` with each tensor's unit renamed by `unit` (a model's own names to a file
+/// layout's), its parameter suffix kept.
+pub(crate) fn rename_units(
+    expected: Vec<distorch_core::runtime::ExpectedTensor>,
+    unit: impl Fn(&str) -> String,
+) -> Vec<distorch_core::runtime::ExpectedTensor> {
+    expected
+        .into_iter()
+        .map(|e| {
+            let own = units::unit_name(&e.name);
+            let name = format!("{}{}", unit(own), &e.name[own.len()..]);
+            distorch_core::runtime::ExpectedTensor {
+                name,
+                shape: e.shape,
+            }
+        })
+        .collect()
+}
+
 /// Loads `component`'s `expected` tensors where `plan` puts them and starts a streamer that
 /// follows their order (listed as the forward pass uses them): the step the models' `load`
 /// functions share.

@@ -24,7 +24,7 @@ use serde::Deserialize;
 pub use crate::wan_keys::WanLayout;
 
 use crate::error::Error;
-use crate::loader::{Model, shape_map, stream_expected, to_usize, units_in_order};
+use crate::loader::{Model, rename_units, shape_map, stream_expected, to_usize, units_in_order};
 use crate::nn::{
     Weights, attention, gelu_tanh, layer_norm_plain, rms_norm, silu, timestep_embedding,
 };
@@ -299,17 +299,7 @@ impl<B: Backend> WanTransformer<B> {
 
     /// [`WanTransformer::expected_tensors`] in `layout`.
     pub fn expected_in(c: &WanDitConfig, layout: WanLayout) -> Vec<ExpectedTensor> {
-        Self::expected_tensors(c)
-            .into_iter()
-            .map(|e| {
-                let unit = units::unit_name(&e.name);
-                let param = &e.name[unit.len()..];
-                ExpectedTensor {
-                    name: format!("{}{param}", layout.unit(unit)),
-                    shape: e.shape,
-                }
-            })
-            .collect()
+        rename_units(Self::expected_tensors(c), |unit| layout.unit(unit))
     }
 
     /// Loads the model from `component` of `index` at the homes `plan` gives (either key

@@ -17,11 +17,11 @@ use distorch_alloc::Plan;
 use distorch_core::runtime::{
     DeviceMap, ExpectedTensor, LoadOptions, LoadReport, Lookahead, Streamer,
 };
-use distorch_core::{Component, ComponentKind, SafetensorsIndex, units};
+use distorch_core::{Component, ComponentKind, SafetensorsIndex};
 use serde::Deserialize;
 
 use crate::error::Error;
-use crate::loader::{Model, shape_map, stream_expected, to_usize, units_in_order};
+use crate::loader::{Model, rename_units, shape_map, stream_expected, to_usize, units_in_order};
 use crate::nn::{Weights, silu};
 use crate::wan_vae_blocks::{CausalCache, Layers};
 
@@ -448,17 +448,9 @@ impl<B: Backend> WanVae<B> {
 
     /// [`WanVae::expected_tensors`] in `layout`.
     pub fn expected_in(c: &WanVaeConfig, layout: WanVaeLayout) -> Vec<ExpectedTensor> {
-        Self::expected_tensors(c)
-            .into_iter()
-            .map(|e| {
-                let unit = units::unit_name(&e.name);
-                let param = &e.name[unit.len()..];
-                ExpectedTensor {
-                    name: format!("{}{param}", layout.unit(unit, c.num_res_blocks)),
-                    shape: e.shape,
-                }
-            })
-            .collect()
+        rename_units(Self::expected_tensors(c), |unit| {
+            layout.unit(unit, c.num_res_blocks)
+        })
     }
 
     /// Loads the VAE from `component` of `index` at the homes `plan` gives (either layout).

@@ -64,6 +64,23 @@ fn zero_frames<B: Backend>(x: &Tensor<B, 5>, n: usize) -> Tensor<B, 5> {
     Tensor::zeros([b, c, n, h, w], &x.device())
 }
 
+/// `x` after `context` frames of causal context: the cached frames `old`, zero frames in
+/// front of them for what they lack (all zeros without a cache).
+fn with_context<B: Backend>(
+    old: Option<Tensor<B, 5>>,
+    x: Tensor<B, 5>,
+    context: usize,
+) -> Tensor<B, 5> {
+    let have = old.as_ref().map_or(0, |o| o.dims()[2]);
+    let mut parts = Vec::with_capacity(3);
+    if have < context {
+        parts.push(zero_frames(&x, context - have));
+    }
+    parts.extend(old);
+    parts.push(x);
+    Tensor::cat(parts, 2)
+}
+
 /// A 3-D convolution (no padding) as a sum over the kernel's time taps of 2-D convolutions
 /// over frames folded into the batch (the 2-D ones use the fast path on ndarray).
 pub(crate) fn conv3d<B: Backend>(
@@ -148,7 +165,7 @@ impl<B: Backend> Layers<'_, B> {
             return Ok(conv3d(pad_hw(x, pad), w, bias, 1));
         }
         let input = match cache {
-            None => Tensor::cat(vec![zero_frames(&x, context), x], 2),
+            None => with_context(None, x, context),
             Some(cache) => {
                 let (slot, old) = cache.take();
                 let mut keep = last_frames(&x, context);
@@ -157,15 +174,8 @@ impl<B: Backend> Layers<'_, B> {
                 }
                 cache.put(slot, Cached::Frames(keep));
                 match old {
-                    Some(Cached::Frames(o)) => {
-                        let missing = context.saturating_sub(o.dims()[2]);
-                        let mut parts = vec![o, x];
-                        if missing > 0 {
-                            parts.insert(0, zero_frames(&parts[1], missing));
-                        }
-                        Tensor::cat(parts, 2)
-                    }
-                    _ => Tensor::cat(vec![zero_frames(&x, context), x], 2),
+                    Some(Cached::Frames(o)) => with_context(Some(o), x, context),
+                    _ => with_context(None, x, context),
                 }
             }
         };
@@ -293,15 +303,8 @@ impl<B: Backend> Layers<'_, B> {
                     }
                     let (w, bias) = self.weights(&format!("{name}.time_conv"))?;
                     let input = match old {
-                        Cached::Frames(o) => {
-                            let missing = 2usize.saturating_sub(o.dims()[2]);
-                            let mut parts = vec![o, x.clone()];
-                            if missing > 0 {
-                                parts.insert(0, zero_frames(&x, missing));
-                            }
-                            Tensor::cat(parts, 2)
-                        }
-                        Cached::Rep => Tensor::cat(vec![zero_frames(&x, 2), x.clone()], 2),
+                        Cached::Frames(o) => with_context(Some(o), x, 2),
+                        Cached::Rep => with_context(None, x, 2),
                     };
                     cache.put(slot, Cached::Frames(keep));
                     let y = conv3d(input, w, bias, 1);

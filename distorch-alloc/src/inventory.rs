@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use crate::bytesize::ByteSize;
+use crate::device::DeviceId;
 use crate::error::Error;
 
 /// What a placement unit is, which decides whether it may leave the compute device.
@@ -47,12 +48,22 @@ impl fmt::Display for UnitKind {
 
 /// A placement unit: one leaf weight group (a Linear's, Conv's, Norm's or Embedding's tensors),
 /// placed on one device as a whole.
+///
+/// A unit has one size per kind of home, because a backend may hold weights in another dtype
+/// than the file's: [`Unit::bytes`] in host memory (`cpu` as a donor), [`Unit::device_bytes`]
+/// on a device (the compute device, a GPU donor, or `cpu` when it is the compute device).
+/// The planner counts each unit at the size it has where it is placed, so a plan's bytes per
+/// device are the bytes the loaded weights occupy there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Unit {
     /// The unit's name: the common key prefix of its tensors (`...attn1.to_q`).
     pub name: String,
-    /// Bytes of all its tensors as stored.
+    /// Bytes of all its tensors in host memory (as stored in the file, unless loading
+    /// changes their dtype).
     pub bytes: ByteSize,
+    /// Bytes of all its tensors at a device home (equal to `bytes` unless the backend holds
+    /// them in another dtype: f32 on a backend without half types, say).
+    pub device_bytes: ByteSize,
     /// Position in execution order (smaller runs earlier); ties keep insertion order.
     pub order: u32,
     /// What it is.
@@ -60,15 +71,43 @@ pub struct Unit {
 }
 
 impl Unit {
-    /// A unit.
+    /// A unit of the same size at every home.
     pub fn new(name: impl Into<String>, bytes: ByteSize, order: u32, kind: UnitKind) -> Unit {
         Unit {
             name: name.into(),
             bytes,
+            device_bytes: bytes,
             order,
             kind,
         }
     }
+
+    /// The same unit, occupying `bytes` at a device home.
+    pub fn with_device_bytes(mut self, bytes: ByteSize) -> Unit {
+        self.device_bytes = bytes;
+        self
+    }
+
+    /// Its size at `device` when `compute` is the compute device: host bytes when `device` is
+    /// `cpu` holding weights for another device, device bytes otherwise.
+    pub fn bytes_on(&self, device: DeviceId, compute: DeviceId) -> ByteSize {
+        if device == DeviceId::CPU && compute != DeviceId::CPU {
+            self.bytes
+        } else {
+            self.device_bytes
+        }
+    }
+}
+
+/// The dtypes a component is planned with, shown in the plan's report.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct DtypeLabels {
+    /// The weights' dtypes as stored (`F16`, or `F16+F32` for a mix).
+    pub storage: String,
+    /// How each home holds them, when that differs from storage (`f32 at device homes`).
+    pub held: Option<String>,
+    /// The dtype the forward pass computes in (`f32`, `f16`, `bf16`).
+    pub compute: String,
 }
 
 /// The placement units of one model component, sorted by execution order.
@@ -77,6 +116,7 @@ pub struct Inventory {
     component: String,
     units: Vec<Unit>,
     total: ByteSize,
+    dtypes: Option<DtypeLabels>,
 }
 
 impl Inventory {
@@ -94,17 +134,35 @@ impl Inventory {
                 });
             }
             total = total
-                .checked_add(u.bytes)
+                .checked_add(u.bytes.max(u.device_bytes))
                 .ok_or_else(|| Error::InventoryTooLarge {
                     component: component.clone(),
                 })?;
         }
+        let total = units.iter().map(|u| u.bytes).sum();
         units.sort_by_key(|u| u.order);
         Ok(Inventory {
             component,
             units,
             total,
+            dtypes: None,
         })
+    }
+
+    /// The same inventory, labelled with its dtypes (shown in plan reports).
+    pub fn with_dtypes(mut self, dtypes: DtypeLabels) -> Inventory {
+        self.dtypes = Some(dtypes);
+        self
+    }
+
+    /// Its dtype labels, if given.
+    pub fn dtypes(&self) -> Option<&DtypeLabels> {
+        self.dtypes.as_ref()
+    }
+
+    /// Sum of all units' bytes at `device` when `compute` computes ([`Unit::bytes_on`]).
+    pub fn bytes_on(&self, device: DeviceId, compute: DeviceId) -> ByteSize {
+        self.units.iter().map(|u| u.bytes_on(device, compute)).sum()
     }
 
     /// The same units in the order `order` names them (a model's real execution order);
@@ -126,6 +184,7 @@ impl Inventory {
             component: self.component.clone(),
             units,
             total: self.total,
+            dtypes: self.dtypes.clone(),
         }
     }
 
@@ -139,7 +198,7 @@ impl Inventory {
         &self.units
     }
 
-    /// Sum of all units' bytes.
+    /// Sum of all units' bytes in host memory ([`Unit::bytes`]).
     pub fn total_bytes(&self) -> ByteSize {
         self.total
     }

@@ -91,7 +91,7 @@ pub use bytesize::{ByteSize, UNITS};
 pub use device::{DeviceId, DeviceKind, parse_device_list};
 pub use error::{Error, Grammar, ParseError, ParseErrorKind};
 pub use graph::{DeviceGraph, DeviceInfo};
-pub use inventory::{Inventory, Unit, UnitKind};
+pub use inventory::{DtypeLabels, Inventory, Unit, UnitKind};
 pub use plan::{DeviceRow, PlacedUnit, Plan, Quota, Role, Warning};
 pub use planner::plan;
 pub use request::{

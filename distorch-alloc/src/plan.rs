@@ -152,6 +152,7 @@ pub struct Plan {
     pub(crate) compute: DeviceId,
     pub(crate) order: PlacementOrder,
     pub(crate) total: ByteSize,
+    pub(crate) dtypes: Option<crate::inventory::DtypeLabels>,
     pub(crate) rows: Vec<DeviceRow>,
     /// Index into `rows` of the device that took the rest, if any.
     pub(crate) sink: Option<usize>,
@@ -175,9 +176,15 @@ impl Plan {
         self.order
     }
 
-    /// Bytes of the whole model.
+    /// Bytes of the whole model as placed: the sum of every unit's bytes at its home (the
+    /// file's size, unless a home holds weights in another dtype).
     pub fn total_bytes(&self) -> ByteSize {
         self.total
+    }
+
+    /// The dtypes the component was planned with, if its inventory was labelled.
+    pub fn dtypes(&self) -> Option<&crate::inventory::DtypeLabels> {
+        self.dtypes.as_ref()
     }
 
     /// One row per device involved, compute first when it was not named by the allocation.

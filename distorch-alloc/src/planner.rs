@@ -29,20 +29,21 @@ pub fn plan(
 ) -> Result<Plan, Error> {
     let units = inventory.units();
     let pinned: Vec<bool> = units.iter().map(|u| is_pinned(u, &request.pin)).collect();
+    // Pinned units live on the compute device: at their device size.
     let pinned_bytes: ByteSize = units
         .iter()
         .zip(&pinned)
         .filter(|(_, p)| **p)
-        .map(|(u, _)| u.bytes)
+        .map(|(u, _)| u.device_bytes)
         .sum();
     let movable: Vec<usize> = (0..units.len()).filter(|&i| !pinned[i]).collect();
-    let movable_bytes = inventory.total_bytes().saturating_sub(pinned_bytes);
+    // Virtual VRAM is counted at the donors, like DisTorch2's (the model bytes they take);
+    // donors in host memory hold a unit at its host size.
+    let movable_bytes: ByteSize = movable.iter().map(|&i| units[i].bytes).sum();
 
     let mut warnings = Vec::new();
     let layout = match &request.allocation {
-        Allocation::Expert { spec, compute } => {
-            expert_layout(spec, *compute, inventory.total_bytes(), graph)?
-        }
+        Allocation::Expert { spec, compute } => expert_layout(spec, *compute, inventory, graph)?,
         Allocation::VirtualVram(vv) => vv_layout(vv, movable_bytes, graph, &mut warnings)?,
         Allocation::BlockSwap(swap) => {
             return crate::block_swap::plan(swap, request, inventory, graph);
@@ -57,6 +58,7 @@ pub fn plan(
     let visit = visiting_order(request.order, movable.len());
     let mut dealer = Dealer {
         units,
+        compute: layout.compute,
         movable: &movable,
         visit: &visit,
         assignment: &mut assignment,
@@ -176,7 +178,7 @@ fn deal_budgets(
         if let Some(left) = vv_left {
             budget = budget.min(left);
         }
-        let taken = dealer.deal(r, budget, order);
+        let taken = dealer.deal(r, row.info.id, budget, order);
         vv_left = vv_left.map(|l| l.saturating_sub(taken));
     }
 }
@@ -185,7 +187,7 @@ fn is_pinned(unit: &Unit, pin: &PinPolicy) -> bool {
     match unit.kind {
         UnitKind::Norm | UnitKind::Bias => true,
         UnitKind::Embedding if pin.embeddings == EmbeddingPolicy::Pinned => true,
-        _ => unit.bytes < pin.tiny_threshold,
+        _ => unit.device_bytes < pin.tiny_threshold,
     }
 }
 
@@ -217,11 +219,13 @@ pub(crate) struct Layout {
 fn expert_layout(
     spec: &AllocSpec,
     compute: Option<DeviceId>,
-    model_total: ByteSize,
+    inventory: &Inventory,
     graph: &DeviceGraph,
 ) -> Result<Layout, Error> {
     let first = spec.entries().first().ok_or(Error::EmptyAllocation)?;
     let compute = compute.unwrap_or(first.device);
+    // A ratio is a share of the model at the size it has on that device.
+    let model_total = |device: DeviceId| inventory.bytes_on(device, compute);
     let compute_info = *graph.require(compute, "compute device")?;
     let ratio = if spec.mode() == Some(Mode::Ratio) {
         let (weights, sum, scale) = spec
@@ -254,7 +258,8 @@ fn expert_layout(
             Value::Ratio(_) => {
                 let (weights, whole) = ratio.as_ref().expect("ratio mode");
                 let w = weights[i].unwrap_or(0);
-                let q = mul_div_floor(u128::from(model_total.0), w, *whole).unwrap_or(0);
+                let total = model_total(e.device);
+                let q = mul_div_floor(u128::from(total.0), w, *whole).unwrap_or(0);
                 Quota::Bytes(ByteSize(u64::try_from(q).unwrap_or(u64::MAX)))
             }
         };
@@ -313,6 +318,8 @@ fn visiting_order(order: PlacementOrder, n: usize) -> Vec<usize> {
 /// Deals movable units to rows.
 struct Dealer<'a> {
     units: &'a [Unit],
+    /// The compute device (a unit's size depends on where it goes, [`Unit::bytes_on`]).
+    compute: DeviceId,
     movable: &'a [usize],
     visit: &'a [usize],
     assignment: &'a mut [Option<usize>],
@@ -321,14 +328,23 @@ struct Dealer<'a> {
 }
 
 impl Dealer<'_> {
-    /// Gives `row` units up to `budget` bytes; returns the bytes given.
-    fn deal(&mut self, row: usize, budget: ByteSize, order: PlacementOrder) -> ByteSize {
+    /// Gives `row` (on `device`) units up to `budget` bytes, each counted at its size there
+    /// ([`Unit::bytes_on`]); returns the bytes given.
+    fn deal(
+        &mut self,
+        row: usize,
+        device: DeviceId,
+        budget: ByteSize,
+        order: PlacementOrder,
+    ) -> ByteSize {
         let mut left = budget.0;
+        let compute = self.compute;
+        let size = |u: &Unit| u.bytes_on(device, compute).0;
         match order {
             PlacementOrder::Interleave => {
                 for &m in self.visit {
                     let u = self.movable[m];
-                    let b = self.units[u].bytes.0;
+                    let b = size(&self.units[u]);
                     if self.assignment[u].is_none() && b <= left {
                         self.assignment[u] = Some(row);
                         left -= b;
@@ -337,7 +353,7 @@ impl Dealer<'_> {
             }
             PlacementOrder::Tail => {
                 while let Some(&u) = self.movable.get(self.cursor) {
-                    let b = self.units[u].bytes.0;
+                    let b = size(&self.units[u]);
                     if b > left {
                         break;
                     }
@@ -401,14 +417,15 @@ pub(crate) fn finish(
     for ((u, a), &p) in inventory.units().iter().zip(assignment).zip(pinned) {
         let r = a.expect("every unit is assigned by now");
         let row = &mut rows[r];
-        row.model_bytes += u.bytes;
+        let bytes = u.bytes_on(row.device, layout.compute);
+        row.model_bytes += bytes;
         row.units += 1;
         if p {
-            row.pinned_bytes += u.bytes;
+            row.pinned_bytes += bytes;
         }
         placed.push(PlacedUnit {
             name: u.name.clone(),
-            bytes: u.bytes,
+            bytes,
             kind: u.kind,
             device: row.device,
             pinned: p,
@@ -440,11 +457,13 @@ pub(crate) fn finish(
             warnings.push(Warning::RemainderToCpu { bytes });
         }
     }
+    let total = rows.iter().map(|r| r.model_bytes).sum();
     Ok(Plan {
         component: inventory.component().to_owned(),
         compute: layout.compute,
         order: request.order,
-        total: inventory.total_bytes(),
+        total,
+        dtypes: inventory.dtypes().cloned(),
         rows,
         sink: layout.sink,
         units: placed,

@@ -22,6 +22,13 @@ pub(crate) fn render(plan: &Plan, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         plan.compute(),
         plan.order()
     )?;
+    if let Some(d) = plan.dtypes() {
+        write!(f, "dtypes: storage {}, compute {}", d.storage, d.compute)?;
+        if let Some(held) = &d.held {
+            write!(f, " ({held})")?;
+        }
+        writeln!(f)?;
+    }
     let header = [
         "device",
         "role",

@@ -434,3 +434,60 @@ fn block_swap_errors_name_what_is_wrong() {
     let e = plan(&PlanRequest::block_swap(unknown), &dit(2), &graph()).unwrap_err();
     assert!(matches!(e, Error::UnknownDevice { .. }), "{e}");
 }
+
+/// A model whose weights a backend holds at twice their file size on devices (f16 files on a
+/// backend that computes from f32 copies).
+fn widened(n: u32) -> Inventory {
+    let units = (0..n)
+        .map(|i| {
+            Unit::new(format!("w{i}"), ByteSize::mib(100), i, UnitKind::Weight)
+                .with_device_bytes(ByteSize::mib(200))
+        })
+        .collect();
+    Inventory::new("unet", units).unwrap()
+}
+
+#[test]
+fn units_count_at_their_size_where_they_are_placed() {
+    // 450 MiB on cuda:0 holds two widened weights (400 MiB), not four file-sized ones.
+    let p = plan(&expert("cuda:0,450mib;cpu,*"), &widened(6), &graph()).unwrap();
+    assert_eq!(bytes_on(&p, "cuda:0"), 400 * MIB);
+    assert_eq!(weights_on(&p, "cuda:0").len(), 2);
+    // On cpu as a donor they keep their file size.
+    assert_eq!(bytes_on(&p, "cpu"), 400 * MIB);
+    assert_eq!(p.total_bytes().bytes(), 800 * MIB);
+    // A GPU donor holds device copies too.
+    let p = plan(
+        &expert("cuda:0,0b;cuda:1,400mib;cpu,*"),
+        &widened(6),
+        &graph(),
+    )
+    .unwrap();
+    assert_eq!(weights_on(&p, "cuda:1").len(), 2);
+    assert_eq!(bytes_on(&p, "cpu"), 400 * MIB);
+    // With cpu as the compute device, weights are device copies there.
+    let p = plan(&expert("cpu,*"), &widened(3), &graph()).unwrap();
+    assert_eq!(bytes_on(&p, "cpu"), 600 * MIB);
+    // Ratios are shares of the model at the device's size for it.
+    let p = plan(&expert("cuda:0,50%;cpu,*"), &widened(4), &graph()).unwrap();
+    assert_eq!(bytes_on(&p, "cuda:0"), 400 * MIB);
+    assert_eq!(bytes_on(&p, "cpu"), 200 * MIB);
+    // The reproducing strings give the same placement back.
+    let again = plan(&expert(&p.bytes_string()), &widened(4), &graph()).unwrap();
+    assert_eq!(again.units(), p.units());
+}
+
+#[test]
+fn plan_reports_name_their_dtypes() {
+    let inv = widened(2).with_dtypes(distorch_alloc::DtypeLabels {
+        storage: "F16".into(),
+        held: Some("f32 at device homes".into()),
+        compute: "f32".into(),
+    });
+    let p = plan(&expert("cuda:0,200mib;cpu,*"), &inv, &graph()).unwrap();
+    let report = p.to_string();
+    assert!(
+        report.contains("dtypes: storage F16, compute f32 (f32 at device homes)"),
+        "{report}"
+    );
+}

@@ -47,15 +47,19 @@ fn spec_strategy() -> impl Strategy<Value = String> {
 }
 
 fn inventory_strategy() -> impl Strategy<Value = Inventory> {
-    proptest::collection::vec((1u64..(256 << 20), 0..4u8), 1..200).prop_map(|units| {
+    proptest::collection::vec((1u64..(256 << 20), 0..4u8, 0..3usize), 1..200).prop_map(|units| {
         let units = units
             .into_iter()
             .enumerate()
-            .map(|(i, (bytes, kind))| {
+            .map(|(i, (bytes, kind, widen))| {
                 let kind = UnitKind::ALL[kind as usize % 4];
                 // Mostly weights, as in real models.
                 let kind = if i % 5 == 0 { kind } else { UnitKind::Weight };
+                // At a device home: the file's size (f32, or a GPU backend), twice it (f16 on
+                // a backend that widens to f32) or four times (fp8 widened).
+                let device = ByteSize(bytes * [1, 2, 4][widen]);
                 Unit::new(format!("u{i}"), ByteSize(bytes), i as u32, kind)
+                    .with_device_bytes(device)
             })
             .collect();
         Inventory::new("model", units).unwrap()
@@ -90,7 +94,23 @@ fn placement(p: &Plan) -> Vec<(String, DeviceId)> {
 /// The invariants every plan keeps.
 fn check_invariants(p: &Plan, inv: &Inventory, pin: &PinPolicy) {
     let placed: u64 = p.devices().iter().map(|r| r.model_bytes.0).sum();
-    assert_eq!(placed, inv.total_bytes().0, "sum of placed bytes == total");
+    // Every unit counts at its size where it is placed: host bytes on `cpu` as a donor,
+    // device bytes anywhere else.
+    let at_home: u64 = p
+        .units()
+        .iter()
+        .zip(inv.units())
+        .map(|(placed, u)| {
+            assert_eq!(placed.name, u.name);
+            assert_eq!(placed.bytes, u.bytes_on(placed.device, p.compute()));
+            placed.bytes.0
+        })
+        .sum();
+    assert_eq!(
+        placed, at_home,
+        "sum of placed bytes == units at their homes"
+    );
+    assert_eq!(placed, p.total_bytes().0);
     assert_eq!(p.units().len(), inv.len());
     for r in p.devices() {
         assert!(r.model_bytes <= r.free, "{} over capacity", r.device);
@@ -107,7 +127,11 @@ fn check_invariants(p: &Plan, inv: &Inventory, pin: &PinPolicy) {
         let must_pin = matches!(
             u.kind,
             UnitKind::Norm | UnitKind::Bias | UnitKind::Embedding
-        ) || u.bytes < pin.tiny_threshold;
+        ) || inv
+            .units()
+            .iter()
+            .find(|i| i.name == u.name)
+            .is_some_and(|i| i.device_bytes < pin.tiny_threshold);
         assert_eq!(u.pinned, must_pin, "{}", u.name);
         if u.pinned {
             assert_eq!(u.device, p.compute(), "pinned {} off compute", u.name);

@@ -138,7 +138,10 @@ fn vv_layout(
         rows,
         compute: vv.compute(),
         sink: Some(0),
-        vv_budget: Some(to_move),
+        // The donors take up to the amount asked for, each unit at its size there: a unit
+        // may be larger on a GPU donor than in host memory, so the amount is not capped at
+        // the model's host bytes (everything movable still fits when it was asked for).
+        vv_budget: Some(vv.amount()),
         cpu_default: false,
     })
 }

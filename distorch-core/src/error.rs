@@ -147,6 +147,39 @@ pub enum Error {
         /// The device.
         device: distorch_alloc::DeviceId,
     },
+    /// The compute device cannot compute in the requested dtype (bf16 on wgpu, f16 on an
+    /// adapter without shader-f16, anything but f32 on ndarray). Found before any weight is
+    /// read.
+    #[error(
+        "`{device}` ({backend}) cannot compute in {dtype}; choose a dtype it supports (f32 \
+         always works)"
+    )]
+    UnsupportedComputeDtype {
+        /// The compute device.
+        device: distorch_alloc::DeviceId,
+        /// The backend's name for it.
+        backend: String,
+        /// The dtype asked for.
+        dtype: crate::home::ComputeDtype,
+    },
+    /// A unit occupies other bytes at its home than its plan says: the plan was made from an
+    /// inventory that does not describe how this backend holds weights (plan with
+    /// `units::inventory_with` and the backend's `runtime::device_rule`).
+    #[error(
+        "unit `{unit}` is planned at {planned} on `{device}` but occupies {held} there; plan \
+         with the inventory for this backend's homes (units::inventory_with, \
+         runtime::device_rule)"
+    )]
+    PlanMismatch {
+        /// The unit.
+        unit: String,
+        /// Its home.
+        device: distorch_alloc::DeviceId,
+        /// Bytes the plan counts.
+        planned: distorch_alloc::ByteSize,
+        /// Bytes it holds there.
+        held: distorch_alloc::ByteSize,
+    },
     /// A planned unit has no tensors in the file.
     #[error("{}: planned unit `{unit}` has no tensors in the file", path.display())]
     UnitNotInFile {

@@ -21,6 +21,7 @@ pub mod components;
 pub mod demo;
 mod dtype;
 mod error;
+pub mod home;
 pub mod memory;
 #[cfg(feature = "runtime")]
 pub mod runtime;
@@ -31,5 +32,6 @@ pub use components::{Component, ComponentKind, Split};
 pub use demo::{DemoModel, write_random};
 pub use dtype::DType;
 pub use error::Error;
+pub use home::{ComputeDtype, DeviceForm, DeviceRule, Homes};
 pub use memory::{DeviceMemory, MemoryProbe};
 pub use safetensors::{SafetensorsIndex, TensorInfo};

@@ -4,10 +4,12 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use distorch_alloc::{ByteSize, Inventory, Unit, UnitKind};
+use distorch_alloc::{ByteSize, DtypeLabels, Inventory, Unit, UnitKind};
 
 use crate::components::Component;
+use crate::dtype::DType;
 use crate::error::Error;
+use crate::home::Homes;
 use crate::safetensors::TensorInfo;
 
 /// Last key segments that name a parameter of a layer rather than a layer.
@@ -93,7 +95,16 @@ pub fn unit_name(tensor: &str) -> &str {
 
 /// Builds the planner's inventory for one component. Unit names keep the component's key
 /// prefix stripped; execution order is approximated from key names (see `SEGMENT_ORDER` in the source).
+///
+/// Units are counted as a GPU backend holds them ([`Homes::default`]); [`inventory_with`]
+/// says how the backend that will load them holds them.
 pub fn inventory(component: &Component<'_>) -> Result<Inventory, Error> {
+    inventory_with(component, &Homes::default())
+}
+
+/// [`inventory`] with each unit's size at host and device homes as `homes` says, and the
+/// dtypes labelled for plan reports.
+pub fn inventory_with(component: &Component<'_>, homes: &Homes<'_>) -> Result<Inventory, Error> {
     let groups = group(component);
     let mut names: Vec<&str> = groups.keys().copied().collect();
     names.sort_by(|a, b| execution_cmp(a, b));
@@ -102,11 +113,27 @@ pub fn inventory(component: &Component<'_>) -> Result<Inventory, Error> {
         .enumerate()
         .map(|(order, &name)| {
             let tensors = &groups[name];
-            let bytes = ByteSize(tensors.iter().map(|t| t.bytes).sum());
-            Unit::new(name, bytes, order as u32, kind_of(name, tensors))
+            let (host, device) = tensors.iter().fold((0u64, 0u64), |(h, d), t| {
+                let (th, td) = homes.bytes(component.local(t), t.dtype, t.numel(), t.bytes);
+                (h.saturating_add(th), d.saturating_add(td))
+            });
+            Unit::new(name, ByteSize(host), order as u32, kind_of(name, tensors))
+                .with_device_bytes(ByteSize(device))
         })
         .collect();
-    Ok(Inventory::new(component.kind.name(), units)?)
+    let mut dtypes: Vec<DType> = component.tensors.iter().map(|t| t.dtype).collect();
+    dtypes.sort();
+    dtypes.dedup();
+    let labels = DtypeLabels {
+        storage: dtypes
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("+"),
+        held: homes.device.describe(&dtypes),
+        compute: homes.compute.name().to_owned(),
+    };
+    Ok(Inventory::new(component.kind.name(), units)?.with_dtypes(labels))
 }
 
 /// A component's tensors grouped by unit name (component prefix stripped).

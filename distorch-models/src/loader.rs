@@ -12,9 +12,11 @@ use burn::tensor::backend::Backend;
 use distorch_alloc::{ByteSize, DeviceGraph, Plan};
 use distorch_core::runtime::{
     DeviceMap, EjectPolicy, LoadOptions, LoadReport, Lookahead, ModelCache, PatchPrecision,
-    Streamer,
+    Streamer, device_rule,
 };
-use distorch_core::{Component, ComponentKind, SafetensorsIndex, components, units};
+use distorch_core::{
+    Component, ComponentKind, ComputeDtype, Homes, SafetensorsIndex, components, units,
+};
 
 use distorch_core::runtime::WeightPatch;
 use distorch_lora::{LoraFile, LoraPatch, LoraReport, ModelTensor, Target};
@@ -304,7 +306,8 @@ where
     let (index, config_file) = open(path)?;
     let c = pick::<B, M>(&index)?;
     let config = resolve::<B, M>(&c, config, config_file)?;
-    let plan = plan::<B, M>(&c, &config, options)?;
+    let lora = component_patch::<B, M>(&config, &c, options)?;
+    let plan = plan::<B, M>(&c, &config, options, &lora.0)?;
     let compute = plan.compute();
     let needed = plan
         .devices()
@@ -313,7 +316,7 @@ where
         .map_or(ByteSize(0), |r| r.model_bytes);
     let capacity = options.graph.get(compute).map_or(ByteSize(0), |d| d.free);
     cache.make_room(compute, needed, capacity, eject)?;
-    let loaded = place::<B, M>(&index, &c, plan, config, options)?;
+    let loaded = place::<B, M>(&index, &c, plan, config, options, lora)?;
     let model = Arc::new(loaded.model);
     cache.insert(id, model.clone(), &loaded.report.bytes_per_device);
     Ok(model)
@@ -328,19 +331,48 @@ pub fn load_component<B: Backend, M: Model<B>>(
     config: M::Config,
     options: &ComponentOptions<B>,
 ) -> Result<Loaded<M>, Error> {
-    let plan = plan::<B, M>(component, &config, options)?;
-    place(index, component, plan, config, options)
+    let lora = component_patch::<B, M>(&config, component, options)?;
+    let plan = plan::<B, M>(component, &config, options, &lora.0)?;
+    place(index, component, plan, config, options, lora)
 }
 
-/// The component's plan: its inventory in the model's execution order, then the placement's
-/// request.
+/// The component's LoRA patch (empty without LoRAs), what it matched, and the tensors as
+/// LoRAs name them: built before planning, since patched fp8 tensors change size.
+fn component_patch<B: Backend, M: Model<B>>(
+    config: &M::Config,
+    component: &Component<'_>,
+    options: &ComponentOptions<B>,
+) -> Result<(LoraPatch, LoraReport, Vec<ModelTensor>), Error> {
+    let tensors = M::lora_tensors(config, component)?;
+    let (patch, report) = match &options.loras {
+        Some(l) => {
+            let files: Vec<(&LoraFile, f32)> = l.files.iter().map(|(f, s)| (&**f, *s)).collect();
+            LoraPatch::build(&files, l.target, &tensors)?
+        }
+        None => (LoraPatch::default(), LoraReport::default()),
+    };
+    Ok((patch, report, tensors))
+}
+
+/// The component's plan: its inventory as this backend will hold it (the compute device's
+/// [`device_rule`](distorch_core::runtime::device_rule), the tensors the LoRAs change) in the
+/// model's execution order, then the placement's request.
 fn plan<B: Backend, M: Model<B>>(
     component: &Component<'_>,
     config: &M::Config,
     options: &ComponentOptions<B>,
+    patch: &LoraPatch,
 ) -> Result<Plan, Error> {
     let order = M::execution_order(config, component)?;
-    let inventory = units::inventory(component)?.in_order(&order);
+    let patched: std::collections::HashSet<&str> = patch.keys().collect();
+    let changed = |key: &str| patched.contains(key);
+    let homes = Homes {
+        device: device_rule::<B>(options.placement.devices.compute()),
+        compute: ComputeDtype::F32,
+        changed: Some(&changed),
+        fp8_changed: options.precision.fp8_changed(),
+    };
+    let inventory = units::inventory_with(component, &homes)?.in_order(&order);
     Ok(distorch_alloc::plan(
         &options.placement.request,
         &inventory,
@@ -348,27 +380,20 @@ fn plan<B: Backend, M: Model<B>>(
     )?)
 }
 
-/// Loads the component where `plan` puts it.
+/// Loads the component where `plan` puts it, with its LoRA patch.
 fn place<B: Backend, M: Model<B>>(
     index: &SafetensorsIndex,
     component: &Component<'_>,
     plan: Plan,
     config: M::Config,
     options: &ComponentOptions<B>,
+    (patch, lora, tensors): (LoraPatch, LoraReport, Vec<ModelTensor>),
 ) -> Result<Loaded<M>, Error> {
     let progress = options.progress.as_ref().map(|p| Arc::clone(&p.0));
     let tick = |bytes: u64| {
         if let Some(p) = &progress {
             p(bytes);
         }
-    };
-    let tensors = M::lora_tensors(&config, component)?;
-    let (patch, lora) = match &options.loras {
-        Some(l) => {
-            let files: Vec<(&LoraFile, f32)> = l.files.iter().map(|(f, s)| (&**f, *s)).collect();
-            LoraPatch::build(&files, l.target, &tensors)?
-        }
-        None => (LoraPatch::default(), LoraReport::default()),
     };
     let load = LoadOptions {
         check_finite: options.check_finite,

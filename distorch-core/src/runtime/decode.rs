@@ -72,6 +72,11 @@ fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Decode
     Ok(())
 }
 
+/// The 256 values of an fp8 dtype (`F8E4M3` or `F8E5M2`), indexed by byte.
+pub(crate) fn fp8_table(dtype: DType) -> &'static [f32; 256] {
+    if dtype == DType::F8E5M2 { &E5M2 } else { &E4M3 }
+}
+
 static E4M3: std::sync::LazyLock<[f32; 256]> =
     std::sync::LazyLock::new(|| std::array::from_fn(|b| f8_e4m3fn(b as u8)));
 static E5M2: std::sync::LazyLock<[f32; 256]> =

@@ -25,6 +25,16 @@ pub enum PatchPrecision {
     },
 }
 
+impl PatchPrecision {
+    /// What a patched fp8 tensor becomes, for planning ([`crate::home::Homes`]).
+    pub fn fp8_changed(self) -> crate::home::Fp8Changed {
+        match self {
+            PatchPrecision::High => crate::home::Fp8Changed::Bf16,
+            PatchPrecision::Fp8Stochastic { .. } => crate::home::Fp8Changed::Fp8,
+        }
+    }
+}
+
 /// Finite values of an fp8 type, ascending, with their codes (one zero).
 fn table(dtype: DType) -> &'static [(f32, u8)] {
     static E4M3: OnceLock<Vec<(f32, u8)>> = OnceLock::new();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use crate::dtype::DType;
-use crate::runtime::decode::to_f32;
+use crate::home::changed_dtype;
 use crate::runtime::fp8::{PatchPrecision, encode_stochastic};
 
 /// Bytes in host memory.
@@ -36,28 +36,16 @@ pub(crate) struct HostTensor {
 }
 
 impl HostTensor {
-    /// The values widened to f32, ready to upload.
-    pub(crate) fn decode(&self) -> Vec<f32> {
-        // Loading checked that the dtype decodes and the length is whole elements.
-        to_f32(self.dtype, self.bytes.as_slice()).unwrap_or_default()
-    }
-
     /// True when the bytes are borrowed from the mapped file.
     pub(crate) fn is_mapped(&self) -> bool {
         matches!(self.bytes, HostBytes::Mapped { .. })
     }
 }
 
-/// The dtype a tensor is stored in at its home after loading changed its values: the file's
-/// dtype, except fp8 (kept at bf16 rather than re-quantised, unless `precision` asks for
-/// re-quantising — `high_precision_loras` in the original) and f64 (f32, the compute dtype).
+/// The dtype a tensor is stored in at its home after loading changed its values
+/// ([`changed_dtype`]: fp8 at bf16 unless `precision` re-quantises, f64 at f32).
 pub(crate) fn storage_dtype(file: DType, precision: PatchPrecision) -> DType {
-    match (file, precision) {
-        (DType::F8E4M3 | DType::F8E5M2, PatchPrecision::Fp8Stochastic { .. }) => file,
-        (DType::F8E4M3 | DType::F8E5M2, PatchPrecision::High) => DType::BF16,
-        (DType::F64, _) => DType::F32,
-        (other, _) => other,
-    }
+    changed_dtype(file, precision.fp8_changed())
 }
 
 /// Changed values of the tensor `key` of a file of dtype `file`, stored as
@@ -99,6 +87,7 @@ pub(crate) fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::decode::to_f32;
 
     #[test]
     fn encode_round_trips_representable_values() {

@@ -14,7 +14,9 @@ use memmap2::Mmap;
 use crate::components::Component;
 use crate::dtype::DType;
 use crate::error::Error;
+use crate::home::{DeviceRule, Homes};
 use crate::runtime::decode::{first_non_finite, to_f32};
+use crate::runtime::device::{self, DeviceTensor, device_rule, supports_compute};
 use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::{HostBytes, HostTensor, changed, storage_dtype};
 use crate::runtime::store::{
@@ -44,10 +46,17 @@ impl<B: Backend> WeightStore<B> {
     /// and sent to its home.
     ///
     /// - Resident units and GPU donors (`devices` binds the plan's ids to Burn devices) hold
-    ///   f32 tensors.
+    ///   their tensors as the backend's [`DeviceRule`] says ([`device_rule`]): in the
+    ///   file's dtype on GPU backends (fp8 packed), as f32 on ndarray.
     /// - Host (`cpu`) units borrow their bytes from the memory-mapped file, in the file's
-    ///   dtype, with no copy; they are widened to f32 only while being streamed. The file
-    ///   must not be modified while the store lives (the usual contract for mapped weights).
+    ///   dtype, with no copy; they cross to the compute device in that dtype (widened on the
+    ///   host only for a backend that holds f32). The file must not be modified while the
+    ///   store lives (the usual contract for mapped weights).
+    /// - Every unit's bytes at its home must be the plan's bytes for it: plan with the
+    ///   inventory of [`crate::units::inventory_with`] and this backend's rule, or loading
+    ///   fails with [`Error::PlanMismatch`] before the unit is kept.
+    /// - The compute dtype ([`LoadOptions::compute`]) must be one the compute device computes
+    ///   in, or loading fails before anything is read.
     /// - A tensor the patch applies to is uploaded to the compute device, patched there at
     ///   f32, rounded to its storage dtype (the file's; fp8 is kept at bf16, f64 at f32) and
     ///   sent home — rounded at every home, so outputs do not depend on the placement. At a
@@ -64,6 +73,21 @@ impl<B: Backend> WeightStore<B> {
         options: &LoadOptions<'_, B>,
     ) -> Result<(WeightStore<B>, LoadReport), Error> {
         let path = index.path();
+        if !supports_compute::<B>(&devices.compute, options.compute) {
+            return Err(Error::UnsupportedComputeDtype {
+                device: plan.compute(),
+                backend: B::name(&devices.compute),
+                dtype: options.compute,
+            });
+        }
+        let rule = device_rule::<B>(&devices.compute);
+        let changed = |key: &str| options.patch.is_some_and(|p| p.applies_to(key));
+        let homes = Homes {
+            device: rule,
+            compute: options.compute,
+            changed: Some(&changed),
+            fp8_changed: options.precision.fp8_changed(),
+        };
         let mut report = LoadReport::default();
         let local = |t: &TensorInfo| -> String {
             t.name
@@ -97,6 +121,26 @@ impl<B: Backend> WeightStore<B> {
                         path: path.to_path_buf(),
                         unit: placed.name.clone(),
                     })?;
+            // The plan must count the unit as this backend holds it at that home.
+            let by_rule: u64 = infos
+                .iter()
+                .map(|t| {
+                    let (host, device) = homes.bytes(&local(t), t.dtype, t.numel(), t.bytes);
+                    if matches!(home, Home::Host) {
+                        host
+                    } else {
+                        device
+                    }
+                })
+                .sum();
+            if by_rule != placed.bytes.0 {
+                return Err(Error::PlanMismatch {
+                    unit: placed.name.clone(),
+                    device: placed.device,
+                    planned: placed.bytes,
+                    held: ByteSize(by_rule),
+                });
+            }
             todo.push((placed, home, infos));
         }
         report.unused = groups.into_values().flatten().map(local).collect();
@@ -174,7 +218,7 @@ impl<B: Backend> WeightStore<B> {
             .iter()
             .map(|f| Fingerprint::of(f))
             .collect::<Result<Vec<_>, Error>>()?;
-        let mut loader = Loader::new(index.files(), devices, options, report);
+        let mut loader = Loader::new(index.files(), devices, options, rule, report);
         let mut held: BTreeMap<DeviceId, u64> = BTreeMap::new();
         let mut units = Vec::with_capacity(todo.len());
         for (placed, home, infos) in todo {
@@ -220,27 +264,30 @@ impl<B: Backend> WeightStore<B> {
                 files: index.files().into(),
                 fingerprints,
                 precision: options.precision,
+                rule,
+                compute_dtype: options.compute,
             },
             report,
         ))
     }
 }
 
-/// The bytes a unit's tensors hold at home, and the bytes one upload of it moves.
+/// The bytes a unit's tensors hold at home, and the bytes one fetch of it moves (the same
+/// bytes, for the tensors that are not resident).
 pub(crate) fn unit_bytes<B: Backend>(tensors: &[StoredTensor<B>]) -> (u64, u64) {
     let (mut bytes, mut upload) = (0u64, 0u64);
     for t in tensors {
-        let f32_bytes = 4 * t.numel() as u64;
         match &t.data {
             Stored::Host(h) => {
-                bytes += h.bytes.as_slice().len() as u64;
-                upload += f32_bytes;
+                let b = h.bytes.as_slice().len() as u64;
+                bytes += b;
+                upload += b;
             }
-            Stored::Donor(..) => {
-                bytes += f32_bytes;
-                upload += f32_bytes;
+            Stored::Donor(d, _) => {
+                bytes += d.bytes();
+                upload += d.bytes();
             }
-            Stored::Device(_) => bytes += f32_bytes,
+            Stored::Device(d) => bytes += d.bytes(),
         }
     }
     (bytes, upload)
@@ -254,6 +301,8 @@ pub(crate) struct Loader<'a, B: Backend> {
     shards: Vec<Option<Shard>>,
     devices: &'a DeviceMap<B>,
     options: &'a LoadOptions<'a, B>,
+    /// How device homes hold each dtype.
+    rule: DeviceRule,
     pub(crate) report: LoadReport,
     /// The read buffer, reused from tensor to tensor (as large as the largest one read).
     buf: Vec<u8>,
@@ -270,6 +319,7 @@ impl<'a, B: Backend> Loader<'a, B> {
         files: &'a [PathBuf],
         devices: &'a DeviceMap<B>,
         options: &'a LoadOptions<'a, B>,
+        rule: DeviceRule,
         report: LoadReport,
     ) -> Loader<'a, B> {
         Loader {
@@ -277,6 +327,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             shards: files.iter().map(|_| None).collect(),
             devices,
             options,
+            rule,
             report,
             buf: Vec::new(),
         }
@@ -329,14 +380,13 @@ impl<'a, B: Backend> Loader<'a, B> {
                 })
             }
             (Home::Compute, None) => {
-                Stored::Device(Tensor::from_data(self.read(info)?, &self.devices.compute))
+                Stored::Device(self.device_tensor(info, &self.devices.compute)?)
             }
-            (Home::Donor(d, copy), None) => {
-                Stored::Donor(Tensor::from_data(self.read(info)?, d), copy)
-            }
+            (Home::Donor(d, copy), None) => Stored::Donor(self.device_tensor(info, d)?, copy),
             (home, Some(p)) => {
                 let n = info.numel() as usize;
-                let on_compute = Tensor::<B, 1>::from_data(self.read(info)?, &self.devices.compute);
+                let on_compute =
+                    Tensor::<B, 1>::from_data(self.read_f32(info)?, &self.devices.compute);
                 let t = match p.patch(local, &on_compute, &shape) {
                     Some(t) if t.dims() != [n] => {
                         return Err(Error::PatchShape {
@@ -359,10 +409,11 @@ impl<'a, B: Backend> Loader<'a, B> {
                 } else {
                     Some(owned(t.clone(), info, precision, local)?)
                 };
+                let rule = self.rule;
                 let device =
                     |t: Tensor<B, 1>, rounded: Option<HostTensor>, d: &B::Device| match rounded {
-                        Some(h) => Tensor::from_data(TensorData::new(h.decode(), [n]), d),
-                        None => t.to_device(d),
+                        Some(h) => device::from_bytes(&rule, h.bytes.as_slice(), h.dtype, n, d),
+                        None => DeviceTensor::Float(t.to_device(d)),
                     };
                 match home {
                     Home::Compute => Stored::Device(device(t, rounded, &self.devices.compute)),
@@ -385,9 +436,9 @@ impl<'a, B: Backend> Loader<'a, B> {
         })
     }
 
-    /// Copies a tensor out of the file (not through the mapping, so its pages do not stay in
-    /// this process's resident set) and widens it to f32.
-    fn read(&mut self, info: &TensorInfo) -> Result<TensorData, Error> {
+    /// Copies a tensor's bytes out of the file into the reused read buffer (not through the
+    /// mapping, so its pages do not stay in this process's resident set), checked.
+    fn read(&mut self, info: &TensorInfo) -> Result<Vec<u8>, Error> {
         let mut raw = std::mem::take(&mut self.buf);
         raw.resize(info.bytes as usize, 0);
         let file = &mut self.shard(info.shard)?.file;
@@ -399,11 +450,30 @@ impl<'a, B: Backend> Loader<'a, B> {
         if self.options.check_finite {
             self.check_finite(info, &raw)?;
         }
+        Ok(raw)
+    }
+
+    /// A tensor read and widened to f32 (for patching at f32).
+    fn read_f32(&mut self, info: &TensorInfo) -> Result<TensorData, Error> {
+        let raw = self.read(info)?;
         // Loading checked that every planned dtype is a float type.
         let values = to_f32(info.dtype, &raw).unwrap_or_default();
         self.buf = raw;
         let n = values.len();
         Ok(TensorData::new(values, [n]))
+    }
+
+    /// A tensor read and placed on `device` as the rule holds it.
+    fn device_tensor(
+        &mut self,
+        info: &TensorInfo,
+        device: &B::Device,
+    ) -> Result<DeviceTensor<B>, Error> {
+        let raw = self.read(info)?;
+        let n = info.numel() as usize;
+        let t = device::from_bytes(&self.rule, &raw, info.dtype, n, device);
+        self.buf = raw;
+        Ok(t)
     }
 
     fn check_finite(&self, info: &TensorInfo, bytes: &[u8]) -> Result<(), Error> {

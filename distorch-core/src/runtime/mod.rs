@@ -21,6 +21,7 @@
 
 mod cache;
 mod decode;
+mod device;
 mod fp8;
 mod host;
 mod load;
@@ -29,6 +30,7 @@ mod store;
 mod stream;
 
 pub use cache::{EjectPolicy, ModelCache};
+pub use device::{device_rule, supports_compute};
 pub use fp8::PatchPrecision;
 
 /// A tensor's raw little-endian bytes of a float `dtype` widened to f32 (`None` for integer

@@ -74,9 +74,16 @@ impl<B: Backend> WeightStore<B> {
             // Checked when loaded, and the file is unchanged since.
             check_finite: false,
             precision: self.precision,
+            compute: self.compute_dtype,
             ..LoadOptions::default()
         };
-        let mut loader = Loader::new(&self.files, &devices, &options, LoadReport::default());
+        let mut loader = Loader::new(
+            &self.files,
+            &devices,
+            &options,
+            self.rule,
+            LoadReport::default(),
+        );
         let mut fresh = Vec::with_capacity(todo.len());
         for (u, t, home) in &todo {
             let old = &self.units[*u].tensors[*t];

@@ -10,6 +10,8 @@ use distorch_alloc::{ByteSize, DeviceId};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::home::{ComputeDtype, DeviceRule};
+use crate::runtime::device::DeviceTensor;
 use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::HostTensor;
 use crate::runtime::load::Fingerprint;
@@ -18,10 +20,10 @@ use crate::safetensors::TensorInfo;
 /// Where a stored tensor's data is.
 #[derive(Debug, Clone)]
 pub(crate) enum Stored<B: Backend> {
-    /// On the compute device, f32.
-    Device(Tensor<B, 1>),
-    /// On another device of the same backend (a GPU donor), f32.
-    Donor(Tensor<B, 1>, DonorCopy),
+    /// On the compute device, as the store's [`DeviceRule`] holds it.
+    Device(DeviceTensor<B>),
+    /// On another device of the same backend (a GPU donor), held the same way.
+    Donor(DeviceTensor<B>, DonorCopy),
     /// In host memory, in its storage dtype.
     Host(HostTensor),
 }
@@ -58,10 +60,11 @@ pub struct StoredUnit<B: Backend> {
     pub name: String,
     /// Its home: the plan's compute device, a donor device, or `cpu` (host memory).
     pub home: DeviceId,
-    /// Bytes its tensors occupy at home (f32 on a device; the storage dtype on the host,
-    /// mapped or owned).
+    /// Bytes its tensors occupy at home, in the dtype they have there: the plan's number for
+    /// this unit.
     pub bytes: ByteSize,
-    /// Bytes one upload of the unit to the compute device moves (f32).
+    /// Bytes one fetch of the unit moves to the compute device: its bytes at home when it is
+    /// streamed (host or GPU donor), zero when resident.
     pub upload_bytes: ByteSize,
     pub(crate) tensors: Vec<StoredTensor<B>>,
 }
@@ -205,6 +208,9 @@ pub struct LoadOptions<'a, B: Backend> {
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
     /// How patched tensors of fp8 files are stored (bf16 by default).
     pub precision: PatchPrecision,
+    /// The dtype the forward pass computes in (f32 by default): fetched weights are cast to
+    /// it on the compute device. Loading refuses one the device cannot compute in.
+    pub compute: ComputeDtype,
 }
 
 impl<B: Backend> Default for LoadOptions<'_, B> {
@@ -217,6 +223,7 @@ impl<B: Backend> Default for LoadOptions<'_, B> {
             check_finite: true,
             progress: None,
             precision: PatchPrecision::High,
+            compute: ComputeDtype::F32,
         }
     }
 }
@@ -235,6 +242,7 @@ impl<'a, B: Backend> LoadOptions<'a, B> {
             check_finite: self.check_finite,
             progress: self.progress,
             precision: self.precision,
+            compute: self.compute,
         }
     }
 }
@@ -274,6 +282,10 @@ pub struct WeightStore<B: Backend> {
     pub(crate) fingerprints: Vec<Fingerprint>,
     /// How patched fp8 tensors were stored.
     pub(crate) precision: PatchPrecision,
+    /// How device homes hold each dtype.
+    pub(crate) rule: DeviceRule,
+    /// The dtype fetched weights are cast to.
+    pub(crate) compute_dtype: ComputeDtype,
 }
 
 impl<B: Backend> WeightStore<B> {
@@ -290,6 +302,29 @@ impl<B: Backend> WeightStore<B> {
     /// Units in the plan's order.
     pub fn units(&self) -> &[StoredUnit<B>] {
         &self.units
+    }
+
+    /// How device homes hold each dtype on this backend.
+    pub fn device_rule(&self) -> DeviceRule {
+        self.rule
+    }
+
+    /// The dtype fetched weights are cast to.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
+    }
+
+    /// Bytes held per home (compute device first): the same numbers as the plan's rows.
+    pub fn bytes_per_device(&self) -> Vec<(DeviceId, ByteSize)> {
+        let mut held: Vec<(DeviceId, ByteSize)> = Vec::new();
+        for u in &self.units {
+            match held.iter_mut().find(|(d, _)| *d == u.home) {
+                Some((_, b)) => *b += u.bytes,
+                None => held.push((u.home, u.bytes)),
+            }
+        }
+        held.sort_by_key(|(d, _)| (*d != self.compute_id, *d));
+        held
     }
 
     /// The position of a unit in the plan's order.

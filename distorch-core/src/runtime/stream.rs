@@ -1,9 +1,12 @@
 //! [`Streamer`]: hands a forward pass each unit's tensors on the compute device, staging the
 //! next offloaded units on a background thread while the current one computes.
 //!
-//! The background thread prepares each unit's host data (reading it from the store's home —
-//! often the memory-mapped file — and widening its dtype to f32); the compute thread enqueues
-//! the device upload when it asks for the unit. Units on a GPU donor are copied device to
+//! The background thread prepares each unit's host data from the store's home — often the
+//! memory-mapped file — in the dtype the device holds it in: a view of the mapped bytes (its
+//! pages touched, so the upload does not fault them in) on GPU backends, a widened f32 copy on
+//! ndarray; the compute thread enqueues the device upload when it asks for the unit, then
+//! casts (or decodes fp8) to the compute dtype on the device. The weights cross in their
+//! storage dtype, so the bytes moved are the unit's bytes at home. Units on a GPU donor are copied device to
 //! device when asked for, or read back through the host on backends without device-to-device
 //! copies (wgpu). Uploading from the background thread itself is not safe on every backend:
 //! on wgpu, buffers written from another thread's stream were read stale by the compute
@@ -16,11 +19,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use distorch_alloc::{ByteSize, DeviceId};
 
 use crate::error::Error;
+use crate::home::{ComputeDtype, DeviceRule};
+use crate::runtime::device::{Staged, stage_host};
 use crate::runtime::store::{DonorCopy, LoadReport, Stored, StoredUnit, WeightPatch, WeightStore};
 
 /// How far the streamer looks ahead.
@@ -67,8 +72,13 @@ pub struct StreamStats {
     pub prefetched: usize,
     /// Of those, offloaded units the compute thread had to stage itself.
     pub on_demand: usize,
-    /// Bytes uploaded to the compute device, per source device.
+    /// Bytes uploaded to the compute device, per source device: the fetched units' bytes at
+    /// their home, in their storage dtype (the plan's numbers).
     pub bytes_moved: BTreeMap<DeviceId, ByteSize>,
+    /// Most host memory that staging had allocated at once: widened f32 copies (backends
+    /// that hold f32), read-backs of GPU donors, padded fp8; views of mapped or owned host
+    /// bytes allocate nothing.
+    pub peak_staging_bytes: ByteSize,
     /// Time the compute thread spent on streamed weights: waiting for staging, staging them
     /// itself when they were not ready, and enqueuing their upload.
     pub stall: Duration,
@@ -160,7 +170,9 @@ struct State<B: Backend> {
     /// Bumped when the store is replaced: staging begun before is discarded.
     generation: u64,
     order: Order,
-    ready: HashMap<usize, Vec<TensorData>>,
+    ready: HashMap<usize, (Vec<Staged>, u64)>,
+    /// Host bytes allocated by the units staged and not yet uploaded.
+    staging: u64,
     queue: VecDeque<usize>,
     in_flight: Option<usize>,
     /// Bytes ready, queued and in flight.
@@ -260,6 +272,7 @@ impl<B: Backend> Streamer<B> {
                 generation: 0,
                 order,
                 ready: HashMap::new(),
+                staging: 0,
                 queue: VecDeque::new(),
                 in_flight: None,
                 held: 0,
@@ -311,6 +324,7 @@ impl<B: Backend> Streamer<B> {
         st.ready.clear();
         st.queue.clear();
         st.held = 0;
+        st.staging = 0;
         drop(st);
         self.shared.changed.notify_all();
         Ok(report)
@@ -331,16 +345,17 @@ impl<B: Backend> Streamer<B> {
             st.stats.fetches += 1;
             st.stats.resident += 1;
             drop(st);
-            return Ok(weights(u, resident_tensors(u)));
+            return Ok(weights(u, resident_tensors(u, store.compute_dtype)));
         }
         let start = Instant::now();
         let mut st = self.shared.lock();
         st.order.note(i);
         st.stats.fetches += 1;
         let staged = loop {
-            if let Some(t) = st.ready.remove(&i) {
+            if let Some((t, alloc)) = st.ready.remove(&i) {
                 st.held -= u.upload_bytes.0;
                 st.stats.prefetched += 1;
+                st.staging -= alloc;
                 break t;
             }
             if st.in_flight == Some(i) {
@@ -357,8 +372,10 @@ impl<B: Backend> Streamer<B> {
             }
             st.stats.on_demand += 1;
             drop(st);
-            let t = stage(u);
+            let (t, alloc) = stage(u, &store.rule);
             st = self.shared.lock();
+            let now = ByteSize(st.staging + alloc);
+            st.stats.peak_staging_bytes = st.stats.peak_staging_bytes.max(now);
             break t;
         };
         st.stats.stall += start.elapsed();
@@ -370,7 +387,7 @@ impl<B: Backend> Streamer<B> {
         self.shared.changed.notify_all();
         // Enqueuing the upload is compute-thread time spent on weights too.
         let enqueue = Instant::now();
-        let tensors = to_device(u, staged, store.compute());
+        let tensors = to_device(u, staged, store.compute(), &store.rule, store.compute_dtype);
         self.shared.lock().stats.stall += enqueue.elapsed();
         Ok(weights(u, tensors))
     }
@@ -445,60 +462,77 @@ fn worker<B: Backend>(shared: &Shared<B>) {
         st.in_flight = Some(j);
         let (store, generation) = (Arc::clone(&st.store), st.generation);
         drop(st);
-        let t = stage(&store.units()[j]);
+        let (t, alloc) = stage(&store.units()[j], &store.rule);
         st = shared.lock();
         st.in_flight = None;
         if st.generation == generation {
-            st.ready.insert(j, t);
+            st.staging += alloc;
+            let now = ByteSize(st.staging);
+            st.stats.peak_staging_bytes = st.stats.peak_staging_bytes.max(now);
+            st.ready.insert(j, (t, alloc));
         }
         shared.changed.notify_all();
     }
 }
 
-fn resident_tensors<B: Backend>(u: &StoredUnit<B>) -> Vec<Tensor<B, 1>> {
+fn resident_tensors<B: Backend>(u: &StoredUnit<B>, compute: ComputeDtype) -> Vec<Tensor<B, 1>> {
     u.tensors
         .iter()
         .filter_map(|t| match &t.data {
-            Stored::Device(d) => Some(d.clone()),
+            Stored::Device(d) => Some(d.materialize(compute)),
             Stored::Donor(..) | Stored::Host(_) => None,
         })
         .collect()
 }
 
-/// Host data of a unit's host-home tensors (widened to f32) and of its donor tensors that are
-/// copied through the host (read back), ready to upload.
-fn stage<B: Backend>(u: &StoredUnit<B>) -> Vec<TensorData> {
-    u.tensors
+/// Host data of a unit's host-home tensors and of its donor tensors that are copied through
+/// the host (read back), in the form the compute device holds them, ready to upload; and the
+/// host bytes that staging allocated.
+fn stage<B: Backend>(u: &StoredUnit<B>, rule: &DeviceRule) -> (Vec<Staged>, u64) {
+    let mut allocated = 0;
+    let staged = u
+        .tensors
         .iter()
         .filter_map(|t| match &t.data {
             Stored::Device(_) | Stored::Donor(_, DonorCopy::Direct) => None,
-            Stored::Donor(d, DonorCopy::ViaHost) => Some(d.clone().into_data()),
-            Stored::Host(h) => Some(TensorData::new(h.decode(), [t.numel()])),
+            Stored::Donor(d, DonorCopy::ViaHost) => {
+                allocated += d.bytes();
+                Some(d.clone().into_data())
+            }
+            Stored::Host(h) => {
+                let s = stage_host(rule, &h.bytes, h.dtype, t.numel());
+                allocated += s.allocated(&h.bytes);
+                Some(s)
+            }
         })
-        .collect()
+        .collect();
+    (staged, allocated)
 }
 
-/// Enqueues the uploads (and donor copies) on the calling (compute) thread.
+/// Enqueues the uploads (and donor copies) on the calling (compute) thread, then the casts to
+/// the compute dtype.
 fn to_device<B: Backend>(
     u: &StoredUnit<B>,
-    staged: Vec<TensorData>,
+    staged: Vec<Staged>,
     device: &B::Device,
+    rule: &DeviceRule,
+    compute: ComputeDtype,
 ) -> Vec<Tensor<B, 1>> {
     let mut staged = staged.into_iter();
     u.tensors
         .iter()
         .map(|t| match &t.data {
-            Stored::Device(d) => d.clone(),
-            Stored::Donor(d, DonorCopy::Direct) => d.clone().to_device(device),
+            Stored::Device(d) => d.materialize(compute),
+            Stored::Donor(d, DonorCopy::Direct) => d.to_device(device).materialize(compute),
             Stored::Donor(d, DonorCopy::ViaHost) => {
                 let data = staged.next().unwrap_or_else(|| d.clone().into_data());
-                Tensor::from_data(data, device)
+                data.upload::<B>(device).materialize(compute)
             }
             Stored::Host(h) => {
                 let data = staged
                     .next()
-                    .unwrap_or_else(|| TensorData::new(h.decode(), [t.numel()]));
-                Tensor::from_data(data, device)
+                    .unwrap_or_else(|| stage_host(rule, &h.bytes, h.dtype, t.numel()));
+                data.upload::<B>(device).materialize(compute)
             }
         })
         .collect()

@@ -123,9 +123,33 @@ pub fn write_mlp_with_nan(
     path
 }
 
+/// The inventory of `component` as this backend holds it (f32 device copies on ndarray, the
+/// file's dtypes on GPU backends).
+pub fn inventory_of(component: &components::Component<'_>) -> distorch_alloc::Inventory {
+    let rule = distorch_core::runtime::device_rule::<B>(&Default::default());
+    distorch_core::units::inventory_with(component, &distorch_core::Homes::new(rule)).unwrap()
+}
+
+/// Bytes of one MLP layer (f16 weight, f32 bias) in the file and in host memory.
+pub const FILE_UNIT: u64 = (WIDTH * WIDTH * 2 + WIDTH * 4) as u64;
+
+/// Bytes of one MLP layer at a device home of this backend.
+pub fn device_unit() -> u64 {
+    let rule = distorch_core::runtime::device_rule::<B>(&Default::default());
+    rule.device_bytes(DType::F16, (WIDTH * WIDTH) as u64) + (WIDTH * 4) as u64
+}
+
 pub fn plan_for(index: &SafetensorsIndex, offload_gib: f64, order: PlacementOrder) -> Plan {
     let split = components::split(index);
-    let inv = distorch_core::units::inventory(&split.components[0]).unwrap();
+    plan_inventory(&inventory_of(&split.components[0]), offload_gib, order)
+}
+
+/// [`plan_for`] of an inventory.
+pub fn plan_inventory(
+    inv: &distorch_alloc::Inventory,
+    offload_gib: f64,
+    order: PlacementOrder,
+) -> Plan {
     let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
     let vv = VirtualVram::from_gib(DeviceId::cuda(0), offload_gib, vec![DeviceId::CPU]).unwrap();
     let pin = PinPolicy {
@@ -135,7 +159,7 @@ pub fn plan_for(index: &SafetensorsIndex, offload_gib: f64, order: PlacementOrde
     let req = PlanRequest::virtual_vram(vv)
         .with_order(order)
         .with_pin(pin);
-    distorch_alloc::plan(&req, &inv, &graph).unwrap()
+    distorch_alloc::plan(&req, inv, &graph).unwrap()
 }
 
 /// Loads the MLP at `path` with `offload_gib` of it in host memory (interleaved).

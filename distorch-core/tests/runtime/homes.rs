@@ -14,15 +14,10 @@ use distorch_core::runtime::{
 };
 use distorch_core::{Error, SafetensorsIndex, components};
 
-/// File bytes of one layer: an f16 weight and an f32 bias.
-const FILE_UNIT: u64 = (WIDTH * WIDTH * 2 + WIDTH * 4) as u64;
-/// Bytes one layer moves to the compute device (f32).
-const UPLOAD_UNIT: u64 = ((WIDTH * WIDTH + WIDTH) * 4) as u64;
-
 /// Everything offloaded to virtual VRAM donors `donors` of graph `graph`.
 fn offload_plan(index: &SafetensorsIndex, graph: &str, donors: Vec<DeviceId>) -> Plan {
     let split = components::split(index);
-    let inv = distorch_core::units::inventory(&split.components[0]).unwrap();
+    let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = graph.parse().unwrap();
     let vv = VirtualVram::from_gib(DeviceId::cuda(0), 1.0, donors).unwrap();
     let pin = PinPolicy {
@@ -41,12 +36,9 @@ fn gpu_donors_give_bit_identical_outputs() {
     let path = write_mlp(dir.path());
     let index = SafetensorsIndex::open(&path).unwrap();
     let (resident, _, _) = run(&path, 0.0, PlacementOrder::Interleave, None);
-    // cuda:1 holds two layers; the rest go to host memory.
-    let plan = offload_plan(
-        &index,
-        "cuda:0=1gib,cuda:1=12kib,cpu=8gib",
-        vec![DeviceId::cuda(1), DeviceId::CPU],
-    );
+    // cuda:1 holds two layers (at their device size); the rest go to host memory.
+    let graph = format!("cuda:0=1gib,cuda:1={}b,cpu=8gib", 2 * device_unit() + 100);
+    let plan = offload_plan(&index, &graph, vec![DeviceId::cuda(1), DeviceId::CPU]);
     let on_donor = plan
         .units()
         .iter()
@@ -57,11 +49,12 @@ fn gpu_donors_give_bit_identical_outputs() {
     let (out, stats, offloaded) = run_plan(&index, &plan, &devices, None);
     assert_eq!(offloaded, LAYERS);
     assert_eq!(out, resident, "output differs with a GPU donor");
+    // Each home's bytes cross as they are held there.
     let moved = &stats[2].bytes_moved;
-    assert_eq!(moved[&DeviceId::cuda(1)].bytes(), 2 * UPLOAD_UNIT);
+    assert_eq!(moved[&DeviceId::cuda(1)].bytes(), 2 * device_unit());
     assert_eq!(
         moved[&DeviceId::CPU].bytes(),
-        (LAYERS as u64 - 2) * UPLOAD_UNIT
+        (LAYERS as u64 - 2) * FILE_UNIT
     );
 }
 
@@ -92,7 +85,7 @@ fn host_homes_borrow_the_mapped_file_in_its_dtype() {
     assert_eq!(report.bytes_per_device, [(DeviceId::CPU, ByteSize(all))]);
     for u in store.units() {
         assert_eq!(u.bytes.bytes(), FILE_UNIT, "f16 stays f16 on the host");
-        assert_eq!(u.upload_bytes.bytes(), UPLOAD_UNIT);
+        assert_eq!(u.upload_bytes.bytes(), FILE_UNIT, "and crosses as f16");
         assert!(u.tensors().iter().all(|t| t.is_mapped()));
     }
 

@@ -5,6 +5,7 @@
 #![cfg(feature = "runtime")]
 
 mod common;
+mod dtypes;
 mod homes;
 mod repatch;
 mod runtime;

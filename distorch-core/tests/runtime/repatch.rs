@@ -10,9 +10,10 @@ use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder,
 use distorch_alloc::{Plan, VirtualVram};
 use distorch_core::runtime::{
     DeviceMap, LoadOptions, Lookahead, PatchPrecision, Streamer, WeightPatch, WeightStore,
+    device_rule,
 };
 use distorch_core::safetensors::write;
-use distorch_core::{DType, Error, SafetensorsIndex, components};
+use distorch_core::{DType, Error, Homes, SafetensorsIndex, components};
 
 /// Adds `by` to the tensors `keys`.
 struct Add {
@@ -45,7 +46,7 @@ fn weights(s: &Streamer<B>) -> BTreeMap<String, Vec<f32>> {
 /// A plan with some layers on a GPU donor, some in host memory and some resident.
 fn mixed_plan(index: &SafetensorsIndex) -> Plan {
     let split = components::split(index);
-    let inv = distorch_core::units::inventory(&split.components[0]).unwrap();
+    let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = "cuda:0=1gib,cuda:1=12kib,cpu=8gib".parse().unwrap();
     let half = inv.total_bytes().bytes() as f64 / 2.0 / (1u64 << 30) as f64;
     let vv = VirtualVram::from_gib(
@@ -259,8 +260,30 @@ fn fp8_patches_are_requantised_by_seeded_stochastic_rounding_when_asked() {
     let moved = got.iter().zip(&pristine).filter(|(g, p)| g != p).count();
     assert!(moved > n / 20, "{moved} of {n} weights changed");
 
-    // The default keeps the patched weight at bf16 at its host home.
-    let high = streamer(&index, &host, Some(&patch), PatchPrecision::High);
+    // The default keeps the patched weight at bf16 at its host home, and a plan that knows
+    // the patch counts it so (planned with the fp8 plan, loading refuses it).
+    let changed = |k: &str| k == key;
+    let homes = Homes {
+        changed: Some(&changed),
+        fp8_changed: PatchPrecision::High.fp8_changed(),
+        ..Homes::new(device_rule::<B>(&Default::default()))
+    };
+    let split = components::split(&index);
+    let inv = distorch_core::units::inventory_with(&split.components[0], &homes).unwrap();
+    let host_high = plan_inventory(&inv, 1.0, PlacementOrder::Interleave);
+    assert_eq!(
+        host_high.units()[0].bytes.bytes(),
+        (2 * n + 4 * WIDTH) as u64
+    );
+    let devices = DeviceMap::new(Default::default());
+    let options = LoadOptions {
+        patch: Some(&patch),
+        ..LoadOptions::default()
+    };
+    let e = WeightStore::<B>::load(&index, &split.components[0], &host, &devices, &options)
+        .unwrap_err();
+    assert!(matches!(e, Error::PlanMismatch { .. }), "{e}");
+    let high = streamer(&index, &host_high, Some(&patch), PatchPrecision::High);
     assert_eq!(
         high.store().units()[0].bytes.bytes(),
         (2 * n + 4 * WIDTH) as u64

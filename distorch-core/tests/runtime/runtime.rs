@@ -25,9 +25,9 @@ fn outputs_are_bit_identical_for_every_placement() {
     assert_eq!(offloaded, 0);
     assert_eq!(stats[0].resident, LAYERS);
     assert!(stats[0].bytes_moved.is_empty());
-    // Held as f32 at home; planned by file bytes (f16 weight, f32 bias).
-    let unit_bytes = (WIDTH * WIDTH + WIDTH) as u64 * 4;
-    let file_unit = (WIDTH * WIDTH * 2 + WIDTH * 4) as u64;
+    // Streamed from host memory in the file's dtype (f16 weight, f32 bias).
+    let unit_bytes = FILE_UNIT;
+    let file_unit = FILE_UNIT;
     let half_model = ((LAYERS as u64 / 2 * file_unit) as f64 + 0.5) / (1u64 << 30) as f64;
     for (gib, order, expect_off) in [
         (half_model, PlacementOrder::Interleave, LAYERS / 2),
@@ -130,7 +130,7 @@ fn unknown_units_and_unsupported_homes_are_errors() {
 
     let index = SafetensorsIndex::open(&path).unwrap();
     let split = components::split(&index);
-    let inv = distorch_core::units::inventory(&split.components[0]).unwrap();
+    let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = "cuda:0=1gib,cuda:1=1gib".parse().unwrap();
     let vv = VirtualVram::from_gib(DeviceId::cuda(0), 1.0, vec![DeviceId::cuda(1)]).unwrap();
     let pin = PinPolicy {

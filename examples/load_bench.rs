@@ -137,7 +137,8 @@ fn main() -> Result<(), distorch::Error> {
     let largest = index.tensors().iter().map(|t| t.bytes).max().unwrap_or(0);
     let split = components::split(&index);
     let component = &split.components[0];
-    let inventory = units::inventory(component)?;
+    let rule = distorch::core::runtime::device_rule::<B>(&Default::default());
+    let inventory = units::inventory_with(component, &distorch::core::Homes::new(rule))?;
     let graph: DeviceGraph = "cuda:0=64gib,cpu=64gib".parse()?;
     let offload = match mode.as_str() {
         "read" | "resident" => ByteSize(0),

@@ -1,11 +1,16 @@
 //! Offload benchmark: the forward pass of 24 diffusion-shaped layers (3×3 convolutions at a
-//! 512×512 image's latent, attention-width projections; batch 2 for guidance; 240 MB of f32
-//! weights) with 0 %, 50 % and 100 % of the weights in host memory, streamed by the
-//! [`Streamer`]. Prints one line per configuration.
+//! 512×512 image's latent, attention-width projections; batch 2 for guidance; 240 MB of
+//! weights in f32, 120 MB in f16/bf16) with 0 %, 50 % and 100 % of the weights in host
+//! memory, streamed by the [`Streamer`]. Prints one line per configuration: `storage_mb` is
+//! the offloaded units' bytes at their home (the plan's number), `moved_mb` what a pass
+//! uploaded (equal: weights cross in their storage dtype), `staging_mb` the most host memory
+//! staging allocated at once (zero-copy views of the mapping allocate nothing; ndarray widens
+//! to f32 on the host, which is its upload).
 //!
 //! Run: `cargo run --release --example offload_bench [-- --passes N] [--lookahead UNITS]
-//! [--offload PCT,PCT,...] [--backend ndarray|wgpu|cuda]` (defaults: 2 passes, look-ahead 2
-//! units, offload 0,50,100, ndarray). `wgpu` and `cuda` need the facade's features of the
+//! [--offload PCT,PCT,...] [--backend ndarray|wgpu|cuda] [--file-dtype f32|f16|bf16]
+//! [--dtype f32|f16|bf16]` (defaults: 2 passes, look-ahead 2 units, offload 0,50,100,
+//! ndarray, an f32 file, f32 compute). `wgpu` and `cuda` need the facade's features of the
 //! same name (`--features wgpu`).
 
 #![allow(clippy::print_stdout)]
@@ -19,9 +24,10 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 use distorch::alloc::{PinPolicy, PlacementOrder};
+use distorch::core::runtime::device_rule;
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore};
 use distorch::core::safetensors::write;
-use distorch::core::{components, units};
+use distorch::core::{ComputeDtype, Homes, components, units};
 use distorch::{
     ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram,
 };
@@ -46,15 +52,25 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// Writes the 24-layer checkpoint: per block a conv, an up and a down projection.
-fn write_model(path: &std::path::Path) -> Result<(), distorch::Error> {
+fn write_model(path: &std::path::Path, dtype: DType) -> Result<(), distorch::Error> {
     let mut specs = Vec::new();
     let mut data: Vec<Vec<u8>> = Vec::new();
     let mut push = |name: String, shape: Vec<u64>, fan_in: usize| {
         let n: u64 = shape.iter().product();
         let scale = 2.0 / (fan_in as f32).sqrt();
         let v = values(specs.len() as u64 + 1, n as usize, scale);
-        data.push(v.iter().flat_map(|f| f.to_le_bytes()).collect());
-        specs.push((name, DType::F32, shape));
+        data.push(match dtype {
+            DType::F16 => v
+                .iter()
+                .flat_map(|f| half::f16::from_f32(*f).to_le_bytes())
+                .collect(),
+            DType::BF16 => v
+                .iter()
+                .flat_map(|f| half::bf16::from_f32(*f).to_le_bytes())
+                .collect(),
+            _ => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
+        });
+        specs.push((name, dtype, shape));
     };
     for b in 0..BLOCKS {
         let c = CONV as u64;
@@ -109,6 +125,14 @@ fn forward<B: Backend>(
     (x, y)
 }
 
+fn burn_dtype(d: ComputeDtype) -> burn::tensor::DType {
+    match d {
+        ComputeDtype::F32 => burn::tensor::DType::F32,
+        ComputeDtype::F16 => burn::tensor::DType::F16,
+        ComputeDtype::BF16 => burn::tensor::DType::BF16,
+    }
+}
+
 /// Forces the backend to finish (a read back) so the clock sees the real time.
 fn sync<B2: Backend, const D: usize>(t: &Tensor<B2, D>) {
     let _ = t.clone().sum().into_data();
@@ -118,6 +142,8 @@ struct Options {
     passes: usize,
     lookahead: Lookahead,
     offloads: Vec<u64>,
+    file: DType,
+    compute: ComputeDtype,
 }
 
 fn main() -> Result<(), distorch::Error> {
@@ -131,6 +157,23 @@ fn main() -> Result<(), distorch::Error> {
         offloads: arg("--offload")
             .map(|s| s.split(',').filter_map(|p| p.trim().parse().ok()).collect())
             .unwrap_or_else(|| vec![0, 50, 100]),
+        file: match arg("--file-dtype").as_deref() {
+            None | Some("f32") => DType::F32,
+            Some("f16") => DType::F16,
+            Some("bf16") => DType::BF16,
+            Some(other) => {
+                println!("--file-dtype {other}: expected f32, f16 or bf16");
+                std::process::exit(2);
+            }
+        },
+        compute: match arg("--dtype").map(|d| d.parse::<ComputeDtype>()) {
+            None => ComputeDtype::F32,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                println!("--dtype: {e}");
+                std::process::exit(2);
+            }
+        },
     };
     let backend = arg("--backend").unwrap_or_else(|| "ndarray".into());
     match backend.as_str() {
@@ -152,20 +195,26 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         passes,
         lookahead,
         ref offloads,
+        file,
+        compute,
     } = *options;
     let dir = std::env::temp_dir().join("distorch-offload-bench");
     std::fs::create_dir_all(&dir).map_err(|source| distorch::core::Error::Io {
         path: dir.clone(),
         source,
     })?;
-    let path = dir.join("blocks.safetensors");
-    write_model(&path)?;
+    let path = dir.join(format!("blocks-{file}.safetensors"));
+    write_model(&path, file)?;
     let index = SafetensorsIndex::open(&path)?;
     let split = components::split(&index);
     let component = &split.components[0];
-    let inventory = units::inventory(component)?;
-    let graph: DeviceGraph = "cuda:0=64gib,cpu=64gib".parse()?;
     let device: burn::tensor::Device<B> = Default::default();
+    let homes = Homes {
+        compute,
+        ..Homes::new(device_rule::<B>(&device))
+    };
+    let inventory = units::inventory_with(component, &homes)?;
+    let graph: DeviceGraph = "cuda:0=64gib,cpu=64gib".parse()?;
     let x = Tensor::<B, 1>::from_data(
         TensorData::new(
             values(7, 2 * CONV * LATENT * LATENT, 1.0),
@@ -179,10 +228,12 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         &device,
     )
     .reshape([2 * TOKENS, DIM]);
+    let (x, y) = (x.cast(burn_dtype(compute)), y.cast(burn_dtype(compute)));
     println!(
-        "# {} layers, {} of f32 weights, {passes} timed pass(es) after one warm-up, backend={backend}",
+        "# {} layers, {} of {file} weights ({} at device homes), compute {compute}, {passes} timed pass(es) after one warm-up, backend={backend}",
         3 * BLOCKS,
-        inventory.total_bytes()
+        inventory.total_bytes(),
+        inventory.bytes_on(DeviceId::cuda(0), DeviceId::cuda(0)),
     );
     let mut resident_time = None;
     for &pct in offloads {
@@ -197,8 +248,17 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
             .with_pin(pin);
         let plan = distorch::plan(&req, &inventory, &graph)?;
         let devices = DeviceMap::new(device.clone());
-        let (store, _) =
-            WeightStore::<B>::load(&index, component, &plan, &devices, &LoadOptions::default())?;
+        let load = LoadOptions {
+            compute,
+            ..LoadOptions::default()
+        };
+        let (store, _) = WeightStore::<B>::load(&index, component, &plan, &devices, &load)?;
+        let storage: u64 = store
+            .units()
+            .iter()
+            .filter(|u| !u.is_resident())
+            .map(|u| u.bytes.bytes())
+            .sum();
         let streamer = Streamer::new(Arc::new(store), lookahead);
         let (a, b) = forward(&streamer, x.clone(), y.clone());
         sync(&a);
@@ -215,11 +275,13 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         let base = *resident_time.get_or_insert(secs);
         let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
         println!(
-            "offload={pct}% lookahead={} backend={backend} pass_s={secs:.3} ratio={:.3} stall_ms={:.1} moved_mb={:.0} prefetched={} on_demand={} peak_extra_mb={:.0}",
+            "offload={pct}% lookahead={} backend={backend} file={file} dtype={compute} pass_s={secs:.3} ratio={:.3} stall_ms={:.1} storage_mb={:.1} moved_mb={:.1} staging_mb={:.1} prefetched={} on_demand={} peak_extra_mb={:.0}",
             lookahead.units,
             secs / base,
             stats.stall.as_secs_f64() * 1e3 / passes as f64,
+            storage as f64 / 1e6,
             moved as f64 / passes as f64 / 1e6,
+            stats.peak_staging_bytes.bytes() as f64 / 1e6,
             stats.prefetched,
             stats.on_demand,
             stats.peak_extra_bytes.bytes() as f64 / 1e6,

@@ -75,7 +75,8 @@ fn main() {
     let c = &split.components[0];
     let order = Unet2dCondition::<B>::execution_order(&config, KeyLayout::Diffusers)
         .unwrap_or_else(|e| fail(e.to_string()));
-    let inventory = units::inventory(c)
+    let rule = distorch::core::runtime::device_rule::<B>(&Default::default());
+    let inventory = units::inventory_with(c, &distorch::core::Homes::new(rule))
         .unwrap_or_else(|e| fail(e.to_string()))
         .in_order(&order);
     let graph: DeviceGraph = "cuda:0=64gib,cpu=64gib"

@@ -2,22 +2,26 @@
 //! Load-Patch-Distribute, and streamed to the compute device ([`Streamer`]).
 //!
 //! Generic over `B: burn::tensor::backend::Backend`; the same code runs on ndarray, wgpu and
-//! cuda. Compute is f32.
+//! cuda.
 //!
-//! Homes (see [`WeightStore::load`]):
+//! **One number per unit.** A unit's bytes are the bytes it occupies at its home in the dtype
+//! it has there; the plan ([`crate::units::inventory_with`] with this backend's
+//! [`device_rule`]), the [`LoadReport`], [`WeightStore::bytes_per_device`] and the streamer's
+//! [`StreamStats::bytes_moved`] all say that number, and loading refuses a plan that counted
+//! a unit otherwise ([`crate::Error::PlanMismatch`]).
 //!
 //! | home | held as | reaches the compute device by |
 //! |---|---|---|
-//! | compute device | f32 tensor | nothing (resident) |
-//! | GPU donor (same backend) | f32 tensor | a device-to-device copy when fetched (CUDA), or read back on the prefetch thread and uploaded (wgpu) |
-//! | `cpu`, unchanged by loading | the file's bytes, borrowed from the memory map | widened to f32 on the prefetch thread, uploaded |
+//! | compute device | the file's dtype on GPU backends (f32, f16, bf16; fp8 packed four to an `i32` word); f32 on ndarray | nothing (resident): cast to the compute dtype when fetched |
+//! | GPU donor (same backend) | the same | a device-to-device copy when fetched (CUDA), or read back on the prefetch thread and uploaded (wgpu) |
+//! | `cpu`, unchanged by loading | the file's bytes, borrowed from the memory map | a zero-copy view (pages touched on the prefetch thread), uploaded in its dtype; widened to f32 on the host only for ndarray |
 //! | `cpu`, patched | an owned copy in the file's dtype (fp8 → bf16, or fp8 by stochastic rounding with [`PatchPrecision::Fp8Stochastic`]; f64 → f32) | the same |
 //!
-//! Every float dtype a file may hold (f32, f16, bf16, f8_e4m3fn, f8_e5m2, f64) is widened to
-//! f32 on the host, so backends without f16 (ndarray) need nothing more; host homes keep the
-//! narrow dtype, so an f16 model offloaded to `cpu` costs its file size in RAM, not twice
-//! that. Not done yet: f16/bf16 compute, and page-locked (pinned) staging buffers — Burn
-//! 0.21's `Backend::staging` exists for CUDA but is unverified here without a GPU.
+//! Weights are cast (or fp8 decoded) to the compute dtype ([`LoadOptions::compute`], f32 by
+//! default) on the compute device right before use; the cast copy is dropped with the fetch.
+//! f64 weights are held as f32 at device homes. Not done yet: uploads issued from the
+//! prefetch thread on CUDA's own stream (they are enqueued on the compute thread on every
+//! backend; see the streamer).
 
 mod cache;
 mod decode;

@@ -200,7 +200,7 @@ fn sd15_single_file_clip_keys_and_shapes_are_all_covered() {
         &index,
         clip,
         &{
-            let inv = distorch_core::units::inventory(clip).unwrap();
+            let inv = crate::common::inventory_of(clip);
             let graph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
             let vv = distorch_alloc::VirtualVram::new(
                 distorch_alloc::DeviceId::cuda(0),

@@ -75,10 +75,16 @@ pub fn assert_close<const D: usize>(what: &str, got: Tensor<B, D>, want: (Vec<us
     assert!(got.len() == want.1.len() && !got.is_empty());
 }
 
+/// The inventory of `component` as this backend holds it (see `runtime::device_rule`).
+pub fn inventory_of(component: &distorch_core::Component<'_>) -> distorch_alloc::Inventory {
+    let rule = distorch_core::runtime::device_rule::<B>(&Default::default());
+    units::inventory_with(component, &distorch_core::Homes::new(rule)).unwrap()
+}
+
 pub fn plan(path: &Path, offload: bool) -> Plan {
     let index = SafetensorsIndex::open(path).unwrap();
     let split = components::split(&index);
-    let inv = units::inventory(&split.components[0]).unwrap();
+    let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
     let amount = if offload {
         inv.total_bytes()

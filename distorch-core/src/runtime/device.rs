@@ -170,7 +170,7 @@ pub(crate) fn stage_host(
         }
         DeviceForm::PackedBytes => {
             let words = numel.div_ceil(4);
-            let data = if numel % 4 == 0 {
+            let data = if numel.is_multiple_of(4) {
                 view(host, 4)
             } else {
                 let mut padded = bytes.to_vec();

@@ -24,8 +24,8 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 use distorch::alloc::{PinPolicy, PlacementOrder};
-use distorch::core::runtime::device_rule;
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore};
+use distorch::core::runtime::{compute_burn_dtype, device_rule, encode_f32};
 use distorch::core::safetensors::write;
 use distorch::core::{ComputeDtype, Homes, components, units};
 use distorch::{
@@ -59,17 +59,7 @@ fn write_model(path: &std::path::Path, dtype: DType) -> Result<(), distorch::Err
         let n: u64 = shape.iter().product();
         let scale = 2.0 / (fan_in as f32).sqrt();
         let v = values(specs.len() as u64 + 1, n as usize, scale);
-        data.push(match dtype {
-            DType::F16 => v
-                .iter()
-                .flat_map(|f| half::f16::from_f32(*f).to_le_bytes())
-                .collect(),
-            DType::BF16 => v
-                .iter()
-                .flat_map(|f| half::bf16::from_f32(*f).to_le_bytes())
-                .collect(),
-            _ => v.iter().flat_map(|f| f.to_le_bytes()).collect(),
-        });
+        data.push(encode_f32(&v, dtype));
         specs.push((name, dtype, shape));
     };
     for b in 0..BLOCKS {
@@ -123,14 +113,6 @@ fn forward<B: Backend>(
         y = y + h.matmul(down.transpose());
     }
     (x, y)
-}
-
-fn burn_dtype(d: ComputeDtype) -> burn::tensor::DType {
-    match d {
-        ComputeDtype::F32 => burn::tensor::DType::F32,
-        ComputeDtype::F16 => burn::tensor::DType::F16,
-        ComputeDtype::BF16 => burn::tensor::DType::BF16,
-    }
 }
 
 /// Forces the backend to finish (a read back) so the clock sees the real time.
@@ -228,7 +210,10 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         &device,
     )
     .reshape([2 * TOKENS, DIM]);
-    let (x, y) = (x.cast(burn_dtype(compute)), y.cast(burn_dtype(compute)));
+    let (x, y) = (
+        x.cast(compute_burn_dtype(compute)),
+        y.cast(compute_burn_dtype(compute)),
+    );
     println!(
         "# {} layers, {} of {file} weights ({} at device homes), compute {compute}, {passes} timed pass(es) after one warm-up, backend={backend}",
         3 * BLOCKS,

@@ -22,10 +22,10 @@ bin=gpu-bin
 case "$mode" in
 build)
   mkdir -p "$bin"
-  cargo test -p distorch-core --features test-cuda --test runtime --release --no-run \
-    --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep '/runtime-' | head -n1 |
-    xargs -I{} cp {} "$bin/runtime-cuda"
+  exe=$(cargo test -p distorch-core --features test-cuda --test runtime --release --no-run \
+    --message-format=json | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
+  test -x "$exe" || { echo "no runtime test binary built" >&2; exit 1; }
+  cp "$exe" "$bin/runtime-cuda"
   cargo build --release --features cuda --example offload_bench
   cp target/release/examples/offload_bench "$bin/offload_bench-cuda"
   ls -l "$bin"

@@ -125,7 +125,8 @@ impl Inventory {
     pub fn new(component: impl Into<String>, mut units: Vec<Unit>) -> Result<Inventory, Error> {
         let component = component.into();
         let mut seen = HashSet::with_capacity(units.len());
-        let mut total = ByteSize::ZERO;
+        // Both sizes must sum within a u64: any placement's total lies between them.
+        let (mut total, mut device) = (ByteSize::ZERO, ByteSize::ZERO);
         for u in &units {
             if !seen.insert(u.name.as_str()) {
                 return Err(Error::DuplicateUnit {
@@ -133,13 +134,13 @@ impl Inventory {
                     name: u.name.clone(),
                 });
             }
-            total = total
-                .checked_add(u.bytes.max(u.device_bytes))
-                .ok_or_else(|| Error::InventoryTooLarge {
-                    component: component.clone(),
-                })?;
+            let sums = total
+                .checked_add(u.bytes)
+                .zip(device.checked_add(u.device_bytes));
+            (total, device) = sums.ok_or_else(|| Error::InventoryTooLarge {
+                component: component.clone(),
+            })?;
         }
-        let total = units.iter().map(|u| u.bytes).sum();
         units.sort_by_key(|u| u.order);
         Ok(Inventory {
             component,

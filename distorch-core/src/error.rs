@@ -162,6 +162,12 @@ pub enum Error {
         /// The dtype asked for.
         dtype: crate::home::ComputeDtype,
     },
+    /// A compute dtype name that is not one of f32, f16, bf16.
+    #[error("unknown compute dtype `{name}` (expected f32, f16 or bf16)")]
+    UnknownComputeDtype {
+        /// The name given.
+        name: String,
+    },
     /// A unit occupies other bytes at its home than its plan says: the plan was made from an
     /// inventory that does not describe how this backend holds weights (plan with
     /// `units::inventory_with` and the backend's `runtime::device_rule`).

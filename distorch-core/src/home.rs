@@ -70,14 +70,6 @@ impl DeviceRule {
         }
     }
 
-    /// The dtype a tensor of `dtype` has at a device home (for packed fp8, its own).
-    pub fn held_dtype(&self, dtype: DType) -> DType {
-        match self.form(dtype) {
-            DeviceForm::F32 => DType::F32,
-            DeviceForm::Native | DeviceForm::PackedBytes => dtype,
-        }
-    }
-
     /// Bytes a tensor of `numel` elements of `dtype` occupies at a device home.
     pub fn device_bytes(&self, dtype: DType, numel: u64) -> u64 {
         match self.form(dtype) {
@@ -155,19 +147,6 @@ impl ComputeDtype {
             ComputeDtype::BF16 => "bf16",
         }
     }
-
-    /// The half type a checkpoint of these dtypes is usually run in: bf16 for bf16 and fp8
-    /// files, f16 for f16 files, else f32 (the GPU pipelines' default).
-    pub fn of_checkpoint(dtypes: &[DType]) -> ComputeDtype {
-        let has = |d: &[DType]| dtypes.iter().any(|x| d.contains(x));
-        if has(&[DType::BF16, DType::F8E4M3, DType::F8E5M2]) {
-            ComputeDtype::BF16
-        } else if has(&[DType::F16]) {
-            ComputeDtype::F16
-        } else {
-            ComputeDtype::F32
-        }
-    }
 }
 
 impl std::fmt::Display for ComputeDtype {
@@ -177,7 +156,7 @@ impl std::fmt::Display for ComputeDtype {
 }
 
 impl std::str::FromStr for ComputeDtype {
-    type Err = String;
+    type Err = crate::Error;
 
     /// `f32`, `f16`/`fp16`/`half`, `bf16` (any case).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -185,9 +164,7 @@ impl std::str::FromStr for ComputeDtype {
             "f32" | "fp32" | "float32" => Ok(ComputeDtype::F32),
             "f16" | "fp16" | "float16" | "half" => Ok(ComputeDtype::F16),
             "bf16" | "bfloat16" => Ok(ComputeDtype::BF16),
-            _ => Err(format!(
-                "unknown compute dtype `{s}` (expected f32, f16 or bf16)"
-            )),
+            _ => Err(crate::Error::UnknownComputeDtype { name: s.to_owned() }),
         }
     }
 }
@@ -275,6 +252,17 @@ mod tests {
                 .describe(&[DType::F16, DType::F32])
                 .as_deref(),
             Some("F16 as F32 at device homes")
+        );
+    }
+
+    #[test]
+    fn compute_dtypes_parse_and_refuse_by_name() {
+        assert_eq!("BF16".parse::<ComputeDtype>().unwrap(), ComputeDtype::BF16);
+        assert_eq!("half".parse::<ComputeDtype>().unwrap(), ComputeDtype::F16);
+        let e = "f8".parse::<ComputeDtype>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown compute dtype `f8` (expected f32, f16 or bf16)"
         );
     }
 

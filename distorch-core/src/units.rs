@@ -113,10 +113,7 @@ pub fn inventory_with(component: &Component<'_>, homes: &Homes<'_>) -> Result<In
         .enumerate()
         .map(|(order, &name)| {
             let tensors = &groups[name];
-            let (host, device) = tensors.iter().fold((0u64, 0u64), |(h, d), t| {
-                let (th, td) = homes.bytes(component.local(t), t.dtype, t.numel(), t.bytes);
-                (h.saturating_add(th), d.saturating_add(td))
-            });
+            let (host, device) = group_bytes(component, tensors, homes);
             Unit::new(name, ByteSize(host), order as u32, kind_of(name, tensors))
                 .with_device_bytes(ByteSize(device))
         })
@@ -134,6 +131,19 @@ pub fn inventory_with(component: &Component<'_>, homes: &Homes<'_>) -> Result<In
         compute: homes.compute.name().to_owned(),
     };
     Ok(Inventory::new(component.kind.name(), units)?.with_dtypes(labels))
+}
+
+/// The bytes of one unit's `tensors` in host memory and at a device home, as `homes` counts
+/// them (the planner's two sizes; loading checks a plan against the same numbers).
+pub(crate) fn group_bytes(
+    component: &Component<'_>,
+    tensors: &[&TensorInfo],
+    homes: &Homes<'_>,
+) -> (u64, u64) {
+    tensors.iter().fold((0u64, 0u64), |(h, d), t| {
+        let (th, td) = homes.bytes(component.local(t), t.dtype, t.numel(), t.bytes);
+        (h.saturating_add(th), d.saturating_add(td))
+    })
 }
 
 /// A component's tensors grouped by unit name (component prefix stripped).

@@ -364,8 +364,8 @@ fn plan<B: Backend, M: Model<B>>(
     patch: &LoraPatch,
 ) -> Result<Plan, Error> {
     let order = M::execution_order(config, component)?;
-    let patched: std::collections::HashSet<&str> = patch.keys().collect();
-    let changed = |key: &str| patched.contains(key);
+    // The same predicate loading checks the plan with.
+    let changed = |key: &str| WeightPatch::<B>::applies_to(patch, key);
     let homes = Homes {
         device: device_rule::<B>(options.placement.devices.compute()),
         compute: ComputeDtype::F32,

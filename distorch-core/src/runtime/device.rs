@@ -5,7 +5,7 @@
 //! host (backends without half types), or fp8 bytes packed four to an `i32` word and decoded on
 //! the device through a 256-entry table.
 
-use std::sync::Arc;
+use std::sync::OnceLock;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{
@@ -80,9 +80,9 @@ impl<B: Backend> DeviceTensor<B> {
         }
     }
 
-    /// The weight in the compute dtype, on its device: a cast (or fp8 decoding) when its
-    /// dtype differs, the tensor itself when not.
-    pub(crate) fn materialize(&self, compute: ComputeDtype) -> Tensor<B, 1> {
+    /// The weight in the compute dtype, on the compute device (where `tables` live): a cast
+    /// (or fp8 decoding) when its dtype differs, the tensor itself when not.
+    pub(crate) fn materialize(&self, compute: ComputeDtype, tables: &Fp8Tables<B>) -> Tensor<B, 1> {
         let target = burn_dtype(compute.dtype());
         let t = match self {
             DeviceTensor::Float(t) => t.clone(),
@@ -90,7 +90,7 @@ impl<B: Backend> DeviceTensor<B> {
                 words,
                 dtype,
                 numel,
-            } => decode_packed(words, *dtype, *numel),
+            } => decode_packed(words, &tables.get(*dtype), *numel),
         };
         if t.dtype() == target {
             t
@@ -114,16 +114,6 @@ pub(crate) enum Staged {
 }
 
 impl Staged {
-    /// Host memory this staging allocated (views of mapped or owned host bytes allocate
-    /// nothing).
-    pub(crate) fn allocated(&self, from: &HostBytes) -> u64 {
-        let data = match self {
-            Staged::Float(d) | Staged::Packed { words: d, .. } => d,
-        };
-        let shared = data.as_bytes().as_ptr() == from.as_slice().as_ptr();
-        if shared { 0 } else { data.bytes.len() as u64 }
-    }
-
     /// Uploads to `device` (enqueued on the calling thread).
     pub(crate) fn upload<B: Backend>(self, device: &B::Device) -> DeviceTensor<B> {
         match self {
@@ -144,59 +134,84 @@ impl Staged {
     }
 }
 
-/// Stages `numel` elements of `dtype` held in `host` for a device whose rule is `rule`: a view
-/// of the host bytes when the device holds them as they are and they are aligned for it, a
-/// widened or padded copy otherwise.
-pub(crate) fn stage_host(
-    rule: &DeviceRule,
-    host: &HostBytes,
-    dtype: DType,
-    numel: usize,
-) -> Staged {
-    let bytes = host.as_slice();
-    match rule.form(dtype) {
-        DeviceForm::Native => {
-            let dt = burn_dtype(dtype);
-            Staged::Float(TensorData::from_bytes(
-                view(host, dtype.size() as usize),
-                [numel],
-                dt,
-            ))
+/// Where staged bytes come from: a host home (mapped or owned, shared without a copy when
+/// the device holds them as they are), or a transient buffer (always copied).
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// A host home's bytes.
+    Home(&'a HostBytes),
+    /// Bytes that do not outlive the call (the loader's read buffer).
+    Transient(&'a [u8]),
+}
+
+impl Source<'_> {
+    fn slice(&self) -> &[u8] {
+        match self {
+            Source::Home(h) => h.as_slice(),
+            Source::Transient(b) => b,
         }
-        DeviceForm::F32 => {
-            // Loading checked that the dtype decodes and the length is whole elements.
-            let values = to_f32(dtype, bytes).unwrap_or_default();
-            Staged::Float(TensorData::new(values, [numel]))
-        }
-        DeviceForm::PackedBytes => {
-            let words = numel.div_ceil(4);
-            let data = if numel.is_multiple_of(4) {
-                view(host, 4)
-            } else {
-                let mut padded = bytes.to_vec();
-                padded.resize(4 * words, 0);
-                Bytes::from_bytes_vec(padded)
-            };
-            Staged::Packed {
-                words: TensorData::from_bytes(data, [words], BurnDType::I32),
-                dtype,
-                numel,
+    }
+
+    /// The bytes as Burn bytes: a view of a host home when its address is aligned to
+    /// `align` (mapped pages are touched here, on the staging thread, so the upload does not
+    /// fault them in), else a copy; and the host bytes allocated.
+    fn bytes(&self, align: usize) -> (Bytes, u64) {
+        match self {
+            Source::Home(h) if (h.as_slice().as_ptr() as usize).is_multiple_of(align) => {
+                touch(h.as_slice());
+                let owner = HostView((*h).clone());
+                let view = bytes::Bytes::from_owner(owner);
+                (Bytes::from_shared(view, AllocationProperty::File), 0)
+            }
+            _ => {
+                let copy = self.slice().to_vec();
+                let n = copy.len() as u64;
+                (Bytes::from_bytes_vec(copy), n)
             }
         }
     }
 }
 
-/// The host bytes as Burn bytes without a copy when their address is aligned to `align`
-/// (mapped files are read on demand: the pages are touched here, on the staging thread, so the
-/// upload does not fault them in), else a copy.
-fn view(host: &HostBytes, align: usize) -> Bytes {
-    let slice = host.as_slice();
-    if !(slice.as_ptr() as usize).is_multiple_of(align) {
-        return Bytes::from_bytes_vec(slice.to_vec());
+/// Stages `numel` elements of `dtype` for a device whose rule is `rule`, in the form the
+/// device holds them: as they are (a view when the source allows), widened to f32, or fp8
+/// packed into words (padded by a copy when `numel` is not a multiple of four). Returns the
+/// host bytes staging allocated.
+pub(crate) fn stage(
+    rule: &DeviceRule,
+    source: Source<'_>,
+    dtype: DType,
+    numel: usize,
+) -> (Staged, u64) {
+    match rule.form(dtype) {
+        DeviceForm::Native => {
+            let (bytes, allocated) = source.bytes(dtype.size() as usize);
+            let data = TensorData::from_bytes(bytes, [numel], burn_dtype(dtype));
+            (Staged::Float(data), allocated)
+        }
+        DeviceForm::F32 => {
+            // Loading checked that the dtype decodes and the length is whole elements.
+            let values = to_f32(dtype, source.slice()).unwrap_or_default();
+            let allocated = 4 * values.len() as u64;
+            (Staged::Float(TensorData::new(values, [numel])), allocated)
+        }
+        DeviceForm::PackedBytes => {
+            let words = numel.div_ceil(4);
+            let (bytes, allocated) = if numel.is_multiple_of(4) {
+                source.bytes(4)
+            } else {
+                let mut padded = source.slice().to_vec();
+                padded.resize(4 * words, 0);
+                (Bytes::from_bytes_vec(padded), 4 * words as u64)
+            };
+            let words_data = TensorData::from_bytes(bytes, [words], BurnDType::I32);
+            let staged = Staged::Packed {
+                words: words_data,
+                dtype,
+                numel,
+            };
+            (staged, allocated)
+        }
     }
-    touch(slice);
-    let owner = HostView(host.clone());
-    Bytes::from_shared(bytes::Bytes::from_owner(owner), AllocationProperty::File)
 }
 
 /// Reads one byte per page so the pages of a mapped range are resident.
@@ -217,29 +232,56 @@ impl AsRef<[u8]> for HostView {
     }
 }
 
-/// Makes a device tensor from `bytes` of `dtype` (the host dtype), as `rule` holds it.
-pub(crate) fn from_bytes<B: Backend>(
+/// Places `numel` elements of `dtype` from `source` on `device`, as `rule` holds them.
+pub(crate) fn place<B: Backend>(
     rule: &DeviceRule,
-    bytes: &[u8],
+    source: Source<'_>,
     dtype: DType,
     numel: usize,
     device: &B::Device,
 ) -> DeviceTensor<B> {
-    let host = HostBytes::Owned(Arc::from(bytes));
-    stage_host(rule, &host, dtype, numel).upload(device)
+    stage(rule, source, dtype, numel).0.upload(device)
 }
 
-/// Decodes packed fp8 words to f32 on their device: each byte indexes the dtype's table.
+/// The fp8 decoding tables on the compute device, uploaded once per store when first needed.
+#[derive(Debug, Clone)]
+pub(crate) struct Fp8Tables<B: Backend> {
+    device: B::Device,
+    e4m3: OnceLock<Tensor<B, 1>>,
+    e5m2: OnceLock<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Fp8Tables<B> {
+    /// Tables for `device` (nothing uploaded yet).
+    pub(crate) fn new(device: B::Device) -> Fp8Tables<B> {
+        Fp8Tables {
+            device,
+            e4m3: OnceLock::new(),
+            e5m2: OnceLock::new(),
+        }
+    }
+
+    /// The 256 values of `dtype` on the device.
+    fn get(&self, dtype: DType) -> Tensor<B, 1> {
+        let cell = if dtype == DType::F8E5M2 {
+            &self.e5m2
+        } else {
+            &self.e4m3
+        };
+        cell.get_or_init(|| {
+            let values = TensorData::new(fp8_table(dtype).to_vec(), [256]);
+            Tensor::from_data(values, (&self.device, BurnDType::F32))
+        })
+        .clone()
+    }
+}
+
+/// Decodes packed fp8 words to f32 on their device: each byte indexes the dtype's `table`.
 fn decode_packed<B: Backend>(
     words: &Tensor<B, 1, Int>,
-    dtype: DType,
+    table: &Tensor<B, 1>,
     numel: usize,
 ) -> Tensor<B, 1> {
-    let device = words.device();
-    let table = Tensor::<B, 1>::from_data(
-        TensorData::new(fp8_table(dtype).to_vec(), [256]),
-        (&device, BurnDType::F32),
-    );
     let n = words.shape().num_elements();
     let bytes: Vec<Tensor<B, 1, Int>> = (0..4)
         .map(|k| {
@@ -252,7 +294,7 @@ fn decode_packed<B: Backend>(
     let index = Tensor::stack::<2>(bytes, 1)
         .reshape([4 * n])
         .slice(0..numel);
-    table.select(0, index)
+    table.clone().select(0, index)
 }
 
 /// Burn's dtype for a float [`DType`] held on a device.
@@ -290,5 +332,10 @@ pub fn device_rule<B: Backend>(device: &B::Device) -> DeviceRule {
 
 /// Whether `device` can compute in `dtype`.
 pub fn supports_compute<B: Backend>(device: &B::Device, dtype: ComputeDtype) -> bool {
-    B::supports_dtype(device, burn_dtype(dtype.dtype()))
+    B::supports_dtype(device, compute_burn_dtype(dtype))
+}
+
+/// Burn's dtype for a compute dtype (what fetched weights have).
+pub fn compute_burn_dtype(dtype: ComputeDtype) -> BurnDType {
+    burn_dtype(dtype.dtype())
 }

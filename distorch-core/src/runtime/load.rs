@@ -1,6 +1,6 @@
 //! Load-Patch-Distribute: [`WeightStore::load`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -16,7 +16,9 @@ use crate::dtype::DType;
 use crate::error::Error;
 use crate::home::{DeviceRule, Homes};
 use crate::runtime::decode::{first_non_finite, to_f32};
-use crate::runtime::device::{self, DeviceTensor, device_rule, supports_compute};
+use crate::runtime::device::{
+    self, DeviceTensor, Fp8Tables, Source, device_rule, supports_compute,
+};
 use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::{HostBytes, HostTensor, changed, storage_dtype};
 use crate::runtime::store::{
@@ -24,7 +26,7 @@ use crate::runtime::store::{
     WeightStore,
 };
 use crate::safetensors::{SafetensorsIndex, TensorInfo};
-use crate::units::group;
+use crate::units::{group, group_bytes};
 
 /// Where a unit goes.
 pub(crate) enum Home<'d, B: Backend> {
@@ -122,17 +124,12 @@ impl<B: Backend> WeightStore<B> {
                         unit: placed.name.clone(),
                     })?;
             // The plan must count the unit as this backend holds it at that home.
-            let by_rule: u64 = infos
-                .iter()
-                .map(|t| {
-                    let (host, device) = homes.bytes(&local(t), t.dtype, t.numel(), t.bytes);
-                    if matches!(home, Home::Host) {
-                        host
-                    } else {
-                        device
-                    }
-                })
-                .sum();
+            let (host, device) = group_bytes(component, &infos, &homes);
+            let by_rule = if matches!(home, Home::Host) {
+                host
+            } else {
+                device
+            };
             if by_rule != placed.bytes.0 {
                 return Err(Error::PlanMismatch {
                     unit: placed.name.clone(),
@@ -219,7 +216,6 @@ impl<B: Backend> WeightStore<B> {
             .map(|f| Fingerprint::of(f))
             .collect::<Result<Vec<_>, Error>>()?;
         let mut loader = Loader::new(index.files(), devices, options, rule, report);
-        let mut held: BTreeMap<DeviceId, u64> = BTreeMap::new();
         let mut units = Vec::with_capacity(todo.len());
         for (placed, home, infos) in todo {
             let tensors = infos
@@ -228,7 +224,6 @@ impl<B: Backend> WeightStore<B> {
                 .collect::<Result<Vec<_>, Error>>()?;
             let (bytes, upload) = unit_bytes(&tensors);
             loader.report.tensors += tensors.len();
-            *held.entry(placed.device).or_default() += bytes;
             units.push(StoredUnit {
                 name: placed.name.clone(),
                 home: placed.device,
@@ -238,15 +233,24 @@ impl<B: Backend> WeightStore<B> {
             });
         }
         let mut report = loader.report;
-        let mut per_device: Vec<(DeviceId, ByteSize)> =
-            held.into_iter().map(|(d, b)| (d, ByteSize(b))).collect();
-        per_device.sort_by_key(|(d, _)| (*d != plan.compute(), *d));
-        report.bytes_per_device = per_device;
         let by_name = units
             .iter()
             .enumerate()
             .map(|(i, u)| (u.name.clone(), i))
             .collect();
+        let store = WeightStore {
+            compute_id: plan.compute(),
+            compute: devices.compute.clone(),
+            units,
+            by_name,
+            files: index.files().into(),
+            fingerprints,
+            precision: options.precision,
+            rule,
+            compute_dtype: options.compute,
+            fp8_tables: Fp8Tables::new(devices.compute.clone()),
+        };
+        report.bytes_per_device = store.bytes_per_device();
         tracing::info!(
             component = plan.component(),
             tensors = report.tensors,
@@ -255,20 +259,7 @@ impl<B: Backend> WeightStore<B> {
             read = %report.bytes_read,
             "loaded"
         );
-        Ok((
-            WeightStore {
-                compute_id: plan.compute(),
-                compute: devices.compute.clone(),
-                units,
-                by_name,
-                files: index.files().into(),
-                fingerprints,
-                precision: options.precision,
-                rule,
-                compute_dtype: options.compute,
-            },
-            report,
-        ))
+        Ok((store, report))
     }
 }
 
@@ -412,7 +403,7 @@ impl<'a, B: Backend> Loader<'a, B> {
                 let rule = self.rule;
                 let device =
                     |t: Tensor<B, 1>, rounded: Option<HostTensor>, d: &B::Device| match rounded {
-                        Some(h) => device::from_bytes(&rule, h.bytes.as_slice(), h.dtype, n, d),
+                        Some(h) => device::place(&rule, Source::Home(&h.bytes), h.dtype, n, d),
                         None => DeviceTensor::Float(t.to_device(d)),
                     };
                 match home {
@@ -471,7 +462,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     ) -> Result<DeviceTensor<B>, Error> {
         let raw = self.read(info)?;
         let n = info.numel() as usize;
-        let t = device::from_bytes(&self.rule, &raw, info.dtype, n, device);
+        let t = device::place(&self.rule, Source::Transient(&raw), info.dtype, n, device);
         self.buf = raw;
         Ok(t)
     }

@@ -34,7 +34,7 @@ mod store;
 mod stream;
 
 pub use cache::{EjectPolicy, ModelCache};
-pub use device::{device_rule, supports_compute};
+pub use device::{compute_burn_dtype, device_rule, supports_compute};
 pub use fp8::PatchPrecision;
 
 /// A tensor's raw little-endian bytes of a float `dtype` widened to f32 (`None` for integer
@@ -42,6 +42,12 @@ pub use fp8::PatchPrecision;
 pub fn decode_f32(dtype: crate::DType, bytes: &[u8]) -> Option<Vec<f32>> {
     decode::to_f32(dtype, bytes).ok()
 }
+/// f32 values encoded little-endian in `dtype` (f16 or bf16, rounding to nearest; f32 for any
+/// other dtype): the inverse of [`decode_f32`] for the types weights are written in.
+pub fn encode_f32(values: &[f32], dtype: crate::DType) -> Vec<u8> {
+    host::encode(values, dtype)
+}
+
 pub use store::{
     DeviceMap, DonorCopy, ExpectedTensor, LoadOptions, LoadReport, ShapeMismatch, StoredTensor,
     StoredUnit, WeightPatch, WeightStore,

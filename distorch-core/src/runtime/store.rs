@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::home::{ComputeDtype, DeviceRule};
-use crate::runtime::device::DeviceTensor;
+use crate::runtime::device::{DeviceTensor, Fp8Tables};
 use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::HostTensor;
 use crate::runtime::load::Fingerprint;
@@ -286,6 +286,8 @@ pub struct WeightStore<B: Backend> {
     pub(crate) rule: DeviceRule,
     /// The dtype fetched weights are cast to.
     pub(crate) compute_dtype: ComputeDtype,
+    /// fp8 decoding tables on the compute device (uploaded on first use).
+    pub(crate) fp8_tables: Fp8Tables<B>,
 }
 
 impl<B: Backend> WeightStore<B> {

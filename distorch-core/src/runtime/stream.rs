@@ -6,9 +6,9 @@
 //! pages touched, so the upload does not fault them in) on GPU backends, a widened f32 copy on
 //! ndarray; the compute thread enqueues the device upload when it asks for the unit, then
 //! casts (or decodes fp8) to the compute dtype on the device. The weights cross in their
-//! storage dtype, so the bytes moved are the unit's bytes at home. Units on a GPU donor are copied device to
-//! device when asked for, or read back through the host on backends without device-to-device
-//! copies (wgpu). Uploading from the background thread itself is not safe on every backend:
+//! storage dtype, so the bytes moved are the unit's bytes at home. Units on a GPU donor are
+//! copied device to device when asked for, or read back through the host on backends without
+//! device-to-device copies (wgpu). Uploading from the background thread itself is not safe on every backend:
 //! on wgpu, buffers written from another thread's stream were read stale by the compute
 //! thread's kernels (caught by the bit-identity tests), so the enqueue stays on the thread
 //! that computes. Overlapping the device copy itself with compute (CUDA streams and events)
@@ -24,8 +24,7 @@ use burn::tensor::backend::Backend;
 use distorch_alloc::{ByteSize, DeviceId};
 
 use crate::error::Error;
-use crate::home::{ComputeDtype, DeviceRule};
-use crate::runtime::device::{Staged, stage_host};
+use crate::runtime::device::{self, Source, Staged};
 use crate::runtime::store::{DonorCopy, LoadReport, Stored, StoredUnit, WeightPatch, WeightStore};
 
 /// How far the streamer looks ahead.
@@ -184,6 +183,12 @@ struct State<B: Backend> {
 }
 
 impl<B: Backend> State<B> {
+    /// Notes `extra` host bytes being staged beside those already staged.
+    fn note_staging(&mut self, extra: u64) {
+        let now = ByteSize(self.staging + extra);
+        self.stats.peak_staging_bytes = self.stats.peak_staging_bytes.max(now);
+    }
+
     fn note_peak(&mut self) {
         let now = ByteSize(self.held + self.handed_out);
         if now > self.stats.peak_extra_bytes {
@@ -345,7 +350,7 @@ impl<B: Backend> Streamer<B> {
             st.stats.fetches += 1;
             st.stats.resident += 1;
             drop(st);
-            return Ok(weights(u, resident_tensors(u, store.compute_dtype)));
+            return Ok(weights(u, resident_tensors(u, &store)));
         }
         let start = Instant::now();
         let mut st = self.shared.lock();
@@ -372,10 +377,9 @@ impl<B: Backend> Streamer<B> {
             }
             st.stats.on_demand += 1;
             drop(st);
-            let (t, alloc) = stage(u, &store.rule);
+            let (t, alloc) = stage(u, &store);
             st = self.shared.lock();
-            let now = ByteSize(st.staging + alloc);
-            st.stats.peak_staging_bytes = st.stats.peak_staging_bytes.max(now);
+            st.note_staging(alloc);
             break t;
         };
         st.stats.stall += start.elapsed();
@@ -387,7 +391,7 @@ impl<B: Backend> Streamer<B> {
         self.shared.changed.notify_all();
         // Enqueuing the upload is compute-thread time spent on weights too.
         let enqueue = Instant::now();
-        let tensors = to_device(u, staged, store.compute(), &store.rule, store.compute_dtype);
+        let tensors = to_device(u, staged, &store);
         self.shared.lock().stats.stall += enqueue.elapsed();
         Ok(weights(u, tensors))
     }
@@ -462,24 +466,23 @@ fn worker<B: Backend>(shared: &Shared<B>) {
         st.in_flight = Some(j);
         let (store, generation) = (Arc::clone(&st.store), st.generation);
         drop(st);
-        let (t, alloc) = stage(&store.units()[j], &store.rule);
+        let (t, alloc) = stage(&store.units()[j], &store);
         st = shared.lock();
         st.in_flight = None;
         if st.generation == generation {
+            st.note_staging(alloc);
             st.staging += alloc;
-            let now = ByteSize(st.staging);
-            st.stats.peak_staging_bytes = st.stats.peak_staging_bytes.max(now);
             st.ready.insert(j, (t, alloc));
         }
         shared.changed.notify_all();
     }
 }
 
-fn resident_tensors<B: Backend>(u: &StoredUnit<B>, compute: ComputeDtype) -> Vec<Tensor<B, 1>> {
+fn resident_tensors<B: Backend>(u: &StoredUnit<B>, store: &WeightStore<B>) -> Vec<Tensor<B, 1>> {
     u.tensors
         .iter()
         .filter_map(|t| match &t.data {
-            Stored::Device(d) => Some(d.materialize(compute)),
+            Stored::Device(d) => Some(d.materialize(store.compute_dtype, &store.fp8_tables)),
             Stored::Donor(..) | Stored::Host(_) => None,
         })
         .collect()
@@ -488,7 +491,7 @@ fn resident_tensors<B: Backend>(u: &StoredUnit<B>, compute: ComputeDtype) -> Vec
 /// Host data of a unit's host-home tensors and of its donor tensors that are copied through
 /// the host (read back), in the form the compute device holds them, ready to upload; and the
 /// host bytes that staging allocated.
-fn stage<B: Backend>(u: &StoredUnit<B>, rule: &DeviceRule) -> (Vec<Staged>, u64) {
+fn stage<B: Backend>(u: &StoredUnit<B>, store: &WeightStore<B>) -> (Vec<Staged>, u64) {
     let mut allocated = 0;
     let staged = u
         .tensors
@@ -500,8 +503,8 @@ fn stage<B: Backend>(u: &StoredUnit<B>, rule: &DeviceRule) -> (Vec<Staged>, u64)
                 Some(d.clone().into_data())
             }
             Stored::Host(h) => {
-                let s = stage_host(rule, &h.bytes, h.dtype, t.numel());
-                allocated += s.allocated(&h.bytes);
+                let (s, a) = device::stage(&store.rule, Source::Home(&h.bytes), h.dtype, t.numel());
+                allocated += a;
                 Some(s)
             }
         })
@@ -514,25 +517,25 @@ fn stage<B: Backend>(u: &StoredUnit<B>, rule: &DeviceRule) -> (Vec<Staged>, u64)
 fn to_device<B: Backend>(
     u: &StoredUnit<B>,
     staged: Vec<Staged>,
-    device: &B::Device,
-    rule: &DeviceRule,
-    compute: ComputeDtype,
+    store: &WeightStore<B>,
 ) -> Vec<Tensor<B, 1>> {
+    let (device, rule, tables) = (store.compute(), &store.rule, &store.fp8_tables);
+    let compute = store.compute_dtype;
     let mut staged = staged.into_iter();
     u.tensors
         .iter()
         .map(|t| match &t.data {
-            Stored::Device(d) => d.materialize(compute),
-            Stored::Donor(d, DonorCopy::Direct) => d.to_device(device).materialize(compute),
+            Stored::Device(d) => d.materialize(compute, tables),
+            Stored::Donor(d, DonorCopy::Direct) => d.to_device(device).materialize(compute, tables),
             Stored::Donor(d, DonorCopy::ViaHost) => {
                 let data = staged.next().unwrap_or_else(|| d.clone().into_data());
-                data.upload::<B>(device).materialize(compute)
+                data.upload::<B>(device).materialize(compute, tables)
             }
             Stored::Host(h) => {
-                let data = staged
-                    .next()
-                    .unwrap_or_else(|| stage_host(rule, &h.bytes, h.dtype, t.numel()));
-                data.upload::<B>(device).materialize(compute)
+                let data = staged.next().unwrap_or_else(|| {
+                    device::stage(rule, Source::Home(&h.bytes), h.dtype, t.numel()).0
+                });
+                data.upload::<B>(device).materialize(compute, tables)
             }
         })
         .collect()

@@ -11,7 +11,8 @@ use crate::common::*;
 use burn::tensor::Tensor;
 use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, PinPolicy, Plan, PlanRequest};
 use distorch_core::runtime::{
-    DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore, decode_f32, device_rule,
+    DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore, compute_burn_dtype, decode_f32,
+    device_rule, encode_f32,
 };
 use distorch_core::safetensors::write;
 use distorch_core::{ComputeDtype, DType, Error, SafetensorsIndex, components};
@@ -20,21 +21,9 @@ use distorch_core::{ComputeDtype, DType, Error, SafetensorsIndex, components};
 fn weight_bytes(dtype: DType, seed: u64, n: usize) -> Vec<u8> {
     let v = values(seed, n);
     match dtype {
-        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => v
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-            .collect(),
-        DType::BF16 => v
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-            .collect(),
+        DType::F32 | DType::F16 | DType::BF16 => encode_f32(&v, dtype),
         // fp8 codes with small exponents (no NaN, |value| < 2), random signs and mantissas.
-        DType::F8E4M3 => v
-            .iter()
-            .map(|x| ((x.to_bits() >> 9) as u8 & 0x3f) | if *x < 0.0 { 0x80 } else { 0 })
-            .collect(),
-        DType::F8E5M2 => v
+        DType::F8E4M3 | DType::F8E5M2 => v
             .iter()
             .map(|x| ((x.to_bits() >> 9) as u8 & 0x3f) | if *x < 0.0 { 0x80 } else { 0 })
             .collect(),
@@ -52,7 +41,7 @@ fn write_mlp_of(dir: &std::path::Path, dtype: DType, as_f32: bool) -> std::path:
         let w = weight_bytes(dtype, l as u64, width * width);
         let (dt, w) = if as_f32 {
             let f = decode_f32(dtype, &w).unwrap();
-            (DType::F32, f.iter().flat_map(|x| x.to_le_bytes()).collect())
+            (DType::F32, encode_f32(&f, DType::F32))
         } else {
             (dtype, w)
         };
@@ -64,7 +53,7 @@ fn write_mlp_of(dir: &std::path::Path, dtype: DType, as_f32: bool) -> std::path:
             DType::F32,
             vec![width as u64],
         ));
-        data.push(b.iter().flat_map(|x| x.to_le_bytes()).collect());
+        data.push(encode_f32(&b, DType::F32));
     }
     let name = format!("mlp-{dtype}-{as_f32}.safetensors");
     let path = dir.join(name);
@@ -213,7 +202,7 @@ fn compute_dtypes_the_device_lacks_are_refused_before_loading() {
                 assert!(supported, "{dtype} loaded on a device without it");
                 let s = Streamer::new(Arc::new(store), Lookahead::default());
                 let w: Tensor<B, 2> = s.fetch("layers.0.fc").unwrap().get("weight").unwrap();
-                assert_eq!(w.dtype(), burn_dtype(dtype));
+                assert_eq!(w.dtype(), compute_burn_dtype(dtype));
             }
             Err(Error::UnsupportedComputeDtype { dtype: d, .. }) => {
                 assert!(!supported);
@@ -221,13 +210,5 @@ fn compute_dtypes_the_device_lacks_are_refused_before_loading() {
             }
             Err(e) => panic!("{dtype}: unexpected {e}"),
         }
-    }
-}
-
-fn burn_dtype(d: ComputeDtype) -> burn::tensor::DType {
-    match d {
-        ComputeDtype::F32 => burn::tensor::DType::F32,
-        ComputeDtype::F16 => burn::tensor::DType::F16,
-        ComputeDtype::BF16 => burn::tensor::DType::BF16,
     }
 }

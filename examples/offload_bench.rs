@@ -128,7 +128,14 @@ struct Options {
     compute: ComputeDtype,
 }
 
-fn main() -> Result<(), distorch::Error> {
+fn main() {
+    if let Err(e) = run() {
+        println!("error: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<(), distorch::Error> {
     let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
     let options = Options {
         passes: arg("--passes").and_then(|p| p.parse().ok()).unwrap_or(2),
@@ -210,10 +217,6 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         &device,
     )
     .reshape([2 * TOKENS, DIM]);
-    let (x, y) = (
-        x.cast(compute_burn_dtype(compute)),
-        y.cast(compute_burn_dtype(compute)),
-    );
     println!(
         "# {} layers, {} of {file} weights ({} at device homes), compute {compute}, {passes} timed pass(es) after one warm-up, backend={backend}",
         3 * BLOCKS,
@@ -238,6 +241,9 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
             ..LoadOptions::default()
         };
         let (store, _) = WeightStore::<B>::load(&index, component, &plan, &devices, &load)?;
+        // Inputs in the compute dtype, once loading has accepted it for this device.
+        let dtype = compute_burn_dtype(compute);
+        let (x, y) = (x.clone().cast(dtype), y.clone().cast(dtype));
         let storage: u64 = store
             .units()
             .iter()

@@ -28,8 +28,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
 use distorch::alloc::{DeviceKind, parse_device_list};
-use distorch::core::DemoModel;
 use distorch::core::runtime::DeviceMap;
+use distorch::core::{ComputeDtype, DemoModel};
 use distorch::lora::LoraFile;
 use distorch::models::pipeline::to_rgb8;
 use distorch::models::{
@@ -101,6 +101,11 @@ struct Args {
     /// The model predicts v (SD 2.x 768-v) rather than noise.
     #[arg(long)]
     v_prediction: bool,
+    /// The compute dtype of every component: f32, f16, bf16, or auto (the checkpoint's own
+    /// half type where the device computes in it, the VAE at f32 for f16 checkpoints; f32 on
+    /// ndarray).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
 }
@@ -203,6 +208,7 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     };
     let mut options =
         CheckpointOptions::<B>::new(graph.clone(), compute, device.clone(), device.clone())?;
+    options.dtype = parse_dtype(&args.dtype)?;
     let unet_request = match (&args.unet_expert, args.unet_virtual_vram) {
         (Some(e), _) => PlanRequest::expert_with_compute(e.parse()?, compute),
         (None, Some(gib)) => PlanRequest::virtual_vram(VirtualVram::from_gib(
@@ -297,7 +303,9 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     let control: Option<Loaded<ControlNetModel<B>>> = match &args.controlnet {
         Some(name) => {
             let path = folders.resolve(ModelKind::ControlNet, name)?;
-            let opts = ComponentOptions::new(graph.clone(), Placement::on(compute, device.clone()));
+            let mut opts =
+                ComponentOptions::new(graph.clone(), Placement::on(compute, device.clone()));
+            opts.dtype = options.dtype;
             let loaded: Loaded<ControlNetModel<B>> = load_model(path, None, &opts)?;
             loaded.model.config().check_unet(sd.unet.config())?;
             println!("\n[controlnet]\n{}", loaded.plan);
@@ -422,4 +430,13 @@ fn hint_tensor<B: Backend>(
         TensorData::new(values, [1, 3, height, width]),
         device,
     ))
+}
+
+/// `--dtype`: a compute dtype, or `None` for `auto`.
+fn parse_dtype(s: &str) -> Result<Option<ComputeDtype>, Box<dyn std::error::Error>> {
+    if s.eq_ignore_ascii_case("auto") {
+        Ok(None)
+    } else {
+        Ok(Some(s.parse()?))
+    }
 }

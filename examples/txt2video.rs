@@ -66,6 +66,10 @@ struct Args {
     /// The compute device.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The compute dtype of every model: f32, f16, bf16, or auto (each model's own half type
+    /// where the device computes in it, the VAE at f32 for f16 weights; f32 on ndarray).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Transformer blocks, counted from the last, kept on --swap-device (default: half).
     #[arg(long)]
     blocks_to_swap: Option<usize>,
@@ -154,7 +158,15 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     };
     // On a CPU-only build the compute device is host memory too: there is nothing to swap to.
     let on = |id: DeviceId| Placement::<B>::on(id, device.clone());
-    let options = |p: Placement<B>| ComponentOptions::new(graph.clone(), p);
+    let dtype: Option<distorch::core::ComputeDtype> = if args.dtype.eq_ignore_ascii_case("auto") {
+        None
+    } else {
+        Some(args.dtype.parse()?)
+    };
+    let options = |p: Placement<B>| ComponentOptions {
+        dtype,
+        ..ComponentOptions::new(graph.clone(), p)
+    };
 
     let t5: Loaded<Umt5Encoder<B>> =
         load_model(folder.join("text_encoder"), None, &options(on(compute)))?;

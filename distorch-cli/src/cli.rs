@@ -116,9 +116,6 @@ pub struct RunArgs {
     /// With block swap, keep the text embedder on --swap-device too.
     #[arg(long)]
     pub offload_txt_emb: bool,
-    /// Compute dtype (only f32 is implemented).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
     /// A LoRA patched in while the weights load, `PATH[:STRENGTH]` (strength 1 by default);
     /// repeatable. For the unet, clip-text and wan-dit tasks.
     #[arg(long, value_name = "PATH[:STRENGTH]")]
@@ -127,6 +124,24 @@ pub struct RunArgs {
     /// re-quantises them to fp8 with seeded stochastic rounding (half the memory).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub high_precision_loras: bool,
+    /// The dtype the forward pass computes in: f32 (the default), f16, bf16, or `auto` (the
+    /// model's own half type where the device computes in it, else f32). Inputs are cast to
+    /// it; outputs are written as f32.
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DtypeArg,
+}
+
+/// `--dtype`: a compute dtype, or `None` for `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DtypeArg(pub Option<distorch::core::ComputeDtype>);
+
+fn parse_dtype(s: &str) -> Result<DtypeArg, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(DtypeArg(None));
+    }
+    s.parse()
+        .map(|d| DtypeArg(Some(d)))
+        .map_err(|e: distorch::core::Error| format!("{e} (or auto)"))
 }
 
 /// Which file to read: a path, or a generated demo checkpoint.

@@ -35,12 +35,6 @@ impl From<distorch::models::Error> for Failure {
 }
 
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
-    if args.dtype != "f32" {
-        return Err(Failure::Other(format!(
-            "--dtype {}: only f32 compute is implemented (weights of any dtype are widened)",
-            args.dtype
-        )));
-    }
     let device: DeviceId = args.device.parse()?;
     match device.kind() {
         distorch::alloc::DeviceKind::Cpu => {
@@ -236,6 +230,7 @@ fn run_on<B: Backend>(
     let index = SafetensorsIndex::open(&model.weights)?;
     let c = component(&index, args.task, args.component)?;
     let mut options = ComponentOptions::new(graph, placement);
+    options.dtype = args.dtype.0;
     if args.blocks_to_swap.is_some() {
         options.lookahead = Lookahead {
             units: args.prefetch_blocks.max(1) * units_per_block(&c),
@@ -432,10 +427,22 @@ fn units_per_block(c: &Component<'_>) -> usize {
 
 fn log_stats<B: Backend>(s: &distorch::core::runtime::Streamer<B>) {
     let st = s.take_stats();
+    let moved: u64 = st.bytes_moved.values().map(|b| b.0).sum();
+    let streamed_units: u64 = s
+        .store()
+        .units()
+        .iter()
+        .filter(|u| u.home != s.store().compute_id())
+        .map(|u| u.bytes.0)
+        .sum();
     tracing::info!(
         fetches = st.fetches,
         resident = st.resident,
         streamed = st.prefetched + st.on_demand,
+        bytes_moved = moved,
+        streamed_unit_bytes = streamed_units,
+        peak_staging_bytes = st.peak_staging_bytes.0,
+        compute_dtype = %s.store().compute_dtype(),
         "forward done"
     );
 }

@@ -376,7 +376,17 @@ fn bad_runs_are_clear_errors() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("only f32 compute is implemented"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot compute in f16"), "{err}");
+
+    let o = Command::new(env!("CARGO_BIN_EXE_distorch"))
+        .args(["run", "unet", "--model", "m", "--inputs", "i", "--out", "o"])
+        .args(["--dtype", "f8"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--dtype") && err.contains("f8"), "{err}");
 }
 
 #[test]

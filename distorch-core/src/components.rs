@@ -102,6 +102,22 @@ impl Component<'_> {
     pub fn bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.bytes).sum()
     }
+
+    /// The float dtype holding most of its bytes (its storage dtype; f32 when it has no
+    /// float tensors).
+    pub fn storage_dtype(&self) -> crate::DType {
+        let mut bytes: Vec<(crate::DType, u64)> = Vec::new();
+        for t in self.tensors.iter().filter(|t| t.dtype.is_float()) {
+            match bytes.iter_mut().find(|(d, _)| *d == t.dtype) {
+                Some((_, b)) => *b += t.bytes,
+                None => bytes.push((t.dtype, t.bytes)),
+            }
+        }
+        bytes
+            .into_iter()
+            .max_by_key(|&(_, b)| b)
+            .map_or(crate::DType::F32, |(d, _)| d)
+    }
 }
 
 /// A file split into components.

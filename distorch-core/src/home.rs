@@ -139,6 +139,16 @@ impl ComputeDtype {
         }
     }
 
+    /// The half type a model stored in `storage` runs in as its authors ship it: f16 for f16
+    /// weights, bf16 for bf16 and fp8 weights, f32 for anything else (f32, f64).
+    pub fn half_of(storage: DType) -> ComputeDtype {
+        match storage {
+            DType::F16 => ComputeDtype::F16,
+            DType::BF16 | DType::F8E4M3 | DType::F8E5M2 => ComputeDtype::BF16,
+            _ => ComputeDtype::F32,
+        }
+    }
+
     /// Lower-case name (`f32`, `f16`, `bf16`).
     pub fn name(self) -> &'static str {
         match self {

@@ -10,7 +10,7 @@ use distorch_alloc::{DeviceGraph, DeviceId, Plan, PlanRequest, VirtualVram};
 use distorch_core::runtime::{
     DeviceMap, LoadOptions, LoadReport, Lookahead, PatchPrecision, Streamer,
 };
-use distorch_core::{Component, ComponentKind, SafetensorsIndex, components};
+use distorch_core::{Component, ComponentKind, ComputeDtype, SafetensorsIndex, components};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::clip_keys::{ClipKeys, ClipLayout};
@@ -94,6 +94,11 @@ pub struct CheckpointOptions<B: Backend> {
     /// How LoRA-patched tensors of fp8 checkpoints are stored (see
     /// [`ComponentOptions::precision`]).
     pub precision: PatchPrecision,
+    /// Every component's compute dtype (see [`ComponentOptions::dtype`]); `None`, the
+    /// default, is each component's own half type where the device computes in it (f16 or
+    /// bf16 on GPU backends for half and fp8 checkpoints, the VAE kept at f32 for f16 ones as
+    /// diffusers' `force_upcast` does), else f32 (always on ndarray).
+    pub dtype: Option<ComputeDtype>,
 }
 
 /// A LoRA with ComfyUI's two strengths.
@@ -134,6 +139,7 @@ impl<B: Backend> CheckpointOptions<B> {
             progress: None,
             loras: Vec::new(),
             precision: PatchPrecision::High,
+            dtype: None,
         })
     }
 }
@@ -166,6 +172,7 @@ impl<B: Backend> CheckpointOptions<B> {
             progress: self.progress.clone(),
             loras: None,
             precision: self.precision,
+            dtype: self.dtype,
         }
     }
 

@@ -253,15 +253,15 @@ impl<B: Backend> ClipTextModel<B> {
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch]), &device);
         let pooled = last.clone().reshape([batch * seq, h]).select(0, rows);
         let text_embeds = if self.projection {
-            Some(k.project(&w, pooled.clone())?)
+            Some(w.output(k.project(&w, pooled.clone())?))
         } else {
             None
         };
         Ok(ClipTextOutput {
-            last_hidden_state: last,
-            pooled_output: pooled,
+            last_hidden_state: w.output(last),
+            pooled_output: w.output(pooled),
             text_embeds,
-            hidden_states,
+            hidden_states: hidden_states.into_iter().map(|t| w.output(t)).collect(),
         })
     }
 }

@@ -353,9 +353,9 @@ impl<B: Backend> ClipVisionModel<B> {
         let projection = projection.strip_suffix(".weight").unwrap_or(&projection);
         let image_embeds = w.linear(projection, pooled)?;
         Ok(ClipVisionOutput {
-            image_embeds,
-            last_hidden_state: x,
-            hidden_states,
+            image_embeds: w.output(image_embeds),
+            last_hidden_state: w.output(x),
+            hidden_states: hidden_states.into_iter().map(|t| w.output(t)).collect(),
         })
     }
 }

@@ -406,10 +406,11 @@ impl<B: Backend> ControlNetModel<B> {
         let device = sample.device();
         let w = Weights::new(&self.streamer, "").with_map(self.map.as_ref());
         let temb = trunk.embed(&w, batch, timesteps, text_time, &device)?;
-        let x = w.conv2d("conv_in", sample, 1, 1)?;
+        let ctx = w.input(ctx);
+        let x = w.conv2d("conv_in", w.input(sample), 1, 1)?;
 
         let p = "controlnet_cond_embedding";
-        let mut e = silu(w.conv2d(&format!("{p}.conv_in"), hint, 1, 1)?);
+        let mut e = silu(w.conv2d(&format!("{p}.conv_in"), w.input(hint), 1, 1)?);
         for i in 0..2 * (self.config.conditioning_embedding_out_channels.len() - 1) {
             let stride = if i % 2 == 1 { 2 } else { 1 };
             e = silu(w.conv2d(&format!("{p}.blocks.{i}"), e, stride, 1)?);
@@ -440,12 +441,12 @@ impl<B: Backend> ControlNetModel<B> {
         let mut down = Vec::with_capacity(n);
         for (k, s) in skips.into_iter().enumerate() {
             let r = w.conv2d(&format!("controlnet_down_blocks.{k}"), s, 1, 0)?;
-            down.push(pool(r.mul_scalar(scales[k])));
+            down.push(w.output(pool(r.mul_scalar(scales[k]))));
         }
         let mid = w.conv2d("controlnet_mid_block", x, 1, 0)?;
         Ok(ControlNetOutput {
             down_block_res_samples: down,
-            mid_block_res_sample: pool(mid.mul_scalar(scales[n])),
+            mid_block_res_sample: w.output(pool(mid.mul_scalar(scales[n]))),
         })
     }
 }

@@ -56,8 +56,8 @@ pub use error::Error;
 pub use folder::ComponentFiles;
 pub use keymap::KeyLayout;
 pub use loader::{
-    ComponentLoras, ComponentOptions, LoadProgress, Loaded, Model, Models, load_cached,
-    load_component, load_model, lora_patch,
+    ComponentLoras, ComponentOptions, LoadProgress, Loaded, Model, Models, compute_dtype,
+    load_cached, load_component, load_model, lora_patch,
 };
 pub use nn::Activation;
 pub use pipeline::{Control, Generated, Progress, Txt2Img};

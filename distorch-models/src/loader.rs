@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use distorch_alloc::{ByteSize, DeviceGraph, Plan};
 use distorch_core::runtime::{
     DeviceMap, EjectPolicy, LoadOptions, LoadReport, Lookahead, ModelCache, PatchPrecision,
-    Streamer, device_rule,
+    Streamer, device_rule, supports_compute,
 };
 use distorch_core::{
     Component, ComponentKind, ComputeDtype, Homes, SafetensorsIndex, components, units,
@@ -199,10 +199,16 @@ pub struct ComponentOptions<B: Backend> {
     /// default: DisTorch2's `high_precision_loras = true`) or fp8 again by seeded stochastic
     /// rounding.
     pub precision: PatchPrecision,
+    /// The dtype the forward pass computes in: `Some` of f32 (the default), f16 or bf16, or
+    /// `None` for the component's own half type ([`ComputeDtype::half_of`] its storage
+    /// dtype) where the compute device computes in it, else f32. A dtype the device cannot
+    /// compute in is refused before any weight is read
+    /// ([`distorch_core::Error::UnsupportedComputeDtype`]).
+    pub dtype: Option<ComputeDtype>,
 }
 
 impl<B: Backend> ComponentOptions<B> {
-    /// `placement` on `graph`, default look-ahead, finite checks on.
+    /// `placement` on `graph`, default look-ahead, finite checks on, computing in f32.
     pub fn new(graph: DeviceGraph, placement: Placement<B>) -> ComponentOptions<B> {
         ComponentOptions {
             graph,
@@ -212,8 +218,41 @@ impl<B: Backend> ComponentOptions<B> {
             progress: None,
             loras: None,
             precision: PatchPrecision::High,
+            dtype: Some(ComputeDtype::F32),
         }
     }
+}
+
+/// The dtype `component` computes in under `options` (see [`ComponentOptions::dtype`]).
+pub fn compute_dtype<B: Backend>(
+    component: &Component<'_>,
+    options: &ComponentOptions<B>,
+) -> ComputeDtype {
+    if let Some(d) = options.dtype {
+        return d;
+    }
+    let storage = component.storage_dtype();
+    let own = ComputeDtype::half_of(storage);
+    // Stable Diffusion VAEs overflow in f16; diffusers upcasts them (`force_upcast`).
+    let own = if component.kind == ComponentKind::Vae && own == ComputeDtype::F16 {
+        ComputeDtype::F32
+    } else {
+        own
+    };
+    let device = options.placement.devices.compute();
+    let chosen = if supports_compute::<B>(device, own) {
+        own
+    } else {
+        ComputeDtype::F32
+    };
+    tracing::info!(
+        component = component.kind.name(),
+        storage = %storage,
+        compute = %chosen,
+        "compute dtype (the component's own half type where the device computes in it; \
+         set ComponentOptions::dtype to choose)"
+    );
+    chosen
 }
 
 /// Loads one model of kind `M` from `path`: a diffusers/transformers component folder
@@ -294,10 +333,11 @@ where
 {
     let path = path.as_ref();
     let id = format!(
-        "{}:{}:{:?}",
+        "{}:{}:{:?}:{:?}",
         M::KIND,
         path.display(),
-        options.placement.request
+        options.placement.request,
+        options.dtype
     );
     if let Some(hit) = cache.get(&id).and_then(|m| m.downcast::<M>().ok()) {
         tracing::debug!(model = id.as_str(), "cached");
@@ -307,7 +347,8 @@ where
     let c = pick::<B, M>(&index)?;
     let config = resolve::<B, M>(&c, config, config_file)?;
     let lora = component_patch::<B, M>(&config, &c, options)?;
-    let plan = plan::<B, M>(&c, &config, options, &lora.0)?;
+    let dtype = compute_dtype(&c, options);
+    let plan = plan::<B, M>(&c, &config, options, &lora.0, dtype)?;
     let compute = plan.compute();
     let needed = plan
         .devices()
@@ -316,7 +357,7 @@ where
         .map_or(ByteSize(0), |r| r.model_bytes);
     let capacity = options.graph.get(compute).map_or(ByteSize(0), |d| d.free);
     cache.make_room(compute, needed, capacity, eject)?;
-    let loaded = place::<B, M>(&index, &c, plan, config, options, lora)?;
+    let loaded = place::<B, M>(&index, &c, (plan, dtype), config, options, lora)?;
     let model = Arc::new(loaded.model);
     cache.insert(id, model.clone(), &loaded.report.bytes_per_device);
     Ok(model)
@@ -332,8 +373,9 @@ pub fn load_component<B: Backend, M: Model<B>>(
     options: &ComponentOptions<B>,
 ) -> Result<Loaded<M>, Error> {
     let lora = component_patch::<B, M>(&config, component, options)?;
-    let plan = plan::<B, M>(component, &config, options, &lora.0)?;
-    place(index, component, plan, config, options, lora)
+    let dtype = compute_dtype(component, options);
+    let plan = plan::<B, M>(component, &config, options, &lora.0, dtype)?;
+    place(index, component, (plan, dtype), config, options, lora)
 }
 
 /// The component's LoRA patch (empty without LoRAs), what it matched, and the tensors as
@@ -362,13 +404,14 @@ fn plan<B: Backend, M: Model<B>>(
     config: &M::Config,
     options: &ComponentOptions<B>,
     patch: &LoraPatch,
+    dtype: ComputeDtype,
 ) -> Result<Plan, Error> {
     let order = M::execution_order(config, component)?;
     // The same predicate loading checks the plan with.
     let changed = |key: &str| WeightPatch::<B>::applies_to(patch, key);
     let homes = Homes {
         device: device_rule::<B>(options.placement.devices.compute()),
-        compute: ComputeDtype::F32,
+        compute: dtype,
         changed: Some(&changed),
         fp8_changed: options.precision.fp8_changed(),
     };
@@ -380,11 +423,11 @@ fn plan<B: Backend, M: Model<B>>(
     )?)
 }
 
-/// Loads the component where `plan` puts it, with its LoRA patch.
+/// Loads the component where `plan` puts it, computing in `dtype`, with its LoRA patch.
 fn place<B: Backend, M: Model<B>>(
     index: &SafetensorsIndex,
     component: &Component<'_>,
-    plan: Plan,
+    (plan, dtype): (Plan, ComputeDtype),
     config: M::Config,
     options: &ComponentOptions<B>,
     (patch, lora, tensors): (LoraPatch, LoraReport, Vec<ModelTensor>),
@@ -400,6 +443,7 @@ fn place<B: Backend, M: Model<B>>(
         progress: Some(&tick),
         patch: (!patch.is_empty()).then_some(&patch as &dyn WeightPatch<B>),
         precision: options.precision,
+        compute: dtype,
         ..LoadOptions::default()
     };
     let (model, report) = M::load(

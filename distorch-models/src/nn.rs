@@ -1,10 +1,18 @@
 //! Building blocks shared by the models: weights fetched through the streamer, linear layers,
 //! layer norm, activations, attention.
+//!
+//! **Dtypes.** A model computes in its store's compute dtype (f32, f16 or bf16): its forward
+//! casts the inputs to it on entry ([`Weights::input`]) and its outputs to f32 on exit
+//! ([`Weights::output`]); fetched weights already arrive in it. Matrix products and
+//! convolutions run in the compute dtype; what PyTorch keeps in f32 at half precision stays in
+//! f32 here: norm statistics and affine (group, layer, RMS), softmax and its mask, the
+//! activations (PyTorch computes elementwise kernels in f32 and stores the half result),
+//! timestep and RoPE tables. At f32 every one of these is the identity.
 
 use burn::tensor::activation::{gelu, sigmoid, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
-use distorch_core::runtime::{Streamer, UnitWeights};
+use burn::tensor::{DType, Tensor, TensorData};
+use distorch_core::runtime::{Streamer, UnitWeights, compute_burn_dtype};
 
 use crate::error::Error;
 use crate::keymap::KeyMap;
@@ -62,6 +70,21 @@ impl<'a, B: Backend> Weights<'a, B> {
 }
 
 impl<B: Backend> Weights<'_, B> {
+    /// The dtype the model computes in (the store's compute dtype).
+    pub(crate) fn dtype(&self) -> DType {
+        compute_burn_dtype(self.streamer.store().compute_dtype())
+    }
+
+    /// An input of the forward pass in the compute dtype.
+    pub(crate) fn input<const D: usize>(&self, t: Tensor<B, D>) -> Tensor<B, D> {
+        to_dtype(t, self.dtype())
+    }
+
+    /// An output of the forward pass in f32, whatever the compute dtype.
+    pub(crate) fn output<const D: usize>(&self, t: Tensor<B, D>) -> Tensor<B, D> {
+        to_dtype(t, DType::F32)
+    }
+
     /// The unit `name` (under the prefix).
     pub(crate) fn unit(&self, name: &str) -> Result<Unit<B>, Error> {
         let key = self.key(name);
@@ -92,12 +115,41 @@ impl<B: Backend> Weights<'_, B> {
     }
 }
 
-/// `x · wᵀ + b`, `w` as [out, in].
+/// `t` in `dtype` (itself when it already is).
+pub(crate) fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
+
+/// `f` of `x` widened to f32, the result back in `x`'s dtype: how PyTorch computes norms,
+/// softmax and elementwise activations at half precision.
+pub(crate) fn in_f32<B: Backend, const D: usize, const E: usize>(
+    x: Tensor<B, D>,
+    f: impl FnOnce(Tensor<B, D>) -> Tensor<B, E>,
+) -> Tensor<B, E> {
+    let dtype = x.dtype();
+    to_dtype(f(to_dtype(x, DType::F32)), dtype)
+}
+
+/// `t` in f32.
+pub(crate) fn f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    to_dtype(t, DType::F32)
+}
+
+/// Zeros of `shape` on `like`'s device in its dtype.
+pub(crate) fn zeros_as<B: Backend, const D: usize, const E: usize>(
+    shape: [usize; E],
+    like: &Tensor<B, D>,
+) -> Tensor<B, E> {
+    Tensor::zeros(shape, (&like.device(), like.dtype()))
+}
+
+/// `x · wᵀ + b`, `w` as [out, in] (`x` cast to the weight's dtype when it has another one).
 pub(crate) fn linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 2>,
     b: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
+    let x = to_dtype(x, w.dtype());
     let dims = x.dims();
     let inner = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
@@ -112,18 +164,16 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     y.reshape(shape)
 }
 
-/// Layer norm over the last dimension (biased variance, as PyTorch).
+/// Layer norm over the last dimension (biased variance, as PyTorch), computed in f32.
 pub(crate) fn layer_norm<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 1>,
     b: Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, D> {
-    let mean = x.clone().mean_dim(D - 1);
-    let centred = x - mean;
-    let var = centred.clone().powi_scalar(2).mean_dim(D - 1);
-    let normed = centred / (var + eps).sqrt();
-    normed * w.unsqueeze::<D>() + b.unsqueeze::<D>()
+    in_f32(x, |x| {
+        layer_norm_plain(x, eps) * f32(w).unsqueeze::<D>() + f32(b).unsqueeze::<D>()
+    })
 }
 
 /// The activations the supported configs name.
@@ -150,15 +200,16 @@ impl Activation {
     }
 
     pub(crate) fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
+        in_f32(x, |x| match self {
             Activation::QuickGelu => x.clone() * sigmoid(x * 1.702),
             Activation::Gelu => gelu(x),
-        }
+        })
     }
 }
 
 /// Multi-head attention core: `q`, `k`, `v` as [batch, seq, heads × head_dim]; `mask` is
-/// added to the scores ([seq_q, seq_k], broadcast over batch and heads).
+/// added to the scores ([seq_q, seq_k], broadcast over batch and heads). The products run in
+/// the inputs' dtype; the scaled scores, the mask and the softmax in f32.
 pub(crate) fn attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -171,12 +222,13 @@ pub(crate) fn attention<B: Backend>(
     let hd = width / heads;
     let split = |t: Tensor<B, 3>, s: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
     let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
-    let scores = q.matmul(k.transpose()) * (1.0 / (hd as f64).sqrt());
+    let dtype = v.dtype();
+    let scores = f32(q.matmul(k.transpose())) * (1.0 / (hd as f64).sqrt());
     let scores = match mask {
-        Some(m) => scores + m.unsqueeze::<4>(),
+        Some(m) => scores + f32(m).unsqueeze::<4>(),
         None => scores,
     };
-    softmax(scores, 3)
+    to_dtype(softmax(scores, 3), dtype)
         .matmul(v)
         .swap_dims(1, 2)
         .reshape([b, sq, width])
@@ -200,17 +252,17 @@ impl<B: Backend> Weights<'_, B> {
         stride: usize,
         padding: usize,
     ) -> Result<Tensor<B, 4>, Error> {
-        use burn::tensor::module::conv2d;
         use burn::tensor::ops::ConvOptions;
         let unit = self.unit(name)?;
         let w: Tensor<B, 4> = unit.get("weight")?;
         let bias = unit.maybe::<1>("bias");
+        let x = to_dtype(x, w.dtype());
         if stride == 1 && B::name(&x.device()).contains("ndarray") {
             // burn-ndarray's direct convolution is ~100× slower than a matrix product here.
             return Ok(conv2d_gemm(x, w, bias, padding));
         }
         let opts = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
-        Ok(conv2d(x, w, bias, opts))
+        Ok(conv2d_f32_sums(x, w, bias, opts))
     }
 
     /// Group norm of [batch, channels, ...] with the unit's per-channel `weight` and `bias`.
@@ -232,7 +284,24 @@ impl<B: Backend> Weights<'_, B> {
     }
 }
 
-/// Group norm over [batch, channels, h, w] (biased variance, as PyTorch).
+/// Burn's 2-D convolution with f32 sums: at f16 and bf16 its operands are widened to f32 and
+/// the result narrowed back. Burn 0.21's direct convolution kernel (one of those its autotune
+/// picks) accumulates in the element type, which at f16 gave the tiny UNet 4.6× PyTorch's
+/// error (PyTorch sums half convolutions in f32); matrix products already sum in f32.
+pub(crate) fn conv2d_f32_sums<B: Backend>(
+    x: Tensor<B, 4>,
+    w: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    options: burn::tensor::ops::ConvOptions<2>,
+) -> Tensor<B, 4> {
+    use burn::tensor::module::conv2d;
+    if x.dtype() == DType::F32 {
+        return conv2d(x, w, bias, options);
+    }
+    in_f32(x, |x| conv2d(x, f32(w), bias.map(f32), options))
+}
+
+/// Group norm over [batch, channels, h, w] (biased variance, as PyTorch), computed in f32.
 pub(crate) fn group_norm<B: Backend>(
     x: Tensor<B, 4>,
     w: Tensor<B, 1>,
@@ -240,18 +309,20 @@ pub(crate) fn group_norm<B: Backend>(
     groups: usize,
     eps: f64,
 ) -> Tensor<B, 4> {
-    let [n, c, h, wd] = x.dims();
-    let g = x.reshape([n, groups, (c / groups) * h * wd]);
-    let mean = g.clone().mean_dim(2);
-    let centred = g - mean;
-    let var = centred.clone().powi_scalar(2).mean_dim(2);
-    let normed = (centred / (var + eps).sqrt()).reshape([n, c, h, wd]);
-    normed * w.reshape([1, c, 1, 1]) + b.reshape([1, c, 1, 1])
+    in_f32(x, |x| {
+        let [n, c, h, wd] = x.dims();
+        let g = x.reshape([n, groups, (c / groups) * h * wd]);
+        let mean = g.clone().mean_dim(2);
+        let centred = g - mean;
+        let var = centred.clone().powi_scalar(2).mean_dim(2);
+        let normed = (centred / (var + eps).sqrt()).reshape([n, c, h, wd]);
+        normed * f32(w).reshape([1, c, 1, 1]) + f32(b).reshape([1, c, 1, 1])
+    })
 }
 
-/// `x · sigmoid(x)`.
+/// `x · sigmoid(x)` (in f32).
 pub(crate) fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() * sigmoid(x)
+    in_f32(x, |x| x.clone() * sigmoid(x))
 }
 
 /// Nearest-neighbour 2× upsampling of [batch, channels, h, w].
@@ -277,12 +348,11 @@ pub(crate) fn conv2d_gemm<B: Backend>(
     let cols = if kh == 1 && kw == 1 && padding == 0 {
         x.reshape([n, c, h * wd])
     } else {
-        let device = x.device();
         let p = padding;
         let x = if p > 0 {
-            let side = Tensor::zeros([n, c, h, p], &device);
+            let side = zeros_as([n, c, h, p], &x);
             let x = Tensor::cat(vec![side.clone(), x, side], 3);
-            let row = Tensor::zeros([n, c, p, wd + 2 * p], &device);
+            let row = zeros_as([n, c, p, wd + 2 * p], &x);
             Tensor::cat(vec![row.clone(), x, row], 2)
         } else {
             x
@@ -316,9 +386,10 @@ pub(crate) fn conv2d_gemm<B: Backend>(
 /// `Downsample2D` with `padding = 0`).
 pub(crate) fn pad_bottom_right<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
-    let device = x.device();
-    let x = Tensor::cat(vec![x, Tensor::zeros([n, c, h, 1], &device)], 3);
-    Tensor::cat(vec![x, Tensor::zeros([n, c, 1, w + 1], &device)], 2)
+    let right = zeros_as([n, c, h, 1], &x);
+    let x = Tensor::cat(vec![x, right], 3);
+    let bottom = zeros_as([n, c, 1, w + 1], &x);
+    Tensor::cat(vec![x, bottom], 2)
 }
 
 impl<B: Backend> Weights<'_, B> {
@@ -329,7 +400,8 @@ impl<B: Backend> Weights<'_, B> {
 }
 
 /// Sinusoidal embedding of `t` ([n]) to [n, dim], as diffusers' `get_timestep_embedding`
-/// (max period 10,000; frequencies computed in f32 as the reference does).
+/// (max period 10,000; frequencies computed in f32 as the reference does), in f32 (the
+/// models cast it to their compute dtype, as diffusers does).
 pub(crate) fn timestep_embedding<B: Backend>(
     t: Tensor<B, 1>,
     dim: usize,
@@ -337,6 +409,7 @@ pub(crate) fn timestep_embedding<B: Backend>(
     shift: f64,
 ) -> Tensor<B, 2> {
     let half = dim / 2;
+    let t = f32(t);
     let device = t.device();
     let freqs: Vec<f32> = (0..half)
         .map(|i| {
@@ -362,31 +435,37 @@ pub(crate) fn timestep_embedding<B: Backend>(
 
 /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `approximate="tanh"`).
 pub(crate) fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let c = (2.0 / std::f64::consts::PI).sqrt();
-    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
-    x * (inner.tanh() + 1.0) * 0.5
+    in_f32(x, |x| {
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
+        x * (inner.tanh() + 1.0) * 0.5
+    })
 }
 
 /// RMS norm over the last dimension: `x / sqrt(mean(x²) + eps) · w` (T5's layer norm,
-/// `torch.nn.RMSNorm`).
+/// `torch.nn.RMSNorm`), computed in f32.
 pub(crate) fn rms_norm<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, D> {
-    let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
-    x / (ms + eps).sqrt() * w.unsqueeze::<D>()
+    in_f32(x, |x| {
+        let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
+        x / (ms + eps).sqrt() * f32(w).unsqueeze::<D>()
+    })
 }
 
-/// Layer norm over the last dimension without weight or bias.
+/// Layer norm over the last dimension without weight or bias, computed in f32.
 pub(crate) fn layer_norm_plain<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     eps: f64,
 ) -> Tensor<B, D> {
-    let mean = x.clone().mean_dim(D - 1);
-    let centred = x - mean;
-    let var = centred.clone().powi_scalar(2).mean_dim(D - 1);
-    centred / (var + eps).sqrt()
+    in_f32(x, |x| {
+        let mean = x.clone().mean_dim(D - 1);
+        let centred = x - mean;
+        let var = centred.clone().powi_scalar(2).mean_dim(D - 1);
+        centred / (var + eps).sqrt()
+    })
 }
 
 impl<B: Backend> Unit<B> {

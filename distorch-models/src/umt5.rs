@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::error::Error;
 use crate::loader::{Model, shape_map, stream_expected, to_usize, units_in_order};
-use crate::nn::{Weights, gelu_tanh, rms_norm};
+use crate::nn::{Weights, f32, gelu_tanh, rms_norm, to_dtype};
 
 /// The fields of a transformers `UMT5Config` (or `T5Config`) the encoder uses.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -288,8 +288,10 @@ impl<B: Backend> Umt5Encoder<B> {
                 .permute([2, 0, 1])
                 .unsqueeze::<4>();
             // T5 does not scale the scores.
-            let scores = q.matmul(k.transpose()) + bias + mask.clone();
-            let a = softmax(scores, 3)
+            // Scores, bias, mask and softmax in f32 (transformers' `softmax(scores.float())`).
+            let dtype = v.dtype();
+            let scores = f32(q.matmul(k.transpose())) + f32(bias) + mask.clone();
+            let a = to_dtype(softmax(scores, 3), dtype)
                 .matmul(v)
                 .swap_dims(1, 2)
                 .reshape([batch, seq, h * dk]);
@@ -299,11 +301,11 @@ impl<B: Backend> Umt5Encoder<B> {
             let lin = w.linear(&format!("{p}1.DenseReluDense.wi_1"), y)?;
             x = x + w.linear(&format!("{p}1.DenseReluDense.wo"), gate * lin)?;
         }
-        Ok(rms_norm(
+        Ok(w.output(rms_norm(
             x,
             w.unit("encoder.final_layer_norm")?.get("weight")?,
             eps,
-        ))
+        )))
     }
 }
 

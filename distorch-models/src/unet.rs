@@ -176,7 +176,8 @@ impl<B: Backend> Unet2dCondition<B> {
         let eps = c.norm_eps;
         let g = c.norm_num_groups;
         let temb = trunk.embed(&w, batch, timesteps, text_time, &device)?;
-        let x = w.conv2d("conv_in", sample, 1, 1)?;
+        let ctx = w.input(ctx);
+        let x = w.conv2d("conv_in", w.input(sample), 1, 1)?;
         let (x, mut skips) = trunk.down(&w, x, &temb, &ctx)?;
         if let Some(res) = down_res.take() {
             if res.len() != skips.len() {
@@ -200,7 +201,7 @@ impl<B: Backend> Unet2dCondition<B> {
                         ),
                     });
                 }
-                *s = s.clone() + r;
+                *s = s.clone() + w.input(r);
             }
         }
 
@@ -212,7 +213,7 @@ impl<B: Backend> Unet2dCondition<B> {
                     reason: format!("shape {:?}, expected {:?}", r.dims(), x.dims()),
                 });
             }
-            x = x + r;
+            x = x + w.input(r);
         }
 
         // Up.
@@ -239,7 +240,7 @@ impl<B: Backend> Unet2dCondition<B> {
         x = silu(w.group_norm("conv_norm_out", x, g, eps)?);
         let out = w.conv2d("conv_out", x, 1, 1)?;
         debug_assert_eq!(out.dims()[2..], [h, wd]);
-        Ok(out)
+        Ok(w.output(out))
     }
 }
 

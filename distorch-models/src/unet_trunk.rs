@@ -112,6 +112,7 @@ impl Trunk<'_> {
         };
         let t = Tensor::<B, 1>::from_floats(t.as_slice(), device);
         let t = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
+        let t = w.input(t);
         let mut emb = w.linear("time_embedding.linear_1", t)?;
         emb = w.linear("time_embedding.linear_2", silu(emb))?;
         if let Some((text_embeds, time_ids)) = text_time {
@@ -120,7 +121,7 @@ impl Trunk<'_> {
             let ids = time_ids.reshape([batch * k]);
             let ids =
                 timestep_embedding(ids, d, c.flip_sin_to_cos, c.freq_shift).reshape([batch, k * d]);
-            let add = Tensor::cat(vec![text_embeds, ids], 1);
+            let add = Tensor::cat(vec![w.input(text_embeds), w.input(ids)], 1);
             let add = w.linear("add_embedding.linear_1", add)?;
             emb = emb + w.linear("add_embedding.linear_2", silu(add))?;
         }

@@ -409,7 +409,7 @@ impl<B: Backend> AutoencoderKl<B> {
         let w = self.weights();
         let g = c.norm_num_groups;
         let ch = &c.block_out_channels;
-        let mut x = w.conv2d("encoder.conv_in", image, 1, 1)?;
+        let mut x = w.conv2d("encoder.conv_in", w.input(image), 1, 1)?;
         let mut prev = ch[0];
         for (i, &out) in ch.iter().enumerate() {
             for j in 0..c.layers_per_block {
@@ -436,6 +436,7 @@ impl<B: Backend> AutoencoderKl<B> {
             x = w.conv2d("quant_conv", x, 1, 0)?;
         }
         let lc = c.latent_channels;
+        let x = w.output(x);
         let mean = x.clone().narrow(1, 0, lc);
         let logvar = x.narrow(1, lc, lc).clamp(-30.0, 20.0);
         Ok((mean, logvar))
@@ -458,7 +459,7 @@ impl<B: Backend> AutoencoderKl<B> {
         let w = self.weights();
         let g = c.norm_num_groups;
         let ch = &c.block_out_channels;
-        let mut x = z;
+        let mut x = w.input(z);
         if c.use_post_quant_conv {
             x = w.conv2d("post_quant_conv", x, 1, 0)?;
         }
@@ -484,7 +485,7 @@ impl<B: Backend> AutoencoderKl<B> {
             prev = out;
         }
         x = silu(w.group_norm("decoder.conv_norm_out", x, g, EPS)?);
-        w.conv2d("decoder.conv_out", x, 1, 1)
+        Ok(w.output(w.conv2d("decoder.conv_out", x, 1, 1)?))
     }
 
     /// ResNet, attention, ResNet at the top level's width.

@@ -26,7 +26,8 @@ pub use crate::wan_keys::WanLayout;
 use crate::error::Error;
 use crate::loader::{Model, rename_units, shape_map, stream_expected, to_usize, units_in_order};
 use crate::nn::{
-    Weights, attention, gelu_tanh, layer_norm_plain, rms_norm, silu, timestep_embedding,
+    Weights, attention, f32, gelu_tanh, in_f32, layer_norm_plain, rms_norm, silu,
+    timestep_embedding, to_dtype,
 };
 
 /// The fields of a diffusers `WanTransformer3DModel` config.
@@ -355,14 +356,15 @@ impl<B: Backend> WanTransformer<B> {
         let d = c.inner_dim();
         let device = self.streamer.store().compute().clone();
         let wt = Weights::new(&self.streamer, "");
+        let dt = wt.dtype();
         let lay = |name: &str| self.layout.unit(name);
         let linear = |name: &str, x: Tensor<B, 3>| wt.linear(&lay(name), x);
 
         // Patch embedding: a convolution whose kernel is its stride, as one matrix product.
         // (At most six dimensions at a time: ndarray's limit.)
         let k = pt * ph * pw;
-        let patches = input
-            .hidden_states
+        let patches = wt
+            .input(input.hidden_states)
             .reshape([b * ch * fp, pt, hp, ph, wp, pw])
             .permute([0, 2, 4, 1, 3, 5])
             .reshape([b, ch, n, k])
@@ -375,14 +377,14 @@ impl<B: Backend> WanTransformer<B> {
 
         // Conditions.
         let t = Tensor::<B, 1>::from_data(TensorData::new(input.timestep.clone(), [b]), &device);
-        let t = timestep_embedding(t, c.freq_dim, true, 0.0).unsqueeze_dim::<3>(1);
+        let t = wt.input(timestep_embedding(t, c.freq_dim, true, 0.0).unsqueeze_dim::<3>(1));
         let temb = linear("condition_embedder.time_embedder.linear_1", t)?;
         let temb = linear("condition_embedder.time_embedder.linear_2", silu(temb))?;
         let modulation =
             linear("condition_embedder.time_proj", silu(temb.clone()))?.reshape([b, 6, d]);
         let text = linear(
             "condition_embedder.text_embedder.linear_1",
-            input.encoder_hidden_states,
+            wt.input(input.encoder_hidden_states),
         )?;
         let text = linear("condition_embedder.text_embedder.linear_2", gelu_tanh(text))?;
 
@@ -390,26 +392,35 @@ impl<B: Backend> WanTransformer<B> {
         let heads = c.num_attention_heads;
         let hd = c.attention_head_dim;
         let eps = c.eps;
+        // As diffusers' Wan blocks: modulation, the modulated norms and the gated residual
+        // updates in f32, the result in the compute dtype.
+        let modulated = |x: Tensor<B, 3>, scale: Tensor<B, 3>, shift: Tensor<B, 3>| {
+            to_dtype(layer_norm_plain(f32(x), eps) * (scale + 1.0) + shift, dt)
+        };
+        let gated = |x: Tensor<B, 3>, a: Tensor<B, 3>, gate: Tensor<B, 3>| {
+            to_dtype(f32(x) + f32(a) * gate, dt)
+        };
         for i in 0..c.num_layers {
             let p = format!("blocks.{i}");
             let table: Tensor<B, 3> = wt.unit(&lay(&format!("{p}.scale_shift_table")))?.sole()?;
-            let m = table + modulation.clone();
+            let m = f32(table) + f32(modulation.clone());
             let chunk = |k: usize| m.clone().narrow(1, k, 1);
             let (shift, scale, gate) = (chunk(0), chunk(1), chunk(2));
             let (c_shift, c_scale, c_gate) = (chunk(3), chunk(4), chunk(5));
 
-            let y = layer_norm_plain(x.clone(), eps) * (scale + 1.0) + shift;
+            let y = modulated(x.clone(), scale, shift);
             let attn = |name: &str| format!("{p}.attn1.{name}");
             let qk = |name: &str, norm: &str, y: Tensor<B, 3>| -> Result<Tensor<B, 3>, Error> {
                 let z = linear(&attn(name), y)?;
                 let nw: Tensor<B, 1> = wt.unit(&lay(&attn(norm)))?.get("weight")?;
-                Ok(rope(rms_norm(z, nw, eps), &cos, &sin, heads, hd))
+                let z = rms_norm(z, nw, eps);
+                Ok(in_f32(z, |z| rope(z, &cos, &sin, heads, hd)))
             };
             let q = qk("to_q", "norm_q", y.clone())?;
             let k = qk("to_k", "norm_k", y.clone())?;
             let v = linear(&attn("to_v"), y)?;
             let a = linear(&attn("to_out.0"), attention(q, k, v, heads, None))?;
-            x = x + a * gate;
+            x = gated(x, a, gate);
 
             let y = if c.cross_attn_norm {
                 wt.layer_norm(&lay(&format!("{p}.norm2")), x.clone(), eps)?
@@ -426,16 +437,16 @@ impl<B: Backend> WanTransformer<B> {
             let v = linear(&cross("to_v"), text.clone())?;
             x = x + linear(&cross("to_out.0"), attention(q, k, v, heads, None))?;
 
-            let y = layer_norm_plain(x.clone(), eps) * (c_scale + 1.0) + c_shift;
+            let y = modulated(x.clone(), c_scale, c_shift);
             let y = gelu_tanh(linear(&format!("{p}.ffn.net.0.proj"), y)?);
-            x = x + linear(&format!("{p}.ffn.net.2"), y)? * c_gate;
+            x = gated(x, linear(&format!("{p}.ffn.net.2"), y)?, c_gate);
         }
 
         let table: Tensor<B, 3> = wt.unit(&lay("scale_shift_table"))?.sole()?;
-        let m = table + temb;
+        let m = f32(table) + f32(temb);
         let (shift, scale) = (m.clone().narrow(1, 0, 1), m.narrow(1, 1, 1));
-        let x = layer_norm_plain(x, eps) * (scale + 1.0) + shift;
-        let x = linear("proj_out", x)?;
+        let x = modulated(x, scale, shift);
+        let x = wt.output(linear("proj_out", x)?);
         let co = c.out_channels;
         Ok(x.reshape([b, n, k, co])
             .permute([0, 3, 1, 2])

@@ -525,6 +525,7 @@ impl<B: Backend> WanVae<B> {
             });
         }
         self.with_layers(|l| {
+            let video = l.w.input(video);
             let mut cache = CausalCache::new();
             let mut chunks = Vec::new();
             let mut start = 0;
@@ -536,6 +537,7 @@ impl<B: Backend> WanVae<B> {
             }
             let enc = l.causal_conv("quant_conv", Tensor::cat(chunks, 2), 0, None)?;
             let z = c.z_dim;
+            let enc = l.w.output(enc);
             let mean = enc.clone().narrow(1, 0, z);
             let logvar = enc.narrow(1, z, z).clamp(-30.0, 20.0);
             Ok((mean, logvar))
@@ -597,14 +599,14 @@ impl<B: Backend> WanVae<B> {
             });
         }
         self.with_layers(|l| {
-            let x = l.causal_conv("post_quant_conv", z, 0, None)?;
+            let x = l.causal_conv("post_quant_conv", l.w.input(z), 0, None)?;
             let mut cache = CausalCache::new();
             let mut out = Vec::with_capacity(frames);
             for i in 0..frames {
                 cache.next_chunk();
                 out.push(self.decoder(l, x.clone().narrow(2, i, 1), &mut cache)?);
             }
-            Ok(Tensor::cat(out, 2).clamp(-1.0, 1.0))
+            Ok(l.w.output(Tensor::cat(out, 2)).clamp(-1.0, 1.0))
         })
     }
 

@@ -7,7 +7,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::Error;
-use crate::nn::{Weights, conv2d_gemm, pad_bottom_right, silu, upsample_nearest2x};
+use crate::nn::{
+    Weights, conv2d_f32_sums, conv2d_gemm, f32, in_f32, pad_bottom_right, silu, to_dtype,
+    upsample_nearest2x, zeros_as,
+};
 
 /// One causal convolution's memory between chunks.
 #[derive(Clone)]
@@ -61,7 +64,7 @@ fn last_frames<B: Backend>(x: &Tensor<B, 5>, n: usize) -> Tensor<B, 5> {
 /// `n` zero frames shaped like `x`'s.
 fn zero_frames<B: Backend>(x: &Tensor<B, 5>, n: usize) -> Tensor<B, 5> {
     let [b, c, _, h, w] = x.dims();
-    Tensor::zeros([b, c, n, h, w], &x.device())
+    zeros_as([b, c, n, h, w], x)
 }
 
 /// `x` after `context` frames of causal context: the cached frames `old`, zero frames in
@@ -89,7 +92,6 @@ pub(crate) fn conv3d<B: Backend>(
     bias: Option<Tensor<B, 1>>,
     stride_t: usize,
 ) -> Tensor<B, 5> {
-    use burn::tensor::module::conv2d;
     use burn::tensor::ops::ConvOptions;
     let [b, c, t, h, wd] = x.dims();
     let [o, _, kt, kh, kw] = w.dims();
@@ -108,7 +110,7 @@ pub(crate) fn conv3d<B: Backend>(
         let y = if B::name(&device).contains("ndarray") {
             conv2d_gemm(xs, wk, None, 0)
         } else {
-            conv2d(xs, wk, None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
+            conv2d_f32_sums(xs, wk, None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
         };
         out = Some(match out {
             Some(acc) => acc + y,
@@ -130,10 +132,9 @@ fn pad_hw<B: Backend>(x: Tensor<B, 5>, p: usize) -> Tensor<B, 5> {
         return x;
     }
     let [b, c, t, h, w] = x.dims();
-    let device = x.device();
-    let rows = Tensor::zeros([b, c, t, p, w], &device);
+    let rows = zeros_as([b, c, t, p, w], &x);
     let x = Tensor::cat(vec![rows.clone(), x, rows], 3);
-    let cols = Tensor::zeros([b, c, t, h + 2 * p, p], &device);
+    let cols = zeros_as([b, c, t, h + 2 * p, p], &x);
     Tensor::cat(vec![cols.clone(), x, cols], 4)
 }
 
@@ -182,12 +183,14 @@ impl<B: Backend> Layers<'_, B> {
         Ok(conv3d(pad_hw(input, pad), w, bias, 1))
     }
 
-    /// `F.normalize` over channels · √C · gamma (WanRMS_norm, no bias).
+    /// `F.normalize` over channels · √C · gamma (WanRMS_norm, no bias), computed in f32.
     pub(crate) fn rms(&self, name: &str, x: Tensor<B, 5>) -> Result<Tensor<B, 5>, Error> {
         let c = x.dims()[1];
         let gamma: Tensor<B, 1> = self.w.unit(&(self.map)(name))?.get("gamma")?;
-        let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
-        Ok(x / norm * (c as f64).sqrt() * gamma.reshape([1, c, 1, 1, 1]))
+        Ok(in_f32(x, |x| {
+            let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+            x / norm * (c as f64).sqrt() * f32(gamma).reshape([1, c, 1, 1, 1])
+        }))
     }
 
     /// A residual block: norm, SiLU, causal conv, twice, plus the (1×1×1) shortcut.
@@ -223,8 +226,9 @@ impl<B: Backend> Layers<'_, B> {
         let q = qkv.clone().narrow(2, 0, c);
         let k = qkv.clone().narrow(2, c, c);
         let v = qkv.narrow(2, 2 * c, c);
-        let scores = q.matmul(k.swap_dims(1, 2)) * (1.0 / (c as f64).sqrt());
-        let a = softmax(scores, 2)
+        let dtype = v.dtype();
+        let scores = f32(q.matmul(k.swap_dims(1, 2))) * (1.0 / (c as f64).sqrt());
+        let a = to_dtype(softmax(scores, 2), dtype)
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([b * t, c, h, w]);

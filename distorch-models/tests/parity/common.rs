@@ -12,12 +12,16 @@ use distorch_alloc::{
 use distorch_core::safetensors::write;
 use distorch_core::{DType, SafetensorsIndex, components, units};
 
-#[cfg(not(feature = "test-wgpu"))]
+#[cfg(not(any(feature = "test-wgpu", feature = "test-cuda")))]
 pub type B = burn::backend::NdArray;
 /// With `--features test-wgpu` (`cargo test-wgpu`): compute on wgpu (Mesa lavapipe without a
 /// GPU), every offloaded weight streamed from host memory.
-#[cfg(feature = "test-wgpu")]
+#[cfg(all(feature = "test-wgpu", not(feature = "test-cuda")))]
 pub type B = burn::backend::Wgpu;
+/// With `--features test-cuda` (`tools/gpu-check.sh`, on a machine with a GPU): compute on
+/// CUDA.
+#[cfg(feature = "test-cuda")]
+pub type B = burn::backend::Cuda;
 
 /// The compute device's id in plans.
 #[cfg(not(feature = "test-wgpu"))]

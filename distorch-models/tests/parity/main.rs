@@ -7,6 +7,7 @@ mod clip_text;
 mod clip_vision;
 mod common;
 mod controlnet;
+mod half;
 mod lora;
 mod pipeline;
 mod schedulers;

@@ -1,0 +1,225 @@
+//! Every model at reduced precision against PyTorch at the same precision
+//! (`tools/fixtures/half.py`: the fixture models loaded with `torch_dtype=float16` /
+//! `bfloat16`, run on the fixtures' inputs). The criterion: distorch's relative L2 error
+//! against the f32 reference output is at most twice PyTorch's own at that dtype; within one
+//! dtype, the fully offloaded output is bit-identical to the resident one.
+//!
+//! Each dtype runs where the backend computes in it (f16 on wgpu adapters with shader-f16,
+//! lavapipe among them; f16 and bf16 on CUDA). Where it does not (ndarray: both; wgpu:
+//! bf16), the test checks instead that loading refuses it with a typed error before reading
+//! a weight, and says on stderr that the parity half did not run.
+
+#![allow(clippy::print_stderr)]
+
+use burn::tensor::Tensor;
+use distorch_core::ComputeDtype;
+use distorch_core::runtime::supports_compute;
+use distorch_models::clip_vision::ClipVisionModel;
+use distorch_models::umt5::Umt5Encoder;
+use distorch_models::wan_dit::{WanDitInput, WanTransformer};
+use distorch_models::{
+    AutoencoderKl, ClipTextModel, ControlNetInput, ControlNetModel, Error, Loaded, Model,
+    Unet2dCondition, UnetInput, load_model,
+};
+
+use crate::common::*;
+
+/// One output: its reference key, shape and values.
+struct Output(String, Vec<usize>, Vec<f32>);
+
+fn out<const D: usize>(key: &str, t: Tensor<B, D>) -> Output {
+    let shape = t.dims().to_vec();
+    Output(
+        key.to_owned(),
+        shape,
+        t.into_data().to_vec::<f32>().unwrap(),
+    )
+}
+
+fn tag(dtype: ComputeDtype) -> &'static str {
+    dtype.name()
+}
+
+fn load_at<M: Model<B>>(name: &str, dtype: ComputeDtype, offload: bool) -> Result<M, Error> {
+    let mut options = component_options(offload);
+    options.dtype = Some(dtype);
+    let loaded: Loaded<M> = load_model(fixture(name), None, &options)?;
+    assert!(
+        loaded.report.missing.is_empty() && loaded.report.unused.is_empty(),
+        "{name}: {:?}",
+        loaded.report
+    );
+    Ok(loaded.model)
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (g, w) in got.iter().zip(want) {
+        diff += (f64::from(*g) - w).powi(2);
+        norm += w * w;
+    }
+    (diff / norm).sqrt()
+}
+
+/// Fixture `name` as `M` at f16 and at bf16, resident and fully offloaded, through `run`.
+fn parity<M: Model<B>>(name: &str, run: impl Fn(&M) -> Vec<Output>) {
+    let device = Default::default();
+    for dtype in [ComputeDtype::F16, ComputeDtype::BF16] {
+        if !supports_compute::<B>(&device, dtype) {
+            let e = load_at::<M>(name, dtype, false).err().expect("refused");
+            assert!(
+                matches!(
+                    &e,
+                    Error::Core(distorch_core::Error::UnsupportedComputeDtype { .. })
+                ),
+                "{name} at {dtype}: {e}"
+            );
+            eprintln!("{name}: {dtype} parity not run: this backend refuses {dtype} ({e})");
+            continue;
+        }
+        let resident = run(&load_at::<M>(name, dtype, false).unwrap());
+        let offloaded = run(&load_at::<M>(name, dtype, true).unwrap());
+        for (r, o) in resident.iter().zip(&offloaded) {
+            assert!(r.2 == o.2, "{name} {} at {dtype}: offloaded differs", r.0);
+        }
+        check(name, dtype, &resident);
+    }
+}
+
+fn check(name: &str, dtype: ComputeDtype, outputs: &[Output]) {
+    let dir = fixture(name);
+    for Output(key, shape, values) in outputs {
+        let (want_shape, want) = read(&dir.join("reference.safetensors"), key);
+        assert_eq!(shape, &want_shape, "{name} {key}: shape");
+        let (_, torch) = read(
+            &dir.join("half_reference.safetensors"),
+            &format!("{}.{key}", tag(dtype)),
+        );
+        let torch: Vec<f32> = torch.iter().map(|&x| x as f32).collect();
+        let theirs = rel_l2(&torch, &want);
+        let ours = rel_l2(values, &want);
+        eprintln!("{name} {key} at {dtype}: rel L2 {ours:.2e} (PyTorch {theirs:.2e})");
+        assert!(
+            theirs > 0.0,
+            "{name} {key}: the {dtype} reference equals the f32 one"
+        );
+        assert!(
+            ours <= 2.0 * theirs,
+            "{name} {key} at {dtype}: relative L2 error {ours:.3e}, PyTorch's {theirs:.3e}"
+        );
+    }
+}
+
+fn timesteps(name: &str) -> Vec<f32> {
+    let t: Tensor<B, 1> = tensor(name, "timestep");
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+fn ids(name: &str, key: &str) -> Vec<u32> {
+    let (_, v) = read(&fixture(name).join("reference.safetensors"), key);
+    v.iter().map(|&x| x as u32).collect()
+}
+
+#[test]
+fn unet_at_half_precision() {
+    for (name, sdxl) in [("unet_sd", false), ("unet_sdxl", true)] {
+        parity::<Unet2dCondition<B>>(name, |m| {
+            let mut input = UnetInput::new(
+                tensor(name, "sample"),
+                timesteps(name),
+                tensor(name, "encoder_hidden_states"),
+            );
+            if sdxl {
+                input = input.with_text_time(tensor(name, "text_embeds"), tensor(name, "time_ids"));
+            }
+            vec![out("out", m.forward(input).unwrap())]
+        });
+    }
+}
+
+#[test]
+fn controlnet_at_half_precision() {
+    for (name, sdxl) in [("controlnet_sd", false), ("controlnet_sdxl", true)] {
+        parity::<ControlNetModel<B>>(name, |m| {
+            let mut input = ControlNetInput::new(
+                tensor(name, "sample"),
+                timesteps(name),
+                tensor(name, "encoder_hidden_states"),
+                tensor(name, "controlnet_cond"),
+            );
+            if sdxl {
+                input = input.with_text_time(tensor(name, "text_embeds"), tensor(name, "time_ids"));
+            }
+            let r = m.forward(input).unwrap();
+            let mut outs: Vec<Output> = r
+                .down_block_res_samples
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| out(&format!("down_block_res_samples.{i}"), t))
+                .collect();
+            outs.push(out("mid_block_res_sample", r.mid_block_res_sample));
+            outs
+        });
+    }
+}
+
+#[test]
+fn vae_at_half_precision() {
+    parity::<AutoencoderKl<B>>("vae", |m| {
+        let (mean, logvar) = m.encode(tensor("vae", "image")).unwrap();
+        let decoded = m.decode(tensor("vae", "z")).unwrap();
+        vec![
+            out("latent_mean", mean),
+            out("latent_logvar", logvar),
+            out("decoded", decoded),
+        ]
+    });
+}
+
+#[test]
+fn clip_text_at_half_precision() {
+    for name in ["clip_text_gelu", "clip_text_quick_gelu"] {
+        parity::<ClipTextModel<B>>(name, |m| {
+            let o = m.forward(&ids(name, "input_ids"), 2).unwrap();
+            vec![
+                out("last_hidden_state", o.last_hidden_state),
+                out("text_embeds", o.text_embeds.unwrap()),
+            ]
+        });
+    }
+}
+
+#[test]
+fn clip_vision_at_half_precision() {
+    parity::<ClipVisionModel<B>>("clip_vision", |m| {
+        let o = m.forward(tensor("clip_vision", "pixel_values")).unwrap();
+        vec![
+            out("last_hidden_state", o.last_hidden_state),
+            out("image_embeds", o.image_embeds),
+        ]
+    });
+}
+
+#[test]
+fn umt5_at_half_precision() {
+    parity::<Umt5Encoder<B>>("umt5", |m| {
+        let (input_ids, mask) = (ids("umt5", "input_ids"), ids("umt5", "attention_mask"));
+        vec![out(
+            "last_hidden_state",
+            m.forward(&input_ids, &mask, 2).unwrap(),
+        )]
+    });
+}
+
+#[test]
+fn wan_transformer_at_half_precision() {
+    parity::<WanTransformer<B>>("wan_dit", |m| {
+        let input = WanDitInput {
+            hidden_states: tensor("wan_dit", "hidden_states"),
+            timestep: timesteps("wan_dit"),
+            encoder_hidden_states: tensor("wan_dit", "encoder_hidden_states"),
+        };
+        vec![out("sample", m.forward(input).unwrap())]
+    });
+}

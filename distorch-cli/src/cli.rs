@@ -124,6 +124,10 @@ pub struct RunArgs {
     /// re-quantises them to fp8 with seeded stochastic rounding (half the memory).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub high_precision_loras: bool,
+    /// Units smaller than this stay on the compute device (`0b` streams every unit an
+    /// allocation moves off it).
+    #[arg(long, default_value = "64kib")]
+    pub tiny_threshold: String,
     /// The dtype the forward pass computes in: f32 (the default), f16, bf16, or `auto` (the
     /// model's own half type where the device computes in it, else f32). Inputs are cast to
     /// it; outputs are written as f32.

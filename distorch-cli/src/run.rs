@@ -7,7 +7,8 @@ use std::sync::Arc;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use distorch::alloc::{
-    BlockSwap, DeviceGraph, DeviceId, PlanRequest, VirtualVram, parse_device_list,
+    BlockSwap, DeviceGraph, DeviceId, PinPolicy, PlanRequest, VirtualVram, parse_byte_size,
+    parse_device_list,
 };
 use distorch::core::runtime::{DeviceMap, Lookahead, PatchPrecision};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex, components};
@@ -167,6 +168,10 @@ fn request(args: &RunArgs, device: DeviceId) -> Result<PlanRequest, Failure> {
         }
         return Ok(PlanRequest::block_swap(swap));
     }
+    let pin = PinPolicy {
+        tiny_threshold: parse_byte_size(&args.tiny_threshold)?,
+        ..PinPolicy::default()
+    };
     Ok(match (&args.expert, args.virtual_vram) {
         (Some(e), _) => PlanRequest::expert_with_compute(e.parse()?, device),
         (None, Some(gib)) => {
@@ -174,7 +179,8 @@ fn request(args: &RunArgs, device: DeviceId) -> Result<PlanRequest, Failure> {
             PlanRequest::virtual_vram(VirtualVram::from_gib(device, gib, donors)?)
         }
         (None, None) => PlanRequest::virtual_vram(VirtualVram::none(device)),
-    })
+    }
+    .with_pin(pin))
 }
 
 /// What every task loads its component from.

@@ -336,7 +336,11 @@ fn every_task_matches_on_wgpu_with_every_weight_streamed_from_the_host() {
     let streamed = run_all(
         tmp.path(),
         "streamed",
-        &[&devices[..], &["--expert", "wgpu:0,0b;cpu,*"]].concat(),
+        &[
+            &devices[..],
+            &["--expert", "wgpu:0,0b;cpu,*", "--tiny-threshold", "0b"],
+        ]
+        .concat(),
     );
     for (i, (a, b)) in resident.iter().zip(&streamed).enumerate() {
         assert_eq!(a, b, "case {i}: streamed output differs from resident");
@@ -551,5 +555,158 @@ fn block_swap_errors_are_clear() {
         assert_eq!(o.status.code(), Some(1));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want), "{err}");
+    }
+}
+
+/// `path`'s tensors with every f32 one stored as f16 instead (the fixtures' values are
+/// bf16-rounded, so well within f16's range).
+#[cfg(feature = "wgpu")]
+fn to_f16_file(path: &Path, dst: &Path) {
+    let all = tensors(path);
+    let mut specs = Vec::new();
+    let mut data = Vec::new();
+    for (name, (dtype, shape, raw)) in &all {
+        let (dtype, raw) = match dtype {
+            DType::F32 => (
+                DType::F16,
+                distorch::core::runtime::encode_f32(&f32s(raw), DType::F16),
+            ),
+            other => (*other, raw.clone()),
+        };
+        specs.push((name.clone(), dtype, shape.clone()));
+        data.push(raw);
+    }
+    let data: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    write(dst, &specs, &data, &BTreeMap::new()).unwrap();
+}
+
+/// A logged `forward done` field of `distorch run`'s stderr.
+#[cfg(feature = "wgpu")]
+fn logged(stderr: &str, field: &str) -> u64 {
+    // Without colour escapes between a field's name, `=` and its value.
+    let mut plain = String::new();
+    let mut chars = stderr.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    let line = plain
+        .lines()
+        .find(|l| l.contains("forward done"))
+        .unwrap_or_else(|| panic!("no `forward done` line in {stderr}"));
+    let at = line
+        .find(&format!("{field}="))
+        .unwrap_or_else(|| panic!("no {field} in {line}"));
+    line[at + field.len() + 1..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[cfg(feature = "wgpu")]
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        d += (f64::from(*g) - f64::from(*w)).powi(2);
+        n += f64::from(*w).powi(2);
+    }
+    (d / n).sqrt()
+}
+
+/// `distorch run --dtype f16 --device wgpu:0 --expert "wgpu:0,0b;cpu,*"` on the UNet and CLIP
+/// fixtures stored in f32 and in f16: the output is within twice PyTorch's own f16 error of
+/// the f32 reference, every streamed unit crosses once at its storage size (bytes moved ==
+/// the streamed units' bytes, logged), and the f16 file moves half the f32 file's bytes.
+#[cfg(feature = "wgpu")]
+#[test]
+fn f16_compute_on_wgpu_streams_the_storage_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "unet",
+            "unet_sd",
+            "diffusion_pytorch_model.safetensors",
+            vec![
+                ("sample", "sample"),
+                ("timestep", "timestep"),
+                ("encoder_hidden_states", "encoder_hidden_states"),
+            ],
+            ("sample", "out"),
+        ),
+        (
+            "clip-text",
+            "clip_text_quick_gelu",
+            "model.safetensors",
+            vec![("input_ids", "input_ids")],
+            ("last_hidden_state", "last_hidden_state"),
+        ),
+    ];
+    for (task, name, file, ins, (output, key)) in cases {
+        let reference = fixture(name).join("reference.safetensors");
+        let input = tmp.path().join(format!("{name}-in.safetensors"));
+        inputs(&reference, &ins, &input);
+        let f16 = tmp.path().join(format!("{name}-f16.safetensors"));
+        to_f16_file(&fixture(name).join(file), &f16);
+        let mut moved = Vec::new();
+        for model in [fixture(name).join(file), f16] {
+            let out = tmp.path().join(format!("{name}-out.safetensors"));
+            let o = Command::new(env!("CARGO_BIN_EXE_distorch"))
+                .args(["run", task, "--model"])
+                .arg(&model)
+                .arg("--config")
+                .arg(fixture(name).join("config.json"))
+                .arg("--inputs")
+                .arg(&input)
+                .arg("--out")
+                .arg(&out)
+                .args(["--dtype", "f16", "--device", "wgpu:0"])
+                .args([
+                    "--devices",
+                    "wgpu:0=8gib,cpu=16gib",
+                    "--expert",
+                    "wgpu:0,0b;cpu,*",
+                    "--tiny-threshold",
+                    "0b",
+                ])
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{task} {}: {stderr}", model.display());
+            let bytes = logged(&stderr, "bytes_moved");
+            assert_eq!(bytes, logged(&stderr, "streamed_unit_bytes"), "{stderr}");
+            assert!(bytes > 0, "{stderr}");
+            moved.push(bytes);
+            let got = f32s(&tensors(&out)[output].2);
+            let want = f32s(&tensors(&reference)[key].2);
+            let torch = f32s(
+                &tensors(&fixture(name).join("half_reference.safetensors"))[&format!("f16.{key}")]
+                    .2,
+            );
+            let (ours, theirs) = (rel_l2(&got, &want), rel_l2(&torch, &want));
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!(
+                    "{task} {}: bytes moved {bytes}, rel L2 {ours:.2e} (PyTorch f16 {theirs:.2e})",
+                    model.display()
+                );
+            }
+            assert!(
+                ours <= 2.0 * theirs,
+                "{task} {}: rel L2 {ours:.3e}, PyTorch f16 {theirs:.3e}",
+                model.display()
+            );
+        }
+        assert_eq!(
+            moved[0],
+            2 * moved[1],
+            "{task}: f32 file vs f16 file bytes moved"
+        );
     }
 }

@@ -10,10 +10,13 @@
 #   1. the runtime tests on CUDA (DISTORCH_TEST_CUDA=1): homes, dtypes (f32/f16/bf16/fp8 at
 #      every home, plan == store == bytes moved), streaming, re-patching;
 #   2. the same tests with DISTORCH_TEST_CUDA_GPUS set when more than one GPU is visible;
-#   3. offload_bench --backend cuda on an f32 and a bf16 file at 0/50/100 % offload, f32 and
+#   3. the model parity tests on CUDA (every model against diffusers / transformers at f32,
+#      resident and offloaded; and at f16 and bf16 against PyTorch's own run at that dtype,
+#      tests/parity/half.rs);
+#   4. offload_bench --backend cuda on an f32 and a bf16 file at 0/50/100 % offload, f32 and
 #      bf16 compute (SD-UNet-sized stack: 24 layers, 240 MB in f32).
-# Not yet in it (the code does not exist yet): model parity at bf16 on CUDA, the pinned
-# bandwidth probe and the step-time / max(compute, bytes/bandwidth) ratio.
+# Not yet in it (the code does not exist yet): the pinned bandwidth probe and the step-time /
+# max(compute, bytes/bandwidth) ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -26,6 +29,10 @@ build)
     --message-format=json | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   test -x "$exe" || { echo "no runtime test binary built" >&2; exit 1; }
   cp "$exe" "$bin/runtime-cuda"
+  exe=$(cargo test -p distorch-models --features test-cuda --test parity --release --no-run \
+    --message-format=json | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
+  test -x "$exe" || { echo "no parity test binary built" >&2; exit 1; }
+  cp "$exe" "$bin/parity-cuda"
   cargo build --release --features cuda --example offload_bench
   cp target/release/examples/offload_bench "$bin/offload_bench-cuda"
   ls -l "$bin"
@@ -42,6 +49,9 @@ run)
     DISTORCH_TEST_CUDA=1 DISTORCH_TEST_CUDA_GPUS="$gpus" timeout 120 "$bin/runtime-cuda" \
       --test-threads 1 homes 2>&1 | tee "$out/runtime-cuda-2gpu.log" || status=1
   fi
+  # The fixtures are read from the source tree (CARGO_MANIFEST_DIR is baked in at build
+  # time; the tree travels with the working copy to the same path).
+  timeout 180 "$bin/parity-cuda" --test-threads 1 2>&1 | tee "$out/parity-cuda.log" || status=1
   for file in f32 bf16; do
     for dtype in f32 bf16; do
       timeout 90 "$bin/offload_bench-cuda" --backend cuda --passes 3 --file-dtype "$file" \

@@ -375,7 +375,8 @@ fn bad_runs_are_clear_errors() {
         .arg(fixture("unet_sd").join("diffusion_pytorch_model.safetensors"))
         .arg("--inputs")
         .arg(&ins)
-        .args(["--out", "/dev/null", "--dtype", "f16"])
+        .args(["--out", "/dev/null", "--dtype", "f16", "--config"])
+        .arg(fixture("unet_sd").join("config.json"))
         .env("RUST_LOG", "off")
         .output()
         .unwrap();

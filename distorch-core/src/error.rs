@@ -206,6 +206,17 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// A ComfyUI scaled-fp8 file (`scaled_fp8` marker, per-weight `scale_weight`) that cannot
+    /// be loaded as it is: a scale that is not one float, or a patch (LoRA) on a scaled weight.
+    #[error("{}: `{name}`: {reason}", path.display())]
+    ScaledFp8 {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// A patch returned a tensor of another size than the one it was given.
     #[error("the patch for `{key}` returned {got} elements, the weight has {expected}")]
     PatchShape {

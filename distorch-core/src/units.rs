@@ -25,6 +25,9 @@ const PARAM_NAMES: &[&str] = &[
     "num_batches_tracked",
     "in_proj_weight",
     "in_proj_bias",
+    // ComfyUI scaled fp8: a weight's per-tensor scales live with it.
+    "scale_weight",
+    "scale_input",
 ];
 
 /// Unit names (last segment) that are embedding tables.

@@ -99,6 +99,7 @@ impl<B: Backend> WeightStore<B> {
         };
 
         // Check everything the header can tell before reading.
+        let scaled = scaled_fp8(component);
         let mut groups = group(component);
         let mut todo = Vec::with_capacity(plan.units().len());
         for placed in plan.units() {
@@ -150,7 +151,15 @@ impl<B: Backend> WeightStore<B> {
             for (_, _, infos) in &mut todo {
                 infos.retain(|t| {
                     let name = local(t);
-                    let keep = want.contains_key(name.as_str());
+                    // A scaled-fp8 weight's scales go with it (`scale_input`, 4 bytes, is
+                    // kept too, so the unit holds what the plan counted).
+                    let keep = want.contains_key(name.as_str())
+                        || (scaled
+                            && [".scale_weight", ".scale_input"].iter().any(|s| {
+                                name.strip_suffix(s).is_some_and(|m| {
+                                    want.contains_key(format!("{m}.weight").as_str())
+                                })
+                            }));
                     if keep {
                         found.insert(name, *t);
                     } else {
@@ -210,6 +219,15 @@ impl<B: Backend> WeightStore<B> {
             }
         }
 
+        let mut scales = Vec::with_capacity(todo.len());
+        for (_, _, infos) in &todo {
+            scales.push(if scaled {
+                scale_pairs(infos, &local, options, path)?
+            } else {
+                Vec::new()
+            });
+        }
+
         let fingerprints = index
             .files()
             .iter()
@@ -217,7 +235,7 @@ impl<B: Backend> WeightStore<B> {
             .collect::<Result<Vec<_>, Error>>()?;
         let mut loader = Loader::new(index.files(), devices, options, rule, report);
         let mut units = Vec::with_capacity(todo.len());
-        for (placed, home, infos) in todo {
+        for ((placed, home, infos), scales) in todo.into_iter().zip(scales) {
             let tensors = infos
                 .into_iter()
                 .map(|info| loader.tensor(info, &local(info), home))
@@ -230,6 +248,7 @@ impl<B: Backend> WeightStore<B> {
                 bytes: ByteSize(bytes),
                 upload_bytes: ByteSize(upload),
                 tensors,
+                scales,
             });
         }
         let mut report = loader.report;
@@ -261,6 +280,49 @@ impl<B: Backend> WeightStore<B> {
         );
         Ok((store, report))
     }
+}
+
+/// Whether `component` is a ComfyUI scaled-fp8 model (its `scaled_fp8` marker tensor).
+fn scaled_fp8(component: &Component<'_>) -> bool {
+    component.local_names().any(|n| n == "scaled_fp8")
+}
+
+/// A scaled-fp8 unit's (weight, scale) positions among its `infos`, checked: each scale is
+/// one float, and no patch applies to a scaled weight (it would be patched without its
+/// scale).
+fn scale_pairs(
+    infos: &[&TensorInfo],
+    local: &dyn Fn(&TensorInfo) -> String,
+    options: &LoadOptions<'_, impl Backend>,
+    path: &std::path::Path,
+) -> Result<Vec<(usize, usize)>, Error> {
+    let names: Vec<String> = infos.iter().map(|t| local(t)).collect();
+    let mut pairs = Vec::new();
+    for (s, name) in names.iter().enumerate() {
+        let Some(module) = name.strip_suffix(".scale_weight") else {
+            continue;
+        };
+        let weight = format!("{module}.weight");
+        let Some(w) = names.iter().position(|n| *n == weight) else {
+            continue;
+        };
+        let bad = |reason| Error::ScaledFp8 {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            reason,
+        };
+        if infos[s].numel() != 1 || !infos[s].dtype.is_float() {
+            return Err(bad("a scale_weight must be one float (per-tensor scaling)"));
+        }
+        if options.patch.is_some_and(|p| p.applies_to(&weight)) {
+            return Err(bad(
+                "LoRAs on scaled-fp8 weights are not supported yet (the weight would be \
+                 patched without its scale); use an unscaled fp8, bf16 or f16 file",
+            ));
+        }
+        pairs.push((w, s));
+    }
+    Ok(pairs)
 }
 
 /// The bytes a unit's tensors hold at home, and the bytes one fetch of it moves (the same

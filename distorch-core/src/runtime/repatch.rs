@@ -48,6 +48,14 @@ impl<B: Backend> WeightStore<B> {
                 key: key.to_owned(),
             })?;
             let tensor = &self.units[u].tensors[t];
+            if self.units[u].scales.iter().any(|&(w, _)| w == t) {
+                return Err(Error::ScaledFp8 {
+                    path: self.files[tensor.origin.shard].clone(),
+                    name: key.to_owned(),
+                    reason: "LoRAs on scaled-fp8 weights are not supported yet (the weight \
+                             would be patched without its scale)",
+                });
+            }
             let home = match &tensor.data {
                 Stored::Device(_) => Owned::<B>::Compute,
                 Stored::Donor(d, copy) => Owned::Donor(d.device(), *copy),

@@ -67,6 +67,9 @@ pub struct StoredUnit<B: Backend> {
     /// streamed (host or GPU donor), zero when resident.
     pub upload_bytes: ByteSize,
     pub(crate) tensors: Vec<StoredTensor<B>>,
+    /// ComfyUI scaled fp8: (weight, its `scale_weight`) positions in `tensors`; the weight is
+    /// multiplied by its scale on the compute device each time the unit is fetched.
+    pub(crate) scales: Vec<(usize, usize)>,
 }
 
 impl<B: Backend> StoredUnit<B> {

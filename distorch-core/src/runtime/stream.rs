@@ -541,7 +541,13 @@ fn to_device<B: Backend>(
         .collect()
 }
 
-fn weights<B: Backend>(u: &StoredUnit<B>, tensors: Vec<Tensor<B, 1>>) -> UnitWeights<B> {
+fn weights<B: Backend>(u: &StoredUnit<B>, mut tensors: Vec<Tensor<B, 1>>) -> UnitWeights<B> {
+    // ComfyUI scaled fp8: the weight dequantised with its scale, in the compute dtype (as
+    // ComfyUI's `weight.to(dtype) * scale_weight`).
+    for &(w, s) in &u.scales {
+        let scale = tensors[s].clone();
+        tensors[w] = tensors[w].clone() * scale;
+    }
     UnitWeights {
         tensors: u
             .tensors

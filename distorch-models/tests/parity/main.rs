@@ -10,6 +10,7 @@ mod controlnet;
 mod half;
 mod lora;
 mod pipeline;
+mod scaled_fp8;
 mod schedulers;
 mod t5_tokenizer;
 mod tokenizer;

@@ -240,6 +240,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_files_half_type_is_its_authors_compute_dtype() {
+        assert_eq!(ComputeDtype::half_of(DType::F16), ComputeDtype::F16);
+        assert_eq!(ComputeDtype::half_of(DType::BF16), ComputeDtype::BF16);
+        assert_eq!(ComputeDtype::half_of(DType::F8E4M3), ComputeDtype::BF16);
+        assert_eq!(ComputeDtype::half_of(DType::F8E5M2), ComputeDtype::BF16);
+        assert_eq!(ComputeDtype::half_of(DType::F32), ComputeDtype::F32);
+        assert_eq!(ComputeDtype::half_of(DType::F64), ComputeDtype::F32);
+    }
+
+    #[test]
     fn device_bytes_follow_the_rule() {
         let n = 10;
         assert_eq!(DeviceRule::NATIVE.device_bytes(DType::F16, n), 20);

@@ -223,3 +223,84 @@ fn wan_transformer_at_half_precision() {
         vec![out("sample", m.forward(input).unwrap())]
     });
 }
+
+/// The fixture's weights file `file` with every f32 tensor stored as `dtype`, in `dir`.
+fn as_dtype(
+    name: &str,
+    file: &str,
+    dtype: distorch_core::DType,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    use distorch_core::runtime::{decode_f32, encode_f32};
+    let src = fixture(name).join(file);
+    let index = distorch_core::SafetensorsIndex::open(&src).unwrap();
+    let bytes = std::fs::read(&src).unwrap();
+    let (mut specs, mut data) = (Vec::new(), Vec::new());
+    for t in index.tensors() {
+        let raw = &bytes[t.file_offset as usize..(t.file_offset + t.bytes) as usize];
+        let values = decode_f32(t.dtype, raw).unwrap();
+        specs.push((t.name.clone(), dtype, t.shape.clone()));
+        data.push(encode_f32(&values, dtype));
+    }
+    let dst = dir.join(format!("{name}-{dtype}.safetensors"));
+    let data: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    distorch_core::safetensors::write(&dst, &specs, &data, &Default::default()).unwrap();
+    dst
+}
+
+/// `dtype: None` picks the component's own half type where the device computes in it (the
+/// VAE of an f16 file at f32, as diffusers' `force_upcast`), else f32.
+#[test]
+fn auto_dtype_is_the_files_half_type_where_the_device_computes_in_it() {
+    use distorch_core::{DType, SafetensorsIndex, components};
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let or_f32 = |d: ComputeDtype| {
+        if supports_compute::<B>(&device, d) {
+            d
+        } else {
+            ComputeDtype::F32
+        }
+    };
+    let cases = [
+        (
+            "unet_sd",
+            "diffusion_pytorch_model.safetensors",
+            DType::F32,
+            ComputeDtype::F32,
+        ),
+        (
+            "unet_sd",
+            "diffusion_pytorch_model.safetensors",
+            DType::F16,
+            or_f32(ComputeDtype::F16),
+        ),
+        (
+            "unet_sd",
+            "diffusion_pytorch_model.safetensors",
+            DType::BF16,
+            or_f32(ComputeDtype::BF16),
+        ),
+        (
+            "vae",
+            "diffusion_pytorch_model.safetensors",
+            DType::F16,
+            ComputeDtype::F32,
+        ),
+        (
+            "vae",
+            "diffusion_pytorch_model.safetensors",
+            DType::BF16,
+            or_f32(ComputeDtype::BF16),
+        ),
+    ];
+    for (name, file, stored, want) in cases {
+        let path = as_dtype(name, file, stored, tmp.path());
+        let index = SafetensorsIndex::open(&path).unwrap();
+        let split = components::split(&index);
+        let mut options = component_options(false);
+        options.dtype = None;
+        let got = distorch_models::compute_dtype(&split.components[0], &options);
+        assert_eq!(got, want, "{name} stored as {stored}");
+    }
+}

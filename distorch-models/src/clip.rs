@@ -16,9 +16,10 @@ use distorch_core::runtime::{
 use distorch_core::{Component, SafetensorsIndex};
 use serde::Deserialize;
 
+use crate::attention::attention;
 use crate::clip_keys::{ClipKeys, ClipLayout};
 use crate::error::Error;
-use crate::nn::{Activation, Weights, attention, causal_mask};
+use crate::nn::{Activation, Weights, causal_mask};
 
 /// The fields of a transformers `CLIPTextConfig` the encoder uses (defaults as transformers').
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -16,8 +16,9 @@ use distorch_core::runtime::{
 use distorch_core::{Component, ComponentKind, SafetensorsIndex};
 use serde::Deserialize;
 
+use crate::attention::attention;
 use crate::error::Error;
-use crate::nn::{Activation, Weights, attention};
+use crate::nn::{Activation, Weights};
 
 /// The fields of a transformers `CLIPVisionConfig` the encoder uses (defaults as
 /// transformers').

@@ -16,6 +16,7 @@
 
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod checkpoint;
 pub mod clip;
 pub mod clip_image;
@@ -43,6 +44,7 @@ pub mod vae;
 pub mod wan_dit;
 mod wan_keys;
 pub mod wan_pipeline;
+mod wan_rope;
 pub mod wan_vae;
 mod wan_vae_blocks;
 

@@ -1,5 +1,5 @@
 //! Building blocks shared by the models: weights fetched through the streamer, linear layers,
-//! layer norm, activations, attention.
+//! layer norm, activations (attention is in [`crate::attention`]).
 //!
 //! **Dtypes.** A model computes in its store's compute dtype (f32, f16 or bf16): its forward
 //! casts the inputs to it on entry ([`Weights::input`]) and its outputs to f32 on exit
@@ -9,7 +9,7 @@
 //! activations (PyTorch computes elementwise kernels in f32 and stores the half result),
 //! timestep and RoPE tables. At f32 every one of these is the identity.
 
-use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use distorch_core::runtime::{Streamer, UnitWeights, compute_burn_dtype};
@@ -205,33 +205,6 @@ impl Activation {
             Activation::Gelu => gelu(x),
         })
     }
-}
-
-/// Multi-head attention core: `q`, `k`, `v` as [batch, seq, heads × head_dim]; `mask` is
-/// added to the scores ([seq_q, seq_k], broadcast over batch and heads). The products run in
-/// the inputs' dtype; the scaled scores, the mask and the softmax in f32.
-pub(crate) fn attention<B: Backend>(
-    q: Tensor<B, 3>,
-    k: Tensor<B, 3>,
-    v: Tensor<B, 3>,
-    heads: usize,
-    mask: Option<Tensor<B, 2>>,
-) -> Tensor<B, 3> {
-    let [b, sq, width] = q.dims();
-    let sk = k.dims()[1];
-    let hd = width / heads;
-    let split = |t: Tensor<B, 3>, s: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-    let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
-    let dtype = v.dtype();
-    let scores = f32(q.matmul(k.transpose())) * (1.0 / (hd as f64).sqrt());
-    let scores = match mask {
-        Some(m) => scores + f32(m).unsqueeze::<4>(),
-        None => scores,
-    };
-    to_dtype(softmax(scores, 3), dtype)
-        .matmul(v)
-        .swap_dims(1, 2)
-        .reshape([b, sq, width])
 }
 
 /// The causal mask: 0 on and below the diagonal, the most negative f32 above (as

@@ -7,8 +7,9 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use distorch_core::runtime::ExpectedTensor;
 
+use crate::attention::attention;
 use crate::error::Error;
-use crate::nn::{Weights, attention, silu, timestep_embedding};
+use crate::nn::{Weights, silu, timestep_embedding};
 use crate::unet_config::{Blocks, UnetConfig};
 
 /// Group-norm epsilon of the spatial transformers.

@@ -15,9 +15,10 @@ use distorch_core::runtime::{
 use distorch_core::{Component, SafetensorsIndex};
 use serde::Deserialize;
 
+use crate::attention::attention;
 use crate::error::Error;
 use crate::keymap::{KeyLayout, KeyMap};
-use crate::nn::{Weights, attention, pad_bottom_right, silu, upsample_nearest2x};
+use crate::nn::{Weights, pad_bottom_right, silu, upsample_nearest2x};
 
 /// Group-norm epsilon of every diffusers VAE block.
 const EPS: f64 = 1e-6;

@@ -23,12 +23,13 @@ use serde::Deserialize;
 
 pub use crate::wan_keys::WanLayout;
 
+use crate::attention::attention;
 use crate::error::Error;
 use crate::loader::{Model, rename_units, shape_map, stream_expected, to_usize, units_in_order};
 use crate::nn::{
-    Weights, attention, f32, gelu_tanh, in_f32, layer_norm_plain, rms_norm, silu,
-    timestep_embedding, to_dtype,
+    Weights, f32, gelu_tanh, in_f32, layer_norm_plain, rms_norm, silu, timestep_embedding, to_dtype,
 };
+use crate::wan_rope::{rope, rope_tables};
 
 /// The fields of a diffusers `WanTransformer3DModel` config.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -241,7 +242,13 @@ pub struct WanTransformer<B: Backend> {
     config: WanDitConfig,
     layout: WanLayout,
     streamer: Arc<Streamer<B>>,
+    /// The rotary tables of the last patch grid (computed once per shape, reused across
+    /// steps).
+    rope: std::sync::Mutex<Option<RopeTables<B>>>,
 }
+
+/// A patch grid's rotary cos and sin tables on the compute device.
+type RopeTables<B> = ([usize; 3], Tensor<B, 2>, Tensor<B, 2>);
 
 impl<B: Backend> WanTransformer<B> {
     /// The tensors the model reads (diffusers naming), in forward order.
@@ -325,6 +332,7 @@ impl<B: Backend> WanTransformer<B> {
                 config,
                 layout,
                 streamer,
+                rope: std::sync::Mutex::new(None),
             },
             report,
         ))
@@ -388,7 +396,7 @@ impl<B: Backend> WanTransformer<B> {
         )?;
         let text = linear("condition_embedder.text_embedder.linear_2", gelu_tanh(text))?;
 
-        let (cos, sin) = rope_tables::<B>(c, [fp, hp, wp], &device);
+        let (cos, sin) = self.rope_tables([fp, hp, wp], &device);
         let heads = c.num_attention_heads;
         let hd = c.attention_head_dim;
         let eps = c.eps;
@@ -455,6 +463,19 @@ impl<B: Backend> WanTransformer<B> {
             .reshape([b, co, f, h, w]))
     }
 
+    /// The rotary tables of `grid`, from the cache when the last forward had the same grid.
+    fn rope_tables(&self, grid: [usize; 3], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let mut cached = self.rope.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((g, cos, sin)) if *g == grid => (cos.clone(), sin.clone()),
+            _ => {
+                let (cos, sin) = rope_tables::<B>(&self.config, grid, device);
+                *cached = Some((grid, cos.clone(), sin.clone()));
+                (cos, sin)
+            }
+        }
+    }
+
     fn check_input(&self, input: &WanDitInput<B>) -> Result<(), Error> {
         let c = &self.config;
         let [b, ch, f, h, w] = input.hidden_states.dims();
@@ -504,69 +525,6 @@ impl<B: Backend> WanTransformer<B> {
         }
         Ok(())
     }
-}
-
-/// The rotary tables for a grid of `[frames, height, width]` patches: cos and sin of each
-/// token's angle for each rotated pair, [tokens, head_dim / 2]. The head's pairs split
-/// into frame, row and column sections (diffusers' `WanRotaryPosEmbed`; θ = 10,000,
-/// frequencies in f64, then f32 as the reference).
-fn rope_tables<B: Backend>(
-    c: &WanDitConfig,
-    grid: [usize; 3],
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let hd = c.attention_head_dim;
-    let hw = 2 * (hd / 6);
-    let dims = [hd - 2 * hw, hw, hw];
-    let mut freqs = Vec::with_capacity(hd / 2);
-    for (axis, dim) in dims.into_iter().enumerate() {
-        for i in 0..dim / 2 {
-            freqs.push((axis, 1.0 / 10000f64.powf((2 * i) as f64 / dim as f64)));
-        }
-    }
-    let [fp, hp, wp] = grid;
-    let n = fp * hp * wp;
-    let (mut cos, mut sin) = (
-        Vec::with_capacity(n * hd / 2),
-        Vec::with_capacity(n * hd / 2),
-    );
-    for t in 0..fp {
-        for y in 0..hp {
-            for x in 0..wp {
-                let pos = [t, y, x];
-                for &(axis, f) in &freqs {
-                    let angle = pos[axis] as f64 * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
-        }
-    }
-    let half = freqs.len();
-    (
-        Tensor::from_data(TensorData::new(cos, [n, half]), device),
-        Tensor::from_data(TensorData::new(sin, [n, half]), device),
-    )
-}
-
-/// Rotates `x` ([batch, tokens, heads · head_dim]) pair by pair: (x₂ᵢ, x₂ᵢ₊₁) by each
-/// token's angle for pair i.
-fn rope<B: Backend>(
-    x: Tensor<B, 3>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
-    heads: usize,
-    hd: usize,
-) -> Tensor<B, 3> {
-    let [b, n, _] = x.dims();
-    let x = x.reshape([b, n, heads, hd / 2, 2]);
-    let x1 = x.clone().narrow(4, 0, 1);
-    let x2 = x.narrow(4, 1, 1);
-    let shape = |t: &Tensor<B, 2>| t.clone().reshape([1, n, 1, hd / 2, 1]);
-    let (c, s) = (shape(cos), shape(sin));
-    let even = x1.clone() * c.clone() - x2.clone() * s.clone();
-    let odd = x1 * s + x2 * c;
-    Tensor::cat(vec![even, odd], 4).reshape([b, n, heads * hd])
 }
 
 impl<B: Backend> Model<B> for WanTransformer<B> {

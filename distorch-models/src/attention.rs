@@ -1,0 +1,143 @@
+//! Scaled dot-product attention in bounded memory: the scores of a block of queries at a
+//! time, never the whole `[batch, heads, n, n]` matrix.
+//!
+//! Each block is exact attention for its queries (every key is in it, so its softmax is the
+//! whole row's), so results do not depend on the block size beyond the order in which the
+//! backend sums a matrix product, and placements stay bit-identical. Products run in the
+//! inputs' dtype; scaled scores, the mask and the softmax in f32 (as PyTorch at half
+//! precision).
+
+use burn::tensor::Tensor;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+
+use crate::nn::{f32, to_dtype};
+
+/// Bytes of f32 scores one query block holds at most (64 MiB). A block's scores, their
+/// softmax and the softmax's temporaries live at once, so attention's scratch is a few times
+/// this — about 256 MiB — plus its output, whatever the sequence length (one query row is the
+/// smallest block: past ~1.4 M keys at batch 1 × 12 heads the bound is that row's).
+pub const SCORE_BLOCK_BYTES: usize = 64 << 20;
+
+/// Multi-head attention: `q` [batch, seq_q, heads × head_dim], `k` and `v` [batch, seq_k,
+/// heads × head_dim]; `mask` ([seq_q, seq_k], broadcast over batch and heads) is added to the
+/// scaled scores. Returns [batch, seq_q, heads × head_dim]. Scores are computed
+/// [`SCORE_BLOCK_BYTES`] at a time.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    mask: Option<Tensor<B, 2>>,
+) -> Tensor<B, 3> {
+    attention_in_blocks(q, k, v, heads, mask, SCORE_BLOCK_BYTES)
+}
+
+/// [`attention`] with query blocks of at most `block_bytes` of f32 scores (`usize::MAX`: one
+/// block, the whole score matrix at once).
+pub fn attention_in_blocks<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    mask: Option<Tensor<B, 2>>,
+    block_bytes: usize,
+) -> Tensor<B, 3> {
+    let [b, sq, width] = q.dims();
+    let sk = k.dims()[1];
+    let hd = width / heads;
+    let split = |t: Tensor<B, 3>, s: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
+    // Keys (transposed) and values laid out once as the products read them: a permuted view
+    // would be copied by every block's product.
+    let packed = |t: Tensor<B, 4>| {
+        let [b, h, r, c] = t.dims();
+        t.reshape([b * h, r, c]).reshape([b, h, r, c])
+    };
+    let (q, kt, v) = (
+        split(q, sq),
+        packed(split(k, sk).transpose()),
+        packed(split(v, sk)),
+    );
+    let scale = 1.0 / (hd as f64).sqrt();
+    let block = |qb: Tensor<B, 4>, m: Option<Tensor<B, 2>>| {
+        let scores = f32(qb.matmul(kt.clone())) * scale;
+        let scores = match m {
+            Some(m) => scores + f32(m).unsqueeze::<4>(),
+            None => scores,
+        };
+        to_dtype(softmax(scores, 3), v.dtype()).matmul(v.clone())
+    };
+    let per_row = 4 * b * heads * sk;
+    let rows = (block_bytes / per_row.max(1)).clamp(1, sq.max(1));
+    let out = if rows >= sq {
+        block(q, mask)
+    } else {
+        let mut parts = Vec::with_capacity(sq.div_ceil(rows));
+        let mut start = 0;
+        while start < sq {
+            let len = rows.min(sq - start);
+            let m = mask.clone().map(|m| m.narrow(0, start, len));
+            parts.push(block(q.clone().narrow(2, start, len), m));
+            start += len;
+        }
+        Tensor::cat(parts, 2)
+    };
+    out.swap_dims(1, 2).reshape([b, sq, width])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData};
+
+    type B = burn::backend::NdArray;
+
+    #[test]
+    fn blocks_give_the_whole_matrix_result() {
+        let device = Default::default();
+        let (b, sq, sk, heads, hd) = (2, 37, 23, 3, 4);
+        let t = |s: usize| {
+            Tensor::<B, 3>::random([b, s, heads * hd], Distribution::Normal(0.0, 1.0), &device)
+        };
+        let (q, k, v) = (t(sq), t(sk), t(sk));
+        let values: Vec<f32> = (0..sq * sk)
+            .map(|i| {
+                if (i % sk) * 3 > (i / sk) * 2 + 5 {
+                    f32::MIN
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(values, [sq, sk]), &device);
+        let whole = attention_in_blocks(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            heads,
+            Some(mask.clone()),
+            usize::MAX,
+        );
+        let whole = whole.into_data().to_vec::<f32>().unwrap();
+        // 5 query rows per block (the last one shorter), and one row per block.
+        for rows in [5, 1] {
+            let bytes = rows * 4 * b * heads * sk;
+            let blocked = attention_in_blocks(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                heads,
+                Some(mask.clone()),
+                bytes,
+            );
+            let blocked = blocked.into_data().to_vec::<f32>().unwrap();
+            assert_eq!(blocked.len(), whole.len());
+            for (i, (a, w)) in blocked.iter().zip(&whole).enumerate() {
+                assert!(
+                    (a - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                    "{rows} rows: [{i}] {a} vs {w}"
+                );
+            }
+        }
+    }
+}

@@ -2,14 +2,14 @@
 //! causal cache that lets them run chunk by chunk over time exactly as diffusers'
 //! `AutoencoderKLWan` does (each causal convolution keeps the last two frames it saw).
 
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::attention::attention;
 use crate::error::Error;
 use crate::nn::{
-    Weights, conv2d_f32_sums, conv2d_gemm, f32, in_f32, pad_bottom_right, silu, to_dtype,
-    upsample_nearest2x, zeros_as,
+    Weights, conv2d_f32_sums, conv2d_gemm, f32, in_f32, pad_bottom_right, silu, upsample_nearest2x,
+    zeros_as,
 };
 
 /// One causal convolution's memory between chunks.
@@ -226,10 +226,8 @@ impl<B: Backend> Layers<'_, B> {
         let q = qkv.clone().narrow(2, 0, c);
         let k = qkv.clone().narrow(2, c, c);
         let v = qkv.narrow(2, 2 * c, c);
-        let dtype = v.dtype();
-        let scores = f32(q.matmul(k.swap_dims(1, 2))) * (1.0 / (c as f64).sqrt());
-        let a = to_dtype(softmax(scores, 2), dtype)
-            .matmul(v)
+        // One head of width c over each frame's pixels, in bounded memory.
+        let a = attention(q, k, v, 1, None)
             .swap_dims(1, 2)
             .reshape([b * t, c, h, w]);
         let out = self

@@ -23,6 +23,10 @@ pub const SCORE_BLOCK_BYTES: usize = 64 << 20;
 /// heads × head_dim]; `mask` ([seq_q, seq_k], broadcast over batch and heads) is added to the
 /// scaled scores. Returns [batch, seq_q, heads × head_dim]. Scores are computed
 /// [`SCORE_BLOCK_BYTES`] at a time.
+///
+/// # Panics
+/// When `heads` is zero or does not divide the width, or the shapes disagree (programmer
+/// errors: the models pass their checked configurations).
 pub fn attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,

@@ -208,7 +208,7 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     };
     let mut options =
         CheckpointOptions::<B>::new(graph.clone(), compute, device.clone(), device.clone())?;
-    options.dtype = parse_dtype(&args.dtype)?;
+    options.dtype = ComputeDtype::parse_or_auto(&args.dtype)?;
     let unet_request = match (&args.unet_expert, args.unet_virtual_vram) {
         (Some(e), _) => PlanRequest::expert_with_compute(e.parse()?, compute),
         (None, Some(gib)) => PlanRequest::virtual_vram(VirtualVram::from_gib(
@@ -430,13 +430,4 @@ fn hint_tensor<B: Backend>(
         TensorData::new(values, [1, 3, height, width]),
         device,
     ))
-}
-
-/// `--dtype`: a compute dtype, or `None` for `auto`.
-fn parse_dtype(s: &str) -> Result<Option<ComputeDtype>, Box<dyn std::error::Error>> {
-    if s.eq_ignore_ascii_case("auto") {
-        Ok(None)
-    } else {
-        Ok(Some(s.parse()?))
-    }
 }

@@ -158,11 +158,7 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     };
     // On a CPU-only build the compute device is host memory too: there is nothing to swap to.
     let on = |id: DeviceId| Placement::<B>::on(id, device.clone());
-    let dtype: Option<distorch::core::ComputeDtype> = if args.dtype.eq_ignore_ascii_case("auto") {
-        None
-    } else {
-        Some(args.dtype.parse()?)
-    };
+    let dtype = distorch::core::ComputeDtype::parse_or_auto(&args.dtype)?;
     let options = |p: Placement<B>| ComponentOptions {
         dtype,
         ..ComponentOptions::new(graph.clone(), p)

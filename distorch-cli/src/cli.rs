@@ -140,12 +140,9 @@ pub struct RunArgs {
 pub struct DtypeArg(pub Option<distorch::core::ComputeDtype>);
 
 fn parse_dtype(s: &str) -> Result<DtypeArg, String> {
-    if s.eq_ignore_ascii_case("auto") {
-        return Ok(DtypeArg(None));
-    }
-    s.parse()
-        .map(|d| DtypeArg(Some(d)))
-        .map_err(|e: distorch::core::Error| format!("{e} (or auto)"))
+    distorch::core::ComputeDtype::parse_or_auto(s)
+        .map(DtypeArg)
+        .map_err(|e| format!("{e} (or auto)"))
 }
 
 /// Which file to read: a path, or a generated demo checkpoint.

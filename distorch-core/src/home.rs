@@ -159,6 +159,17 @@ impl ComputeDtype {
     }
 }
 
+impl ComputeDtype {
+    /// A dtype name, or `auto` (any case) for `None`: the `--dtype` arguments' grammar.
+    pub fn parse_or_auto(s: &str) -> Result<Option<ComputeDtype>, crate::Error> {
+        if s.eq_ignore_ascii_case("auto") {
+            Ok(None)
+        } else {
+            s.parse().map(Some)
+        }
+    }
+}
+
 impl std::fmt::Display for ComputeDtype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -279,6 +290,11 @@ mod tests {
     fn compute_dtypes_parse_and_refuse_by_name() {
         assert_eq!("BF16".parse::<ComputeDtype>().unwrap(), ComputeDtype::BF16);
         assert_eq!("half".parse::<ComputeDtype>().unwrap(), ComputeDtype::F16);
+        assert_eq!(ComputeDtype::parse_or_auto("Auto").unwrap(), None);
+        assert_eq!(
+            ComputeDtype::parse_or_auto("f16").unwrap(),
+            Some(ComputeDtype::F16)
+        );
         let e = "f8".parse::<ComputeDtype>().unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -357,7 +357,7 @@ where
         .map_or(ByteSize(0), |r| r.model_bytes);
     let capacity = options.graph.get(compute).map_or(ByteSize(0), |d| d.free);
     cache.make_room(compute, needed, capacity, eject)?;
-    let loaded = place::<B, M>(&index, &c, (plan, dtype), config, options, lora)?;
+    let loaded = place::<B, M>(&index, &c, plan, dtype, config, options, lora)?;
     let model = Arc::new(loaded.model);
     cache.insert(id, model.clone(), &loaded.report.bytes_per_device);
     Ok(model)
@@ -375,7 +375,7 @@ pub fn load_component<B: Backend, M: Model<B>>(
     let lora = component_patch::<B, M>(&config, component, options)?;
     let dtype = compute_dtype(component, options);
     let plan = plan::<B, M>(component, &config, options, &lora.0, dtype)?;
-    place(index, component, (plan, dtype), config, options, lora)
+    place(index, component, plan, dtype, config, options, lora)
 }
 
 /// The component's LoRA patch (empty without LoRAs), what it matched, and the tensors as
@@ -427,7 +427,8 @@ fn plan<B: Backend, M: Model<B>>(
 fn place<B: Backend, M: Model<B>>(
     index: &SafetensorsIndex,
     component: &Component<'_>,
-    (plan, dtype): (Plan, ComputeDtype),
+    plan: Plan,
+    dtype: ComputeDtype,
     config: M::Config,
     options: &ComponentOptions<B>,
     (patch, lora, tensors): (LoraPatch, LoraReport, Vec<ModelTensor>),

@@ -82,7 +82,7 @@ impl<B: Backend> Weights<'_, B> {
 
     /// An output of the forward pass in f32, whatever the compute dtype.
     pub(crate) fn output<const D: usize>(&self, t: Tensor<B, D>) -> Tensor<B, D> {
-        to_dtype(t, DType::F32)
+        f32(t)
     }
 
     /// The unit `name` (under the prefix).

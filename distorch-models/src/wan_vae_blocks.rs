@@ -8,8 +8,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::attention::attention;
 use crate::error::Error;
 use crate::nn::{
-    Weights, conv2d_f32_sums, conv2d_gemm, f32, in_f32, pad_bottom_right, silu, upsample_nearest2x,
-    zeros_as,
+    Weights, conv2d_gemm, f32, in_f32, pad_bottom_right, silu, upsample_nearest2x, zeros_as,
 };
 
 /// One causal convolution's memory between chunks.
@@ -92,6 +91,18 @@ pub(crate) fn conv3d<B: Backend>(
     bias: Option<Tensor<B, 1>>,
     stride_t: usize,
 ) -> Tensor<B, 5> {
+    // Widened once (a no-op at f32), so every tap and their sum are in f32 at half precision
+    // (see `nn::conv2d_f32_sums`).
+    in_f32(x, |x| conv3d_f32(x, f32(w), bias.map(f32), stride_t))
+}
+
+fn conv3d_f32<B: Backend>(
+    x: Tensor<B, 5>,
+    w: Tensor<B, 5>,
+    bias: Option<Tensor<B, 1>>,
+    stride_t: usize,
+) -> Tensor<B, 5> {
+    use burn::tensor::module::conv2d;
     use burn::tensor::ops::ConvOptions;
     let [b, c, t, h, wd] = x.dims();
     let [o, _, kt, kh, kw] = w.dims();
@@ -110,7 +121,7 @@ pub(crate) fn conv3d<B: Backend>(
         let y = if B::name(&device).contains("ndarray") {
             conv2d_gemm(xs, wk, None, 0)
         } else {
-            conv2d_f32_sums(xs, wk, None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
+            conv2d(xs, wk, None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
         };
         out = Some(match out {
             Some(acc) => acc + y,

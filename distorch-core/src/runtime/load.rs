@@ -282,6 +282,10 @@ impl<B: Backend> WeightStore<B> {
     }
 }
 
+/// Why a patch on a scaled-fp8 weight is refused (at load and when re-patching).
+pub(crate) const SCALED_FP8_PATCH: &str = "LoRAs on scaled-fp8 weights are not supported yet \
+     (the weight would be patched without its scale); use an unscaled fp8, bf16 or f16 file";
+
 /// Whether `component` is a ComfyUI scaled-fp8 model (its `scaled_fp8` marker tensor).
 fn scaled_fp8(component: &Component<'_>) -> bool {
     component.local_names().any(|n| n == "scaled_fp8")
@@ -315,10 +319,7 @@ fn scale_pairs(
             return Err(bad("a scale_weight must be one float (per-tensor scaling)"));
         }
         if options.patch.is_some_and(|p| p.applies_to(&weight)) {
-            return Err(bad(
-                "LoRAs on scaled-fp8 weights are not supported yet (the weight would be \
-                 patched without its scale); use an unscaled fp8, bf16 or f16 file",
-            ));
+            return Err(bad(SCALED_FP8_PATCH));
         }
         pairs.push((w, s));
     }

@@ -52,8 +52,7 @@ impl<B: Backend> WeightStore<B> {
                 return Err(Error::ScaledFp8 {
                     path: self.files[tensor.origin.shard].clone(),
                     name: key.to_owned(),
-                    reason: "LoRAs on scaled-fp8 weights are not supported yet (the weight \
-                             would be patched without its scale)",
+                    reason: crate::runtime::load::SCALED_FP8_PATCH,
                 });
             }
             let home = match &tensor.data {

@@ -36,10 +36,6 @@ fn out<const D: usize>(key: &str, t: Tensor<B, D>) -> Output {
     )
 }
 
-fn tag(dtype: ComputeDtype) -> &'static str {
-    dtype.name()
-}
-
 fn load_at<M: Model<B>>(name: &str, dtype: ComputeDtype, offload: bool) -> Result<M, Error> {
     let mut options = component_options(offload);
     options.dtype = Some(dtype);
@@ -94,7 +90,7 @@ fn check(name: &str, dtype: ComputeDtype, outputs: &[Output]) {
         assert_eq!(shape, &want_shape, "{name} {key}: shape");
         let (_, torch) = read(
             &dir.join("half_reference.safetensors"),
-            &format!("{}.{key}", tag(dtype)),
+            &format!("{}.{key}", dtype.name()),
         );
         let torch: Vec<f32> = torch.iter().map(|&x| x as f32).collect();
         let theirs = rel_l2(&torch, &want);

@@ -11,6 +11,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 
+use crate::host;
 use crate::nn::{f32, to_dtype};
 
 /// Bytes of f32 scores one query block holds at most (64 MiB). A block's scores, their
@@ -40,6 +41,21 @@ pub fn attention<B: Backend>(
 /// [`attention`] with query blocks of at most `block_bytes` of f32 scores (`usize::MAX`: one
 /// block, the whole score matrix at once).
 pub fn attention_in_blocks<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    mask: Option<Tensor<B, 2>>,
+    block_bytes: usize,
+) -> Tensor<B, 3> {
+    if let Some(y) = host::attention(&q, &k, &v, heads, mask.as_ref(), block_bytes) {
+        return y;
+    }
+    generic_in_blocks(q, k, v, heads, mask, block_bytes)
+}
+
+/// [`attention_in_blocks`] in Burn's own ops, whatever the backend.
+pub(crate) fn generic_in_blocks<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
@@ -114,7 +130,7 @@ mod tests {
             })
             .collect();
         let mask = Tensor::<B, 2>::from_data(TensorData::new(values, [sq, sk]), &device);
-        let whole = attention_in_blocks(
+        let whole = generic_in_blocks(
             q.clone(),
             k.clone(),
             v.clone(),
@@ -126,7 +142,7 @@ mod tests {
         // 5 query rows per block (the last one shorter), and one row per block.
         for rows in [5, 1] {
             let bytes = rows * 4 * b * heads * sk;
-            let blocked = attention_in_blocks(
+            let blocked = generic_in_blocks(
                 q.clone(),
                 k.clone(),
                 v.clone(),

@@ -15,6 +15,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use distorch_core::runtime::{Streamer, UnitWeights, compute_burn_dtype};
 
 use crate::error::Error;
+use crate::host;
 use crate::keymap::KeyMap;
 
 /// A model's view of its weights: unit names under a key prefix, translated to the file's
@@ -150,6 +151,9 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     b: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
     let x = to_dtype(x, w.dtype());
+    if let Some(y) = host::linear(&x, &w, b.as_ref()) {
+        return y;
+    }
     let dims = x.dims();
     let inner = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
@@ -230,9 +234,8 @@ impl<B: Backend> Weights<'_, B> {
         let w: Tensor<B, 4> = unit.get("weight")?;
         let bias = unit.maybe::<1>("bias");
         let x = to_dtype(x, w.dtype());
-        if stride == 1 && B::name(&x.device()).contains("ndarray") {
-            // burn-ndarray's direct convolution is ~100× slower than a matrix product here.
-            return Ok(conv2d_gemm(x, w, bias, padding));
+        if let Some(y) = host::conv2d(&x, &w, bias.as_ref(), stride, padding) {
+            return Ok(y);
         }
         let opts = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
         Ok(conv2d_f32_sums(x, w, bias, opts))
@@ -254,6 +257,22 @@ impl<B: Backend> Weights<'_, B> {
             groups,
             eps,
         ))
+    }
+
+    /// [`Weights::group_norm`] followed by SiLU (one pass on the host).
+    pub(crate) fn group_norm_silu(
+        &self,
+        name: &str,
+        x: Tensor<B, 4>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Tensor<B, 4>, Error> {
+        let unit = self.unit(name)?;
+        let (w, b) = (unit.get("weight")?, unit.get("bias")?);
+        if let Some(y) = host::group_norm(&x, &w, &b, groups, eps, true) {
+            return Ok(y);
+        }
+        Ok(silu(group_norm(x, w, b, groups, eps)))
     }
 }
 
@@ -282,6 +301,20 @@ pub(crate) fn group_norm<B: Backend>(
     groups: usize,
     eps: f64,
 ) -> Tensor<B, 4> {
+    if let Some(y) = host::group_norm(&x, &w, &b, groups, eps, false) {
+        return y;
+    }
+    group_norm_generic(x, w, b, groups, eps)
+}
+
+/// [`group_norm`] in Burn's own ops.
+pub(crate) fn group_norm_generic<B: Backend>(
+    x: Tensor<B, 4>,
+    w: Tensor<B, 1>,
+    b: Tensor<B, 1>,
+    groups: usize,
+    eps: f64,
+) -> Tensor<B, 4> {
     in_f32(x, |x| {
         let [n, c, h, wd] = x.dims();
         let g = x.reshape([n, groups, (c / groups) * h * wd]);
@@ -295,7 +328,19 @@ pub(crate) fn group_norm<B: Backend>(
 
 /// `x · sigmoid(x)` (in f32).
 pub(crate) fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if let Some(y) = host::silu(&x) {
+        return y;
+    }
     in_f32(x, |x| x.clone() * sigmoid(x))
+}
+
+/// GEGLU over the last dimension: its first half times the exact GELU of its second half.
+pub(crate) fn geglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if let Some(y) = host::geglu(&x) {
+        return y;
+    }
+    let inner = x.dims()[D - 1] / 2;
+    x.clone().narrow(D - 1, 0, inner) * gelu(x.narrow(D - 1, inner, inner))
 }
 
 /// Nearest-neighbour 2× upsampling of [batch, channels, h, w].
@@ -304,55 +349,6 @@ pub(crate) fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     x.reshape([n, c, h, 1, w, 1])
         .expand([n, c, h, 2, w, 2])
         .reshape([n, c, 2 * h, 2 * w])
-}
-
-/// A stride-1 convolution as one matrix product: the input's k×k shifted copies stacked
-/// along channels (im2col), times the weight reshaped to [out, k·k·in]. The same sums as a
-/// direct convolution, in another order.
-pub(crate) fn conv2d_gemm<B: Backend>(
-    x: Tensor<B, 4>,
-    w: Tensor<B, 4>,
-    bias: Option<Tensor<B, 1>>,
-    padding: usize,
-) -> Tensor<B, 4> {
-    let [n, c, h, wd] = x.dims();
-    let [o, _, kh, kw] = w.dims();
-    let (ho, wo) = (h + 2 * padding + 1 - kh, wd + 2 * padding + 1 - kw);
-    let cols = if kh == 1 && kw == 1 && padding == 0 {
-        x.reshape([n, c, h * wd])
-    } else {
-        let p = padding;
-        let x = if p > 0 {
-            let side = zeros_as([n, c, h, p], &x);
-            let x = Tensor::cat(vec![side.clone(), x, side], 3);
-            let row = zeros_as([n, c, p, wd + 2 * p], &x);
-            Tensor::cat(vec![row.clone(), x, row], 2)
-        } else {
-            x
-        };
-        let mut shifted = Vec::with_capacity(kh * kw);
-        for ky in 0..kh {
-            for kx in 0..kw {
-                shifted.push(x.clone().slice([0..n, 0..c, ky..ky + ho, kx..kx + wo]));
-            }
-        }
-        // [n, c, k·k, ho, wo]: the weight's own [out, in, kh, kw] order, so it is used
-        // without a copy.
-        Tensor::stack::<5>(shifted, 2).reshape([n, c * kh * kw, ho * wo])
-    };
-    // Batch folded into the columns: one 2-D product, the weight used as stored.
-    let k = kh * kw * c;
-    let cols = if n == 1 {
-        cols.reshape([k, ho * wo])
-    } else {
-        cols.swap_dims(0, 1).reshape([k, n * ho * wo])
-    };
-    let w = w.reshape([o, k]);
-    let out = w.matmul(cols).reshape([o, n, ho, wo]).swap_dims(0, 1);
-    match bias {
-        Some(b) => out + b.reshape([1, o, 1, 1]),
-        None => out,
-    }
 }
 
 /// Zero padding of one row at the bottom and one column at the right (diffusers'

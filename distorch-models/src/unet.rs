@@ -17,7 +17,7 @@ use distorch_core::{Component, SafetensorsIndex};
 
 use crate::error::Error;
 use crate::keymap::{KeyLayout, KeyMap};
-use crate::nn::{Weights, silu, upsample_nearest2x};
+use crate::nn::{Weights, upsample_nearest2x};
 use crate::unet_config::{Blocks, UnetConfig};
 use crate::unet_ldm::ldm_map;
 use crate::unet_trunk::{Spec, Trunk, resnet};
@@ -237,7 +237,7 @@ impl<B: Backend> Unet2dCondition<B> {
                 x = w.conv2d(&p, upsample_nearest2x(x), 1, 1)?;
             }
         }
-        x = silu(w.group_norm("conv_norm_out", x, g, eps)?);
+        x = w.group_norm_silu("conv_norm_out", x, g, eps)?;
         let out = w.conv2d("conv_out", x, 1, 1)?;
         debug_assert_eq!(out.dims()[2..], [h, wd]);
         Ok(w.output(out))

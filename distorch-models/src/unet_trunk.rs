@@ -3,13 +3,12 @@
 //! expected-tensor walk of each.
 
 use burn::tensor::Tensor;
-use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use distorch_core::runtime::ExpectedTensor;
 
 use crate::attention::attention;
 use crate::error::Error;
-use crate::nn::{Weights, silu, timestep_embedding};
+use crate::nn::{Weights, geglu, silu, timestep_embedding};
 use crate::unet_config::{Blocks, UnetConfig};
 
 /// Group-norm epsilon of the spatial transformers.
@@ -206,9 +205,7 @@ impl Trunk<'_> {
             y = y + self.attend(w, &format!("{q}.attn2"), m, ctx.clone(), heads)?;
             let m = w.layer_norm(&format!("{q}.norm3"), y.clone(), eps)?;
             let proj = w.linear(&format!("{q}.ff.net.0.proj"), m)?;
-            let inner = proj.dims()[2] / 2;
-            let geglu = proj.clone().narrow(2, 0, inner) * gelu(proj.narrow(2, inner, inner));
-            y = y + w.linear(&format!("{q}.ff.net.2"), geglu)?;
+            y = y + w.linear(&format!("{q}.ff.net.2"), geglu(proj))?;
         }
         let spatial = |t: Tensor<B, 3>| t.swap_dims(1, 2).reshape([n, c, h, wd]);
         let out = if linear {
@@ -243,11 +240,11 @@ pub(crate) fn resnet<B: Backend>(
     groups: usize,
     eps: f64,
 ) -> Result<Tensor<B, 4>, Error> {
-    let h = silu(w.group_norm(&format!("{p}.norm1"), x.clone(), groups, eps)?);
+    let h = w.group_norm_silu(&format!("{p}.norm1"), x.clone(), groups, eps)?;
     let h = w.conv2d(&format!("{p}.conv1"), h, 1, 1)?;
     let t = w.linear(&format!("{p}.time_emb_proj"), temb.clone())?;
     let h = h + t.unsqueeze_dim::<3>(2).unsqueeze_dim::<4>(3);
-    let h = silu(w.group_norm(&format!("{p}.norm2"), h, groups, eps)?);
+    let h = w.group_norm_silu(&format!("{p}.norm2"), h, groups, eps)?;
     let h = w.conv2d(&format!("{p}.conv2"), h, 1, 1)?;
     let skip = if w.has(&format!("{p}.conv_shortcut")) {
         w.conv2d(&format!("{p}.conv_shortcut"), x, 1, 0)?

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::attention::attention;
 use crate::error::Error;
 use crate::keymap::{KeyLayout, KeyMap};
-use crate::nn::{Weights, pad_bottom_right, silu, upsample_nearest2x};
+use crate::nn::{Weights, pad_bottom_right, upsample_nearest2x};
 
 /// Group-norm epsilon of every diffusers VAE block.
 const EPS: f64 = 1e-6;
@@ -431,7 +431,7 @@ impl<B: Backend> AutoencoderKl<B> {
             prev = out;
         }
         x = self.mid(&w, "encoder.mid_block", x)?;
-        x = silu(w.group_norm("encoder.conv_norm_out", x, g, EPS)?);
+        x = w.group_norm_silu("encoder.conv_norm_out", x, g, EPS)?;
         x = w.conv2d("encoder.conv_out", x, 1, 1)?;
         if c.use_quant_conv {
             x = w.conv2d("quant_conv", x, 1, 0)?;
@@ -485,7 +485,7 @@ impl<B: Backend> AutoencoderKl<B> {
             }
             prev = out;
         }
-        x = silu(w.group_norm("decoder.conv_norm_out", x, g, EPS)?);
+        x = w.group_norm_silu("decoder.conv_norm_out", x, g, EPS)?;
         Ok(w.output(w.conv2d("decoder.conv_out", x, 1, 1)?))
     }
 
@@ -511,9 +511,9 @@ fn resnet<B: Backend>(
     cout: usize,
     groups: usize,
 ) -> Result<Tensor<B, 4>, Error> {
-    let h = silu(w.group_norm(&format!("{p}.norm1"), x.clone(), groups, EPS)?);
+    let h = w.group_norm_silu(&format!("{p}.norm1"), x.clone(), groups, EPS)?;
     let h = w.conv2d(&format!("{p}.conv1"), h, 1, 1)?;
-    let h = silu(w.group_norm(&format!("{p}.norm2"), h, groups, EPS)?);
+    let h = w.group_norm_silu(&format!("{p}.norm2"), h, groups, EPS)?;
     let h = w.conv2d(&format!("{p}.conv2"), h, 1, 1)?;
     let skip = if cin != cout {
         w.conv2d(&format!("{p}.conv_shortcut"), x, 1, 0)?

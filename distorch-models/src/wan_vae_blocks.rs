@@ -7,9 +7,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::attention::attention;
 use crate::error::Error;
-use crate::nn::{
-    Weights, conv2d_gemm, f32, in_f32, pad_bottom_right, silu, upsample_nearest2x, zeros_as,
-};
+use crate::host;
+use crate::nn::{Weights, f32, in_f32, pad_bottom_right, silu, upsample_nearest2x, zeros_as};
 
 /// One causal convolution's memory between chunks.
 #[derive(Clone)]
@@ -118,10 +117,9 @@ fn conv3d_f32<B: Backend>(
             .swap_dims(1, 2)
             .reshape([b * t_out, c, h, wd]);
         let wk = w.clone().narrow(2, k, 1).reshape([o, c, kh, kw]);
-        let y = if B::name(&device).contains("ndarray") {
-            conv2d_gemm(xs, wk, None, 0)
-        } else {
-            conv2d(xs, wk, None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
+        let y = match host::conv2d(&xs, &wk, None, 1, 0) {
+            Some(y) => y,
+            None => conv2d(xs, wk, None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1)),
         };
         out = Some(match out {
             Some(acc) => acc + y,

@@ -110,7 +110,11 @@ struct Args {
     out: PathBuf,
 }
 
+#[path = "common/malloc.rs"]
+mod malloc;
+
 fn main() {
+    malloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -448,7 +448,11 @@ pub(crate) fn attention<B: Backend>(
     };
     let threads = rayon::current_num_threads().max(1);
     let bound = block_bytes / threads;
-    let rows = (bound.min(SCORE_TILE_BYTES) / (4 * sk).max(1)).clamp(1, sq.max(1));
+    let per_row = (4 * sk).max(1);
+    let rows = (SCORE_TILE_BYTES / per_row)
+        .max(MIN_ROWS)
+        .min(bound / per_row)
+        .clamp(1, sq.max(1));
     let mut out = buffer(b * sq * width, 0.0);
     let go = |q: &[f32], k: &[f32], v: &[f32], m: Option<&[f32]>, out: &mut [f32]| {
         let dst = SharedOut(out.as_mut_ptr());
@@ -480,6 +484,11 @@ pub(crate) fn attention<B: Backend>(
 /// cache between the product that writes them, the softmax and the product that reads them.
 /// (On the 2-core development VM 256 KiB to 8 MiB time alike; 32 MiB is slower.)
 const SCORE_TILE_BYTES: usize = 256 << 10;
+
+/// Query rows one block holds at least (unless the memory bound forbids): every block packs
+/// its head's keys and values again for the products, so blocks of a few rows at long
+/// sequences spend their time packing (16k tokens × 128 wide: 4-row blocks took 138 s).
+const MIN_ROWS: usize = 64;
 
 /// The output of [`attention`], written by many tasks at disjoint places.
 struct SharedOut(*mut f32);

@@ -54,6 +54,12 @@ impl<'a> Mat<'a> {
         self.cols
     }
 
+    /// Columns `start..start + len`.
+    fn columns(self, start: usize, len: usize) -> Mat<'a> {
+        let offset = (start * self.cs as usize).min(self.data.len());
+        Mat::strided(&self.data[offset..], self.rows, len, self.rs, self.cs)
+    }
+
     /// Rows `start..start + len`.
     fn rows(self, start: usize, len: usize) -> Mat<'a> {
         let offset = (start * self.rs as usize).min(self.data.len());
@@ -118,6 +124,22 @@ pub(crate) fn gemm_rows(a: Mat<'_>, b: Mat<'_>, beta: f32, c: &mut [f32], n: usi
     assert!(c.len() >= (a.rows - 1) * ldc + n, "output too short");
     let c = &mut c[..(a.rows - 1) * ldc + n];
     let threads = rayon::current_num_threads().max(1);
+    if n > a.rows && threads > 1 {
+        // Few rows (a linear layer on a small latent): split the columns instead, so each
+        // thread packs only its part of B (the weight) rather than all of it.
+        let per = n.div_ceil(threads).div_ceil(8) * 8;
+        let dst = Dst(c.as_mut_ptr());
+        (0..n.div_ceil(per)).into_par_iter().for_each(|i| {
+            let (start, len) = (i * per, per.min(n - i * per));
+            // SAFETY: columns `start..start + len` of every row: this task's own elements,
+            // inside `c` (checked above).
+            unsafe {
+                let at = dst.at(start);
+                gemm(a, b.columns(start, len), 1.0, beta, at, ldc as isize, 1)
+            };
+        });
+        return;
+    }
     // Whole 8-row panels (sgemm's register block) per task.
     let per = a.rows.div_ceil(threads).div_ceil(8) * 8;
     c.par_chunks_mut(per * ldc)
@@ -140,13 +162,35 @@ pub(crate) fn gemm_rows(a: Mat<'_>, b: Mat<'_>, beta: f32, c: &mut [f32], n: usi
         });
 }
 
+/// The output of a column-split product, written by many tasks at disjoint columns.
+struct Dst(*mut f32);
+// SAFETY: the tasks write disjoint elements (see `gemm_rows`).
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// The element `offset` past the start (a method, so closures capture the whole `Dst`).
+    ///
+    /// # Safety
+    /// `offset` must stay inside the output.
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller's.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn strided_products_match_the_definition() {
-        let (m, k, n) = (19, 7, 5);
+        // Rows split (m > n), then columns split (n > m).
+        for (m, k, n) in [(19, 7, 5), (3, 7, 29)] {
+            product_matches_the_definition(m, k, n);
+        }
+    }
+
+    fn product_matches_the_definition(m: usize, k: usize, n: usize) {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 11) as f32 - 5.0).collect();
         // B stored transposed: element (i, j) at j·k + i.
         let bt: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.5).collect();

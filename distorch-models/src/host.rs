@@ -392,7 +392,7 @@ pub(crate) fn silu<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tenso
 pub(crate) fn geglu<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
     let mut dims = x.dims();
     let inner = dims[D - 1] / 2;
-    if inner == 0 || dims[D - 1] % 2 != 0 {
+    if inner == 0 || !dims[D - 1].is_multiple_of(2) {
         return None;
     }
     let rows = dims[..D - 1].iter().product::<usize>();
@@ -473,7 +473,10 @@ pub(crate) fn attention<B: Backend>(
         with_slice(k, |ks| {
             with_slice(v, |vs| match mask {
                 Some(m) => with_slice(m, |ms| go(qs, ks, vs, Some(ms), &mut out)),
-                None => Some(go(qs, ks, vs, None, &mut out)),
+                None => {
+                    go(qs, ks, vs, None, &mut out);
+                    Some(())
+                }
             })
         })
     })????;

@@ -18,13 +18,7 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 /// built from its bits. NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    let c = if x > EXP_HI {
-        EXP_HI
-    } else if x < EXP_LO {
-        EXP_LO
-    } else {
-        x
-    };
+    let c = x.clamp(EXP_LO, EXP_HI);
     // n = round(c / ln 2), both as a float and (in the low bits of `t`) as an integer: an
     // `as i32` cast would saturate and stop the loop from vectorizing.
     let t = c * std::f32::consts::LOG2_E + ROUND;

@@ -30,6 +30,7 @@ mod fp8;
 mod host;
 mod load;
 mod repatch;
+mod reshape;
 mod store;
 mod stream;
 

@@ -105,7 +105,7 @@ impl<B: Backend> UnitWeights<B> {
             return None;
         }
         let dims: [usize; D] = shape[..D].try_into().ok()?;
-        Some(t.clone().reshape(dims))
+        Some(super::reshape::reshaped(t, dims))
     }
 
     /// All tensors: key, shape, flattened data.

@@ -6,9 +6,9 @@
 //! kernel zero-fills) a fresh buffer for every elementwise step, and convolves loop by loop.
 //! These kernels read the backend's own arrays without a copy (weights resident or streamed
 //! alike), write each result once, and multiply with `matrixmultiply`'s `sgemm` (the kernel
-//! ndarray itself uses) with the rows of the output split between threads: every output
-//! element is summed in one fixed order, whatever the thread count, so results do not depend
-//! on the placement or the machine's cores.
+//! ndarray itself uses) with the output's rows (or columns) split between threads: every
+//! output element is summed by one thread in one fixed order, so results do not depend on the
+//! placement.
 //!
 //! Every kernel returns `None` where it does not apply — another backend, a dtype other than
 //! f32, or a build without the `ndarray` feature — and the caller runs Burn's generic ops.

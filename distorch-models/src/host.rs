@@ -63,9 +63,26 @@ fn ndarray_slice<B: Backend, const D: usize, R>(
     None
 }
 
-/// Whether `t` is an f32 tensor the host kernels can read.
+/// Whether `t` is an f32 tensor the host kernels can read (asked without reading it: a
+/// strided view is laid out only when a kernel reads it).
 fn on_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
-    with_slice(t, |_| ()).is_some()
+    t.dtype() == DType::F32 && is_ndarray(t)
+}
+
+#[cfg(feature = "ndarray")]
+fn is_ndarray<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    use burn::tensor::TensorPrimitive;
+    match t.clone().into_primitive() {
+        TensorPrimitive::Float(p) => {
+            (&p as &dyn std::any::Any).is::<burn::backend::ndarray::NdArrayTensor>()
+        }
+        TensorPrimitive::QFloat(_) => false,
+    }
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn is_ndarray<B: Backend, const D: usize>(_t: &Tensor<B, D>) -> bool {
+    false
 }
 
 /// A tensor of `shape` on `like`'s device from `values` (ndarray takes the vector as is).

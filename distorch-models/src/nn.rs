@@ -249,14 +249,7 @@ impl<B: Backend> Weights<'_, B> {
         groups: usize,
         eps: f64,
     ) -> Result<Tensor<B, 4>, Error> {
-        let unit = self.unit(name)?;
-        Ok(group_norm(
-            x,
-            unit.get("weight")?,
-            unit.get("bias")?,
-            groups,
-            eps,
-        ))
+        self.group_norm_then(name, x, groups, eps, false)
     }
 
     /// [`Weights::group_norm`] followed by SiLU (one pass on the host).
@@ -267,12 +260,24 @@ impl<B: Backend> Weights<'_, B> {
         groups: usize,
         eps: f64,
     ) -> Result<Tensor<B, 4>, Error> {
+        self.group_norm_then(name, x, groups, eps, true)
+    }
+
+    fn group_norm_then(
+        &self,
+        name: &str,
+        x: Tensor<B, 4>,
+        groups: usize,
+        eps: f64,
+        then_silu: bool,
+    ) -> Result<Tensor<B, 4>, Error> {
         let unit = self.unit(name)?;
         let (w, b) = (unit.get("weight")?, unit.get("bias")?);
-        if let Some(y) = host::group_norm(&x, &w, &b, groups, eps, true) {
+        if let Some(y) = host::group_norm(&x, &w, &b, groups, eps, then_silu) {
             return Ok(y);
         }
-        Ok(silu(group_norm(x, w, b, groups, eps)))
+        let y = group_norm_generic(x, w, b, groups, eps);
+        Ok(if then_silu { silu(y) } else { y })
     }
 }
 
@@ -293,21 +298,8 @@ pub(crate) fn conv2d_f32_sums<B: Backend>(
     in_f32(x, |x| conv2d(x, f32(w), bias.map(f32), options))
 }
 
-/// Group norm over [batch, channels, h, w] (biased variance, as PyTorch), computed in f32.
-pub(crate) fn group_norm<B: Backend>(
-    x: Tensor<B, 4>,
-    w: Tensor<B, 1>,
-    b: Tensor<B, 1>,
-    groups: usize,
-    eps: f64,
-) -> Tensor<B, 4> {
-    if let Some(y) = host::group_norm(&x, &w, &b, groups, eps, false) {
-        return y;
-    }
-    group_norm_generic(x, w, b, groups, eps)
-}
-
-/// [`group_norm`] in Burn's own ops.
+/// Group norm over [batch, channels, h, w] (biased variance, as PyTorch), computed in f32
+/// in Burn's own ops (on ndarray [`Weights::group_norm`] runs the host kernel instead).
 pub(crate) fn group_norm_generic<B: Backend>(
     x: Tensor<B, 4>,
     w: Tensor<B, 1>,

@@ -4,17 +4,21 @@
 //!
 //!     cargo run --release --example attention_bench -- --tokens 16384 [--heads 12]
 //!         [--head-dim 128] [--block-mib 64 | --block-mib 0] [--backend ndarray|wgpu|cuda]
+//!         [--dtype f32|f16]
 //!
-//! `--block-mib 0` computes the whole score matrix at once (how attention ran before it was
-//! blocked); the default is the library's bound (`distorch::models::attention`).
+//! By default it runs the library's attention (`distorch::models::attention::attention`: the
+//! host kernel on ndarray; on wgpu and CUDA the fused kernel at `--dtype f16`, blocks of
+//! scores at f32). `--block-mib M` runs the
+//! blocked path without the fused kernel, M MiB of scores per block; `--block-mib 0`
+//! computes the whole score matrix at once (how attention ran before it was blocked).
 
 #![allow(clippy::print_stdout)]
 
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
-use distorch::models::attention::{SCORE_BLOCK_BYTES, attention_in_blocks};
+use burn::tensor::{DType, Distribution, Tensor};
+use distorch::models::attention::{attention, attention_in_blocks};
 
 /// The process's peak resident set (VmHWM), in MiB; 0 where /proc is not there.
 fn peak_rss_mib() -> f64 {
@@ -33,7 +37,10 @@ struct Options {
     tokens: usize,
     heads: usize,
     head_dim: usize,
-    block_bytes: usize,
+    /// `None`: the library's attention; else the blocked path at this many bytes per block.
+    block_bytes: Option<usize>,
+    /// The inputs' dtype.
+    dtype: DType,
 }
 
 fn main() {
@@ -45,15 +52,19 @@ fn main() {
             std::process::exit(2);
         }),
     };
-    let block_mib = num("--block-mib", SCORE_BLOCK_BYTES >> 20);
+    let block_mib = arg("--block-mib").map(|_| num("--block-mib", 0));
     let options = Options {
         tokens: num("--tokens", 16384).max(1),
         heads: num("--heads", 12).max(1),
         head_dim: num("--head-dim", 128).max(1),
-        block_bytes: if block_mib == 0 {
-            usize::MAX
-        } else {
-            block_mib << 20
+        block_bytes: block_mib.map(|m| if m == 0 { usize::MAX } else { m << 20 }),
+        dtype: match arg("--dtype").as_deref() {
+            None | Some("f32") => DType::F32,
+            Some("f16") => DType::F16,
+            Some(other) => {
+                println!("--dtype {other}: expected f32 or f16");
+                std::process::exit(2);
+            }
         },
     };
     let backend = arg("--backend").unwrap_or_else(|| "ndarray".into());
@@ -73,33 +84,57 @@ fn main() {
 
 fn bench<B: Backend>(backend: &str, o: &Options) {
     let device = Default::default();
+    if !B::supports_dtype(&device, o.dtype) {
+        println!(
+            "backend `{backend}` does not compute in {:?} on this device",
+            o.dtype
+        );
+        std::process::exit(2);
+    }
     let width = o.heads * o.head_dim;
+    // Drawn 4,096 tokens at a time, so no f32 buffer larger than one f16 input is needed
+    // (lavapipe refuses buffers much over 128 MiB).
     let t = || {
-        Tensor::<B, 3>::random(
-            [1, o.tokens, width],
-            Distribution::Normal(0.0, 1.0),
-            &device,
-        )
+        let chunks = (0..o.tokens)
+            .step_by(4096)
+            .map(|start| {
+                let n = (o.tokens - start).min(4096);
+                Tensor::<B, 3>::random([1, n, width], Distribution::Normal(0.0, 1.0), &device)
+                    .cast(o.dtype)
+            })
+            .collect();
+        Tensor::cat(chunks, 1)
     };
     let (q, k, v) = (t(), t(), t());
     let _ = (q.clone() + k.clone() + v.clone()).sum().into_data();
     let before = peak_rss_mib();
-    let start = Instant::now();
-    let out = attention_in_blocks(q, k, v, o.heads, None, o.block_bytes);
-    // A read back, so the clock sees the work.
-    let _ = out.sum().into_data();
-    let secs = start.elapsed().as_secs_f64();
-    let block = if o.block_bytes == usize::MAX {
-        "whole".to_owned()
-    } else {
-        format!("{}MiB", o.block_bytes >> 20)
+    let run = || {
+        let start = Instant::now();
+        let (q, k, v) = (q.clone(), k.clone(), v.clone());
+        let out = match o.block_bytes {
+            None => attention(q, k, v, o.heads, None),
+            Some(bytes) => attention_in_blocks(q, k, v, o.heads, None, bytes),
+        };
+        // A read back, so the clock sees the work.
+        let _ = out.sum().into_data();
+        start.elapsed().as_secs_f64()
+    };
+    // The first call includes compiling the backend's kernels for these shapes (seconds on
+    // wgpu); the second is the steady state a model's later steps see.
+    let first = run();
+    let secs = run();
+    let block = match o.block_bytes {
+        None => "library".to_owned(),
+        Some(usize::MAX) => "whole".to_owned(),
+        Some(bytes) => format!("{}MiB", bytes >> 20),
     };
     println!(
-        "tokens={} heads={} head_dim={} block={block} backend={backend} secs={secs:.2} \
+        "tokens={} heads={} head_dim={} dtype={:?} block={block} backend={backend} first_secs={first:.2} secs={secs:.2} \
          peak_rss_mib={:.0} inputs_rss_mib={before:.0}",
         o.tokens,
         o.heads,
         o.head_dim,
+        o.dtype,
         peak_rss_mib()
     );
 }

@@ -22,8 +22,11 @@ pub const SCORE_BLOCK_BYTES: usize = 64 << 20;
 
 /// Multi-head attention: `q` [batch, seq_q, heads × head_dim], `k` and `v` [batch, seq_k,
 /// heads × head_dim]; `mask` ([seq_q, seq_k], broadcast over batch and heads) is added to the
-/// scaled scores. Returns [batch, seq_q, heads × head_dim]. Scores are computed
-/// [`SCORE_BLOCK_BYTES`] at a time.
+/// scaled scores. Returns [batch, seq_q, heads × head_dim].
+///
+/// On ndarray the host kernel runs it; on the CubeCL backends (wgpu, CUDA) unmasked
+/// attention runs Burn's fused kernel, which keeps no scores in device memory; everything
+/// else computes scores [`SCORE_BLOCK_BYTES`] at a time ([`attention_in_blocks`]).
 ///
 /// # Panics
 /// When `heads` is zero or does not divide the width, or the shapes disagree (programmer
@@ -35,11 +38,41 @@ pub fn attention<B: Backend>(
     heads: usize,
     mask: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 3> {
+    if mask.is_none()
+        && !host::on_host(&q)
+        && let Some(out) = fused_heads(&q, &k, &v, heads)
+    {
+        return out;
+    }
     attention_in_blocks(q, k, v, heads, mask, SCORE_BLOCK_BYTES)
 }
 
-/// [`attention`] with query blocks of at most `block_bytes` of f32 scores (`usize::MAX`: one
-/// block, the whole score matrix at once).
+/// [`attention`] through the fused kernel ([`crate::fused`]), when it applies.
+fn fused_heads<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    heads: usize,
+) -> Option<Tensor<B, 3>> {
+    let [b, sq, width] = q.dims();
+    let sk = k.dims()[1];
+    let hd = width / heads;
+    let split = |t: &Tensor<B, 3>, s: usize| {
+        let [b, h, s, d] = [b, heads, s, hd];
+        // Laid out contiguously per head, as the kernel reads it.
+        t.clone()
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2)
+            .reshape([b * h, s, d])
+            .reshape([b, h, s, d])
+    };
+    let out = crate::fused::attention(&split(q, sq), &split(k, sk), &split(v, sk))?;
+    Some(out.swap_dims(1, 2).reshape([b, sq, width]))
+}
+
+/// [`attention`] without the fused kernel: query blocks of at most `block_bytes` of f32
+/// scores (`usize::MAX`: one block, the whole score matrix at once), or the host kernel on
+/// ndarray.
 pub fn attention_in_blocks<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,

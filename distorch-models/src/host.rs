@@ -65,7 +65,7 @@ fn ndarray_slice<B: Backend, const D: usize, R>(
 
 /// Whether `t` is an f32 tensor the host kernels can read (asked without reading it: a
 /// strided view is laid out only when a kernel reads it).
-fn on_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+pub(crate) fn on_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
     t.dtype() == DType::F32 && is_ndarray(t)
 }
 

@@ -28,6 +28,7 @@ pub mod discovery;
 mod error;
 pub mod flow_match;
 mod folder;
+mod fused;
 mod host;
 mod host_gemm;
 mod host_math;

@@ -1,6 +1,7 @@
 //! Every model against diffusers / transformers (fixtures from `tools/fixtures/gen.py`), in
 //! both key layouts, resident and offloaded; one test binary so the wgpu build links once.
 
+mod attention;
 mod cache;
 mod checkpoint;
 mod clip_text;

@@ -7,6 +7,12 @@
 //! staging allocated at once (zero-copy views of the mapping allocate nothing; ndarray widens
 //! to f32 on the host, which is its upload).
 //!
+//! Before the passes it measures the upload bandwidth (`upload_gb_s`: a 256 MiB host buffer
+//! marked file-backed, as the streamer's views of the mapping are — CubeCL's CUDA runtime
+//! stages such bytes through pinned memory — uploaded and waited for, best of three), and
+//! each line gives `bound_s` = max(resident pass, moved bytes / bandwidth), the fastest a
+//! pass can be when every transfer hides behind compute, and `vs_bound` = pass / bound.
+//!
 //! Run: `cargo run --release --example offload_bench [-- --passes N] [--lookahead UNITS]
 //! [--offload PCT,PCT,...] [--backend ndarray|wgpu|cuda] [--file-dtype f32|f16|bf16]
 //! [--dtype f32|f16|bf16]` (defaults: 2 passes, look-ahead 2 units, offload 0,50,100,
@@ -113,6 +119,31 @@ fn forward<B: Backend>(
         y = y + h.matmul(down.transpose());
     }
     (x, y)
+}
+
+/// Host-to-device bandwidth in bytes per second: a 256 MiB buffer (marked file-backed, as
+/// the streamer's views of mapped weights are) uploaded and waited for, best of three.
+fn upload_bandwidth<B: Backend>(device: &B::Device) -> f64 {
+    let n = 64 << 20;
+    let host = bytes::Bytes::from(vec![1u8; 4 * n]);
+    let best = (0..3)
+        .map(|_| {
+            let data = TensorData::from_bytes(
+                burn::tensor::Bytes::from_shared(
+                    host.clone(),
+                    burn::tensor::AllocationProperty::File,
+                ),
+                [n],
+                burn::tensor::DType::F32,
+            );
+            let start = Instant::now();
+            let t = Tensor::<B, 1>::from_data(data, device);
+            // Reading one element back waits for the upload.
+            let _ = t.slice(0..1).into_data();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    (4 * n) as f64 / best
 }
 
 /// Forces the backend to finish (a read back) so the clock sees the real time.
@@ -223,6 +254,16 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         inventory.total_bytes(),
         inventory.bytes_on(DeviceId::cuda(0), DeviceId::cuda(0)),
     );
+    // On ndarray the host is the device: an "upload" is a view or a copy in place, and
+    // moved bytes cost no transfer time.
+    let bandwidth = if B::name(&device).contains("ndarray") {
+        println!("# upload_gb_s=n/a (ndarray computes in host memory)");
+        f64::INFINITY
+    } else {
+        let bandwidth = upload_bandwidth::<B>(&device);
+        println!("# upload_gb_s={:.2}", bandwidth / 1e9);
+        bandwidth
+    };
     let mut resident_time = None;
     for &pct in offloads {
         let amount = ByteSize(inventory.total_bytes().bytes() * pct / 100);
@@ -265,10 +306,12 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         let stats = streamer.take_stats();
         let base = *resident_time.get_or_insert(secs);
         let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
+        let bound = base.max(moved as f64 / passes as f64 / bandwidth);
         println!(
-            "offload={pct}% lookahead={} backend={backend} file={file} dtype={compute} pass_s={secs:.3} ratio={:.3} stall_ms={:.1} storage_mb={:.1} moved_mb={:.1} staging_mb={:.1} prefetched={} on_demand={} peak_extra_mb={:.0}",
+            "offload={pct}% lookahead={} backend={backend} file={file} dtype={compute} pass_s={secs:.3} ratio={:.3} bound_s={bound:.3} vs_bound={:.3} stall_ms={:.1} storage_mb={:.1} moved_mb={:.1} staging_mb={:.1} prefetched={} on_demand={} peak_extra_mb={:.0}",
             lookahead.units,
             secs / base,
+            secs / bound,
             stats.stall.as_secs_f64() * 1e3 / passes as f64,
             storage as f64 / 1e6,
             moved as f64 / passes as f64 / 1e6,

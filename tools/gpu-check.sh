@@ -14,9 +14,12 @@
 #      resident and offloaded; and at f16 and bf16 against PyTorch's own run at that dtype,
 #      tests/parity/half.rs);
 #   4. offload_bench --backend cuda on an f32 and a bf16 file at 0/50/100 % offload, f32 and
-#      bf16 compute (SD-UNet-sized stack: 24 layers, 240 MB in f32).
-# Not yet in it (the code does not exist yet): the pinned bandwidth probe and the step-time /
-# max(compute, bytes/bandwidth) ratio.
+#      bf16 compute (SD-UNet-sized stack: 24 layers, 240 MB in f32); each run first measures
+#      the host-to-device upload bandwidth through pinned staging (`upload_gb_s`), and each
+#      line gives the pass time over max(resident pass, bytes moved / bandwidth)
+#      (`vs_bound`; the target is <= 1.10 at 100 % offload);
+#   5. attention_bench --backend cuda at 16,384 and 32,768 tokens (12 heads of 128): the
+#      fused attention kernel (src/fused.rs), first call (kernel compilation) and steady state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -33,8 +36,9 @@ build)
     --message-format=json | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   test -x "$exe" || { echo "no parity test binary built" >&2; exit 1; }
   cp "$exe" "$bin/parity-cuda"
-  cargo build --release --features cuda --example offload_bench
+  cargo build --release --features cuda --example offload_bench --example attention_bench
   cp target/release/examples/offload_bench "$bin/offload_bench-cuda"
+  cp target/release/examples/attention_bench "$bin/attention_bench-cuda"
   ls -l "$bin"
   ;;
 run)
@@ -57,6 +61,10 @@ run)
       timeout 90 "$bin/offload_bench-cuda" --backend cuda --passes 3 --file-dtype "$file" \
         --dtype "$dtype" 2>&1 | tee -a "$out/offload-cuda.log" || status=1
     done
+  done
+  for tokens in 16384 32768; do
+    timeout 60 "$bin/attention_bench-cuda" --backend cuda --tokens "$tokens" 2>&1 |
+      tee -a "$out/attention-cuda.log" || status=1
   done
   exit "$status"
   ;;

@@ -53,4 +53,4 @@ pub use store::{
     DeviceMap, DonorCopy, ExpectedTensor, LoadOptions, LoadReport, ShapeMismatch, StoredTensor,
     StoredUnit, WeightPatch, WeightStore,
 };
-pub use stream::{ExecutionOrder, Lookahead, StreamStats, Streamer, UnitWeights};
+pub use stream::{ExecutionOrder, Lookahead, StreamStats, Streamer, UnitWeights, UploadThread};

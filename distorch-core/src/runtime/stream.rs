@@ -4,15 +4,17 @@
 //! The background thread prepares each unit's host data from the store's home — often the
 //! memory-mapped file — in the dtype the device holds it in: a view of the mapped bytes (its
 //! pages touched, so the upload does not fault them in) on GPU backends, a widened f32 copy on
-//! ndarray; the compute thread enqueues the device upload when it asks for the unit, then
-//! casts (or decodes fp8) to the compute dtype on the device. The weights cross in their
-//! storage dtype, so the bytes moved are the unit's bytes at home. Units on a GPU donor are
-//! copied device to device when asked for, or read back through the host on backends without
-//! device-to-device copies (wgpu). Uploading from the background thread itself is not safe on every backend:
-//! on wgpu, buffers written from another thread's stream were read stale by the compute
-//! thread's kernels (caught by the bit-identity tests), so the enqueue stays on the thread
-//! that computes. Overlapping the device copy itself with compute (CUDA streams and events)
-//! is future work to be measured on a GPU.
+//! ndarray. Where the backend orders work across threads ([`UploadThread::Prefetch`]: CUDA,
+//! ndarray) the background thread also enqueues the upload: on CUDA that is its own stream
+//! (CubeCL 0.10 gives each thread a stream, stages mapped bytes through pinned memory at any
+//! size, and makes the compute stream wait on an event before its first use of the uploaded
+//! buffer), so the next unit's transfer overlaps the current unit's kernels. On wgpu
+//! ([`UploadThread::Compute`]) buffers written from another thread were read stale by the
+//! compute thread's kernels (caught by the bit-identity tests), so the compute thread enqueues
+//! the upload when it asks for the unit. Either way the compute thread then casts (or decodes
+//! fp8) to the compute dtype on the device. The weights cross in their storage dtype, so the
+//! bytes moved are the unit's bytes at home. Units on a GPU donor are copied device to device
+//! (CUDA), or read back through the host on backends without device-to-device copies (wgpu).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -24,8 +26,41 @@ use burn::tensor::backend::Backend;
 use distorch_alloc::{ByteSize, DeviceId};
 
 use crate::error::Error;
-use crate::runtime::device::{self, Source, Staged};
+use crate::runtime::device::{self, DeviceTensor, Source, Staged};
 use crate::runtime::store::{DonorCopy, LoadReport, Stored, StoredUnit, WeightPatch, WeightStore};
+
+/// Which thread enqueues a streamed unit's upload to the compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadThread {
+    /// The prefetch thread, as soon as the unit is staged: the upload overlaps the compute
+    /// thread's work. Needs a backend that orders a buffer written on one thread before its
+    /// use on another: CubeCL's CUDA runtime does (a stream per thread, cross-stream use
+    /// waits on an event); ndarray's tensors are host memory.
+    Prefetch,
+    /// The compute thread, when it asks for the unit (CubeCL's wgpu runtime: uploads from
+    /// another thread were read stale).
+    Compute,
+}
+
+impl UploadThread {
+    /// [`UploadThread::Prefetch`] on CUDA and ndarray, [`UploadThread::Compute`] elsewhere.
+    pub fn for_backend<B: Backend>(device: &B::Device) -> UploadThread {
+        let name = B::name(device);
+        if name.contains("cuda") || name.contains("ndarray") {
+            UploadThread::Prefetch
+        } else {
+            UploadThread::Compute
+        }
+    }
+}
+
+/// A streamed unit as the prefetch thread leaves it.
+enum Prepared<B: Backend> {
+    /// Host data, uploaded by the compute thread.
+    Staged(Vec<Staged>),
+    /// On the compute device already, in the storage dtype (one per tensor).
+    Uploaded(Vec<DeviceTensor<B>>),
+}
 
 /// How far the streamer looks ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +68,9 @@ pub struct Lookahead {
     /// Offloaded units staged ahead of use, at most.
     pub units: usize,
     /// Bytes of staged units held ahead of use, at most (a unit larger than this is still
-    /// fetched, on demand).
+    /// fetched, on demand). Where the prefetch thread uploads ([`UploadThread::Prefetch`])
+    /// these bytes are on the compute device, beside the plan's resident weights: leave them
+    /// free in the compute device's budget.
     pub bytes: ByteSize,
 }
 
@@ -79,11 +116,12 @@ pub struct StreamStats {
     /// bytes allocate nothing.
     pub peak_staging_bytes: ByteSize,
     /// Time the compute thread spent on streamed weights: waiting for staging, staging them
-    /// itself when they were not ready, and enqueuing their upload.
+    /// itself when they were not ready, enqueuing their upload (where it uploads:
+    /// [`UploadThread::Compute`], or a unit staged on demand) and their casts.
     pub stall: Duration,
     /// Most bytes of streamed (non-resident) weights the streamer held at once: units staged
-    /// in host memory ahead of use, the one being staged, and the unit last handed out on the
-    /// compute device.
+    /// ahead of use (in host memory, or on the compute device where the prefetch thread
+    /// uploads), the one being staged, and the unit last handed out on the compute device.
     pub peak_extra_bytes: ByteSize,
 }
 
@@ -169,7 +207,9 @@ struct State<B: Backend> {
     /// Bumped when the store is replaced: staging begun before is discarded.
     generation: u64,
     order: Order,
-    ready: HashMap<usize, (Vec<Staged>, u64)>,
+    /// Which thread uploads.
+    uploads: UploadThread,
+    ready: HashMap<usize, (Prepared<B>, u64)>,
     /// Host bytes allocated by the units staged and not yet uploaded.
     staging: u64,
     queue: VecDeque<usize>,
@@ -271,11 +311,14 @@ impl<B: Backend> Streamer<B> {
     }
 
     fn start(store: Arc<WeightStore<B>>, lookahead: Lookahead, order: Order) -> Streamer<B> {
+        let uploads = UploadThread::for_backend::<B>(store.compute());
+        tracing::debug!(?uploads, "streamed units are uploaded by this thread");
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 store,
                 generation: 0,
                 order,
+                uploads,
                 ready: HashMap::new(),
                 staging: 0,
                 queue: VecDeque::new(),
@@ -380,7 +423,7 @@ impl<B: Backend> Streamer<B> {
             let (t, alloc) = stage(u, &store);
             st = self.shared.lock();
             st.note_staging(alloc);
-            break t;
+            break Prepared::Staged(t);
         };
         st.stats.stall += start.elapsed();
         *st.stats.bytes_moved.entry(u.home).or_default() += u.upload_bytes;
@@ -389,7 +432,8 @@ impl<B: Backend> Streamer<B> {
         self.schedule(&mut st, &store, i);
         drop(st);
         self.shared.changed.notify_all();
-        // Enqueuing the upload is compute-thread time spent on weights too.
+        // Enqueuing the upload (where this thread does it) and the casts is compute-thread
+        // time spent on weights too.
         let enqueue = Instant::now();
         let tensors = to_device(u, staged, &store);
         self.shared.lock().stats.stall += enqueue.elapsed();
@@ -466,13 +510,19 @@ fn worker<B: Backend>(shared: &Shared<B>) {
         st.in_flight = Some(j);
         let (store, generation) = (Arc::clone(&st.store), st.generation);
         drop(st);
-        let (t, alloc) = stage(&store.units()[j], &store);
+        let unit = &store.units()[j];
+        let (t, alloc) = stage(unit, &store);
+        let uploads = shared.lock().uploads;
+        let (prepared, kept) = match uploads {
+            UploadThread::Prefetch => (Prepared::Uploaded(upload(unit, t, &store)), 0),
+            UploadThread::Compute => (Prepared::Staged(t), alloc),
+        };
         st = shared.lock();
         st.in_flight = None;
         if st.generation == generation {
             st.note_staging(alloc);
-            st.staging += alloc;
-            st.ready.insert(j, (t, alloc));
+            st.staging += kept;
+            st.ready.insert(j, (prepared, kept));
         }
         shared.changed.notify_all();
     }
@@ -512,30 +562,46 @@ fn stage<B: Backend>(u: &StoredUnit<B>, store: &WeightStore<B>) -> (Vec<Staged>,
     (staged, allocated)
 }
 
-/// Enqueues the uploads (and donor copies) on the calling (compute) thread, then the casts to
-/// the compute dtype.
+/// A unit's tensors on the compute device in the compute dtype: uploaded here (the compute
+/// thread) unless the prefetch thread did, then cast.
 fn to_device<B: Backend>(
+    u: &StoredUnit<B>,
+    prepared: Prepared<B>,
+    store: &WeightStore<B>,
+) -> Vec<Tensor<B, 1>> {
+    let on_device = match prepared {
+        Prepared::Uploaded(d) => d,
+        Prepared::Staged(staged) => upload(u, staged, store),
+    };
+    on_device
+        .iter()
+        .map(|d| d.materialize(store.compute_dtype, &store.fp8_tables))
+        .collect()
+}
+
+/// Enqueues a unit's uploads (and donor copies) to the compute device on the calling thread,
+/// in the storage dtype.
+fn upload<B: Backend>(
     u: &StoredUnit<B>,
     staged: Vec<Staged>,
     store: &WeightStore<B>,
-) -> Vec<Tensor<B, 1>> {
-    let (device, rule, tables) = (store.compute(), &store.rule, &store.fp8_tables);
-    let compute = store.compute_dtype;
+) -> Vec<DeviceTensor<B>> {
+    let (device, rule) = (store.compute(), &store.rule);
     let mut staged = staged.into_iter();
     u.tensors
         .iter()
         .map(|t| match &t.data {
-            Stored::Device(d) => d.materialize(compute, tables),
-            Stored::Donor(d, DonorCopy::Direct) => d.to_device(device).materialize(compute, tables),
+            Stored::Device(d) => d.clone(),
+            Stored::Donor(d, DonorCopy::Direct) => d.to_device(device),
             Stored::Donor(d, DonorCopy::ViaHost) => {
                 let data = staged.next().unwrap_or_else(|| d.clone().into_data());
-                data.upload::<B>(device).materialize(compute, tables)
+                data.upload::<B>(device)
             }
             Stored::Host(h) => {
                 let data = staged.next().unwrap_or_else(|| {
                     device::stage(rule, Source::Home(&h.bytes), h.dtype, t.numel()).0
                 });
-                data.upload::<B>(device).materialize(compute, tables)
+                data.upload::<B>(device)
             }
         })
         .collect()

@@ -18,8 +18,9 @@
 #      the host-to-device upload bandwidth through pinned staging (`upload_gb_s`), and each
 #      line gives the pass time over max(resident pass, bytes moved / bandwidth)
 #      (`vs_bound`; the target is <= 1.10 at 100 % offload);
-#   5. attention_bench --backend cuda at 16,384 and 32,768 tokens (12 heads of 128): the
-#      fused attention kernel (src/fused.rs), first call (kernel compilation) and steady state.
+#   5. attention_bench --backend cuda at 16,384 and 32,768 tokens (12 heads of 128): at f16
+#      the fused attention kernel (src/fused.rs), at f32 the blocked path; first call (kernel
+#      compilation) and steady state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -63,8 +64,10 @@ run)
     done
   done
   for tokens in 16384 32768; do
-    timeout 60 "$bin/attention_bench-cuda" --backend cuda --tokens "$tokens" 2>&1 |
-      tee -a "$out/attention-cuda.log" || status=1
+    for dtype in f16 f32; do
+      timeout 45 "$bin/attention_bench-cuda" --backend cuda --dtype "$dtype" --tokens "$tokens" \
+        2>&1 | tee -a "$out/attention-cuda.log" || status=1
+    done
   done
   exit "$status"
   ;;

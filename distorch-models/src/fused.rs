@@ -38,7 +38,7 @@ pub(crate) fn attention<B: Backend>(
         return Some(out);
     }
     #[cfg(feature = "cuda")]
-    if let Some(out) = cube::attention::<B, burn::backend::cuda::CudaRuntime>(q, k, v) {
+    if let Some(out) = cube::attention::<B, burn_cubecl::cubecl::cuda::CudaRuntime>(q, k, v) {
         return Some(out);
     }
     let _ = (q, k, v);

@@ -2,6 +2,8 @@
 //! wgpu and CUDA at f32 and with a mask, the fused kernel at f16) against
 //! softmax(q·kᵀ/√d)·v summed in f64.
 
+#![allow(clippy::print_stderr)]
+
 use burn::tensor::{DType, Tensor, TensorData};
 use distorch_core::ComputeDtype;
 use distorch_core::runtime::supports_compute;

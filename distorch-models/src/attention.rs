@@ -24,7 +24,7 @@ pub const SCORE_BLOCK_BYTES: usize = 64 << 20;
 /// heads × head_dim]; `mask` ([seq_q, seq_k], broadcast over batch and heads) is added to the
 /// scaled scores. Returns [batch, seq_q, heads × head_dim].
 ///
-/// On ndarray the host kernel runs it; on the CubeCL backends (wgpu, CUDA) unmasked
+/// On ndarray the host kernel runs it; on the CubeCL backends (wgpu, CUDA) unmasked f16
 /// attention runs Burn's fused kernel, which keeps no scores in device memory; everything
 /// else computes scores [`SCORE_BLOCK_BYTES`] at a time ([`attention_in_blocks`]).
 ///
@@ -54,20 +54,28 @@ fn fused_heads<B: Backend>(
     v: &Tensor<B, 3>,
     heads: usize,
 ) -> Option<Tensor<B, 3>> {
-    let [b, sq, width] = q.dims();
-    let sk = k.dims()[1];
-    let hd = width / heads;
-    let split = |t: &Tensor<B, 3>, s: usize| {
-        let [b, h, s, d] = [b, heads, s, hd];
-        // Laid out contiguously per head, as the kernel reads it.
-        t.clone()
-            .reshape([b, s, h, d])
-            .swap_dims(1, 2)
-            .reshape([b * h, s, d])
-            .reshape([b, h, s, d])
-    };
-    let out = crate::fused::attention(&split(q, sq), &split(k, sk), &split(v, sk))?;
-    Some(out.swap_dims(1, 2).reshape([b, sq, width]))
+    // Laid out contiguously per head, as the kernel reads it.
+    let split = |t: &Tensor<B, 3>| contiguous(split_heads(t.clone(), heads));
+    let out = crate::fused::attention(&split(q), &split(k), &split(v))?;
+    Some(merge_heads(out))
+}
+
+/// [batch, seq, heads × head_dim] as a [batch, heads, seq, head_dim] view.
+fn split_heads<B: Backend>(t: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, s, width] = t.dims();
+    t.reshape([b, s, heads, width / heads]).swap_dims(1, 2)
+}
+
+/// The inverse of [`split_heads`].
+fn merge_heads<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, s, d] = t.dims();
+    t.swap_dims(1, 2).reshape([b, s, h * d])
+}
+
+/// `t` laid out in its logical order (a permuted view copied once).
+fn contiguous<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, r, c] = t.dims();
+    t.reshape([b * h, r, c]).reshape([b, h, r, c])
 }
 
 /// [`attention`] without the fused kernel: query blocks of at most `block_bytes` of f32
@@ -99,17 +107,12 @@ pub(crate) fn generic_in_blocks<B: Backend>(
     let [b, sq, width] = q.dims();
     let sk = k.dims()[1];
     let hd = width / heads;
-    let split = |t: Tensor<B, 3>, s: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
     // Keys (transposed) and values laid out once as the products read them: a permuted view
     // would be copied by every block's product.
-    let packed = |t: Tensor<B, 4>| {
-        let [b, h, r, c] = t.dims();
-        t.reshape([b * h, r, c]).reshape([b, h, r, c])
-    };
     let (q, kt, v) = (
-        split(q, sq),
-        packed(split(k, sk).transpose()),
-        packed(split(v, sk)),
+        split_heads(q, heads),
+        contiguous(split_heads(k, heads).transpose()),
+        contiguous(split_heads(v, heads)),
     );
     let scale = 1.0 / (hd as f64).sqrt();
     let block = |qb: Tensor<B, 4>, m: Option<Tensor<B, 2>>| {
@@ -135,7 +138,7 @@ pub(crate) fn generic_in_blocks<B: Backend>(
         }
         Tensor::cat(parts, 2)
     };
-    out.swap_dims(1, 2).reshape([b, sq, width])
+    merge_heads(out)
 }
 
 #[cfg(test)]

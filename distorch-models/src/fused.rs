@@ -20,7 +20,7 @@
 //! take), the caller runs the blocked path.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 
 /// Unmasked attention of `q`, `k`, `v` ([batch, heads, seq, head_dim], the default scale
 /// 1/√head_dim) with the fused kernel, or `None` where it does not apply: another dtype than
@@ -76,7 +76,7 @@ mod cube {
             AttentionModuleOptions::default(),
             AttentionStrategy::FlashUnit,
         ) {
-            Ok(out) => super::tensor::<B, _>(out),
+            Ok(out) => tensor::<B, _>(out),
             Err(error) => {
                 tracing::debug!(?error, "fused attention refused; blocked attention instead");
                 None
@@ -92,12 +92,11 @@ mod cube {
         let boxed: Box<dyn Any> = Box::new(p);
         boxed.downcast::<CubeTensor<R>>().ok().map(|t| *t)
     }
-}
 
-/// `primitive` as `B`'s float tensor, when it is `B`'s primitive type.
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
-fn tensor<B: Backend, P: 'static>(primitive: P) -> Option<Tensor<B, 4>> {
-    let boxed: Box<dyn std::any::Any> = Box::new(primitive);
-    let p = *boxed.downcast::<B::FloatTensorPrimitive>().ok()?;
-    Some(Tensor::from_primitive(TensorPrimitive::Float(p)))
+    /// `primitive` as `B`'s float tensor, when it is `B`'s primitive type.
+    fn tensor<B: Backend, P: 'static>(primitive: P) -> Option<Tensor<B, 4>> {
+        let boxed: Box<dyn Any> = Box::new(primitive);
+        let p = *boxed.downcast::<B::FloatTensorPrimitive>().ok()?;
+        Some(Tensor::from_primitive(TensorPrimitive::Float(p)))
+    }
 }

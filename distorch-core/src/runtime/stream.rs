@@ -207,8 +207,6 @@ struct State<B: Backend> {
     /// Bumped when the store is replaced: staging begun before is discarded.
     generation: u64,
     order: Order,
-    /// Which thread uploads.
-    uploads: UploadThread,
     ready: HashMap<usize, (Prepared<B>, u64)>,
     /// Host bytes allocated by the units staged and not yet uploaded.
     staging: u64,
@@ -239,6 +237,8 @@ impl<B: Backend> State<B> {
 
 struct Shared<B: Backend> {
     state: Mutex<State<B>>,
+    /// Which thread uploads (fixed by the backend).
+    uploads: UploadThread,
     changed: Condvar,
     /// Held while a re-patch builds the new store, so two cannot interleave.
     repatching: Mutex<()>,
@@ -318,7 +318,6 @@ impl<B: Backend> Streamer<B> {
                 store,
                 generation: 0,
                 order,
-                uploads,
                 ready: HashMap::new(),
                 staging: 0,
                 queue: VecDeque::new(),
@@ -328,6 +327,7 @@ impl<B: Backend> Streamer<B> {
                 shutdown: false,
                 stats: StreamStats::default(),
             }),
+            uploads,
             changed: Condvar::new(),
             repatching: Mutex::new(()),
         });
@@ -512,8 +512,7 @@ fn worker<B: Backend>(shared: &Shared<B>) {
         drop(st);
         let unit = &store.units()[j];
         let (t, alloc) = stage(unit, &store);
-        let uploads = shared.lock().uploads;
-        let (prepared, kept) = match uploads {
+        let (prepared, kept) = match shared.uploads {
             UploadThread::Prefetch => (Prepared::Uploaded(upload(unit, t, &store)), 0),
             UploadThread::Compute => (Prepared::Staged(t), alloc),
         };

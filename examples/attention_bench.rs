@@ -6,7 +6,7 @@
 //!         [--head-dim 128] [--block-mib 64 | --block-mib 0] [--backend ndarray|wgpu|cuda]
 //!         [--dtype f32|f16]
 //!
-//! By default it runs the library's attention (`distorch::models::attention::attention`: the
+//! By default it runs the library's attention (`distorch::models::nn::attention::attention`: the
 //! host kernel on ndarray; on wgpu and CUDA the fused kernel at `--dtype f16`, blocks of
 //! scores at f32). `--block-mib M` runs the
 //! blocked path without the fused kernel, M MiB of scores per block; `--block-mib 0`
@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
-use distorch::models::attention::{attention, attention_in_blocks};
+use distorch::models::nn::attention::{attention, attention_in_blocks};
 
 /// The process's peak resident set (VmHWM), in MiB; 0 where /proc is not there.
 fn peak_rss_mib() -> f64 {

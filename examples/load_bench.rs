@@ -25,7 +25,7 @@ use std::time::Instant;
 use distorch::alloc::PinPolicy;
 use distorch::core::runtime::{DeviceMap, LoadOptions, WeightStore};
 use distorch::core::safetensors::write_zeroed;
-use distorch::core::{components, units};
+use distorch::core::units;
 use distorch::{
     ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram,
 };
@@ -135,7 +135,7 @@ fn main() -> Result<(), distorch::Error> {
         SafetensorsIndex::open(&path).inspect_err(|_| println!("run with --mode write first"))?;
     let file_bytes = std::fs::metadata(&path).map_err(io(&path))?.len();
     let largest = index.tensors().iter().map(|t| t.bytes).max().unwrap_or(0);
-    let split = components::split(&index);
+    let split = distorch::models::load::split(&index);
     let component = &split.components[0];
     let rule = distorch::core::runtime::device_rule::<B>(&Default::default());
     let inventory = units::inventory_with(component, &distorch::core::Homes::new(rule))?;

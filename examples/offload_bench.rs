@@ -33,7 +33,7 @@ use distorch::alloc::{PinPolicy, PlacementOrder};
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore};
 use distorch::core::runtime::{compute_burn_dtype, device_rule, encode_f32};
 use distorch::core::safetensors::write;
-use distorch::core::{ComputeDtype, Homes, components, units};
+use distorch::core::{ComputeDtype, Homes, units};
 use distorch::{
     ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram,
 };
@@ -226,7 +226,7 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
     let path = dir.join(format!("blocks-{file}.safetensors"));
     write_model(&path, file)?;
     let index = SafetensorsIndex::open(&path)?;
-    let split = components::split(&index);
+    let split = distorch::models::load::split(&index);
     let component = &split.components[0];
     let device: burn::tensor::Device<B> = Default::default();
     let homes = Homes {

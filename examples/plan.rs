@@ -3,14 +3,14 @@
 
 #![allow(clippy::print_stdout)]
 
-use distorch::core::DemoModel;
+use distorch::models::sd::demo::DemoModel;
 use distorch::{AllocSpec, ComponentKind, DeviceGraph, PlanRequest, SafetensorsIndex};
 
 fn main() -> Result<(), distorch::Error> {
     let dir = std::env::temp_dir().join("distorch-example");
     let path = DemoModel::Sd15.ensure_in(&dir)?;
     let index = SafetensorsIndex::open(&path)?;
-    let unet = distorch::core::components::inventory_for(&index, ComponentKind::Unet)?;
+    let unet = distorch::models::load::inventory_for(&index, ComponentKind::Unet)?;
     let spec: AllocSpec = "cuda:0,1gb;cpu,*".parse()?;
     let graph: DeviceGraph = "cuda:0=8gib,cpu=32gib".parse()?;
     let plan = distorch::plan(&PlanRequest::expert(spec), &unet, &graph)?;

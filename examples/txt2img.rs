@@ -28,10 +28,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
 use distorch::alloc::{DeviceKind, parse_device_list};
+use distorch::core::ComputeDtype;
 use distorch::core::runtime::DeviceMap;
-use distorch::core::{ComputeDtype, DemoModel};
 use distorch::lora::LoraFile;
-use distorch::models::pipeline::to_rgb8;
+use distorch::models::sd::demo::DemoModel;
+use distorch::models::sd::pipeline::to_rgb8;
 use distorch::models::{
     CheckpointOptions, ClipTokenizer, ComponentFiles, ComponentOptions, Control, ControlNetModel,
     LoadProgress, Loaded, LoraSpec, ModelFolders, ModelKind, Placement, Progress, SamplerKind,
@@ -301,7 +302,8 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
         SchedulerConfig::default()
     };
     if args.v_prediction {
-        scheduler.prediction_type = "v_prediction".into();
+        scheduler.prediction_type =
+            distorch::models::sampling::scheduler::PredictionType::VPrediction;
     }
 
     let control: Option<Loaded<ControlNetModel<B>>> = match &args.controlnet {
@@ -417,7 +419,7 @@ fn hint_tensor<B: Backend>(
     device: &B::Device,
 ) -> Result<Tensor<B, 4>, Failure> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let image = distorch::models::clip_image::decode(&bytes)?;
+    let image = distorch::models::vision::clip_image::decode(&bytes)?;
     let image = image::imageops::resize(
         &image,
         width as u32,

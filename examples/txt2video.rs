@@ -27,11 +27,11 @@ use clap::Parser;
 use distorch::alloc::DeviceKind;
 use distorch::core::runtime::{DeviceMap, ExpectedTensor, Lookahead};
 use distorch::core::write_random;
-use distorch::models::t5_tokenizer::T5Tokenizer;
-use distorch::models::umt5::{Umt5Config, Umt5Encoder};
-use distorch::models::wan_dit::{WanDitConfig, WanTransformer};
-use distorch::models::wan_pipeline::{Txt2Video, Wan, frame_rgb8};
-use distorch::models::wan_vae::{WanVae, WanVaeConfig};
+use distorch::models::text::t5_tokenizer::T5Tokenizer;
+use distorch::models::text::umt5::{Umt5Config, Umt5Encoder};
+use distorch::models::wan::dit::{WanDitConfig, WanTransformer};
+use distorch::models::wan::pipeline::{Txt2Video, Wan, frame_rgb8};
+use distorch::models::wan::vae::{WanVae, WanVaeConfig};
 use distorch::models::{ComponentOptions, Loaded, Placement, Progress, load_model};
 use distorch::{BlockSwap, DType, DeviceGraph, DeviceId, PlanRequest};
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use burn::tensor::{Tensor, TensorData};
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead};
-use distorch::core::{SafetensorsIndex, components, units};
+use distorch::core::{SafetensorsIndex, units};
 use distorch::models::{KeyLayout, Unet2dCondition, UnetConfig, UnetInput};
 use distorch::{ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, VirtualVram};
 
@@ -71,7 +71,7 @@ fn main() {
         .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .unwrap_or_else(|| fail("no .safetensors in --model".into()));
     let index = SafetensorsIndex::open(&weights).unwrap_or_else(|e| fail(e.to_string()));
-    let split = components::split(&index);
+    let split = distorch::models::load::split(&index);
     let c = &split.components[0];
     let order = Unet2dCondition::<B>::execution_order(&config, KeyLayout::Diffusers)
         .unwrap_or_else(|e| fail(e.to_string()));
@@ -86,14 +86,16 @@ fn main() {
         .unwrap_or_else(|e| fail(e.to_string()));
     let plan = distorch::plan(&PlanRequest::virtual_vram(vv), &inventory, &graph)
         .unwrap_or_else(|e| fail(e.to_string()));
-    let (unet, report) = Unet2dCondition::<B>::load(
-        &index,
-        c,
-        &plan,
-        &DeviceMap::new(Default::default()),
+    let (unet, report) = <Unet2dCondition<B> as distorch::models::Model<B>>::load(
+        &distorch::models::LoadContext {
+            index: &index,
+            component: c,
+            plan: &plan,
+            devices: &DeviceMap::new(Default::default()),
+            options: &LoadOptions::default(),
+            lookahead: Lookahead::default(),
+        },
         config,
-        &LoadOptions::default(),
-        Lookahead::default(),
     )
     .unwrap_or_else(|e| fail(e.to_string()));
     let load_s = start.elapsed().as_secs_f64();

@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use distorch::core::runtime::Lookahead;
 use distorch::core::write_random;
-use distorch::models::wan_dit::{WanDitConfig, WanDitInput, WanTransformer};
+use distorch::models::wan::dit::{WanDitConfig, WanDitInput, WanTransformer};
 use distorch::models::{ComponentOptions, Loaded, Placement, load_model};
 use distorch::{BlockSwap, DType, DeviceGraph, DeviceId, PlanRequest};
 
@@ -53,7 +53,7 @@ fn write_model(path: &std::path::Path, c: &WanDitConfig) -> Result<(), distorch:
     }
     let specs: Vec<_> = WanTransformer::<distorch::backends::NdArray>::expected_in(
         c,
-        distorch::models::wan_dit::WanLayout::Original,
+        distorch::models::wan::dit::WanLayout::Original,
     )
     .into_iter()
     .map(|e| {

@@ -12,7 +12,7 @@
 //! use distorch::{ComponentKind, PlanRequest, SafetensorsIndex};
 //!
 //! let index = SafetensorsIndex::open("v1-5-pruned-emaonly.safetensors")?;
-//! let unet = distorch::core::components::inventory_for(&index, ComponentKind::Unet)?;
+//! let unet = distorch::models::load::inventory_for(&index, ComponentKind::Unet)?;
 //! let request = PlanRequest::expert("cuda:0,2.5gb;cpu,*".parse()?);
 //! let plan = distorch::plan(&request, &unet, &"cuda:0=8gib,cpu=32gib".parse()?)?;
 //! println!("{plan}");

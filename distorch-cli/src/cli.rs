@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use distorch::core::DemoModel;
+use distorch::models::sd::demo::DemoModel;
 
 use crate::Failure;
 

@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 
 use distorch::ByteSize;
-use distorch::core::{Component, ComponentKind, SafetensorsIndex, TensorInfo, components, units};
-use distorch::models::umt5::Umt5Config;
-use distorch::models::wan_dit::{WanDitConfig, WanLayout};
-use distorch::models::wan_vae::{WanVaeConfig, WanVaeLayout};
+use distorch::core::{Component, ComponentKind, SafetensorsIndex, TensorInfo, units};
+use distorch::models::text::umt5::Umt5Config;
+use distorch::models::wan::dit::{WanDitConfig, WanLayout};
+use distorch::models::wan::vae::{WanVaeConfig, WanVaeLayout};
 use distorch::models::{
     ClipLayout, ClipTextConfig, KeyLayout, PerBlock, UnetConfig, VaeConfig, text_encoders,
 };
@@ -148,7 +148,7 @@ fn dtype_counts(tensors: &[&TensorInfo]) -> BTreeMap<String, usize> {
 pub fn run(args: &InspectArgs) -> Result<(), Failure> {
     let path = args.source.path()?;
     let index = SafetensorsIndex::open(&path)?;
-    let split = components::split(&index);
+    let split = distorch::models::load::split(&index);
     let mut rows = Vec::new();
     for c in &split.components {
         let inventory = units::inventory(c)?;

@@ -6,7 +6,7 @@ use distorch::alloc::{
     VirtualVram, parse_byte_size, parse_device_list,
 };
 use distorch::backends::BackendKind;
-use distorch::core::{ComponentKind, SafetensorsIndex, components, units};
+use distorch::core::{ComponentKind, SafetensorsIndex, units};
 use serde_json::json;
 
 use crate::Failure;
@@ -28,7 +28,7 @@ pub fn run(args: &PlanArgs) -> Result<(), Failure> {
     let request = request(args, &graph).map_err(hint)?;
     let path = args.source.path()?;
     let index = SafetensorsIndex::open(&path)?;
-    let split = components::split(&index);
+    let split = distorch::models::load::split(&index);
     let wanted: Vec<_> = split
         .components
         .iter()

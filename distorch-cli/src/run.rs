@@ -11,11 +11,11 @@ use distorch::alloc::{
     parse_device_list,
 };
 use distorch::core::runtime::{DeviceMap, Lookahead, PatchPrecision};
-use distorch::core::{Component, ComponentKind, SafetensorsIndex, components};
+use distorch::core::{Component, ComponentKind, SafetensorsIndex};
 use distorch::lora::{LoraFile, Target};
-use distorch::models::umt5::Umt5Encoder;
-use distorch::models::wan_dit::{WanDitInput, WanTransformer};
-use distorch::models::wan_vae::WanVae;
+use distorch::models::text::umt5::Umt5Encoder;
+use distorch::models::wan::dit::{WanDitInput, WanTransformer};
+use distorch::models::wan::vae::WanVae;
 use distorch::models::{
     AutoencoderKl, ClipLayout, ClipTextModel, ClipVisionModel, ComponentFiles, ComponentLoras,
     ComponentOptions, ControlNetInput, ControlNetModel, Placement, Unet2dCondition, UnetInput,
@@ -96,7 +96,7 @@ fn component<'a>(
     task: Task,
     wanted: Option<RunComponent>,
 ) -> Result<Component<'a>, Failure> {
-    let split = components::split(index);
+    let split = distorch::models::load::split(index);
     let kind = match task {
         Task::Unet | Task::WanDit => ComponentKind::Unet,
         Task::T5 => ComponentKind::Model,

@@ -64,14 +64,44 @@ impl FromStr for ComponentKind {
     }
 }
 
-/// Prefixes of single-file checkpoints (original Stable Diffusion layout), longest first.
-const CHECKPOINT_PREFIXES: &[(&str, ComponentKind)] = &[
-    ("model.diffusion_model.", ComponentKind::Unet),
-    ("first_stage_model.", ComponentKind::Vae),
-    ("cond_stage_model.", ComponentKind::Clip),
-    ("conditioner.embedders.", ComponentKind::Clip),
-    ("control_model.", ComponentKind::ControlNet),
-];
+/// What a family of weight files looks like, for splitting a file into components and
+/// approximating execution order before a model declares its own. distorch-core knows no
+/// model: the model crate gives these (`distorch_models::load::CONVENTIONS` for the families
+/// it knows); [`Conventions::NONE`] knows nothing — a file is one [`ComponentKind::Model`],
+/// units run in natural name order and none is an embedding table.
+#[derive(Debug, Clone, Copy)]
+pub struct Conventions {
+    /// Key prefixes of multi-component (single-file checkpoint) layouts and the component
+    /// each starts, longest first.
+    pub prefixes: &'static [(&'static str, ComponentKind)],
+    /// The component a file without those prefixes is, from its tensors.
+    pub classify: fn(&[TensorInfo]) -> ComponentKind,
+    /// Key segments in the order their layers run (others sort after them, by name).
+    pub segment_order: &'static [&'static str],
+    /// Last segments of unit names that are embedding tables.
+    pub embeddings: &'static [&'static str],
+}
+
+impl Conventions {
+    /// No knowledge of any model.
+    pub const NONE: Conventions = Conventions {
+        prefixes: &[],
+        classify: |_| ComponentKind::Model,
+        segment_order: &[],
+        embeddings: &[],
+    };
+}
+
+impl PartialEq for Conventions {
+    /// Equal when they hold the same tables (the classifier is not compared).
+    fn eq(&self, other: &Conventions) -> bool {
+        self.prefixes == other.prefixes
+            && self.segment_order == other.segment_order
+            && self.embeddings == other.embeddings
+    }
+}
+
+impl Eq for Conventions {}
 
 /// The tensors of one component.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +112,8 @@ pub struct Component<'a> {
     pub prefix: &'static str,
     /// Its tensors, in file order.
     pub tensors: Vec<&'a TensorInfo>,
+    /// The conventions it was split by (its units' order and kinds follow them).
+    pub conventions: &'static Conventions,
 }
 
 impl Component<'_> {
@@ -129,17 +161,22 @@ pub struct Split<'a> {
     pub other: Vec<&'a TensorInfo>,
 }
 
-/// Splits a file's tensors into components.
+/// Splits a file's tensors into components by `conventions`.
 ///
-/// A file with checkpoint prefixes (`model.diffusion_model.`, `first_stage_model.`,
-/// `cond_stage_model.`, `conditioner.embedders.N.`, `control_model.`) is split by them and the
-/// rest is `other`. A file without them is one component, recognised from its keys (diffusers
-/// or original names), or [`ComponentKind::Model`].
-pub fn split(index: &SafetensorsIndex) -> Split<'_> {
+/// A file with any of the conventions' prefixes is split by them and the rest is `other`. A
+/// file without them is one component, of the kind the conventions' classifier says.
+pub fn split<'a>(index: &'a SafetensorsIndex, conventions: &'static Conventions) -> Split<'a> {
     let tensors = index.tensors();
+    let prefix_of = |name: &str| {
+        conventions
+            .prefixes
+            .iter()
+            .find(|(p, _)| name.starts_with(p))
+            .copied()
+    };
     let prefixed = tensors.iter().any(|t| prefix_of(&t.name).is_some());
     if !prefixed {
-        let kind = guess_single(tensors);
+        let kind = (conventions.classify)(tensors);
         let components = if tensors.is_empty() {
             Vec::new()
         } else {
@@ -147,6 +184,7 @@ pub fn split(index: &SafetensorsIndex) -> Split<'_> {
                 kind,
                 prefix: "",
                 tensors: tensors.iter().collect(),
+                conventions,
             }]
         };
         return Split {
@@ -164,6 +202,7 @@ pub fn split(index: &SafetensorsIndex) -> Split<'_> {
                     kind,
                     prefix,
                     tensors: vec![t],
+                    conventions,
                 }),
             },
             None => other.push(t),
@@ -173,42 +212,15 @@ pub fn split(index: &SafetensorsIndex) -> Split<'_> {
     Split { components, other }
 }
 
-fn prefix_of(name: &str) -> Option<(&'static str, ComponentKind)> {
-    CHECKPOINT_PREFIXES
-        .iter()
-        .find(|(p, _)| name.starts_with(p))
-        .copied()
-}
-
-/// Recognises a one-component file from its keys.
-fn guess_single(tensors: &[TensorInfo]) -> ComponentKind {
-    let has = |needle: &str| tensors.iter().any(|t| t.name.contains(needle));
-    let starts = |p: &str| tensors.iter().any(|t| t.name.starts_with(p));
-    if has("input_hint_block") || has("controlnet_cond_embedding") {
-        ComponentKind::ControlNet
-    } else if starts("vision_model.") || starts("visual.") {
-        ComponentKind::ClipVision
-    } else if starts("text_model.") || starts("transformer.text_model.") || has("token_embedding") {
-        ComponentKind::Clip
-    } else if starts("encoder.") && starts("decoder.") {
-        ComponentKind::Vae
-    } else if (starts("input_blocks.") && starts("output_blocks."))
-        || (starts("down_blocks.") && starts("up_blocks."))
-    {
-        ComponentKind::Unet
-    } else {
-        ComponentKind::Model
-    }
-}
-
 /// The planner's inventory for one component of a file, or
 /// [`Error::ComponentNotFound`](crate::Error::ComponentNotFound) listing the components that
 /// are there.
 pub fn inventory_for(
     index: &SafetensorsIndex,
+    conventions: &'static Conventions,
     kind: ComponentKind,
 ) -> Result<distorch_alloc::Inventory, crate::Error> {
-    let split = split(index);
+    let split = split(index, conventions);
     match split.components.iter().find(|c| c.kind == kind) {
         Some(c) => crate::units::inventory(c),
         None => Err(crate::Error::ComponentNotFound {

@@ -1,11 +1,13 @@
-//! distorch's file-level core: safetensors indexes read from headers only, dtypes, model
-//! components and the planner's inventories.
+//! distorch's file-level core: safetensors indexes read from headers only, dtypes, components
+//! (split by conventions the model crate gives) and the planner's inventories.
 //!
 //! ```no_run
-//! use distorch_core::{SafetensorsIndex, components, units};
+//! use distorch_core::components::{self, Conventions};
+//! use distorch_core::{SafetensorsIndex, units};
 //!
 //! let index = SafetensorsIndex::open("model.safetensors")?;
-//! for component in components::split(&index).components {
+//! // distorch-core knows no model: `distorch_models::load::CONVENTIONS` knows the families.
+//! for component in components::split(&index, &Conventions::NONE).components {
 //!     let inventory = units::inventory(&component)?;
 //!     println!("{}: {} units, {}", component.kind, inventory.len(), inventory.total_bytes());
 //! }
@@ -18,7 +20,6 @@
 #![deny(missing_docs)]
 
 pub mod components;
-pub mod demo;
 mod dtype;
 mod error;
 pub mod home;
@@ -29,9 +30,8 @@ pub mod safetensors;
 pub mod units;
 
 pub use components::{Component, ComponentKind, Split};
-pub use demo::{DemoModel, write_random};
 pub use dtype::DType;
 pub use error::Error;
 pub use home::{ComputeDtype, DeviceForm, DeviceRule, Homes};
 pub use memory::{DeviceMemory, MemoryProbe};
-pub use safetensors::{SafetensorsIndex, TensorInfo};
+pub use safetensors::{SafetensorsIndex, TensorInfo, write_random};

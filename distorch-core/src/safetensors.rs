@@ -16,7 +16,10 @@ use serde::Deserialize;
 use crate::dtype::DType;
 use crate::error::Error;
 
+mod random;
 mod sharded;
+
+pub use random::write_random;
 
 /// How the index of a sharded model is named (`model.safetensors.index.json`).
 pub const SHARD_INDEX_SUFFIX: &str = ".safetensors.index.json";

@@ -30,64 +30,6 @@ const PARAM_NAMES: &[&str] = &[
     "scale_input",
 ];
 
-/// Unit names (last segment) that are embedding tables.
-const EMBEDDING_NAMES: &[&str] = &[
-    "token_embedding",
-    "position_embedding",
-    "positional_embedding",
-    "embed_tokens",
-    "embed_positions",
-    "word_embeddings",
-    "position_embeddings",
-    "shared",
-    "class_embedding",
-    "relative_attention_bias",
-];
-
-/// Key segments in the order their layers run, across the model families distorch knows.
-/// Used to approximate execution order until a model declares its own.
-const SEGMENT_ORDER: &[&str] = &[
-    "embeddings",
-    "time_embed",
-    "time_embedding",
-    "label_emb",
-    "add_embedding",
-    "conv_in",
-    "input_hint_block",
-    "controlnet_cond_embedding",
-    "input_blocks",
-    "down_blocks",
-    "down",
-    "zero_convs",
-    "controlnet_down_blocks",
-    "middle_block",
-    "mid_block",
-    "mid",
-    "middle_block_out",
-    "controlnet_mid_block",
-    "output_blocks",
-    "up_blocks",
-    "up",
-    "norm_out",
-    "conv_norm_out",
-    "out",
-    "conv_out",
-    "encoder",
-    "quant_conv",
-    "post_quant_conv",
-    "decoder",
-    "final_layer_norm",
-    "text_projection",
-    "in_layers",
-    "emb_layers",
-    "out_layers",
-    "skip_connection",
-    "norm",
-    "proj_in",
-    "transformer_blocks",
-    "proj_out",
-];
-
 /// The unit a tensor belongs to: its name without a trailing parameter segment.
 pub fn unit_name(tensor: &str) -> &str {
     match tensor.rsplit_once('.') {
@@ -97,7 +39,8 @@ pub fn unit_name(tensor: &str) -> &str {
 }
 
 /// Builds the planner's inventory for one component. Unit names keep the component's key
-/// prefix stripped; execution order is approximated from key names (see `SEGMENT_ORDER` in the source).
+/// prefix stripped; execution order is approximated from key names by the component's
+/// [`Conventions`](crate::components::Conventions).
 ///
 /// Units are counted as a GPU backend holds them ([`Homes::default`]); [`inventory_with`]
 /// says how the backend that will load them holds them.
@@ -110,15 +53,21 @@ pub fn inventory(component: &Component<'_>) -> Result<Inventory, Error> {
 pub fn inventory_with(component: &Component<'_>, homes: &Homes<'_>) -> Result<Inventory, Error> {
     let groups = group(component);
     let mut names: Vec<&str> = groups.keys().copied().collect();
-    names.sort_by(|a, b| execution_cmp(a, b));
+    let order = component.conventions.segment_order;
+    names.sort_by(|a, b| execution_cmp(order, a, b));
     let units = names
         .iter()
         .enumerate()
         .map(|(order, &name)| {
             let tensors = &groups[name];
             let (host, device) = group_bytes(component, tensors, homes);
-            Unit::new(name, ByteSize(host), order as u32, kind_of(name, tensors))
-                .with_device_bytes(ByteSize(device))
+            Unit::new(
+                name,
+                ByteSize(host),
+                order as u32,
+                kind_of(component.conventions.embeddings, name, tensors),
+            )
+            .with_device_bytes(ByteSize(device))
         })
         .collect();
     let mut dtypes: Vec<DType> = component.tensors.iter().map(|t| t.dtype).collect();
@@ -159,10 +108,11 @@ pub(crate) fn group<'a>(component: &Component<'a>) -> HashMap<&'a str, Vec<&'a T
     groups
 }
 
-/// What a unit is, from its name and its tensors' shapes.
-pub fn kind_of(unit: &str, tensors: &[&TensorInfo]) -> UnitKind {
+/// What a unit is, from its name and its tensors' shapes; a unit whose last segment is one
+/// of `embeddings` is an embedding table.
+pub fn kind_of(embeddings: &[&str], unit: &str, tensors: &[&TensorInfo]) -> UnitKind {
     let last = unit.rsplit('.').next().unwrap_or(unit);
-    if EMBEDDING_NAMES.contains(&last) {
+    if embeddings.contains(&last) {
         return UnitKind::Embedding;
     }
     let param = |t: &&TensorInfo| t.name.rsplit('.').next().unwrap_or("").to_owned();
@@ -185,8 +135,8 @@ pub fn kind_of(unit: &str, tensors: &[&TensorInfo]) -> UnitKind {
 }
 
 /// Orders two unit names by the approximate execution order: segment by segment, known
-/// segments by [`SEGMENT_ORDER`], numbers numerically, the rest alphabetically.
-fn execution_cmp(a: &str, b: &str) -> Ordering {
+/// segments by their place in `order`, numbers numerically, the rest alphabetically.
+fn execution_cmp(order: &[&str], a: &str, b: &str) -> Ordering {
     let mut sa = a.split('.');
     let mut sb = b.split('.');
     loop {
@@ -195,7 +145,7 @@ fn execution_cmp(a: &str, b: &str) -> Ordering {
             (None, Some(_)) => return Ordering::Less,
             (Some(_), None) => return Ordering::Greater,
             (Some(x), Some(y)) => {
-                let c = segment_cmp(x, y);
+                let c = segment_cmp(order, x, y);
                 if c != Ordering::Equal {
                     return c;
                 }
@@ -204,8 +154,8 @@ fn execution_cmp(a: &str, b: &str) -> Ordering {
     }
 }
 
-fn segment_cmp(x: &str, y: &str) -> Ordering {
-    let rank = |s: &str| SEGMENT_ORDER.iter().position(|k| *k == s);
+fn segment_cmp(order: &[&str], x: &str, y: &str) -> Ordering {
+    let rank = |s: &str| order.iter().position(|k| *k == s);
     match (x.parse::<u64>(), y.parse::<u64>()) {
         (Ok(a), Ok(b)) => return a.cmp(&b),
         (Ok(_), Err(_)) => return Ordering::Less,
@@ -274,7 +224,21 @@ mod tests {
             "input_blocks.2.0.emb_layers.1",
             "input_blocks.2.0.in_layers.2",
         ];
-        names.sort_by(|a, b| execution_cmp(a, b));
+        // The relative order of these segments in Stable Diffusion's UNet (the model crate's
+        // conventions give the full table).
+        const ORDER: &[&str] = &[
+            "time_embed",
+            "input_blocks",
+            "middle_block",
+            "output_blocks",
+            "out",
+            "in_layers",
+            "emb_layers",
+            "proj_in",
+            "transformer_blocks",
+            "proj_out",
+        ];
+        names.sort_by(|a, b| execution_cmp(ORDER, a, b));
         assert_eq!(
             names,
             [

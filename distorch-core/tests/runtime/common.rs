@@ -11,6 +11,7 @@ use burn::tensor::activation::relu;
 use distorch_alloc::{
     ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, Plan, PlanRequest, VirtualVram,
 };
+use distorch_core::components::Conventions;
 use distorch_core::runtime::{
     DeviceMap, LoadOptions, LoadReport, Lookahead, StreamStats, Streamer, WeightPatch, WeightStore,
 };
@@ -140,7 +141,7 @@ pub fn device_unit() -> u64 {
 }
 
 pub fn plan_for(index: &SafetensorsIndex, offload_gib: f64, order: PlacementOrder) -> Plan {
-    let split = components::split(index);
+    let split = components::split(index, &Conventions::NONE);
     plan_inventory(&inventory_of(&split.components[0]), offload_gib, order)
 }
 
@@ -179,7 +180,7 @@ pub fn load_plan(
     devices: &DeviceMap<B>,
     patch: Option<&dyn WeightPatch<B>>,
 ) -> Result<(WeightStore<B>, LoadReport), Error> {
-    let split = components::split(index);
+    let split = components::split(index, &Conventions::NONE);
     let options = LoadOptions {
         patch,
         ..LoadOptions::default()

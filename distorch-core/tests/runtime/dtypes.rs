@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::common::*;
 use burn::tensor::Tensor;
 use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, PinPolicy, Plan, PlanRequest};
+use distorch_core::components::Conventions;
 use distorch_core::runtime::{
     DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore, compute_burn_dtype, decode_f32,
     device_rule, encode_f32,
@@ -64,7 +65,7 @@ fn write_mlp_of(dir: &std::path::Path, dtype: DType, as_f32: bool) -> std::path:
 
 /// A plan for `index` from an allocation string on a graph with a GPU donor.
 fn plan(index: &SafetensorsIndex, alloc: &str) -> Plan {
-    let split = components::split(index);
+    let split = components::split(index, &Conventions::NONE);
     let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = "cuda:0=1gib,cuda:1=1gib,cpu=8gib".parse().unwrap();
     let pin = PinPolicy {
@@ -78,7 +79,7 @@ fn plan(index: &SafetensorsIndex, alloc: &str) -> Plan {
 /// Loads `plan`, runs three passes; checks that the plan's, the store's and the streamer's
 /// bytes agree and returns the output.
 fn run_checked(index: &SafetensorsIndex, plan: &Plan) -> Vec<f32> {
-    let split = components::split(index);
+    let split = components::split(index, &Conventions::NONE);
     let devices = DeviceMap::new(Default::default()).with_donor(DeviceId::cuda(1), donor_device());
     let (store, report) = WeightStore::<B>::load(
         index,
@@ -181,7 +182,7 @@ fn compute_dtypes_the_device_lacks_are_refused_before_loading() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_mlp(dir.path());
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = components::split(&index, &Conventions::NONE);
     let p = plan(&index, "cuda:0,*");
     let device: burn::tensor::Device<B> = Default::default();
     for dtype in [ComputeDtype::F16, ComputeDtype::BF16] {

@@ -8,6 +8,7 @@ use crate::common::*;
 use burn::tensor::Tensor;
 use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, PlanRequest};
 use distorch_alloc::{Plan, VirtualVram};
+use distorch_core::components::Conventions;
 use distorch_core::runtime::{
     DeviceMap, ExecutionOrder, ExpectedTensor, LoadOptions, Lookahead, Streamer, WeightPatch,
     WeightStore,
@@ -16,7 +17,7 @@ use distorch_core::{Error, SafetensorsIndex, components};
 
 /// Everything offloaded to virtual VRAM donors `donors` of graph `graph`.
 fn offload_plan(index: &SafetensorsIndex, graph: &str, donors: Vec<DeviceId>) -> Plan {
-    let split = components::split(index);
+    let split = components::split(index, &Conventions::NONE);
     let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = graph.parse().unwrap();
     let vv = VirtualVram::from_gib(DeviceId::cuda(0), 1.0, donors).unwrap();
@@ -122,7 +123,7 @@ fn load_expecting(
 ) -> Result<distorch_core::runtime::LoadReport, Error> {
     let index = SafetensorsIndex::open(path).unwrap();
     let plan = plan_for(&index, 0.5, PlacementOrder::Interleave);
-    let split = components::split(&index);
+    let split = components::split(&index, &Conventions::NONE);
     let devices = DeviceMap::new(Default::default());
     WeightStore::<B>::load(&index, &split.components[0], &plan, &devices, options).map(|r| r.1)
 }

@@ -8,6 +8,7 @@ use crate::common::*;
 use burn::tensor::Tensor;
 use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, PlanRequest};
 use distorch_alloc::{Plan, VirtualVram};
+use distorch_core::components::Conventions;
 use distorch_core::runtime::{
     DeviceMap, LoadOptions, Lookahead, PatchPrecision, Streamer, WeightPatch, WeightStore,
     device_rule,
@@ -45,7 +46,7 @@ fn weights(s: &Streamer<B>) -> BTreeMap<String, Vec<f32>> {
 
 /// A plan with some layers on a GPU donor, some in host memory and some resident.
 fn mixed_plan(index: &SafetensorsIndex) -> Plan {
-    let split = components::split(index);
+    let split = components::split(index, &Conventions::NONE);
     let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = "cuda:0=1gib,cuda:1=12kib,cpu=8gib".parse().unwrap();
     let half = inv.total_bytes().bytes() as f64 / 2.0 / (1u64 << 30) as f64;
@@ -71,7 +72,7 @@ fn streamer(
     patch: Option<&dyn WeightPatch<B>>,
     precision: PatchPrecision,
 ) -> Streamer<B> {
-    let split = components::split(index);
+    let split = components::split(index, &Conventions::NONE);
     let devices = DeviceMap::new(Default::default()).with_donor(DeviceId::cuda(1), donor_device());
     let options = LoadOptions {
         patch,
@@ -268,7 +269,7 @@ fn fp8_patches_are_requantised_by_seeded_stochastic_rounding_when_asked() {
         fp8_changed: PatchPrecision::High.fp8_changed(),
         ..Homes::new(device_rule::<B>(&Default::default()))
     };
-    let split = components::split(&index);
+    let split = components::split(&index, &Conventions::NONE);
     let inv = distorch_core::units::inventory_with(&split.components[0], &homes).unwrap();
     let host_high = plan_inventory(&inv, 1.0, PlacementOrder::Interleave);
     assert_eq!(

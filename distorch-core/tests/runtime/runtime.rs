@@ -11,6 +11,7 @@ use burn::tensor::Tensor;
 use distorch_alloc::{
     ByteSize, DeviceGraph, DeviceId, PinPolicy, PlacementOrder, PlanRequest, VirtualVram,
 };
+use distorch_core::components::Conventions;
 use distorch_core::runtime::{DeviceMap, Lookahead, Streamer, WeightPatch};
 use distorch_core::{Error, SafetensorsIndex, components};
 
@@ -129,7 +130,7 @@ fn unknown_units_and_unsupported_homes_are_errors() {
     assert_eq!(e.to_string(), "the weight store has no unit `layers.99.fc`");
 
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = components::split(&index, &Conventions::NONE);
     let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = "cuda:0=1gib,cuda:1=1gib".parse().unwrap();
     let vv = VirtualVram::from_gib(DeviceId::cuda(0), 1.0, vec![DeviceId::cuda(1)]).unwrap();

@@ -7,7 +7,7 @@
 use burn::tensor::{DType, Tensor, TensorData};
 use distorch_core::ComputeDtype;
 use distorch_core::runtime::supports_compute;
-use distorch_models::attention::{attention, attention_in_blocks};
+use distorch_models::nn::attention::{attention, attention_in_blocks};
 
 use crate::common::B;
 

@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use crate::common::*;
 use burn::tensor::Tensor;
 use distorch_alloc::{DeviceGraph, DeviceId};
+use distorch_core::SafetensorsIndex;
 use distorch_core::safetensors::write;
-use distorch_core::{DemoModel, SafetensorsIndex};
+use distorch_models::sd::demo::DemoModel;
 use distorch_models::{
     CheckpointOptions, ClipTextConfig, Placement, StableDiffusion, UnetConfig, UnetInput, VaeConfig,
 };
@@ -191,7 +192,7 @@ fn sd15_is_detected_and_planned_with_distorch2_defaults() {
     // Zero weights: skip the finiteness scan of 2 GB to keep the test quick.
     options.check_finite = false;
     let sd = StableDiffusion::<B>::load_single_file(&path, &options).unwrap();
-    assert_eq!(sd.family, "SD 1.x");
+    assert_eq!(sd.family, distorch_models::sd::SdFamily::Sd1);
     assert_eq!(sd.text_encoders.len(), 1);
     assert_eq!(sd.text_encoders[0].config().hidden_size, 768);
     assert_eq!(sd.text_encoders[0].config().hidden_act, "quick_gelu");
@@ -240,7 +241,7 @@ fn a_diffusers_folder_loads_every_component_with_its_placement() {
     options.unet =
         Placement::virtual_vram(DeviceId::cuda(0), device, 1.0, vec![DeviceId::CPU]).unwrap();
     let sd = StableDiffusion::<B>::load_diffusers(root, &options).unwrap();
-    assert_eq!(sd.family, "SDXL");
+    assert_eq!(sd.family, distorch_models::sd::SdFamily::Sdxl);
     assert_eq!(sd.text_encoders.len(), 2);
     let names: Vec<&str> = sd.loaded.iter().map(|(n, _, _)| n.as_str()).collect();
     assert_eq!(names, ["unet", "clip.0", "clip.1", "vae"]);

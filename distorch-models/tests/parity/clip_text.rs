@@ -6,8 +6,8 @@ use std::path::Path;
 
 use crate::common::*;
 use burn::tensor::Tensor;
+use distorch_core::SafetensorsIndex;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
-use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{ClipTextConfig, ClipTextModel, Error};
 
 fn load(dir: &Path, weights: &Path, offload: bool) -> Result<ClipTextModel<B>, Error> {
@@ -161,11 +161,11 @@ fn bad_weights_configs_and_ids_are_typed_errors() {
 #[test]
 fn sd15_single_file_clip_keys_and_shapes_are_all_covered() {
     let dir = tempfile::tempdir().unwrap();
-    let path = distorch_core::DemoModel::Sd15
+    let path = distorch_models::sd::demo::DemoModel::Sd15
         .ensure_in(dir.path())
         .unwrap();
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let clip = split
         .components
         .iter()
@@ -196,25 +196,27 @@ fn sd15_single_file_clip_keys_and_shapes_are_all_covered() {
     assert_eq!(want, got);
 
     // And the encoder loads from the checkpoint (zero weights: the output is not checked).
-    let (model, report) = ClipTextModel::<B>::load(
-        &index,
-        clip,
-        &{
-            let inv = crate::common::inventory_of(clip);
-            let graph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
-            let vv = distorch_alloc::VirtualVram::new(
-                distorch_alloc::DeviceId::cuda(0),
-                inv.total_bytes(),
-                vec![distorch_alloc::DeviceId::CPU],
-            )
-            .unwrap();
-            distorch_alloc::plan(&distorch_alloc::PlanRequest::virtual_vram(vv), &inv, &graph)
-                .unwrap()
+    let (model, report) = <ClipTextModel<B> as distorch_models::Model<B>>::load(
+        &distorch_models::LoadContext {
+            index: &index,
+            component: clip,
+            plan: &{
+                let inv = crate::common::inventory_of(clip);
+                let graph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+                let vv = distorch_alloc::VirtualVram::new(
+                    distorch_alloc::DeviceId::cuda(0),
+                    inv.total_bytes(),
+                    vec![distorch_alloc::DeviceId::CPU],
+                )
+                .unwrap();
+                distorch_alloc::plan(&distorch_alloc::PlanRequest::virtual_vram(vv), &inv, &graph)
+                    .unwrap()
+            },
+            devices: &DeviceMap::new(Default::default()),
+            options: &LoadOptions::default(),
+            lookahead: Lookahead::default(),
         },
-        &DeviceMap::new(Default::default()),
         config,
-        &LoadOptions::default(),
-        Lookahead::default(),
     )
     .unwrap();
     assert!(
@@ -235,7 +237,7 @@ fn open_clip_layout_matches_transformers() {
     let path = dir.join("open_clip.safetensors");
     let reference = dir.join("reference.safetensors");
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     assert_eq!(split.components.len(), 1);
     let ids = ids(&dir);
     let resident = load(&dir, &path, false).unwrap();
@@ -289,7 +291,7 @@ fn detection_on_malformed_shapes_is_an_error_not_a_panic() {
     )
     .unwrap();
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let e = ClipTextConfig::detect(&split.components[0]).unwrap_err();
     assert!(e.to_string().contains("not a CLIP text encoder"), "{e}");
 }

@@ -6,8 +6,8 @@
 
 use crate::common::*;
 use burn::tensor::Tensor;
-use distorch_core::{SafetensorsIndex, components};
-use distorch_models::clip_image::{decode, preprocess};
+use distorch_core::SafetensorsIndex;
+use distorch_models::vision::clip_image::{decode, preprocess};
 use distorch_models::{ClipVisionConfig, ClipVisionModel, ClipVisionOutput, Loaded, load_model};
 
 fn load(offload: bool) -> ClipVisionModel<B> {
@@ -77,7 +77,7 @@ fn matches_transformers_resident_and_offloaded() {
 fn shapes_give_the_architecture() {
     let want = ClipVisionConfig::from_file(fixture("clip_vision").join("config.json")).unwrap();
     let index = SafetensorsIndex::open(fixture("clip_vision").join("model.safetensors")).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let got = ClipVisionConfig::detect(&split.components[0]).unwrap();
     assert_eq!(
         (got.hidden_size, got.intermediate_size, got.projection_dim),

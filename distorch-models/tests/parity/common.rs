@@ -10,7 +10,7 @@ use distorch_alloc::{
     ByteSize, DeviceGraph, DeviceId, EmbeddingPolicy, PinPolicy, Plan, PlanRequest, VirtualVram,
 };
 use distorch_core::safetensors::write;
-use distorch_core::{DType, SafetensorsIndex, components, units};
+use distorch_core::{DType, SafetensorsIndex, units};
 
 #[cfg(not(any(feature = "test-wgpu", feature = "test-cuda")))]
 pub type B = burn::backend::NdArray;
@@ -87,7 +87,7 @@ pub fn inventory_of(component: &distorch_core::Component<'_>) -> distorch_alloc:
 
 pub fn plan(path: &Path, offload: bool) -> Plan {
     let index = SafetensorsIndex::open(path).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
     let amount = if offload {
@@ -112,15 +112,17 @@ pub fn load_as<M: distorch_models::Model<B>>(
 ) -> Result<(M, distorch_core::runtime::LoadReport), distorch_models::Error> {
     use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
     let index = SafetensorsIndex::open(weights)?;
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     M::load(
-        &index,
-        &split.components[0],
-        &plan(weights, offload),
-        &DeviceMap::new(Default::default()),
+        &distorch_models::LoadContext {
+            index: &index,
+            component: &split.components[0],
+            plan: &plan(weights, offload),
+            devices: &DeviceMap::new(Default::default()),
+            options: &LoadOptions::default(),
+            lookahead: Lookahead::default(),
+        },
         config,
-        &LoadOptions::default(),
-        Lookahead::default(),
     )
 }
 
@@ -130,11 +132,11 @@ pub fn demo_shapes(
     kind: distorch_core::ComponentKind,
 ) -> std::collections::BTreeSet<(String, Vec<usize>)> {
     let dir = tempfile::tempdir().unwrap();
-    let path = distorch_core::DemoModel::Sd15
+    let path = distorch_models::sd::demo::DemoModel::Sd15
         .ensure_in(dir.path())
         .unwrap();
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let c = split.components.iter().find(|c| c.kind == kind).unwrap();
     c.tensors
         .iter()

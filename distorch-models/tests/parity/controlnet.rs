@@ -179,11 +179,11 @@ fn mismatches_are_typed_errors() {
 
 #[test]
 fn single_file_architecture_is_detected_from_shapes() {
-    use distorch_core::{ComponentKind, SafetensorsIndex, components};
+    use distorch_core::{ComponentKind, SafetensorsIndex};
     for (name, _, sdxl) in CASES {
         let want = ControlNetConfig::from_file(fixture(name).join("config.json")).unwrap();
         let index = SafetensorsIndex::open(fixture(name).join("ldm.safetensors")).unwrap();
-        let split = components::split(&index);
+        let split = distorch_models::load::split(&index);
         let c = &split.components[0];
         assert_eq!(c.kind, ComponentKind::ControlNet);
         let got = ControlNetConfig::detect_ldm(

@@ -14,9 +14,9 @@
 use burn::tensor::Tensor;
 use distorch_core::ComputeDtype;
 use distorch_core::runtime::supports_compute;
-use distorch_models::clip_vision::ClipVisionModel;
-use distorch_models::umt5::Umt5Encoder;
-use distorch_models::wan_dit::{WanDitInput, WanTransformer};
+use distorch_models::text::umt5::Umt5Encoder;
+use distorch_models::vision::clip_vision::ClipVisionModel;
+use distorch_models::wan::dit::{WanDitInput, WanTransformer};
 use distorch_models::{
     AutoencoderKl, ClipTextModel, ControlNetInput, ControlNetModel, Error, Loaded, Model,
     Unet2dCondition, UnetInput, load_model,
@@ -248,7 +248,7 @@ fn as_dtype(
 /// VAE of an f16 file at f32, as diffusers' `force_upcast`), else f32.
 #[test]
 fn auto_dtype_is_the_files_half_type_where_the_device_computes_in_it() {
-    use distorch_core::{DType, SafetensorsIndex, components};
+    use distorch_core::{DType, SafetensorsIndex};
     let tmp = tempfile::tempdir().unwrap();
     let device = Default::default();
     let or_f32 = |d: ComputeDtype| {
@@ -293,7 +293,7 @@ fn auto_dtype_is_the_files_half_type_where_the_device_computes_in_it() {
     for (name, file, stored, want) in cases {
         let path = as_dtype(name, file, stored, tmp.path());
         let index = SafetensorsIndex::open(&path).unwrap();
-        let split = components::split(&index);
+        let split = distorch_models::load::split(&index);
         let mut options = component_options(false);
         options.dtype = None;
         let got = distorch_models::compute_dtype(&split.components[0], &options);

@@ -8,6 +8,7 @@ mod clip_text;
 mod clip_vision;
 mod common;
 mod controlnet;
+mod conventions;
 mod half;
 mod lora;
 mod pipeline;

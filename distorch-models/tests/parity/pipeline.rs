@@ -8,7 +8,7 @@
 use crate::common::*;
 use burn::tensor::Tensor;
 use distorch_alloc::{DeviceGraph, DeviceId};
-use distorch_models::pipeline::to_rgb8;
+use distorch_models::sd::pipeline::to_rgb8;
 use distorch_models::{
     CheckpointOptions, ClipTokenizer, Placement, Progress, SamplerKind, SchedulerConfig,
     StableDiffusion, Txt2Img,

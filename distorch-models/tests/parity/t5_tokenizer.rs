@@ -4,7 +4,7 @@
 //! pieces, extra spaces, tabs and newlines, the empty prompt, truncation.
 
 use crate::common::fixture;
-use distorch_models::t5_tokenizer::T5Tokenizer;
+use distorch_models::text::t5_tokenizer::T5Tokenizer;
 
 #[test]
 fn ids_and_masks_match_transformers() {

@@ -3,8 +3,8 @@
 //! resident and fully offloaded.
 
 use crate::common::*;
-use distorch_core::{SafetensorsIndex, components};
-use distorch_models::umt5::{Umt5Config, Umt5Encoder};
+use distorch_core::SafetensorsIndex;
+use distorch_models::text::umt5::{Umt5Config, Umt5Encoder};
 use distorch_models::{Loaded, load_model};
 
 fn ids(key: &str) -> Vec<u32> {
@@ -38,7 +38,7 @@ fn umt5_matches_transformers() {
 
     // The configuration read from the shapes is the file's.
     let index = SafetensorsIndex::open(&weights).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     assert_eq!(Umt5Config::detect(&split.components[0]).unwrap(), config);
     // The folder loads through the generic loader, its config.json read.
     let m: Loaded<Umt5Encoder<B>> = load_model(&dir, None, &component_options(true)).unwrap();

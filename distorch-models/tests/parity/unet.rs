@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use burn::tensor::Tensor;
+use distorch_core::SafetensorsIndex;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
-use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{Error, Unet2dCondition, UnetConfig, UnetInput};
 
 fn weights(name: &str) -> PathBuf {
@@ -160,15 +160,17 @@ fn configs_that_change_the_maths_are_rejected() {
     let mut config = UnetConfig::from_file(fixture("unet_sd").join("config.json")).unwrap();
     config.cross_attention_dim = distorch_models::PerBlock::One(32);
     let index = SafetensorsIndex::open(weights("unet_sd")).unwrap();
-    let split = components::split(&index);
-    let e = Unet2dCondition::<B>::load(
-        &index,
-        &split.components[0],
-        &plan(&weights("unet_sd"), false),
-        &DeviceMap::new(Default::default()),
+    let split = distorch_models::load::split(&index);
+    let e = <Unet2dCondition<B> as distorch_models::Model<B>>::load(
+        &distorch_models::LoadContext {
+            index: &index,
+            component: &split.components[0],
+            plan: &plan(&weights("unet_sd"), false),
+            devices: &DeviceMap::new(Default::default()),
+            options: &LoadOptions::default(),
+            lookahead: Lookahead::default(),
+        },
         config,
-        &LoadOptions::default(),
-        Lookahead::default(),
     )
     .err()
     .unwrap();

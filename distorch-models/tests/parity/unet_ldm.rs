@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 use crate::common::*;
 use burn::tensor::Tensor;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
-use distorch_core::{ComponentKind, DemoModel, SafetensorsIndex, components};
-use distorch_models::unet_ldm::detect;
+use distorch_core::{ComponentKind, SafetensorsIndex};
+use distorch_models::sd::demo::DemoModel;
+use distorch_models::sd::unet::ldm::detect;
 use distorch_models::{KeyLayout, PerBlock, Unet2dCondition, UnetConfig, UnetInput};
 
 #[test]
@@ -17,7 +18,7 @@ fn single_file_layout_matches_diffusers() {
         let path = fixture(name).join("ldm.safetensors");
         let config = UnetConfig::from_file(fixture(name).join("config.json")).unwrap();
         let index = SafetensorsIndex::open(&path).unwrap();
-        let split = components::split(&index);
+        let split = distorch_models::load::split(&index);
         let unet = split
             .components
             .iter()
@@ -25,14 +26,16 @@ fn single_file_layout_matches_diffusers() {
             .unwrap();
         assert_eq!(unet.prefix, "model.diffusion_model.");
         for offload in [false, true] {
-            let (model, report) = Unet2dCondition::<B>::load(
-                &index,
-                unet,
-                &plan(&path, offload),
-                &DeviceMap::new(Default::default()),
+            let (model, report) = <Unet2dCondition<B> as distorch_models::Model<B>>::load(
+                &distorch_models::LoadContext {
+                    index: &index,
+                    component: unet,
+                    plan: &plan(&path, offload),
+                    devices: &DeviceMap::new(Default::default()),
+                    options: &LoadOptions::default(),
+                    lookahead: Lookahead::default(),
+                },
                 config.clone(),
-                &LoadOptions::default(),
-                Lookahead::default(),
             )
             .unwrap();
             assert!(
@@ -63,7 +66,7 @@ fn detects_sd15_from_its_keys_and_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let path = DemoModel::Sd15.ensure_in(dir.path()).unwrap();
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let unet = split
         .components
         .iter()
@@ -81,7 +84,7 @@ fn detects_sd15_from_its_keys_and_shapes() {
         .map(|t| (local(t), t.shape.clone()))
         .collect();
     let found = detect(tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice()))).unwrap();
-    assert_eq!(found.family, "SD 1.x");
+    assert_eq!(found.family, distorch_models::sd::SdFamily::Sd1);
     let c = &found.config;
     assert_eq!(c.block_out_channels, [320, 640, 1280, 1280]);
     assert_eq!(c.layers_per_block, PerBlock::Many(vec![2; 4]));
@@ -127,7 +130,11 @@ fn detection_reads_the_tiny_fixtures_shapes() {
         // Heads and the text-time width are conventions, not shapes: compare the rest.
         let found = detect(tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice()))).unwrap();
         let d = &found.config;
-        assert_eq!(found.family, "unknown", "{name}");
+        assert_eq!(
+            found.family,
+            distorch_models::sd::SdFamily::Unknown,
+            "{name}"
+        );
         assert_eq!(d.block_out_channels, config.block_out_channels, "{name}");
         assert_eq!(d.layers_per_block, PerBlock::Many(vec![1, 1]), "{name}");
         assert_eq!(d.down_block_types, config.down_block_types, "{name}");

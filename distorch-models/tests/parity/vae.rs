@@ -5,8 +5,8 @@ use std::path::Path;
 
 use crate::common::*;
 use burn::tensor::Tensor;
+use distorch_core::SafetensorsIndex;
 use distorch_core::runtime::{DeviceMap, LoadOptions, Lookahead};
-use distorch_core::{SafetensorsIndex, components};
 use distorch_models::{AutoencoderKl, Error, VaeConfig};
 
 fn load(weights: &Path, offload: bool) -> Result<AutoencoderKl<B>, Error> {
@@ -120,21 +120,23 @@ fn single_file_layout_matches_diffusers() {
     let path = fixture("vae").join("ldm.safetensors");
     let reference = fixture("vae").join("reference.safetensors");
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let vae = split
         .components
         .iter()
         .find(|c| c.kind == distorch_core::ComponentKind::Vae)
         .unwrap();
     for offload in [false, true] {
-        let (model, report) = AutoencoderKl::<B>::load(
-            &index,
-            vae,
-            &plan(&path, offload),
-            &DeviceMap::new(Default::default()),
+        let (model, report) = <AutoencoderKl<B> as distorch_models::Model<B>>::load(
+            &distorch_models::LoadContext {
+                index: &index,
+                component: vae,
+                plan: &plan(&path, offload),
+                devices: &DeviceMap::new(Default::default()),
+                options: &LoadOptions::default(),
+                lookahead: Lookahead::default(),
+            },
             VaeConfig::from_file(fixture("vae").join("config.json")).unwrap(),
-            &LoadOptions::default(),
-            Lookahead::default(),
         )
         .unwrap();
         assert!(

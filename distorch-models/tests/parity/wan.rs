@@ -5,8 +5,8 @@
 use crate::common::*;
 use burn::tensor::Tensor;
 use distorch_alloc::{BlockSwap, DeviceGraph, DeviceId, PlanRequest};
-use distorch_core::{SafetensorsIndex, components};
-use distorch_models::wan_dit::{WanDitConfig, WanDitInput, WanLayout, WanTransformer};
+use distorch_core::SafetensorsIndex;
+use distorch_models::wan::dit::{WanDitConfig, WanDitInput, WanLayout, WanTransformer};
 use distorch_models::{Loaded, Placement, load_model};
 
 fn input() -> WanDitInput<B> {
@@ -111,7 +111,7 @@ fn block_swap_gives_bit_identical_outputs() {
 fn detection_reads_the_shapes_and_refuses_what_is_not_wan() {
     let dir = fixture("wan_dit");
     let index = SafetensorsIndex::open(dir.join("original.safetensors")).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     // 24-wide heads are not the released models' 128: detection says to give the config.
     let e = WanDitConfig::detect(&split.components[0]).unwrap_err();
     assert!(e.to_string().contains("multiple of 128"), "{e}");
@@ -164,9 +164,9 @@ fn detection_reads_the_shapes_and_refuses_what_is_not_wan() {
     let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
     distorch_core::safetensors::write(&path, &specs, &refs, &Default::default()).unwrap();
     let index = SafetensorsIndex::open(&path).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let found = WanDitConfig::detect(&split.components[0]).unwrap();
-    assert_eq!(found.family, "Wan (other size)");
+    assert_eq!(found.family, distorch_models::wan::dit::WanSize::Other);
     let c = found.config;
     assert_eq!(
         (c.num_attention_heads, c.attention_head_dim, c.num_layers),
@@ -185,7 +185,7 @@ fn detection_reads_the_shapes_and_refuses_what_is_not_wan() {
     assert!(c.cross_attn_norm);
 
     let index = SafetensorsIndex::open(fixture("umt5").join("model.safetensors")).unwrap();
-    let split = components::split(&index);
+    let split = distorch_models::load::split(&index);
     let e = WanDitConfig::detect(&split.components[0]).unwrap_err();
     assert!(e.to_string().contains("not a Wan transformer"), "{e}");
 }

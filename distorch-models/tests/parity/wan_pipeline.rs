@@ -5,9 +5,9 @@
 
 use burn::tensor::Tensor;
 use distorch_alloc::{BlockSwap, DeviceGraph, DeviceId, PlanRequest};
-use distorch_models::t5_tokenizer::T5Tokenizer;
-use distorch_models::wan_dit::{WanDitConfig, WanTransformer};
-use distorch_models::wan_pipeline::{Txt2Video, Wan};
+use distorch_models::text::t5_tokenizer::T5Tokenizer;
+use distorch_models::wan::dit::{WanDitConfig, WanTransformer};
+use distorch_models::wan::pipeline::{Txt2Video, Wan};
 use distorch_models::{Placement, load_model};
 
 use crate::common::*;

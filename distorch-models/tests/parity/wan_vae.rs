@@ -4,8 +4,8 @@
 
 use crate::common::*;
 use burn::tensor::Tensor;
-use distorch_core::{SafetensorsIndex, components};
-use distorch_models::wan_vae::{WanVae, WanVaeConfig, WanVaeLayout};
+use distorch_core::SafetensorsIndex;
+use distorch_models::wan::vae::{WanVae, WanVaeConfig, WanVaeLayout};
 
 fn config() -> WanVaeConfig {
     WanVaeConfig::from_file(fixture("wan_vae").join("config.json")).unwrap()
@@ -60,7 +60,7 @@ fn the_configuration_is_read_from_the_shapes() {
         "original.safetensors",
     ] {
         let index = SafetensorsIndex::open(dir.join(file)).unwrap();
-        let split = components::split(&index);
+        let split = distorch_models::load::split(&index);
         let found = WanVaeConfig::detect(&split.components[0]).unwrap();
         let want = config();
         assert_eq!(

@@ -1,0 +1,404 @@
+//! UMT5 encoder, as transformers' `UMT5EncoderModel` (Wan's text encoder): token embedding
+//! (`shared.weight`), pre-norm layers of self-attention with a per-layer relative position
+//! bias and a gated-GELU feed-forward, RMS layer norms, an attention mask over padding.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use distorch_core::runtime::{ExpectedTensor, LoadReport, Streamer};
+use distorch_core::{Component, ComponentKind};
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::load::{LoadContext, Model, shape_map, to_usize, units_in_order};
+use crate::nn::spec::{Linear, Param, Spec};
+use crate::nn::{Weights, f32, gelu_tanh, rms_norm, to_dtype};
+
+/// The fields of a transformers `UMT5Config` (or `T5Config`) the encoder uses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Umt5Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    pub d_model: usize,
+    /// Width of one attention head.
+    pub d_kv: usize,
+    /// Width of the feed-forward layer.
+    pub d_ff: usize,
+    /// Encoder layers.
+    pub num_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Relative-position buckets.
+    pub relative_attention_num_buckets: usize,
+    /// Distance beyond which relative positions share a bucket.
+    pub relative_attention_max_distance: usize,
+    /// RMS-norm epsilon.
+    pub layer_norm_epsilon: f64,
+    /// The feed-forward: only `gated-gelu` (UMT5, T5 v1.1) is supported.
+    pub feed_forward_proj: String,
+}
+
+impl Default for Umt5Config {
+    /// umt5-xxl, Wan's encoder.
+    fn default() -> Self {
+        Umt5Config {
+            vocab_size: 256_384,
+            d_model: 4096,
+            d_kv: 64,
+            d_ff: 10240,
+            num_layers: 24,
+            num_heads: 64,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "gated-gelu".into(),
+        }
+    }
+}
+
+impl Umt5Config {
+    /// Reads a transformers `config.json` and checks it.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Umt5Config, Error> {
+        let c: Umt5Config = crate::load::config::read(path.as_ref())?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Checks the values the maths depends on.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.feed_forward_proj != "gated-gelu" {
+            return Err(Error::Unsupported {
+                field: "feed_forward_proj",
+                value: self.feed_forward_proj.clone(),
+                reason: "supported: gated-gelu (UMT5, T5 v1.1)",
+            });
+        }
+        if self.num_heads == 0 || self.relative_attention_num_buckets < 4 {
+            return Err(Error::Unsupported {
+                field: "num_heads",
+                value: self.num_heads.to_string(),
+                reason: "needs at least one head and four relative-position buckets",
+            });
+        }
+        Ok(())
+    }
+
+    /// The configuration of an encoder from its keys and shapes (transformers' layout);
+    /// the maximum distance and epsilon are UMT5's (128, 1e-6).
+    pub fn detect(c: &Component<'_>) -> Result<Umt5Config, Error> {
+        let shapes = shape_map(c);
+        let get = |k: &str| shapes.get(k).map(|s| to_usize(s));
+        let not = |what: &str| Error::NotTheModel {
+            model: "T5/UMT5 encoder",
+            reason: what.to_owned(),
+        };
+        let tokens = get("shared.weight")
+            .or_else(|| get("encoder.embed_tokens.weight"))
+            .ok_or_else(|| not("no `shared.weight`"))?;
+        let layer = "encoder.block.0.layer.";
+        let q =
+            get(&format!("{layer}0.SelfAttention.q.weight")).ok_or_else(|| not("no layer 0"))?;
+        let bias = get(&format!(
+            "{layer}0.SelfAttention.relative_attention_bias.weight"
+        ))
+        .ok_or_else(|| not("no relative attention bias in layer 0"))?;
+        let ff = get(&format!("{layer}1.DenseReluDense.wi_0.weight"))
+            .ok_or_else(|| not("no gated feed-forward (`wi_0`)"))?;
+        let (&[vocab, d_model], &[inner, _], &[buckets, heads], &[d_ff, _]) =
+            (&tokens[..], &q[..], &bias[..], &ff[..])
+        else {
+            return Err(not("unexpected ranks"));
+        };
+        let num_layers = (0..)
+            .take_while(|l| get(&format!("encoder.block.{l}.layer.0.layer_norm.weight")).is_some())
+            .count();
+        let config = Umt5Config {
+            vocab_size: vocab,
+            d_model,
+            d_kv: inner / heads.max(1),
+            d_ff,
+            num_layers,
+            num_heads: heads,
+            relative_attention_num_buckets: buckets,
+            ..Umt5Config::default()
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+/// A UMT5 encoder whose weights live where its plan put them.
+pub struct Umt5Encoder<B: Backend> {
+    config: Umt5Config,
+    streamer: Arc<Streamer<B>>,
+    layers: Layers,
+}
+
+/// The encoder's layers, described once from the configuration (see [`Spec`]).
+struct Layers {
+    tokens: Param,
+    blocks: Vec<Block>,
+    final_norm: Param,
+    expected: Vec<ExpectedTensor>,
+}
+
+/// One encoder block: self-attention with its own relative position bias, gated-GELU
+/// feed-forward, each after an RMS norm.
+struct Block {
+    norm1: Param,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    bias: Param,
+    o: Linear,
+    norm2: Param,
+    wi_0: Linear,
+    wi_1: Linear,
+    wo: Linear,
+}
+
+impl Layers {
+    /// `tokens` is the token embedding's unit: `shared` or `encoder.embed_tokens`.
+    fn new(c: &Umt5Config, tokens: &str) -> Layers {
+        let (d, inner, ff) = (c.d_model, c.num_heads * c.d_kv, c.d_ff);
+        let mut s = Spec::prefixed("");
+        let tokens = s.param(tokens, "weight", vec![c.vocab_size, d]);
+        let blocks = (0..c.num_layers)
+            .map(|l| {
+                let u = |part: &str| format!("encoder.block.{l}.layer.{part}");
+                Block {
+                    norm1: s.param(&u("0.layer_norm"), "weight", vec![d]),
+                    q: s.linear(&u("0.SelfAttention.q"), inner, d, false),
+                    k: s.linear(&u("0.SelfAttention.k"), inner, d, false),
+                    v: s.linear(&u("0.SelfAttention.v"), inner, d, false),
+                    bias: s.param(
+                        &u("0.SelfAttention.relative_attention_bias"),
+                        "weight",
+                        vec![c.relative_attention_num_buckets, c.num_heads],
+                    ),
+                    o: s.linear(&u("0.SelfAttention.o"), d, inner, false),
+                    norm2: s.param(&u("1.layer_norm"), "weight", vec![d]),
+                    wi_0: s.linear(&u("1.DenseReluDense.wi_0"), ff, d, false),
+                    wi_1: s.linear(&u("1.DenseReluDense.wi_1"), ff, d, false),
+                    wo: s.linear(&u("1.DenseReluDense.wo"), d, ff, false),
+                }
+            })
+            .collect();
+        let final_norm = s.param("encoder.final_layer_norm", "weight", vec![d]);
+        Layers {
+            tokens,
+            blocks,
+            final_norm,
+            expected: s.expected().to_vec(),
+        }
+    }
+}
+
+impl<B: Backend> Umt5Encoder<B> {
+    /// The tensors the encoder reads, in the order a forward pass uses them (`tokens` is
+    /// `shared` or `encoder.embed_tokens`).
+    pub fn expected_tensors(c: &Umt5Config, tokens: &str) -> Vec<ExpectedTensor> {
+        Layers::new(c, tokens).expected
+    }
+
+    /// The token embedding's unit in `component`: `shared`, else the (tied)
+    /// `encoder.embed_tokens`.
+    fn tokens_unit(component: &Component<'_>) -> &'static str {
+        if component.local_names().any(|n| n == "shared.weight") {
+            "shared"
+        } else {
+            "encoder.embed_tokens"
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Umt5Config {
+        &self.config
+    }
+
+    /// The streamer (its statistics, its execution order).
+    pub fn streamer(&self) -> &Streamer<B> {
+        &self.streamer
+    }
+
+    /// Encodes `batch` rows of token ids; `attention_mask` (1 = a token, 0 = padding, one per
+    /// id) hides padding from attention. Returns the last hidden state, [batch, seq, d_model]
+    /// (padding positions included, as transformers computes them).
+    pub fn forward(
+        &self,
+        input_ids: &[u32],
+        attention_mask: &[u32],
+        batch: usize,
+    ) -> Result<Tensor<B, 3>, Error> {
+        let c = &self.config;
+        let seq = check(input_ids, attention_mask, batch, c.vocab_size)?;
+        let device = self.streamer.store().compute().clone();
+        let w = Weights::new(&self.streamer);
+        let ids: Vec<i64> = input_ids.iter().map(|&i| i64::from(i)).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [batch * seq]), &device);
+        let layers = &self.layers;
+        let table: Tensor<B, 2> = layers.tokens.get(&w)?;
+        let mut x = table.select(0, ids).reshape([batch, seq, c.d_model]);
+        let mask: Vec<f32> = attention_mask
+            .iter()
+            .map(|&m| if m == 0 { f32::MIN } else { 0.0 })
+            .collect();
+        let mask = Tensor::<B, 1>::from_data(TensorData::new(mask, [batch * seq]), &device)
+            .reshape([batch, 1, 1, seq]);
+        let buckets = relative_buckets(
+            seq,
+            c.relative_attention_num_buckets,
+            c.relative_attention_max_distance,
+        );
+        let buckets =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(buckets, [seq * seq]), &device);
+        let eps = c.layer_norm_epsilon;
+        let (h, dk) = (c.num_heads, c.d_kv);
+        let norm = |p: &Param, x: Tensor<B, 3>| -> Result<Tensor<B, 3>, Error> {
+            Ok(rms_norm(x, p.get(&w)?, eps))
+        };
+        for b in &layers.blocks {
+            let y = norm(&b.norm1, x.clone())?;
+            let heads = |t: Tensor<B, 3>| t.reshape([batch, seq, h, dk]).swap_dims(1, 2);
+            let q = heads(b.q.forward(&w, y.clone())?);
+            let k = heads(b.k.forward(&w, y.clone())?);
+            let v = heads(b.v.forward(&w, y)?);
+            let table: Tensor<B, 2> = b.bias.get(&w)?;
+            // [seq·seq, heads] -> [1, heads, seq, seq]
+            let bias = table
+                .select(0, buckets.clone())
+                .reshape([seq, seq, h])
+                .permute([2, 0, 1])
+                .unsqueeze::<4>();
+            // T5 does not scale the scores.
+            // Scores, bias, mask and softmax in f32 (transformers' `softmax(scores.float())`).
+            let dtype = v.dtype();
+            let scores = f32(q.matmul(k.transpose())) + f32(bias) + mask.clone();
+            let a = to_dtype(softmax(scores, 3), dtype)
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([batch, seq, h * dk]);
+            x = x + b.o.forward(&w, a)?;
+            let y = norm(&b.norm2, x.clone())?;
+            let gate = gelu_tanh(b.wi_0.forward(&w, y.clone())?);
+            let lin = b.wi_1.forward(&w, y)?;
+            x = x + b.wo.forward(&w, gate * lin)?;
+        }
+        Ok(w.output(norm(&layers.final_norm, x)?))
+    }
+}
+
+/// Checks ids and mask; returns the sequence length.
+fn check(ids: &[u32], mask: &[u32], batch: usize, vocab: usize) -> Result<usize, Error> {
+    let bad = |input, reason: String| Error::Input { input, reason };
+    if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
+        return Err(bad(
+            "input_ids",
+            format!("{} ids do not split into {batch} non-empty rows", ids.len()),
+        ));
+    }
+    if mask.len() != ids.len() {
+        return Err(bad(
+            "attention_mask",
+            format!("{} values for {} ids", mask.len(), ids.len()),
+        ));
+    }
+    let seq = ids.len() / batch;
+    if let Some((i, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= vocab)
+    {
+        return Err(bad(
+            "input_ids",
+            format!(
+                "id {id} at row {}, position {} is outside the vocabulary of {vocab}",
+                i / seq,
+                i % seq
+            ),
+        ));
+    }
+    Ok(seq)
+}
+
+/// T5's bidirectional relative-position buckets for every (query, key) pair, row-major:
+/// half the buckets for keys after the query; exact buckets for distances below a quarter of
+/// the buckets, log-spaced ones up to `max_distance` beyond. Computed in f32 as the
+/// reference does, so boundary distances land in the same bucket.
+fn relative_buckets(seq: usize, buckets: usize, max_distance: usize) -> Vec<i64> {
+    let half = (buckets / 2) as i64;
+    let exact = half / 2;
+    let log_span = ((max_distance as f64) / (exact as f64)).ln() as f32;
+    let mut out = Vec::with_capacity(seq * seq);
+    for q in 0..seq as i64 {
+        for k in 0..seq as i64 {
+            let rel = k - q;
+            let mut b = if rel > 0 { half } else { 0 };
+            let d = rel.abs();
+            b += if d < exact {
+                d
+            } else {
+                let ratio = (d as f32 / exact as f32).ln() / log_span * (half - exact) as f32;
+                (exact + ratio as i64).min(half - 1)
+            };
+            out.push(b);
+        }
+    }
+    out
+}
+
+impl<B: Backend> Model<B> for Umt5Encoder<B> {
+    type Config = Umt5Config;
+    const KIND: ComponentKind = ComponentKind::Model;
+    fn config_from_file(path: &Path) -> Result<Umt5Config, Error> {
+        Umt5Config::from_file(path)
+    }
+    fn detect_config(c: &Component<'_>) -> Result<Umt5Config, Error> {
+        Umt5Config::detect(c)
+    }
+    fn execution_order(config: &Umt5Config, c: &Component<'_>) -> Result<Vec<String>, Error> {
+        Ok(units_in_order(
+            &Layers::new(config, Self::tokens_unit(c)).expected,
+        ))
+    }
+    fn streamer(&self) -> &Streamer<B> {
+        self.streamer()
+    }
+    /// Loads the encoder from `component` of `index` at the homes `plan` gives.
+    fn load(ctx: &LoadContext<'_, B>, config: Self::Config) -> Result<(Self, LoadReport), Error> {
+        config.check()?;
+        let layers = Layers::new(&config, Self::tokens_unit(ctx.component));
+        let (streamer, report) = ctx.stream_declared(&layers.expected)?;
+        Ok((
+            Umt5Encoder {
+                config,
+                streamer,
+                layers,
+            },
+            report,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_follow_t5() {
+        // Values from transformers' `UMT5Attention._relative_position_bucket` (encoder).
+        let b = relative_buckets(200, 32, 128);
+        let at = |q: usize, k: usize| b[q * 200 + k];
+        assert_eq!(at(10, 10), 0);
+        assert_eq!(at(10, 3), 7);
+        assert_eq!(at(3, 10), 16 + 7);
+        assert_eq!(at(20, 4), 10, "distance 16: 8 + trunc(ln 2 / ln 16 · 8)");
+        assert_eq!(at(0, 199), 31, "far beyond max_distance: the last bucket");
+        assert_eq!(at(199, 0), 15);
+    }
+}

@@ -167,3 +167,17 @@ fn did_you_mean(near: &[String]) -> String {
         format!("; did you mean {}?", near.join(", "))
     }
 }
+
+/// `Err` of [`Error::Unsupported`]: `field` = `value` is not implemented (`reason` says what
+/// is).
+pub(crate) fn unsupported<T>(
+    field: &'static str,
+    value: String,
+    reason: &'static str,
+) -> Result<T, Error> {
+    Err(Error::Unsupported {
+        field,
+        value,
+        reason,
+    })
+}

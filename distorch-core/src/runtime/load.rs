@@ -15,6 +15,7 @@ use crate::components::Component;
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::home::{DeviceRule, Homes};
+use crate::runtime::backend::DonorCopy;
 use crate::runtime::decode::{first_non_finite, to_f32};
 use crate::runtime::device::{
     self, DeviceTensor, Fp8Tables, Source, device_rule, supports_compute,
@@ -22,7 +23,7 @@ use crate::runtime::device::{
 use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::{HostBytes, HostTensor, changed, storage_dtype};
 use crate::runtime::store::{
-    DeviceMap, DonorCopy, LoadOptions, LoadReport, ShapeMismatch, Stored, StoredTensor, StoredUnit,
+    DeviceMap, LoadOptions, LoadReport, ShapeMismatch, Stored, StoredTensor, StoredUnit,
     WeightStore,
 };
 use crate::safetensors::{SafetensorsIndex, TensorInfo};

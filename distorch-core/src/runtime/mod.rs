@@ -23,17 +23,20 @@
 //! prefetch thread on CUDA's own stream (they are enqueued on the compute thread on every
 //! backend; see the streamer).
 
+mod backend;
 mod cache;
 mod decode;
 mod device;
 mod fp8;
 mod host;
 mod load;
+mod order;
 mod repatch;
 mod reshape;
 mod store;
 mod stream;
 
+pub use backend::{Capabilities, DonorCopy, UploadThread};
 pub use cache::{EjectPolicy, ModelCache};
 pub use device::{compute_burn_dtype, device_rule, supports_compute};
 pub use fp8::PatchPrecision;
@@ -50,7 +53,7 @@ pub fn encode_f32(values: &[f32], dtype: crate::DType) -> Vec<u8> {
 }
 
 pub use store::{
-    DeviceMap, DonorCopy, ExpectedTensor, LoadOptions, LoadReport, ShapeMismatch, StoredTensor,
-    StoredUnit, WeightPatch, WeightStore,
+    DeviceMap, ExpectedTensor, LoadOptions, LoadReport, ShapeMismatch, StoredTensor, StoredUnit,
+    WeightPatch, WeightStore,
 };
-pub use stream::{ExecutionOrder, Lookahead, StreamStats, Streamer, UnitWeights, UploadThread};
+pub use stream::{ExecutionOrder, Lookahead, StreamStats, Streamer, UnitWeights};

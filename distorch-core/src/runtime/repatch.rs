@@ -6,10 +6,9 @@ use burn::tensor::backend::Backend;
 use distorch_alloc::ByteSize;
 
 use crate::error::Error;
+use crate::runtime::backend::DonorCopy;
 use crate::runtime::load::{Fingerprint, Home, Loader, unit_bytes};
-use crate::runtime::store::{
-    DeviceMap, DonorCopy, LoadOptions, LoadReport, Stored, WeightPatch, WeightStore,
-};
+use crate::runtime::store::{DeviceMap, LoadOptions, LoadReport, Stored, WeightPatch, WeightStore};
 
 /// A tensor's home, owning its device (a donor's device comes from its tensor).
 enum Owned<B: Backend> {

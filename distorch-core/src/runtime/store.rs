@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::home::{ComputeDtype, DeviceRule};
+use crate::runtime::backend::{Capabilities, DonorCopy};
 use crate::runtime::device::{DeviceTensor, Fp8Tables};
 use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::HostTensor;
@@ -86,27 +87,6 @@ impl<B: Backend> StoredUnit<B> {
     }
 }
 
-/// How a GPU donor's tensors reach the compute device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DonorCopy {
-    /// A device-to-device copy (Burn's `to_device`), enqueued by the compute thread. Needs a
-    /// backend that implements it: CubeCL's CUDA runtime does, its wgpu runtime does not.
-    Direct,
-    /// Read back to host memory on the prefetch thread, then uploaded like a host home.
-    ViaHost,
-}
-
-impl DonorCopy {
-    /// [`DonorCopy::Direct`] on CUDA, [`DonorCopy::ViaHost`] elsewhere.
-    pub fn for_backend<B: Backend>(device: &B::Device) -> DonorCopy {
-        if B::name(device).contains("cuda") {
-            DonorCopy::Direct
-        } else {
-            DonorCopy::ViaHost
-        }
-    }
-}
-
 /// The Burn devices a plan's device ids stand for: the compute device, and any GPU donors
 /// of the same backend. `cpu` needs no binding: it is host memory for every backend.
 #[derive(Debug, Clone)]
@@ -125,9 +105,9 @@ impl<B: Backend> DeviceMap<B> {
     }
 
     /// Binds a donor device id of the plan (`cuda:1`, say) to a Burn device, copying with
-    /// [`DonorCopy::for_backend`].
+    /// [`Capabilities::of`].
     pub fn with_donor(self, id: DeviceId, device: B::Device) -> DeviceMap<B> {
-        let copy = DonorCopy::for_backend::<B>(&device);
+        let copy = Capabilities::of::<B>(&device).donor_copy;
         self.with_donor_copy(id, device, copy)
     }
 

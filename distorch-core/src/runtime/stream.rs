@@ -26,33 +26,12 @@ use burn::tensor::backend::Backend;
 use distorch_alloc::{ByteSize, DeviceId};
 
 use crate::error::Error;
+use crate::runtime::backend::DonorCopy;
+use crate::runtime::backend::{Capabilities, UploadThread};
 use crate::runtime::device::{self, DeviceTensor, Source, Staged};
-use crate::runtime::store::{DonorCopy, LoadReport, Stored, StoredUnit, WeightPatch, WeightStore};
-
-/// Which thread enqueues a streamed unit's upload to the compute device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UploadThread {
-    /// The prefetch thread, as soon as the unit is staged: the upload overlaps the compute
-    /// thread's work. Needs a backend that orders a buffer written on one thread before its
-    /// use on another: CubeCL's CUDA runtime does (a stream per thread, cross-stream use
-    /// waits on an event); ndarray's tensors are host memory.
-    Prefetch,
-    /// The compute thread, when it asks for the unit (CubeCL's wgpu runtime: uploads from
-    /// another thread were read stale).
-    Compute,
-}
-
-impl UploadThread {
-    /// [`UploadThread::Prefetch`] on CUDA and ndarray, [`UploadThread::Compute`] elsewhere.
-    pub fn for_backend<B: Backend>(device: &B::Device) -> UploadThread {
-        let name = B::name(device);
-        if name.contains("cuda") || name.contains("ndarray") {
-            UploadThread::Prefetch
-        } else {
-            UploadThread::Compute
-        }
-    }
-}
+pub use crate::runtime::order::ExecutionOrder;
+use crate::runtime::order::Order;
+use crate::runtime::store::{LoadReport, Stored, StoredUnit, WeightPatch, WeightStore};
 
 /// A streamed unit as the prefetch thread leaves it.
 enum Prepared<B: Backend> {
@@ -81,20 +60,6 @@ impl Default for Lookahead {
             bytes: ByteSize::mib(512),
         }
     }
-}
-
-/// The order in which a forward pass asks for units, which the look-ahead follows.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum ExecutionOrder {
-    /// The plan's order (the store's), which follows key names.
-    Plan,
-    /// Recorded during the first pass (until a unit is asked for a second time, or
-    /// [`Streamer::take_stats`]); the plan's order is followed until then. Units the first
-    /// pass never asked for keep their plan order, after the recorded ones.
-    #[default]
-    Record,
-    /// Declared by the model: unit names in the order its forward pass uses them.
-    Declared(Vec<String>),
 }
 
 /// What one pass cost.
@@ -149,55 +114,6 @@ impl<B: Backend> UnitWeights<B> {
     /// All tensors: key, shape, flattened data.
     pub fn tensors(&self) -> &[(String, Vec<usize>, Tensor<B, 1>)] {
         &self.tensors
-    }
-}
-
-/// The look-ahead's order: `order[k]` is a unit index, `pos[i]` its place in `order`.
-struct Order {
-    order: Vec<usize>,
-    pos: Vec<usize>,
-    /// Units seen so far while recording; `None` once the order is fixed.
-    recording: Option<(Vec<usize>, Vec<bool>)>,
-}
-
-impl Order {
-    fn new(order: Vec<usize>, record: bool) -> Order {
-        let mut pos = vec![0; order.len()];
-        for (k, &i) in order.iter().enumerate() {
-            pos[i] = k;
-        }
-        let n = order.len();
-        Order {
-            order,
-            pos,
-            recording: record.then(|| (Vec::new(), vec![false; n])),
-        }
-    }
-
-    /// Notes a fetch of unit `i`; a unit seen before ends the recording.
-    fn note(&mut self, i: usize) {
-        let Some((seen, mask)) = &mut self.recording else {
-            return;
-        };
-        if mask[i] {
-            self.finish();
-        } else {
-            mask[i] = true;
-            seen.push(i);
-        }
-    }
-
-    fn finish(&mut self) {
-        let Some((mut seen, mask)) = self.recording.take() else {
-            return;
-        };
-        if seen.is_empty() {
-            self.recording = Some((seen, mask));
-            return;
-        }
-        seen.extend(self.order.iter().copied().filter(|&i| !mask[i]));
-        tracing::debug!(units = seen.len(), "execution order recorded");
-        *self = Order::new(seen, false);
     }
 }
 
@@ -311,7 +227,7 @@ impl<B: Backend> Streamer<B> {
     }
 
     fn start(store: Arc<WeightStore<B>>, lookahead: Lookahead, order: Order) -> Streamer<B> {
-        let uploads = UploadThread::for_backend::<B>(store.compute());
+        let uploads = Capabilities::of::<B>(store.compute()).upload_thread;
         tracing::debug!(?uploads, "streamed units are uploaded by this thread");
         let shared = Arc::new(Shared {
             state: Mutex::new(State {

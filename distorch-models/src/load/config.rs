@@ -14,6 +14,16 @@ pub(crate) fn read<T: DeserializeOwned>(path: &Path) -> Result<T, Error> {
     from_value(path, value)
 }
 
+/// Reads `path` as a `T` and checks it with `check`.
+pub(crate) fn read_checked<T: DeserializeOwned>(
+    path: &Path,
+    check: impl FnOnce(&T) -> Result<(), Error>,
+) -> Result<T, Error> {
+    let config: T = read(path)?;
+    check(&config)?;
+    Ok(config)
+}
+
 /// Converts an already parsed value (a nested config, say).
 pub(crate) fn from_value<T: DeserializeOwned>(
     path: &Path,

@@ -293,3 +293,45 @@ impl GroupNorm {
         crate::nn::group_norm_unit(&unit, x, self.groups, self.eps, silu)
     }
 }
+
+/// Attention's projections: `to_q`, `to_k`, `to_v` (with or without bias) and `to_out.0`
+/// (diffusers' `Attention`), over `heads` heads.
+#[derive(Debug, Clone)]
+pub(crate) struct Projections {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl Projections {
+    /// Declares attention `p` from width `c` (queries) and `kv` (keys and values).
+    pub(crate) fn new(
+        s: &mut Spec<'_>,
+        p: &str,
+        (c, kv): (usize, usize),
+        bias: bool,
+    ) -> Projections {
+        Projections {
+            q: s.linear(&format!("{p}.to_q"), c, c, bias),
+            k: s.linear(&format!("{p}.to_k"), c, kv, bias),
+            v: s.linear(&format!("{p}.to_v"), c, kv, bias),
+            out: s.linear(&format!("{p}.to_out.0"), c, c, true),
+        }
+    }
+
+    /// `x` attending to `ctx` (itself for self-attention) over `heads` heads.
+    pub(crate) fn forward<B: Backend>(
+        &self,
+        w: &Weights<'_, B>,
+        x: Tensor<B, 3>,
+        ctx: Tensor<B, 3>,
+        heads: usize,
+    ) -> Result<Tensor<B, 3>, Error> {
+        let q = self.q.forward(w, x)?;
+        let k = self.k.forward(w, ctx.clone())?;
+        let v = self.v.forward(w, ctx)?;
+        self.out
+            .forward(w, crate::nn::attention::attention(q, k, v, heads, None))
+    }
+}

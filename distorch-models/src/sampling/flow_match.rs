@@ -62,9 +62,7 @@ impl FlowMatchConfig {
 
     /// Reads a `scheduler_config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<FlowMatchConfig, Error> {
-        let c: FlowMatchConfig = crate::load::config::read(path.as_ref())?;
-        c.check()?;
-        Ok(c)
+        crate::load::config::read_checked(path.as_ref(), FlowMatchConfig::check)
     }
 
     /// Refuses the options this sampler does not implement.

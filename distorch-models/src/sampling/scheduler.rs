@@ -155,9 +155,7 @@ impl Default for SchedulerConfig {
 impl SchedulerConfig {
     /// Reads a diffusers `scheduler_config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<SchedulerConfig, Error> {
-        let config: SchedulerConfig = crate::load::config::read(path.as_ref())?;
-        config.check()?;
-        Ok(config)
+        crate::load::config::read_checked(path.as_ref(), SchedulerConfig::check)
     }
 
     /// Rejects values the samplers do not implement (unknown names of the enumerated fields
@@ -249,65 +247,13 @@ impl<B: Backend> Scheduler<B> {
         }
         let ac = config.alphas_cumprod();
         let spacing = config.timestep_spacing.unwrap_or(kind.default_spacing());
-        let mut timesteps: Vec<f64> = match spacing {
-            TimestepSpacing::Leading => {
-                let ratio = n / steps;
-                (0..steps)
-                    .rev()
-                    .map(|i| (i * ratio + config.steps_offset) as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = n as f64 / steps as f64;
-                (0..steps)
-                    .map(|i| (n as f64 - i as f64 * ratio).round() - 1.0)
-                    .collect()
-            }
-            TimestepSpacing::Linspace => (0..steps)
-                .rev()
-                .map(|i| {
-                    let t = if steps == 1 {
-                        0.0
-                    } else {
-                        (n - 1) as f64 * i as f64 / (steps - 1) as f64
-                    };
-                    if kind == SamplerKind::Ddim {
-                        t.round()
-                    } else {
-                        t
-                    }
-                })
-                .collect(),
-        };
+        let mut timesteps = spaced_timesteps(kind, spacing, config, steps);
         // σ_t = √((1 − ᾱ)/ᾱ), from the f32 ᾱ as diffusers.
         let full: Vec<f64> = ac
             .iter()
             .map(|&a| f64::from(((1.0 - a) / a).sqrt()))
             .collect();
-        let mut sigmas: Vec<f64> = match kind {
-            SamplerKind::Ddim => Vec::new(),
-            SamplerKind::DpmPp2mKarras => {
-                let (lo, hi) = (full[0], full[n - 1]);
-                let rho = 7.0;
-                let (min_inv, max_inv) = (lo.powf(1.0 / rho), hi.powf(1.0 / rho));
-                let karras: Vec<f64> = (0..steps)
-                    .map(|i| {
-                        let ramp = if steps == 1 {
-                            0.0
-                        } else {
-                            i as f64 / (steps - 1) as f64
-                        };
-                        (max_inv + ramp * (min_inv - max_inv)).powf(rho)
-                    })
-                    .collect();
-                timesteps = karras
-                    .iter()
-                    .map(|&s| sigma_to_t(s, &full).round())
-                    .collect();
-                karras
-            }
-            _ => timesteps.iter().map(|&t| interp(t, &full)).collect(),
-        };
+        let mut sigmas = sample_sigmas(kind, &full, &mut timesteps, steps);
         if kind != SamplerKind::Ddim {
             sigmas.push(0.0);
             // Stored in f32 by diffusers.
@@ -511,4 +457,79 @@ fn sigma_to_t(sigma: f64, table: &[f64]) -> f64 {
     let (lo, hi) = (logs[low], logs[low + 1]);
     let w = ((lo - ls) / (lo - hi)).clamp(0.0, 1.0);
     (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
+/// The sampling timesteps for `spacing`, as diffusers' schedulers space them.
+fn spaced_timesteps(
+    kind: SamplerKind,
+    spacing: TimestepSpacing,
+    config: &SchedulerConfig,
+    steps: usize,
+) -> Vec<f64> {
+    let n = config.num_train_timesteps;
+    match spacing {
+        TimestepSpacing::Leading => {
+            let ratio = n / steps;
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio + config.steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = n as f64 / steps as f64;
+            (0..steps)
+                .map(|i| (n as f64 - i as f64 * ratio).round() - 1.0)
+                .collect()
+        }
+        TimestepSpacing::Linspace => (0..steps)
+            .rev()
+            .map(|i| {
+                let t = if steps == 1 {
+                    0.0
+                } else {
+                    (n - 1) as f64 * i as f64 / (steps - 1) as f64
+                };
+                if kind == SamplerKind::Ddim {
+                    t.round()
+                } else {
+                    t
+                }
+            })
+            .collect(),
+    }
+}
+
+/// The noise levels of `kind` at `timesteps` (σ of every training step in `full`); the
+/// Karras schedule replaces the timesteps with its own.
+fn sample_sigmas(
+    kind: SamplerKind,
+    full: &[f64],
+    timesteps: &mut Vec<f64>,
+    steps: usize,
+) -> Vec<f64> {
+    let n = full.len();
+    match kind {
+        SamplerKind::Ddim => Vec::new(),
+        SamplerKind::DpmPp2mKarras => {
+            let (lo, hi) = (full[0], full[n - 1]);
+            let rho = 7.0;
+            let (min_inv, max_inv) = (lo.powf(1.0 / rho), hi.powf(1.0 / rho));
+            let karras: Vec<f64> = (0..steps)
+                .map(|i| {
+                    let ramp = if steps == 1 {
+                        0.0
+                    } else {
+                        i as f64 / (steps - 1) as f64
+                    };
+                    (max_inv + ramp * (min_inv - max_inv)).powf(rho)
+                })
+                .collect();
+            *timesteps = karras
+                .iter()
+                .map(|&s| sigma_to_t(s, full).round())
+                .collect();
+            karras
+        }
+        _ => timesteps.iter().map(|&t| interp(t, full)).collect(),
+    }
 }

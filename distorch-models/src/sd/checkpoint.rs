@@ -73,6 +73,25 @@ pub struct LoraSpec {
     pub clip: f32,
 }
 
+impl LoraSpec {
+    /// `loras` for one component: the model strengths for the UNet, the CLIP strengths for
+    /// a text encoder.
+    fn for_target(loras: &[LoraSpec], target: Target) -> ComponentLoras {
+        let files = loras
+            .iter()
+            .map(|l| {
+                let strength = if target == Target::Unet {
+                    l.model
+                } else {
+                    l.clip
+                };
+                (Arc::clone(&l.file), strength)
+            })
+            .collect();
+        ComponentLoras { files, target }
+    }
+}
+
 impl<B: Backend> CheckpointOptions<B> {
     /// DisTorch2's defaults: the UNet on `compute` with 4 GiB of virtual VRAM on `cpu` (all
     /// of it on `compute` when that is the CPU), the text encoders computed on `cpu` (bound
@@ -142,19 +161,7 @@ impl<B: Backend> CheckpointOptions<B> {
     fn with_loras(&self, placement: &Placement<B>, target: Target) -> ComponentOptions<B> {
         let mut o = self.component(placement);
         if !self.loras.is_empty() {
-            let files = self
-                .loras
-                .iter()
-                .map(|l| {
-                    let strength = if target == Target::Unet {
-                        l.model
-                    } else {
-                        l.clip
-                    };
-                    (Arc::clone(&l.file), strength)
-                })
-                .collect();
-            o.loras = Some(ComponentLoras { files, target });
+            o.loras = Some(LoraSpec::for_target(&self.loras, target));
         }
         o
     }
@@ -169,6 +176,25 @@ struct Gathered(
 );
 
 impl Gathered {
+    /// The checkpoint of the components gathered.
+    fn into_model<B: Backend>(
+        self,
+        family: SdFamily,
+        unet: Unet2dCondition<B>,
+        text_encoders: Vec<ClipTextModel<B>>,
+        vae: AutoencoderKl<B>,
+    ) -> StableDiffusion<B> {
+        StableDiffusion {
+            family,
+            unet,
+            text_encoders,
+            vae,
+            loaded: self.0,
+            loras: self.1,
+            lora_states: self.2,
+        }
+    }
+
     fn keep<M>(&mut self, name: String, loaded: Loaded<M>) -> M {
         if !loaded.lora.matched.is_empty() || !loaded.lora.unmatched.is_empty() {
             self.1.push((name.clone(), loaded.lora));
@@ -245,15 +271,7 @@ impl<B: Backend> StableDiffusion<B> {
             encoders = text_encoders.len(),
             "checkpoint loaded"
         );
-        Ok(StableDiffusion {
-            family,
-            unet,
-            text_encoders,
-            vae,
-            loaded: loaded.0,
-            loras: loaded.1,
-            lora_states: loaded.2,
-        })
+        Ok(loaded.into_model(family, unet, text_encoders, vae))
     }
 
     /// Loads a diffusers pipeline folder: `unet/`, `vae/`, `text_encoder/` and, for SDXL,
@@ -298,15 +316,7 @@ impl<B: Backend> StableDiffusion<B> {
             2 => SdFamily::Sdxl,
             _ => SdFamily::Unknown,
         };
-        Ok(StableDiffusion {
-            family,
-            unet,
-            text_encoders,
-            vae,
-            loaded: loaded.0,
-            loras: loaded.1,
-            lora_states: loaded.2,
-        })
+        Ok(loaded.into_model(family, unet, text_encoders, vae))
     }
 }
 
@@ -323,18 +333,7 @@ impl<B: Backend> StableDiffusion<B> {
                 Some(i) => Target::TextEncoder(i.parse().unwrap_or(0)),
                 None => Target::Unet,
             };
-            let files = loras
-                .iter()
-                .map(|l| {
-                    let s = if target == Target::Unet {
-                        l.model
-                    } else {
-                        l.clip
-                    };
-                    (Arc::clone(&l.file), s)
-                })
-                .collect();
-            prepared.push(state.prepare(&ComponentLoras { files, target })?);
+            prepared.push(state.prepare(&LoraSpec::for_target(loras, target))?);
         }
         self.loras.clear();
         for ((name, state), p) in self.lora_states.iter_mut().zip(prepared) {

@@ -14,7 +14,7 @@ use distorch_core::Component;
 use distorch_core::runtime::{ExpectedTensor, LoadReport, Streamer};
 use serde::Deserialize;
 
-use crate::error::Error;
+use crate::error::{Error, unsupported};
 use crate::load::LoadContext;
 use crate::load::keymap::{KeyLayout, KeyMap};
 use crate::nn::spec::{Conv2d, Spec};
@@ -55,9 +55,7 @@ impl Default for ControlNetConfig {
 impl ControlNetConfig {
     /// Reads a diffusers `config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<ControlNetConfig, Error> {
-        let config: ControlNetConfig = crate::load::config::read(path.as_ref())?;
-        config.check()?;
-        Ok(config)
+        crate::load::config::read_checked(path.as_ref(), ControlNetConfig::check)
     }
 
     /// The UNet fields with up blocks mirroring the down blocks (what the shared checks
@@ -80,13 +78,6 @@ impl ControlNetConfig {
 
     fn blocks(&self) -> Result<Blocks, Error> {
         let blocks = self.trunk_config().blocks()?;
-        let unsupported = |field, value: String, reason| {
-            Err(Error::Unsupported {
-                field,
-                value,
-                reason,
-            })
-        };
         if !matches!(
             self.controlnet_conditioning_channel_order.as_str(),
             "rgb" | "bgr"

@@ -45,7 +45,26 @@ impl DemoModel {
 
     /// Writes the checkpoint into `dir` unless a valid copy is already there; returns its path.
     pub fn ensure_in(self, dir: &Path) -> Result<PathBuf, Error> {
-        let path = dir.join(self.file_name());
+        let note = "SD1.5 shapes, zero weights: for planning and inspection only";
+        self.ensure(dir, self.file_name(), note, |path, tensors, meta| {
+            write_zeroed(path, tensors, meta)
+        })
+    }
+
+    /// The file at `dir/name` unless a copy with every tensor is there, written by `write`
+    /// with `note` in its metadata.
+    fn ensure(
+        self,
+        dir: &Path,
+        name: &str,
+        note: &str,
+        write: impl FnOnce(
+            &Path,
+            &[TensorSpec],
+            &BTreeMap<String, String>,
+        ) -> Result<(), distorch_core::Error>,
+    ) -> Result<PathBuf, Error> {
+        let path = dir.join(name);
         let tensors = self.tensors();
         if let Ok(index) = SafetensorsIndex::open(&path)
             && index.tensors().len() == tensors.len()
@@ -56,13 +75,9 @@ impl DemoModel {
             path: dir.to_path_buf(),
             source,
         })?;
-        let mut meta = BTreeMap::new();
-        meta.insert(
-            "distorch.demo".to_owned(),
-            "SD1.5 shapes, zero weights: for planning and inspection only".to_owned(),
-        );
+        let meta = BTreeMap::from([("distorch.demo".to_owned(), note.to_owned())]);
         tracing::info!(path = %path.display(), "writing demo checkpoint");
-        write_zeroed(&path, &tensors, &meta)?;
+        write(&path, &tensors, &meta)?;
         Ok(path)
     }
 }
@@ -83,25 +98,10 @@ impl DemoModel {
     /// a temporary name renamed at the end, so an interrupted write is never taken for a
     /// complete one.
     pub fn ensure_random_in(self, dir: &Path) -> Result<PathBuf, Error> {
-        let path = dir.join(self.random_file_name());
-        let tensors = self.tensors();
-        if let Ok(index) = SafetensorsIndex::open(&path)
-            && index.tensors().len() == tensors.len()
-        {
-            return Ok(path);
-        }
-        std::fs::create_dir_all(dir).map_err(|source| distorch_core::Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let mut meta = BTreeMap::new();
-        meta.insert(
-            "distorch.demo".to_owned(),
-            "SD1.5 shapes, deterministic random weights: abstract images only".to_owned(),
-        );
-        tracing::info!(path = %path.display(), "writing the random-weights demo checkpoint");
-        write_random(&path, &tensors, 0x5EED, &meta)?;
-        Ok(path)
+        let note = "SD1.5 shapes, deterministic random weights: abstract images only";
+        self.ensure(dir, self.random_file_name(), note, |path, tensors, meta| {
+            write_random(path, tensors, 0x5EED, meta)
+        })
     }
 }
 

@@ -64,9 +64,7 @@ impl Default for Umt5Config {
 impl Umt5Config {
     /// Reads a transformers `config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Umt5Config, Error> {
-        let c: Umt5Config = crate::load::config::read(path.as_ref())?;
-        c.check()?;
-        Ok(c)
+        crate::load::config::read_checked(path.as_ref(), Umt5Config::check)
     }
 
     /// Checks the values the maths depends on.

@@ -72,13 +72,7 @@ impl ClipVisionConfig {
     /// Rejects what the encoder cannot run.
     pub fn check(&self) -> Result<(), Error> {
         Activation::from_name(&self.hidden_act)?;
-        let bad = |field, value: String, reason| {
-            Err(Error::Unsupported {
-                field,
-                value,
-                reason,
-            })
-        };
+        let bad = crate::error::unsupported;
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {

@@ -155,29 +155,7 @@ impl<B: Backend> Wan<B> {
         req: &Txt2Video<B>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Video<B>, Error> {
-        let vae = self.vae.config();
-        let dit = self.transformer.config();
-        let (ts, ss) = (vae.temporal_factor(), vae.spatial_factor());
-        let side = ss * dit.patch_size[1].max(dit.patch_size[2]);
-        if req.frames == 0 || !(req.frames - 1).is_multiple_of(ts) {
-            return Err(Error::Input {
-                input: "frames",
-                reason: format!("{} frames: the VAE takes 1 + {ts}k", req.frames),
-            });
-        }
-        if !req.width.is_multiple_of(side)
-            || !req.height.is_multiple_of(side)
-            || req.width == 0
-            || req.height == 0
-        {
-            return Err(Error::Input {
-                input: "size",
-                reason: format!(
-                    "{}×{}: width and height must be positive multiples of {side}",
-                    req.width, req.height
-                ),
-            });
-        }
+        let shape = self.latent_shape(req)?;
         let scheduler = FlowMatchEuler::new(&FlowMatchConfig::with_shift(req.shift), req.steps)?;
         let start = Instant::now();
         let cond = self.encode_prompt(&req.prompt, req.max_sequence_length)?;
@@ -193,13 +171,6 @@ impl<B: Backend> Wan<B> {
         });
 
         let device = context.device();
-        let shape = [
-            1,
-            dit.in_channels,
-            (req.frames - 1) / ts + 1,
-            req.height / ss,
-            req.width / ss,
-        ];
         let mut latents = match &req.latents {
             Some(l) if l.dims() != shape => {
                 return Err(Error::Input {
@@ -243,6 +214,59 @@ impl<B: Backend> Wan<B> {
         }
 
         let t0 = Instant::now();
+        let video = self.decode_latents(&latents, &device)?;
+        progress(Progress::Decoded {
+            elapsed: t0.elapsed(),
+        });
+        Ok(Video {
+            latents,
+            video,
+            step_times,
+        })
+    }
+
+    /// Checks the request's size against the models; returns the latents' shape.
+    fn latent_shape(&self, req: &Txt2Video<B>) -> Result<[usize; 5], Error> {
+        let vae = self.vae.config();
+        let dit = self.transformer.config();
+        let (ts, ss) = (vae.temporal_factor(), vae.spatial_factor());
+        let side = ss * dit.patch_size[1].max(dit.patch_size[2]);
+        if req.frames == 0 || !(req.frames - 1).is_multiple_of(ts) {
+            return Err(Error::Input {
+                input: "frames",
+                reason: format!("{} frames: the VAE takes 1 + {ts}k", req.frames),
+            });
+        }
+        if !req.width.is_multiple_of(side)
+            || !req.height.is_multiple_of(side)
+            || req.width == 0
+            || req.height == 0
+        {
+            return Err(Error::Input {
+                input: "size",
+                reason: format!(
+                    "{}×{}: width and height must be positive multiples of {side}",
+                    req.width, req.height
+                ),
+            });
+        }
+        Ok([
+            1,
+            dit.in_channels,
+            (req.frames - 1) / ts + 1,
+            req.height / ss,
+            req.width / ss,
+        ])
+    }
+
+    /// The video the VAE decodes from `latents` (un-normalised by the VAE's latent
+    /// statistics), in [0, 1].
+    fn decode_latents(
+        &self,
+        latents: &Tensor<B, 5>,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 5>, Error> {
+        let vae = self.vae.config();
         let z = vae.z_dim;
         let stats = |v: &[f64], what: &'static str| -> Result<Tensor<B, 5>, Error> {
             if v.len() != z {
@@ -254,21 +278,13 @@ impl<B: Backend> Wan<B> {
             let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
             Ok(Tensor::from_data(
                 TensorData::new(v, [1, z, 1, 1, 1]),
-                &device,
+                device,
             ))
         };
         let mean = stats(&vae.latents_mean, "latents_mean")?;
         let std = stats(&vae.latents_std, "latents_std")?;
         let decoded = self.vae.decode(latents.clone() * std + mean)?;
-        let video = (decoded * 0.5 + 0.5).clamp(0.0, 1.0);
-        progress(Progress::Decoded {
-            elapsed: t0.elapsed(),
-        });
-        Ok(Video {
-            latents,
-            video,
-            step_times,
-        })
+        Ok((decoded * 0.5 + 0.5).clamp(0.0, 1.0))
     }
 }
 

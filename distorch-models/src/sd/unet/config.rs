@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::error::Error;
+use crate::error::{Error, unsupported};
 
 /// A value given once for every block, or per block.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -159,9 +159,7 @@ pub(crate) struct Blocks {
 impl UnetConfig {
     /// Reads a diffusers `config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<UnetConfig, Error> {
-        let config: UnetConfig = crate::load::config::read(path.as_ref())?;
-        config.check()?;
-        Ok(config)
+        crate::load::config::read_checked(path.as_ref(), UnetConfig::check)
     }
 
     /// Whether SDXL's text-time addition embedding is used (`text_embeds`, `time_ids`).
@@ -174,15 +172,30 @@ impl UnetConfig {
         self.blocks().map(|_| ())
     }
 
+    /// Norm groups and attention heads must divide every level's channels.
+    fn check_divisible(&self, heads: &[usize]) -> Result<(), Error> {
+        let g = self.norm_num_groups;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if g == 0 || !c.is_multiple_of(g) {
+                return unsupported(
+                    "norm_num_groups",
+                    g.to_string(),
+                    "must divide every block's channels",
+                );
+            }
+            if heads[i] == 0 || !c.is_multiple_of(heads[i]) {
+                return unsupported(
+                    "attention_head_dim",
+                    format!("{heads:?}"),
+                    "the heads of each block must divide its channels",
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Which down and up blocks have cross-attention.
     fn block_kinds(&self) -> Result<(Vec<bool>, Vec<bool>), Error> {
-        let unsupported = |field: &'static str, value: String, reason: &'static str| {
-            Err(Error::Unsupported {
-                field,
-                value,
-                reason,
-            })
-        };
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return unsupported(
@@ -342,13 +355,6 @@ impl UnetConfig {
 
     pub(crate) fn blocks(&self) -> Result<Blocks, Error> {
         let (down_attn, up_attn) = self.block_kinds()?;
-        let unsupported = |field: &'static str, value: String, reason: &'static str| {
-            Err(Error::Unsupported {
-                field,
-                value,
-                reason,
-            })
-        };
         let n = self.block_out_channels.len();
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
             return unsupported(
@@ -399,23 +405,7 @@ impl UnetConfig {
                 );
             }
         };
-        let g = self.norm_num_groups;
-        for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if g == 0 || !c.is_multiple_of(g) {
-                return unsupported(
-                    "norm_num_groups",
-                    g.to_string(),
-                    "must divide every block's channels",
-                );
-            }
-            if heads[i] == 0 || !c.is_multiple_of(heads[i]) {
-                return unsupported(
-                    "attention_head_dim",
-                    format!("{heads:?}"),
-                    "the heads of each block must divide its channels",
-                );
-            }
-        }
+        self.check_divisible(&heads)?;
         Ok(Blocks {
             layers,
             heads,

@@ -7,8 +7,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use crate::error::Error;
-use crate::nn::attention::attention;
-use crate::nn::spec::{Conv2d, GroupNorm, LayerNorm, Linear, Spec};
+use crate::nn::spec::{Conv2d, GroupNorm, LayerNorm, Linear, Projections, Spec};
 use crate::nn::{Weights, geglu};
 use crate::sd::unet::config::{Blocks, UnetConfig};
 
@@ -80,44 +79,12 @@ impl Projection {
     }
 }
 
-/// Self- or cross-attention: `to_q`, `to_k`, `to_v`, `to_out.0`.
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-}
-
-impl Attention {
-    fn new(s: &mut Spec<'_>, p: &str, c: usize, kv: usize) -> Attention {
-        Attention {
-            q: s.linear(&format!("{p}.to_q"), c, c, false),
-            k: s.linear(&format!("{p}.to_k"), c, kv, false),
-            v: s.linear(&format!("{p}.to_v"), c, kv, false),
-            out: s.linear(&format!("{p}.to_out.0"), c, c, true),
-        }
-    }
-
-    fn forward<B: Backend>(
-        &self,
-        w: &Weights<'_, B>,
-        x: Tensor<B, 3>,
-        ctx: Tensor<B, 3>,
-        heads: usize,
-    ) -> Result<Tensor<B, 3>, Error> {
-        let q = self.q.forward(w, x)?;
-        let k = self.k.forward(w, ctx.clone())?;
-        let v = self.v.forward(w, ctx)?;
-        self.out.forward(w, attention(q, k, v, heads, None))
-    }
-}
-
 /// diffusers' `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
 struct TransformerBlock {
     norm1: LayerNorm,
-    attn1: Attention,
+    attn1: Projections,
     norm2: LayerNorm,
-    attn2: Attention,
+    attn2: Projections,
     norm3: LayerNorm,
     ff_in: Linear,
     ff_out: Linear,
@@ -149,9 +116,9 @@ impl Transformer2d {
                 let q = format!("{p}.transformer_blocks.{b}");
                 TransformerBlock {
                     norm1: s.layer_norm(&format!("{q}.norm1"), ch, eps),
-                    attn1: Attention::new(s, &format!("{q}.attn1"), ch, ch),
+                    attn1: Projections::new(s, &format!("{q}.attn1"), (ch, ch), false),
                     norm2: s.layer_norm(&format!("{q}.norm2"), ch, eps),
-                    attn2: Attention::new(s, &format!("{q}.attn2"), ch, bl.context),
+                    attn2: Projections::new(s, &format!("{q}.attn2"), (ch, bl.context), false),
                     norm3: s.layer_norm(&format!("{q}.norm3"), ch, eps),
                     ff_in: s.linear(&format!("{q}.ff.net.0.proj"), 8 * ch, ch, true),
                     ff_out: s.linear(&format!("{q}.ff.net.2"), ch, 4 * ch, true),

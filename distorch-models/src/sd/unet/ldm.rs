@@ -127,43 +127,12 @@ pub fn detect<'a>(
     } else {
         in_channels
     };
-    let depth_of = |prefix: &str| {
-        shapes
-            .keys()
-            .filter_map(|k| k.strip_prefix(prefix))
-            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
-            .collect::<BTreeSet<_>>()
-            .len()
-    };
-    // Walk input_blocks: resnets until a downsampler closes the level.
-    let (mut channels, mut layers, mut attn, mut depth) = (vec![], vec![], vec![], vec![]);
-    let (mut count, mut level_attn, mut level_depth) = (0, false, 1);
-    for i in 1.. {
-        let resnet = format!("input_blocks.{i}.0.out_layers.3.weight");
-        let op = format!("input_blocks.{i}.0.op.weight");
-        if let Some(s) = shapes.get(resnet.as_str()) {
-            count += 1;
-            if count == 1 {
-                channels.push(s.first().copied().unwrap_or(0) as usize);
-            }
-            if shapes.contains_key(format!("input_blocks.{i}.1.proj_in.weight").as_str()) {
-                level_attn = true;
-                level_depth = depth_of(&format!("input_blocks.{i}.1.transformer_blocks."));
-            }
-        } else if shapes.contains_key(op.as_str()) {
-            layers.push(count);
-            attn.push(level_attn);
-            depth.push(level_depth);
-            (count, level_attn, level_depth) = (0, false, 1);
-        } else {
-            break;
-        }
-    }
-    if count > 0 {
-        layers.push(count);
-        attn.push(level_attn);
-        depth.push(level_depth);
-    }
+    let Levels {
+        channels,
+        layers,
+        attn,
+        depth,
+    } = walk_levels(&shapes);
     let n = channels.len();
     if n == 0 || layers.len() != n {
         return Err(missing("input_blocks.1.0.out_layers.3.weight"));
@@ -192,7 +161,93 @@ pub fn detect<'a>(
     } else {
         attn.iter().rev().copied().collect()
     };
-    let (family, heads) = match (context, text_time) {
+    let (family, heads) = family_heads(context, text_time, &channels);
+    let channels_all = channels.clone();
+    let config = UnetConfig {
+        in_channels,
+        out_channels,
+        down_block_types: attn.iter().map(|&a| block_type(a, true)).collect(),
+        up_block_types: up_attn.iter().map(|&a| block_type(a, false)).collect(),
+        block_out_channels: channels,
+        layers_per_block: PerBlock::Many(layers),
+        cross_attention_dim: PerBlock::One(context),
+        transformer_layers_per_block: PerBlock::Many(depth),
+        attention_head_dim: PerBlock::Many(heads),
+        use_linear_projection: linear,
+        addition_embed_type: text_time.map(|_| "text_time".into()),
+        addition_time_embed_dim: text_time.map(|_| 256),
+        projection_class_embeddings_input_dim: text_time,
+        norm_num_groups: guess_groups(&channels_all),
+        ..UnetConfig::default()
+    };
+    config.check()?;
+    Ok(DetectedUnet { family, config })
+}
+
+/// Per level of a single-file UNet's encoder half: the channels, resnets, whether it has
+/// cross-attention and the transformers' depth.
+struct Levels {
+    channels: Vec<usize>,
+    layers: Vec<usize>,
+    attn: Vec<bool>,
+    depth: Vec<usize>,
+}
+
+/// Walks `input_blocks`: resnets until a downsampler closes the level.
+fn walk_levels(shapes: &BTreeMap<&str, &[u64]>) -> Levels {
+    let depth_of = |prefix: &str| {
+        shapes
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix))
+            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    let (mut channels, mut layers, mut attn, mut depth) = (vec![], vec![], vec![], vec![]);
+    let (mut count, mut level_attn, mut level_depth) = (0, false, 1);
+    for i in 1.. {
+        let resnet = format!("input_blocks.{i}.0.out_layers.3.weight");
+        let op = format!("input_blocks.{i}.0.op.weight");
+        if let Some(s) = shapes.get(resnet.as_str()) {
+            count += 1;
+            if count == 1 {
+                channels.push(s.first().copied().unwrap_or(0) as usize);
+            }
+            if shapes.contains_key(format!("input_blocks.{i}.1.proj_in.weight").as_str()) {
+                level_attn = true;
+                level_depth = depth_of(&format!("input_blocks.{i}.1.transformer_blocks."));
+            }
+        } else if shapes.contains_key(op.as_str()) {
+            layers.push(count);
+            attn.push(level_attn);
+            depth.push(level_depth);
+            (count, level_attn, level_depth) = (0, false, 1);
+        } else {
+            break;
+        }
+    }
+    if count > 0 {
+        layers.push(count);
+        attn.push(level_attn);
+        depth.push(level_depth);
+    }
+    Levels {
+        channels,
+        layers,
+        attn,
+        depth,
+    }
+}
+
+/// The family the context width and the text-time embedding say, and its attention heads
+/// per level (SD 1.x: 8; SD 2.x and SDXL: 64 wide; others guessed 64 wide).
+fn family_heads(
+    context: usize,
+    text_time: Option<usize>,
+    channels: &[usize],
+) -> (SdFamily, Vec<usize>) {
+    let n = channels.len();
+    match (context, text_time) {
         (768, None) => (SdFamily::Sd1, vec![8; n]),
         (1024, None) => (SdFamily::Sd2, channels.iter().map(|c| c / 64).collect()),
         (2048, Some(_)) => (SdFamily::Sdxl, channels.iter().map(|c| c / 64).collect()),
@@ -204,39 +259,25 @@ pub fn detect<'a>(
             SdFamily::Unknown,
             channels.iter().map(|c| (c / 64).max(1)).collect(),
         ),
-    };
-    let name = |attn: bool, down: bool| {
-        match (attn, down) {
-            (true, true) => "CrossAttnDownBlock2D",
-            (false, true) => "DownBlock2D",
-            (true, false) => "CrossAttnUpBlock2D",
-            (false, false) => "UpBlock2D",
-        }
-        .to_owned()
-    };
-    let channels_all = channels.clone();
-    let config = UnetConfig {
-        in_channels,
-        out_channels,
-        down_block_types: attn.iter().map(|&a| name(a, true)).collect(),
-        up_block_types: up_attn.iter().map(|&a| name(a, false)).collect(),
-        block_out_channels: channels,
-        layers_per_block: PerBlock::Many(layers),
-        cross_attention_dim: PerBlock::One(context),
-        transformer_layers_per_block: PerBlock::Many(depth),
-        attention_head_dim: PerBlock::Many(heads),
-        use_linear_projection: linear,
-        addition_embed_type: text_time.map(|_| "text_time".into()),
-        addition_time_embed_dim: text_time.map(|_| 256),
-        projection_class_embeddings_input_dim: text_time,
-        // SD's 32 groups, or for other widths the largest power of two up to 32 that
-        // divides every level (a guess: shapes do not tell).
-        norm_num_groups: [32, 16, 8, 4, 2, 1]
-            .into_iter()
-            .find(|g| channels_all.iter().all(|c| c % g == 0))
-            .unwrap_or(1),
-        ..UnetConfig::default()
-    };
-    config.check()?;
-    Ok(DetectedUnet { family, config })
+    }
+}
+
+/// diffusers' block type name of a down (or up) block with or without cross-attention.
+fn block_type(attn: bool, down: bool) -> String {
+    match (attn, down) {
+        (true, true) => "CrossAttnDownBlock2D",
+        (false, true) => "DownBlock2D",
+        (true, false) => "CrossAttnUpBlock2D",
+        (false, false) => "UpBlock2D",
+    }
+    .to_owned()
+}
+
+/// SD's 32 norm groups, or for other widths the largest power of two up to 32 that divides
+/// every level (a guess: shapes do not tell).
+fn guess_groups(channels: &[usize]) -> usize {
+    [32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|g| channels.iter().all(|c| c % g == 0))
+        .unwrap_or(1)
 }

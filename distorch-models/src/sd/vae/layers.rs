@@ -9,8 +9,7 @@ use distorch_core::runtime::ExpectedTensor;
 
 use crate::error::Error;
 use crate::load::keymap::KeyMap;
-use crate::nn::attention::attention;
-use crate::nn::spec::{Conv2d, GroupNorm, Linear, Spec};
+use crate::nn::spec::{Conv2d, GroupNorm, Projections, Spec};
 use crate::nn::{Weights, pad_bottom_right, upsample_nearest2x};
 use crate::sd::vae::VaeConfig;
 
@@ -80,20 +79,14 @@ impl Resnet {
 /// Single-head self-attention over the pixels, with a residual connection.
 struct SpatialAttention {
     norm: GroupNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    projections: Projections,
 }
 
 impl SpatialAttention {
     fn new(s: &mut Spec<'_>, p: &str, c: usize, groups: usize) -> SpatialAttention {
         SpatialAttention {
             norm: s.group_norm(&format!("{p}.group_norm"), c, groups, EPS),
-            q: s.linear(&format!("{p}.to_q"), c, c, true),
-            k: s.linear(&format!("{p}.to_k"), c, c, true),
-            v: s.linear(&format!("{p}.to_v"), c, c, true),
-            out: s.linear(&format!("{p}.to_out.0"), c, c, true),
+            projections: Projections::new(s, p, (c, c), true),
         }
     }
 
@@ -105,10 +98,7 @@ impl SpatialAttention {
         let [n, c, h, wd] = x.dims();
         let y = self.norm.forward(w, x.clone())?;
         let y = y.reshape([n, c, h * wd]).swap_dims(1, 2);
-        let q = self.q.forward(w, y.clone())?;
-        let k = self.k.forward(w, y.clone())?;
-        let v = self.v.forward(w, y)?;
-        let o = self.out.forward(w, attention(q, k, v, 1, None))?;
+        let o = self.projections.forward(w, y.clone(), y, 1)?;
         Ok(o.swap_dims(1, 2).reshape([n, c, h, wd]) + x)
     }
 }

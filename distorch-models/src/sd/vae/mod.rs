@@ -12,7 +12,7 @@ use distorch_core::Component;
 use distorch_core::runtime::{ExpectedTensor, LoadReport, Streamer};
 use serde::Deserialize;
 
-use crate::error::Error;
+use crate::error::{Error, unsupported};
 use crate::load::keymap::KeyLayout;
 use crate::load::{LoadContext, Model, needs_config, shape_map, to_usize};
 use crate::nn::Weights;
@@ -82,20 +82,11 @@ impl Default for VaeConfig {
 impl VaeConfig {
     /// Reads a diffusers `config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<VaeConfig, Error> {
-        let config: VaeConfig = crate::load::config::read(path.as_ref())?;
-        config.check()?;
-        Ok(config)
+        crate::load::config::read_checked(path.as_ref(), VaeConfig::check)
     }
 
     /// Checks the values the maths depends on.
     pub fn check(&self) -> Result<(), Error> {
-        let unsupported = |field, value: String, reason| {
-            Err(Error::Unsupported {
-                field,
-                value,
-                reason,
-            })
-        };
         if self.act_fn != "silu" {
             return unsupported("act_fn", format!("{:?}", self.act_fn), "supported: silu");
         }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 pub use crate::wan::keys::WanLayout;
 
-use crate::error::Error;
+use crate::error::{Error, unsupported};
 use crate::load::{LoadContext, Model, shape_map, to_usize, units_in_order};
 use crate::nn::{Weights, f32, gelu_tanh, layer_norm_plain, silu, timestep_embedding, to_dtype};
 use crate::wan::rope::rope_tables;
@@ -125,9 +125,7 @@ impl std::fmt::Display for WanSize {
 impl WanDitConfig {
     /// Reads a diffusers `config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<WanDitConfig, Error> {
-        let c: WanDitConfig = crate::load::config::read(path.as_ref())?;
-        c.check()?;
-        Ok(c)
+        crate::load::config::read_checked(path.as_ref(), WanDitConfig::check)
     }
 
     /// Width of the hidden states.
@@ -137,13 +135,6 @@ impl WanDitConfig {
 
     /// Checks what the maths depends on and refuses what is not implemented.
     pub fn check(&self) -> Result<(), Error> {
-        let unsupported = |field, value: String, reason| {
-            Err(Error::Unsupported {
-                field,
-                value,
-                reason,
-            })
-        };
         if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
             return unsupported(
                 "image_dim",

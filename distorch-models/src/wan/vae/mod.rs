@@ -17,7 +17,7 @@ use distorch_core::runtime::{ExpectedTensor, LoadReport, Streamer};
 use distorch_core::{Component, ComponentKind};
 use serde::Deserialize;
 
-use crate::error::Error;
+use crate::error::{Error, unsupported};
 use crate::load::{LoadContext, Model, shape_map, to_usize, units_in_order};
 use crate::nn::Weights;
 use crate::wan::vae::blocks::CausalCache;
@@ -89,20 +89,11 @@ impl Default for WanVaeConfig {
 impl WanVaeConfig {
     /// Reads a diffusers `config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<WanVaeConfig, Error> {
-        let c: WanVaeConfig = crate::load::config::read(path.as_ref())?;
-        c.check()?;
-        Ok(c)
+        crate::load::config::read_checked(path.as_ref(), WanVaeConfig::check)
     }
 
     /// Refuses what is not implemented.
     pub fn check(&self) -> Result<(), Error> {
-        let unsupported = |field, value: String, reason| {
-            Err(Error::Unsupported {
-                field,
-                value,
-                reason,
-            })
-        };
         if self.is_residual || self.patch_size.is_some() {
             return unsupported(
                 "is_residual",

@@ -1,0 +1,61 @@
+//! [`Capabilities`]: what the weight store and the streamer need to know of a backend that
+//! Burn 0.21 cannot be asked — whether it copies between its devices directly, and whether a
+//! buffer uploaded on one thread may be used on another — in one place, read once per device.
+
+use burn::tensor::backend::Backend;
+
+/// A backend's capabilities the runtime depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// How a GPU donor's units reach the compute device.
+    pub donor_copy: DonorCopy,
+    /// Which thread uploads streamed units.
+    pub upload_thread: UploadThread,
+}
+
+impl Capabilities {
+    /// The capabilities of `device`'s backend: CubeCL's CUDA runtime copies device to device
+    /// and orders cross-thread uploads by events; ndarray's tensors are host memory; wgpu
+    /// (and any other backend) gets the safe choices. Burn 0.21 has no capability query, so
+    /// this reads the backend's name — here only.
+    pub fn of<B: Backend>(device: &B::Device) -> Capabilities {
+        let name = B::name(device);
+        let cuda = name.contains("cuda");
+        let host = name.contains("ndarray");
+        Capabilities {
+            donor_copy: if cuda {
+                DonorCopy::Direct
+            } else {
+                DonorCopy::ViaHost
+            },
+            upload_thread: if cuda || host {
+                UploadThread::Prefetch
+            } else {
+                UploadThread::Compute
+            },
+        }
+    }
+}
+
+/// How a GPU donor's tensors reach the compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DonorCopy {
+    /// A device-to-device copy (Burn's `to_device`), enqueued by the compute thread. Needs a
+    /// backend that implements it: CubeCL's CUDA runtime does, its wgpu runtime does not.
+    Direct,
+    /// Read back to host memory on the prefetch thread, then uploaded like a host home.
+    ViaHost,
+}
+
+/// Which thread enqueues a streamed unit's upload to the compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadThread {
+    /// The prefetch thread, as soon as the unit is staged: the upload overlaps the compute
+    /// thread's work. Needs a backend that orders a buffer written on one thread before its
+    /// use on another: CubeCL's CUDA runtime does (a stream per thread, cross-stream use
+    /// waits on an event); ndarray's tensors are host memory.
+    Prefetch,
+    /// The compute thread, when it asks for the unit (CubeCL's wgpu runtime: uploads from
+    /// another thread were read stale).
+    Compute,
+}

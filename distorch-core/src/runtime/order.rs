@@ -7,7 +7,7 @@ pub enum ExecutionOrder {
     /// The plan's order (the store's), which follows key names.
     Plan,
     /// Recorded during the first pass (until a unit is asked for a second time, or
-    /// [`Streamer::take_stats`]); the plan's order is followed until then. Units the first
+    /// [`Streamer::take_stats`](crate::runtime::Streamer::take_stats)); the plan's order is followed until then. Units the first
     /// pass never asked for keep their plan order, after the recorded ones.
     #[default]
     Record,

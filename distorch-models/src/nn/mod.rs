@@ -1,9 +1,9 @@
 //! Building blocks shared by the models: weights fetched through the streamer, linear layers,
-//! layer norm, activations (attention is in [`crate::nn::attention`]).
+//! layer norm, activations (attention is in the `attention` module).
 //!
 //! **Dtypes.** A model computes in its store's compute dtype (f32, f16 or bf16): its forward
-//! casts the inputs to it on entry ([`Weights::input`]) and its outputs to f32 on exit
-//! ([`Weights::output`]); fetched weights already arrive in it. Matrix products and
+//! casts the inputs to it on entry (`Weights::input`) and its outputs to f32 on exit
+//! (`Weights::output`); fetched weights already arrive in it. Matrix products and
 //! convolutions run in the compute dtype; what PyTorch keeps in f32 at half precision stays in
 //! f32 here: norm statistics and affine (group, layer, RMS), softmax and its mask, the
 //! activations (PyTorch computes elementwise kernels in f32 and stores the half result),

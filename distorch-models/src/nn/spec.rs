@@ -335,3 +335,26 @@ impl Projections {
             .forward(w, crate::nn::attention::attention(q, k, v, heads, None))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_linear_layer_through_a_map_expects_the_files_1x1_convolution() {
+        let mut m = KeyMap::default();
+        m.rename(
+            "mid.attentions.0",
+            "mid.attn_1",
+            &[("to_out.0", "proj_out"), ("to_q", "q")],
+        );
+        m.conv1x1("mid.attn_1.q");
+        let mut s = Spec::mapped(Some(&m));
+        s.linear("mid.attentions.0.to_q", 4, 4, false);
+        let e = s.expected();
+        assert_eq!(
+            (e[0].name.as_str(), e[0].shape.as_slice()),
+            ("mid.attn_1.q.weight", &[4, 4, 1, 1][..])
+        );
+    }
+}

@@ -10,97 +10,16 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use distorch_core::Component;
 use distorch_core::runtime::{ExecutionOrder, ExpectedTensor, LoadReport, Streamer};
-use serde::Deserialize;
 
 use crate::error::Error;
 use crate::load::{LoadContext, Model, shape_map, to_usize};
 use crate::nn::attention::attention;
 use crate::nn::{Activation, Weights, causal_mask};
+pub use crate::text::clip_config::ClipTextConfig;
 use crate::text::clip_keys::encoders;
 use crate::text::clip_keys::{ClipKeys, ClipLayout, Layers};
 use distorch_core::ComponentKind;
 use distorch_lora::ModelTensor;
-
-/// The fields of a transformers `CLIPTextConfig` the encoder uses (defaults as transformers').
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct ClipTextConfig {
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Width of the hidden states.
-    pub hidden_size: usize,
-    /// Width of the feed-forward layer.
-    pub intermediate_size: usize,
-    /// Width of the text projection.
-    pub projection_dim: usize,
-    /// Transformer layers.
-    pub num_hidden_layers: usize,
-    /// Attention heads.
-    pub num_attention_heads: usize,
-    /// Longest sequence (rows of the position embedding).
-    pub max_position_embeddings: usize,
-    /// `quick_gelu` (CLIP-L) or `gelu` (OpenCLIP).
-    pub hidden_act: String,
-    /// Layer-norm epsilon.
-    pub layer_norm_eps: f64,
-    /// The end-of-text token; `2` selects the legacy pooling (argmax of the ids).
-    pub eos_token_id: u32,
-}
-
-impl Default for ClipTextConfig {
-    fn default() -> Self {
-        ClipTextConfig {
-            vocab_size: 49408,
-            hidden_size: 512,
-            intermediate_size: 2048,
-            projection_dim: 512,
-            num_hidden_layers: 12,
-            num_attention_heads: 8,
-            max_position_embeddings: 77,
-            hidden_act: "quick_gelu".into(),
-            layer_norm_eps: 1e-5,
-            eos_token_id: 2,
-        }
-    }
-}
-
-impl ClipTextConfig {
-    /// Reads a `config.json` (a `CLIPTextConfig`, or a `CLIPConfig` whose `text_config` is
-    /// used) and checks it.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<ClipTextConfig, Error> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let mut value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Config {
-                path: path.to_path_buf(),
-                reason: format!("not JSON: {e}"),
-            })?;
-        if let Some(inner) = value.get_mut("text_config") {
-            value = inner.take();
-        }
-        let config: ClipTextConfig = crate::load::config::from_value(path, value)?;
-        config.check()?;
-        Ok(config)
-    }
-
-    /// Checks the values the maths depends on.
-    pub fn check(&self) -> Result<(), Error> {
-        Activation::from_name(&self.hidden_act)?;
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
-            return Err(Error::Unsupported {
-                field: "num_attention_heads",
-                value: self.num_attention_heads.to_string(),
-                reason: "must divide hidden_size",
-            });
-        }
-        Ok(())
-    }
-}
 
 /// What the encoder returns.
 #[derive(Debug, Clone)]
@@ -330,7 +249,7 @@ impl<B: Backend> Model<B> for ClipTextModel<B> {
         self.streamer()
     }
     /// Loads the encoder from `component` of `index` at the homes `plan` gives (see
-    /// [`WeightStore::load`]). The key layout is read from the names: transformers' (under
+    /// [`WeightStore::load`](distorch_core::runtime::WeightStore::load)). The key layout is read from the names: transformers' (under
     /// `text_model.`, `transformer.text_model.` as in SD checkpoints, or no prefix) or
     /// OpenCLIP's (SD 2.x and SDXL's second encoder: fused q/k/v, transposed projection). Missing or mis-shaped weights are errors unless `options` allows them; keys
     /// the encoder does not use (an old `position_ids` buffer) are reported as unused.

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::load::shape_map;
 use crate::nn::spec::{LayerNorm, Linear, Param, Spec, UnitKey};
 use crate::nn::{Weights, linear};
-use crate::text::clip::ClipTextConfig;
+use crate::text::clip_config::ClipTextConfig;
 use distorch_core::Component;
 
 /// The two key layouts.

@@ -2,6 +2,7 @@
 //! use them) and UMT5 (Wan).
 
 pub mod clip;
+mod clip_config;
 pub(crate) mod clip_keys;
 pub mod t5_tokenizer;
 pub mod tokenizer;

@@ -3,18 +3,15 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::wan::dit::WanDitConfig;
-
-/// The rotary tables for a grid of `[frames, height, width]` patches: cos and sin of each
+/// The rotary tables of heads `hd` wide for a grid of `[frames, height, width]` patches: cos and sin of each
 /// token's angle for each rotated pair, [tokens, head_dim / 2]. The head's pairs split
 /// into frame, row and column sections (diffusers' `WanRotaryPosEmbed`; θ = 10,000,
 /// frequencies in f64, then f32 as the reference).
 pub(crate) fn rope_tables<B: Backend>(
-    c: &WanDitConfig,
+    hd: usize,
     grid: [usize; 3],
     device: &B::Device,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let hd = c.attention_head_dim;
     let hw = 2 * (hd / 6);
     let dims = [hd - 2 * hw, hw, hw];
     let mut freqs = Vec::with_capacity(hd / 2);

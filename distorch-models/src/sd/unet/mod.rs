@@ -309,7 +309,7 @@ impl<B: Backend> Model<B> for Unet2dCondition<B> {
         self.streamer()
     }
     /// Loads the UNet from `component` of `index` at the homes `plan` gives (see
-    /// [`WeightStore::load`]); the key layout (diffusers or the original single-file one) is
+    /// [`WeightStore::load`](distorch_core::runtime::WeightStore::load)); the key layout (diffusers or the original single-file one) is
     /// recognised from the names, and every tensor's key and shape is checked against the
     /// config first. The streamer records the execution order on the first evaluation.
     fn load(ctx: &LoadContext<'_, B>, config: Self::Config) -> Result<(Self, LoadReport), Error> {

@@ -2,7 +2,7 @@
 //!
 //! The tree records each entry's device and value with their byte spans in the input. It
 //! checks the shape of each token (device kind, number, unit) but not the relations between
-//! entries (duplicates, modes, stars): that is [`crate::spec`]'s job.
+//! entries (duplicates, modes, stars): that is the `spec` module's job.
 
 use std::ops::Range;
 

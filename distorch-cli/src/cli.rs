@@ -48,7 +48,7 @@ pub enum Task {
     ClipVision,
     /// T5/UMT5 encoder: in input_ids [, attention_mask]; out last_hidden_state.
     T5,
-    /// Wan transformer: in hidden_states [B,C,F,H,W], timestep, encoder_hidden_states; out
+    /// Wan transformer: in hidden_states (B, C, F, H, W), timestep, encoder_hidden_states; out
     /// sample.
     WanDit,
     /// Wan VAE encoder: in video [B,3,1+4k,H,W]; out latent_mean, latent_logvar.
@@ -230,7 +230,7 @@ pub struct PlanArgs {
     #[arg(long, default_value = "cpu")]
     pub donor: String,
     /// Declared devices instead of detection, e.g. "cuda:0=24gib,cuda:1=24gib/20gib,cpu=64gib"
-    /// (DEVICE=TOTAL[/FREE][@LINK/s]).
+    /// (DEVICE=TOTAL, then optionally /FREE and @LINK/s).
     #[arg(long)]
     pub devices: Option<String>,
     /// Which units go where.

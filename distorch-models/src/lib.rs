@@ -5,8 +5,8 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`nn`] | weights fetched through the streamer, layers, [`nn::attention`], host kernels |
-//! | [`load`] | the [`Model`] trait, [`load_model`] / [`load_component`] / [`load_cached`], key maps, `config.json`, diffusers folders, [`load::discovery`] |
+//! | [`nn`] | an architecture described once (expected tensors, execution order, layer handles), weights fetched through the streamer, layers, [`nn::attention`], host kernels |
+//! | [`load`] | the [`Model`] trait and [`LoadContext`], [`load_model`] / [`load_component`] / [`load_cached`], the file conventions ([`load::CONVENTIONS`], [`load::split`]), key maps, `config.json`, diffusers folders, [`load::discovery`] |
 //! | [`text`] | CLIP text encoder and tokenizer, UMT5 and its tokenizer |
 //! | [`vision`] | CLIP Vision and CLIP's image preprocessing |
 //! | [`sd`] | Stable Diffusion 1.x/2.x/SDXL: UNet, ControlNet, VAE, checkpoints, txt2img |

@@ -29,7 +29,7 @@ pub(crate) struct Weights<'a, B: Backend> {
 
 /// One unit's tensors, with typed errors for what is missing.
 pub(crate) struct Unit<B: Backend> {
-    key: String,
+    key: spec::UnitKey,
     weights: UnitWeights<B>,
 }
 
@@ -38,7 +38,7 @@ impl<B: Backend> Unit<B> {
         self.weights
             .get::<D>(param)
             .ok_or_else(|| Error::MissingWeight {
-                key: format!("{}.{param}", self.key),
+                key: format!("{}.{param}", self.key.as_str()),
                 rank: D,
             })
     }
@@ -74,7 +74,7 @@ impl<B: Backend> Weights<'_, B> {
     pub(crate) fn fetch(&self, unit: &spec::UnitKey) -> Result<Unit<B>, Error> {
         let weights = self.streamer.fetch(unit.as_str())?;
         Ok(Unit {
-            key: unit.as_str().to_owned(),
+            key: unit.clone(),
             weights,
         })
     }

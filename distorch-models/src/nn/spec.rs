@@ -169,9 +169,9 @@ impl<'k> Spec<'k> {
         GroupNorm { unit, groups, eps }
     }
 
-    /// The tensors declared so far, in declaration order.
-    pub(crate) fn expected(&self) -> &[ExpectedTensor] {
-        &self.expected
+    /// The tensors declared, in declaration order.
+    pub(crate) fn into_expected(self) -> Vec<ExpectedTensor> {
+        self.expected
     }
 }
 
@@ -351,7 +351,7 @@ mod tests {
         m.conv1x1("mid.attn_1.q");
         let mut s = Spec::mapped(Some(&m));
         s.linear("mid.attentions.0.to_q", 4, 4, false);
-        let e = s.expected();
+        let e = s.into_expected();
         assert_eq!(
             (e[0].name.as_str(), e[0].shape.as_slice()),
             ("mid.attn_1.q.weight", &[4, 4, 1, 1][..])

@@ -324,7 +324,7 @@ impl ControlLayers {
             trunk,
             zero,
             mid_out,
-            expected: s.expected().to_vec(),
+            expected: s.into_expected(),
         }
     }
 }

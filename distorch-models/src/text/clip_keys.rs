@@ -162,7 +162,7 @@ impl ClipKeys {
             blocks,
             final_norm,
             projection,
-            expected: s.expected().to_vec(),
+            expected: s.into_expected(),
         }
     }
 }

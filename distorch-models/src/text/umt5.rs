@@ -192,7 +192,7 @@ impl Layers {
             tokens,
             blocks,
             final_norm,
-            expected: s.expected().to_vec(),
+            expected: s.into_expected(),
         }
     }
 }

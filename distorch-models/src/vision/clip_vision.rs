@@ -244,10 +244,10 @@ impl Layers {
             })
             .collect();
         let post_norm = s.layer_norm("post_layernorm", h, eps);
-        let mut expected = s.expected().to_vec();
+        let mut expected = s.into_expected();
         let mut outer = Spec::prefixed(&keys.outer);
         let projection = outer.linear("visual_projection", c.projection_dim, h, false);
-        expected.extend_from_slice(outer.expected());
+        expected.extend(outer.into_expected());
         Layers {
             class,
             patches,

@@ -14,44 +14,57 @@ use crate::sd::unet::config::{Blocks, UnetConfig};
 /// Group-norm epsilon of the spatial transformers.
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
 
-/// diffusers' `ResnetBlock2D` with a time embedding.
+/// diffusers' `ResnetBlock2D`, with a time embedding (the UNet's) or without (the VAE's).
 pub(crate) struct Resnet {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time: Linear,
+    time: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
 }
 
 impl Resnet {
-    /// Declares block `p` from `cin` to `cout` channels (`temb`: the time embedding's width).
+    /// Declares a UNet block `p` from `cin` to `cout` channels.
     pub(crate) fn new(s: &mut Spec<'_>, p: &str, c: &UnetConfig, io: (usize, usize)) -> Resnet {
-        let (cin, cout) = io;
-        let (g, eps) = (c.norm_num_groups, c.norm_eps);
         let temb = 4 * c.block_out_channels[0];
+        Resnet::declare(s, p, io, (c.norm_num_groups, c.norm_eps), Some(temb))
+    }
+
+    /// Declares block `p` from `cin` to `cout` channels with group norms of `groups` and
+    /// `eps`, and a time projection from `temb` channels when given.
+    pub(crate) fn declare(
+        s: &mut Spec<'_>,
+        p: &str,
+        (cin, cout): (usize, usize),
+        (groups, eps): (usize, f64),
+        temb: Option<usize>,
+    ) -> Resnet {
         Resnet {
-            norm1: s.group_norm(&format!("{p}.norm1"), cin, g, eps),
+            norm1: s.group_norm(&format!("{p}.norm1"), cin, groups, eps),
             conv1: s.conv2d(&format!("{p}.conv1"), cout, cin, 3, 1, 1),
-            time: s.linear(&format!("{p}.time_emb_proj"), cout, temb, true),
-            norm2: s.group_norm(&format!("{p}.norm2"), cout, g, eps),
+            time: temb.map(|t| s.linear(&format!("{p}.time_emb_proj"), cout, t, true)),
+            norm2: s.group_norm(&format!("{p}.norm2"), cout, groups, eps),
             conv2: s.conv2d(&format!("{p}.conv2"), cout, cout, 3, 1, 1),
             shortcut: (cin != cout)
                 .then(|| s.conv2d(&format!("{p}.conv_shortcut"), cout, cin, 1, 1, 0)),
         }
     }
 
-    /// The block on `x` with the time embedding `temb` (already through SiLU).
+    /// The block on `x`, with the time embedding `temb` (already through SiLU) when it has a
+    /// time projection.
     pub(crate) fn forward<B: Backend>(
         &self,
         w: &Weights<'_, B>,
         x: Tensor<B, 4>,
-        temb: &Tensor<B, 2>,
+        temb: Option<&Tensor<B, 2>>,
     ) -> Result<Tensor<B, 4>, Error> {
         let h = self.norm1.forward_silu(w, x.clone())?;
-        let h = self.conv1.forward(w, h)?;
-        let t = self.time.forward(w, temb.clone())?;
-        let h = h + t.unsqueeze_dim::<3>(2).unsqueeze_dim::<4>(3);
+        let mut h = self.conv1.forward(w, h)?;
+        if let (Some(time), Some(temb)) = (&self.time, temb) {
+            let t = time.forward(w, temb.clone())?;
+            h = h + t.unsqueeze_dim::<3>(2).unsqueeze_dim::<4>(3);
+        }
         let h = self.norm2.forward_silu(w, h)?;
         let h = self.conv2.forward(w, h)?;
         let skip = match &self.shortcut {
@@ -273,7 +286,7 @@ impl DownMid {
         let mut skips = vec![x.clone()];
         for level in &self.levels {
             for (j, resnet) in level.resnets.iter().enumerate() {
-                x = resnet.forward(w, x, temb)?;
+                x = resnet.forward(w, x, Some(temb))?;
                 if let Some(t) = level.attentions.get(j) {
                     x = t.forward(w, x, ctx)?;
                 }
@@ -296,8 +309,8 @@ impl DownMid {
         ctx: &Tensor<B, 3>,
     ) -> Result<Tensor<B, 4>, Error> {
         let (r0, attn, r1) = &self.mid;
-        let x = r0.forward(w, x, temb)?;
+        let x = r0.forward(w, x, Some(temb))?;
         let x = attn.forward(w, x, ctx)?;
-        r1.forward(w, x, temb)
+        r1.forward(w, x, Some(temb))
     }
 }

@@ -145,7 +145,7 @@ impl UnetLayers {
             up,
             norm_out,
             conv_out,
-            expected: s.expected().to_vec(),
+            expected: s.into_expected(),
         }
     }
 }
@@ -254,7 +254,7 @@ impl<B: Backend> Unet2dCondition<B> {
                     input: "sample",
                     reason: "skip connections ran out".into(),
                 })?;
-                x = resnet.forward(&w, Tensor::cat(vec![x, skip], 1), &temb)?;
+                x = resnet.forward(&w, Tensor::cat(vec![x, skip], 1), Some(&temb))?;
                 if let Some(t) = level.attentions.get(j) {
                     x = t.forward(&w, x, &ctx)?;
                 }

@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::load::keymap::KeyMap;
 use crate::nn::spec::{Conv2d, GroupNorm, Projections, Spec};
 use crate::nn::{Weights, pad_bottom_right, upsample_nearest2x};
+use crate::sd::unet::layers::Resnet;
 use crate::sd::vae::VaeConfig;
 
 /// Group-norm epsilon of every diffusers VAE block.
@@ -33,46 +34,8 @@ impl VaeLayers {
         VaeLayers {
             encoder,
             decoder,
-            expected: s.expected().to_vec(),
+            expected: s.into_expected(),
         }
-    }
-}
-
-/// diffusers' `ResnetBlock2D` without a time embedding.
-struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
-}
-
-impl Resnet {
-    fn new(s: &mut Spec<'_>, p: &str, (cin, cout): (usize, usize), groups: usize) -> Resnet {
-        Resnet {
-            norm1: s.group_norm(&format!("{p}.norm1"), cin, groups, EPS),
-            conv1: s.conv2d(&format!("{p}.conv1"), cout, cin, 3, 1, 1),
-            norm2: s.group_norm(&format!("{p}.norm2"), cout, groups, EPS),
-            conv2: s.conv2d(&format!("{p}.conv2"), cout, cout, 3, 1, 1),
-            shortcut: (cin != cout)
-                .then(|| s.conv2d(&format!("{p}.conv_shortcut"), cout, cin, 1, 1, 0)),
-        }
-    }
-
-    fn forward<B: Backend>(
-        &self,
-        w: &Weights<'_, B>,
-        x: Tensor<B, 4>,
-    ) -> Result<Tensor<B, 4>, Error> {
-        let h = self.norm1.forward_silu(w, x.clone())?;
-        let h = self.conv1.forward(w, h)?;
-        let h = self.norm2.forward_silu(w, h)?;
-        let h = self.conv2.forward(w, h)?;
-        let skip = match &self.shortcut {
-            Some(conv) => conv.forward(w, x)?,
-            None => x,
-        };
-        Ok(skip + h)
     }
 }
 
@@ -115,11 +78,11 @@ impl Mid {
         let top = c.block_out_channels[c.block_out_channels.len() - 1];
         let g = c.norm_num_groups;
         Mid {
-            first: Resnet::new(s, &format!("{p}.resnets.0"), (top, top), g),
+            first: Resnet::declare(s, &format!("{p}.resnets.0"), (top, top), (g, EPS), None),
             attention: c
                 .mid_block_add_attention
                 .then(|| SpatialAttention::new(s, &format!("{p}.attentions.0"), top, g)),
-            second: Resnet::new(s, &format!("{p}.resnets.1"), (top, top), g),
+            second: Resnet::declare(s, &format!("{p}.resnets.1"), (top, top), (g, EPS), None),
         }
     }
 
@@ -128,11 +91,11 @@ impl Mid {
         w: &Weights<'_, B>,
         x: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>, Error> {
-        let mut x = self.first.forward(w, x)?;
+        let mut x = self.first.forward(w, x, None)?;
         if let Some(a) = &self.attention {
             x = a.forward(w, x)?;
         }
-        self.second.forward(w, x)
+        self.second.forward(w, x, None)
     }
 }
 
@@ -164,7 +127,7 @@ impl Encoder {
                 .map(|j| {
                     let cin = if j == 0 { prev } else { out };
                     let p = format!("encoder.down_blocks.{i}.resnets.{j}");
-                    Resnet::new(s, &p, (cin, out), g)
+                    Resnet::declare(s, &p, (cin, out), (g, EPS), None)
                 })
                 .collect();
             let sampler = (i + 1 < ch.len()).then(|| {
@@ -195,7 +158,7 @@ impl Encoder {
         let mut x = self.conv_in.forward(w, x)?;
         for level in &self.levels {
             for r in &level.resnets {
-                x = r.forward(w, x)?;
+                x = r.forward(w, x, None)?;
             }
             if let Some(conv) = &level.sampler {
                 x = conv.forward(w, pad_bottom_right(x))?;
@@ -237,7 +200,7 @@ impl Decoder {
                 .map(|j| {
                     let cin = if j == 0 { prev } else { out };
                     let p = format!("decoder.up_blocks.{i}.resnets.{j}");
-                    Resnet::new(s, &p, (cin, out), g)
+                    Resnet::declare(s, &p, (cin, out), (g, EPS), None)
                 })
                 .collect();
             let sampler = (i + 1 < ch.len()).then(|| {
@@ -271,7 +234,7 @@ impl Decoder {
         x = self.mid.forward(w, x)?;
         for level in &self.levels {
             for r in &level.resnets {
-                x = r.forward(w, x)?;
+                x = r.forward(w, x, None)?;
             }
             if let Some(conv) = &level.sampler {
                 x = conv.forward(w, upsample_nearest2x(x))?;

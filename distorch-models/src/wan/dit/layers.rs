@@ -63,7 +63,7 @@ impl DitLayers {
             blocks,
             table,
             proj_out,
-            expected: s.expected().to_vec(),
+            expected: s.into_expected(),
         }
     }
 }

@@ -36,7 +36,7 @@ impl WanVaeLayers {
             quant,
             post_quant,
             decoder,
-            expected: s.expected().to_vec(),
+            expected: s.into_expected(),
         }
     }
 }

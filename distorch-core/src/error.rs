@@ -43,6 +43,82 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// The file is not of the format expected: names what it looks like instead.
+    #[error("{}: expected {expected}, found {found}", path.display())]
+    WrongFormat {
+        /// The file.
+        path: PathBuf,
+        /// The format(s) expected.
+        expected: &'static str,
+        /// What the file's first bytes look like.
+        found: &'static str,
+    },
+    /// A GGUF file's version is not 2 or 3.
+    #[error("{}: GGUF version {version} is not supported (versions 2 and 3 are)", path.display())]
+    GgufVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version as written.
+        version: u32,
+    },
+    /// A GGUF file ends inside its header.
+    #[error("{}: the file ends inside {what} (at byte {offset})", path.display())]
+    GgufTruncated {
+        /// The file.
+        path: PathBuf,
+        /// The field being read.
+        what: String,
+        /// Where reading stopped.
+        offset: u64,
+    },
+    /// A GGUF count or length is past this crate's cap.
+    #[error("{}: {what} is {count}, past the cap of {max}", path.display())]
+    GgufLimit {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        what: String,
+        /// Its value.
+        count: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// A GGUF header field holds an impossible value.
+    #[error("{}: {what}: {reason}", path.display())]
+    GgufInvalid {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        what: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A GGUF tensor's info is inconsistent (shape, offsets, alignment, overlap).
+    #[error("{}: tensor `{name}`: {reason}", path.display())]
+    GgufTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A GGUF tensor's GGML type is not one this crate dequantizes.
+    #[error(
+        "{}: tensor `{name}` has GGML type {ggml_type} ({type_name}), which is not supported \
+         (F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K are)",
+        path.display()
+    )]
+    UnsupportedGgmlType {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The type id as written.
+        ggml_type: u32,
+        /// Its GGML name.
+        type_name: &'static str,
+    },
     /// The header names the same tensor twice.
     #[error("{}: tensor `{name}` appears twice in the header", path.display())]
     DuplicateTensor {

@@ -22,8 +22,11 @@
 pub mod components;
 mod dtype;
 mod error;
+pub mod format;
+pub mod gguf;
 pub mod home;
 pub mod memory;
+pub mod quant;
 #[cfg(feature = "runtime")]
 pub mod runtime;
 pub mod safetensors;
@@ -32,6 +35,7 @@ pub mod units;
 pub use components::{Component, ComponentKind, Split};
 pub use dtype::DType;
 pub use error::Error;
+pub use format::Format;
 pub use home::{ComputeDtype, DeviceForm, DeviceRule, Homes};
 pub use memory::{DeviceMemory, MemoryProbe};
 pub use safetensors::{SafetensorsIndex, TensorInfo, write_random};

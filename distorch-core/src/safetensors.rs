@@ -1,5 +1,6 @@
-//! Header-only safetensors index: names, dtypes, shapes and byte ranges, read without
-//! touching tensor data.
+//! Header-only index of a weights file: names, dtypes, shapes and byte ranges, read without
+//! touching tensor data. Safetensors files (single or sharded) are read here; GGUF files are
+//! read by [`crate::gguf`] and seen through the same index.
 //!
 //! Untrusted input is checked before anything is allocated from it: the header length is
 //! capped and bounded by the file, every size is computed with checked arithmetic, and data
@@ -15,6 +16,8 @@ use serde::Deserialize;
 
 use crate::dtype::DType;
 use crate::error::Error;
+use crate::format::{self, Format};
+use crate::gguf::GgufFile;
 
 mod random;
 mod sharded;
@@ -53,9 +56,11 @@ impl TensorInfo {
 }
 
 /// The header of a safetensors file, or the headers of a sharded model's files
-/// (`*.safetensors.index.json`) seen as one.
+/// (`*.safetensors.index.json`) seen as one, or the header of a GGUF file (its tensors with
+/// their GGML types and real shapes, its scalar metadata as text): see [`SafetensorsIndex::format`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SafetensorsIndex {
+    format: Format,
     path: PathBuf,
     files: Vec<PathBuf>,
     tensors: Vec<TensorInfo>,
@@ -111,9 +116,14 @@ impl SafetensorsIndex {
         }
     }
 
-    /// Reads and validates the header of one safetensors file (never a shard index).
+    /// Reads and validates the header of one weights file (never a shard index): safetensors,
+    /// or GGUF (told from the file's first bytes). A file of another format (a PyTorch pickle,
+    /// an HTML page) is [`Error::WrongFormat`], naming what it is.
     pub fn open_file(path: impl AsRef<Path>) -> Result<SafetensorsIndex, Error> {
         let path = path.as_ref().to_path_buf();
+        if format::sniff(&path)? == Format::Gguf {
+            return Ok(Self::from_gguf(GgufFile::open(&path)?));
+        }
         let io = |source| Error::Io {
             path: path.clone(),
             source,
@@ -242,12 +252,50 @@ impl SafetensorsIndex {
             t.file_offset += data_start;
         }
         Ok(SafetensorsIndex {
+            format: Format::Safetensors,
             files: vec![path.clone()],
             path,
             tensors,
             metadata,
             file_len,
         })
+    }
+
+    /// The index of a GGUF file: its tensors (GGML types, real shapes, data ranges) in data
+    /// order and its scalar metadata as text (arrays are left out: read them from
+    /// [`GgufFile`]).
+    pub fn from_gguf(file: GgufFile) -> SafetensorsIndex {
+        let mut tensors: Vec<TensorInfo> = file
+            .tensors
+            .into_iter()
+            .map(|t| TensorInfo {
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape,
+                file_offset: t.file_offset,
+                shard: 0,
+                bytes: t.bytes,
+            })
+            .collect();
+        tensors.sort_by(|a, b| (a.file_offset, &a.name).cmp(&(b.file_offset, &b.name)));
+        let metadata = file
+            .metadata
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.scalar_text()?)))
+            .collect();
+        SafetensorsIndex {
+            format: Format::Gguf,
+            files: vec![file.path.clone()],
+            path: file.path,
+            tensors,
+            metadata,
+            file_len: file.file_len,
+        }
+    }
+
+    /// The file's format.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// The file, or the shard index (`*.safetensors.index.json`) of a sharded model.

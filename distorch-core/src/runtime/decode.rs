@@ -2,9 +2,10 @@
 //!
 //! Used when the compute backend lacks a file's dtype (ndarray has no f16, bf16 or fp8) and
 //! for f32 compute: every float dtype safetensors can hold widens to f32 exactly (f64 is
-//! rounded to nearest).
+//! rounded to nearest); GGUF's block-quantized types dequantize to f32 (`crate::quant`).
 
 use crate::dtype::DType;
+use crate::quant;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,8 +22,12 @@ pub(crate) fn to_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>, DecodeError
     if !bytes.len().is_multiple_of(size) {
         return Err(DecodeError::Ragged);
     }
-    let mut out = vec![0f32; bytes.len() / size];
-    decode_into(dtype, bytes, &mut out)?;
+    let mut out = vec![0f32; bytes.len() / size * dtype.block_elems() as usize];
+    if dtype.is_quantized() {
+        quant::dequantize(dtype, bytes, &mut out).map_err(|_| DecodeError::Ragged)?;
+    } else {
+        decode_into(dtype, bytes, &mut out)?;
+    }
     Ok(out)
 }
 
@@ -83,11 +88,24 @@ static E5M2: std::sync::LazyLock<[f32; 256]> =
     std::sync::LazyLock::new(|| std::array::from_fn(|b| f8_e5m2(b as u8)));
 
 /// The index of the first NaN or infinite element of little-endian `bytes` of `dtype`,
-/// found from the exponent bits without decoding.
+/// found from the exponent bits without decoding (block-quantized types are dequantized a
+/// stretch at a time).
 pub(crate) fn first_non_finite(dtype: DType, bytes: &[u8]) -> Result<Option<usize>, DecodeError> {
     let size = dtype.size() as usize;
     if !bytes.len().is_multiple_of(size) {
         return Err(DecodeError::Ragged);
+    }
+    if dtype.is_quantized() {
+        let per = dtype.block_elems() as usize;
+        let mut out = vec![0f32; 4096 * per];
+        for (k, chunk) in bytes.chunks(4096 * size).enumerate() {
+            let out = &mut out[..chunk.len() / size * per];
+            quant::dequantize(dtype, chunk, out).map_err(|_| DecodeError::Ragged)?;
+            if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+                return Ok(Some(k * 4096 * per + i));
+            }
+        }
+        return Ok(None);
     }
     Ok(match dtype {
         DType::F32 => find::<4>(bytes, |c| {

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::SafetensorsIndex;
 use crate::error::Error;
+use crate::format::Format;
 
 #[derive(Deserialize)]
 struct ShardIndex {
@@ -58,6 +59,13 @@ impl SafetensorsIndex {
                 )));
             }
             let one = Self::open_file(dir.join(name))?;
+            if one.format != Format::Safetensors {
+                return Err(Error::WrongFormat {
+                    path: one.path,
+                    expected: "a safetensors shard",
+                    found: one.format.name(),
+                });
+            }
             file_len += one.file_len;
             for mut t in one.tensors {
                 if let Some(&other) = home.get(&t.name) {
@@ -98,6 +106,7 @@ impl SafetensorsIndex {
             .collect();
         tracing::debug!(path = %path.display(), shards = files.len(), tensors = tensors.len(), "sharded index");
         Ok(SafetensorsIndex {
+            format: Format::Safetensors,
             path,
             files,
             tensors,

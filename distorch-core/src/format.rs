@@ -36,7 +36,28 @@ impl std::fmt::Display for Format {
 /// Git LFS pointer, an HTML page, ...).
 pub fn sniff(path: impl AsRef<Path>) -> Result<Format, Error> {
     let path = path.as_ref();
-    let mut prefix = [0u8; 16];
+    let prefix = read_prefix(path)?;
+    if prefix.starts_with(b"GGUF") {
+        return Ok(Format::Gguf);
+    }
+    match describe(&prefix) {
+        "safetensors" | "unknown data" => Ok(Format::Safetensors),
+        found => Err(Error::WrongFormat {
+            path: path.to_path_buf(),
+            expected: "safetensors or GGUF",
+            found,
+        }),
+    }
+}
+
+/// What the file at `path` looks like ("unknown data" when it cannot be read).
+pub(crate) fn describe_file(path: &Path) -> &'static str {
+    read_prefix(path).map_or("unknown data", |p| describe(&p))
+}
+
+/// Up to the first 32 bytes of `path`.
+fn read_prefix(path: &Path) -> Result<Vec<u8>, Error> {
+    let mut prefix = [0u8; 32];
     let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -55,24 +76,16 @@ pub fn sniff(path: impl AsRef<Path>) -> Result<Format, Error> {
             }
         }
     }
-    let prefix = &prefix[..n];
-    if prefix.starts_with(b"GGUF") {
-        return Ok(Format::Gguf);
-    }
-    match describe(prefix) {
-        "safetensors" | "unknown data" => Ok(Format::Safetensors),
-        found => Err(Error::WrongFormat {
-            path: path.to_path_buf(),
-            expected: "safetensors or GGUF",
-            found,
-        }),
-    }
+    Ok(prefix[..n].to_vec())
 }
 
 /// What a file starting with `prefix` looks like.
 pub(crate) fn describe(prefix: &[u8]) -> &'static str {
     let text = |s: &[u8]| prefix.starts_with(s);
-    if text(b"GGUF") {
+    // A length prefix then the header's `{` (the prefix's bytes may read as text: 60 is `<`).
+    if prefix.len() >= 9 && prefix[8] == b'{' && prefix[4..8] == [0; 4] {
+        "safetensors"
+    } else if text(b"GGUF") {
         "GGUF"
     } else if text(b"FUGG") {
         "big-endian GGUF (not supported)"
@@ -88,8 +101,6 @@ pub(crate) fn describe(prefix: &[u8]) -> &'static str {
         "HTML or XML text (an error page saved in place of the model?)"
     } else if text(b"{") || text(b"[") {
         "JSON text (a config or index file, not weights)"
-    } else if prefix.len() >= 9 && prefix[8] == b'{' {
-        "safetensors"
     } else {
         "unknown data"
     }

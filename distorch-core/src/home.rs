@@ -6,8 +6,8 @@
 //! | home | dtype |
 //! |---|---|
 //! | `cpu` as a donor, unchanged by loading | the file's (borrowed from the memory map) |
-//! | `cpu` as a donor, changed by loading (a LoRA) | [`changed_dtype`]: the file's, fp8 → bf16 unless re-quantised, f64 → f32 |
-//! | a device (the compute device, a GPU donor) | the host dtype as [`DeviceRule`] says: kept, widened to f32, or fp8 packed four to a 32-bit word |
+//! | `cpu` as a donor, changed by loading (a LoRA) | [`changed_dtype`]: the file's, fp8 → bf16 unless re-quantised, f64 → f32, GGUF blocks → the compute dtype |
+//! | a device (the compute device, a GPU donor) | the host dtype as [`DeviceRule`] says: kept, widened to f32, or fp8 / GGUF blocks packed four bytes to a 32-bit word |
 //!
 //! [`DeviceRule::NATIVE`] is what CubeCL's backends (wgpu, CUDA) hold when they have the half
 //! types; [`DeviceRule::WIDENED`] is ndarray's (no f16, bf16 or fp8: every weight as f32).
@@ -21,8 +21,8 @@ pub enum DeviceForm {
     Native,
     /// Widened to f32.
     F32,
-    /// One byte per element (fp8), packed four to a 32-bit integer word and decoded on the
-    /// device when fetched: `4 * ceil(n / 4)` bytes.
+    /// The file's bytes (fp8: one per element; GGUF: its blocks), packed four to a 32-bit
+    /// integer word and decoded on the device when fetched: `4 * ceil(bytes / 4)` bytes.
     PackedBytes,
 }
 
@@ -36,6 +36,9 @@ pub struct DeviceRule {
     pub bf16: DeviceForm,
     /// f8_e4m3fn and f8_e5m2 tensors.
     pub fp8: DeviceForm,
+    /// GGUF block-quantized tensors (`Q4_K`, ...): packed (dequantized on the device when
+    /// fetched) or dequantized to f32 when placed.
+    pub quantized: DeviceForm,
 }
 
 impl Default for DeviceRule {
@@ -45,11 +48,13 @@ impl Default for DeviceRule {
 }
 
 impl DeviceRule {
-    /// Every weight in its own dtype (fp8 as packed bytes): a GPU backend with f16 and bf16.
+    /// Every weight in its own dtype (fp8 and GGUF blocks as packed bytes): a GPU backend with
+    /// f16 and bf16.
     pub const NATIVE: DeviceRule = DeviceRule {
         f16: DeviceForm::Native,
         bf16: DeviceForm::Native,
         fp8: DeviceForm::PackedBytes,
+        quantized: DeviceForm::PackedBytes,
     };
 
     /// Every weight widened to f32: a backend without half types (ndarray).
@@ -57,6 +62,7 @@ impl DeviceRule {
         f16: DeviceForm::F32,
         bf16: DeviceForm::F32,
         fp8: DeviceForm::F32,
+        quantized: DeviceForm::F32,
     };
 
     /// How a tensor of `dtype` is held.
@@ -66,6 +72,7 @@ impl DeviceRule {
             DType::BF16 => self.bf16,
             DType::F8E4M3 | DType::F8E5M2 => self.fp8,
             DType::F64 => DeviceForm::F32,
+            q if q.is_quantized() => self.quantized,
             _ => DeviceForm::Native,
         }
     }
@@ -75,7 +82,7 @@ impl DeviceRule {
         match self.form(dtype) {
             DeviceForm::Native => numel.saturating_mul(dtype.size()),
             DeviceForm::F32 => numel.saturating_mul(4),
-            DeviceForm::PackedBytes => numel.div_ceil(4).saturating_mul(4),
+            DeviceForm::PackedBytes => stored_bytes(dtype, numel).div_ceil(4).saturating_mul(4),
         }
     }
 
@@ -94,6 +101,16 @@ impl DeviceRule {
     }
 }
 
+/// Bytes of `numel` elements of `dtype` as a file stores them (whole blocks for the
+/// quantized types; saturating).
+fn stored_bytes(dtype: DType, numel: u64) -> u64 {
+    dtype.bytes_for(numel).unwrap_or_else(|| {
+        numel
+            .div_ceil(dtype.block_elems())
+            .saturating_mul(dtype.size())
+    })
+}
+
 /// What the fp8 tensors that loading changes (LoRA-patched) are stored as: bf16 by default
 /// (`high_precision_loras`), or fp8 again when re-quantised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -106,8 +123,12 @@ pub enum Fp8Changed {
 }
 
 /// The dtype a tensor of a file of dtype `file` is stored in after loading changed its values:
-/// the file's, except fp8 (bf16 unless re-quantised) and f64 (f32).
-pub fn changed_dtype(file: DType, fp8: Fp8Changed) -> DType {
+/// the file's, except fp8 (bf16 unless re-quantised), f64 (f32) and GGUF's block-quantized
+/// types (the compute dtype: a patched weight is not re-quantized).
+pub fn changed_dtype(file: DType, fp8: Fp8Changed, compute: ComputeDtype) -> DType {
+    if file.is_quantized() {
+        return compute.dtype();
+    }
     match (file, fp8) {
         (DType::F8E4M3 | DType::F8E5M2, Fp8Changed::Fp8) => file,
         (DType::F8E4M3 | DType::F8E5M2, Fp8Changed::Bf16) => DType::BF16,
@@ -228,7 +249,7 @@ impl Homes<'_> {
     /// The dtype the tensor `key` of file dtype `file` has in host memory.
     pub fn host_dtype(&self, key: &str, file: DType) -> DType {
         match self.changed {
-            Some(changed) if changed(key) => changed_dtype(file, self.fp8_changed),
+            Some(changed) if changed(key) => changed_dtype(file, self.fp8_changed, self.compute),
             _ => file,
         }
     }

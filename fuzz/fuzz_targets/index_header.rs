@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use distorch_core::SafetensorsIndex;
+use distorch_core::{Format, SafetensorsIndex};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,6 +14,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     match SafetensorsIndex::open(&path) {
+        Ok(index) if index.format() == Format::Gguf => {
+            for t in index.tensors() {
+                assert!(t.file_offset + t.bytes <= data.len() as u64, "{}", t.name);
+            }
+        }
         Ok(index) => {
             let header = u64::from_le_bytes(data[..8].try_into().expect("accepted files have 8 bytes"));
             assert_eq!(8 + header + index.data_bytes(), data.len() as u64);

@@ -151,7 +151,7 @@ impl<R: std::io::Read> Parser<'_, R> {
             return Err(Error::WrongFormat {
                 path: self.path.to_path_buf(),
                 expected: "GGUF",
-                found: crate::format::describe(&magic),
+                found: crate::format::describe_file(self.path),
             });
         }
         let version = self.r.u32();
@@ -198,8 +198,14 @@ impl<R: std::io::Read> Parser<'_, R> {
 
     fn metadata(&mut self, keys: u64) -> Result<Vec<(String, Value)>, Error> {
         // Each key/value takes at least 13 bytes (key length, value type, one byte).
-        let mut out: Vec<(String, Value)> =
-            Vec::with_capacity(keys.min(self.r.left() / 13) as usize);
+        if keys > self.r.left() / 13 {
+            return Err(Error::GgufTruncated {
+                path: self.path.to_path_buf(),
+                what: format!("the {keys} metadata key/values"),
+                offset: self.r.len,
+            });
+        }
+        let mut out: Vec<(String, Value)> = Vec::with_capacity(keys as usize);
         let mut seen = std::collections::HashSet::new();
         for i in 0..keys {
             let key = self.r.string(MAX_STRING);
@@ -240,7 +246,14 @@ impl<R: std::io::Read> Parser<'_, R> {
         metadata: &[(String, Value)],
     ) -> Result<Vec<GgufTensor>, Error> {
         // Each tensor info takes at least 24 bytes (name length, dimension count, type, offset).
-        let mut out = Vec::with_capacity(count.min(self.r.left() / 24) as usize);
+        if count > self.r.left() / 24 {
+            return Err(Error::GgufTruncated {
+                path: self.path.to_path_buf(),
+                what: format!("the {count} tensor infos"),
+                offset: self.r.len,
+            });
+        }
+        let mut out = Vec::with_capacity(count as usize);
         for i in 0..count {
             let name = self.r.string(MAX_STRING);
             let name = self.at(|| format!("the name of tensor {i}"), name)?;

@@ -2,8 +2,8 @@
 //! bytes and turned into the compute dtype when fetched.
 //!
 //! The rule for each dtype is [`DeviceRule`]: kept (f32, f16, bf16), widened to f32 on the
-//! host (backends without half types), or fp8 bytes packed four to an `i32` word and decoded on
-//! the device through a 256-entry table.
+//! host (backends without half types), or bytes packed four to an `i32` word and decoded on
+//! the device: fp8 through a 256-entry table, GGUF blocks by `dequant.rs`.
 
 use std::sync::OnceLock;
 
@@ -15,6 +15,7 @@ use burn::tensor::{
 use crate::dtype::DType;
 use crate::home::{ComputeDtype, DeviceForm, DeviceRule};
 use crate::runtime::decode::{fp8_table, to_f32};
+use crate::runtime::dequant::{QuantTables, dequantize};
 use crate::runtime::host::HostBytes;
 
 /// A weight on a device (the compute device or a GPU donor), flattened.
@@ -22,8 +23,8 @@ use crate::runtime::host::HostBytes;
 pub(crate) enum DeviceTensor<B: Backend> {
     /// A float tensor in the dtype it is held in (f32, f16 or bf16).
     Float(Tensor<B, 1>),
-    /// fp8 bytes packed four to an `i32` word (little-endian: element `4i + k` is byte `k`
-    /// of word `i`), `numel` elements of `dtype`.
+    /// fp8 or GGUF block bytes packed four to an `i32` word (little-endian: byte `4i + k` is
+    /// byte `k` of word `i`), `numel` elements of `dtype`.
     Packed {
         words: Tensor<B, 1, Int>,
         dtype: DType,
@@ -82,10 +83,20 @@ impl<B: Backend> DeviceTensor<B> {
 
     /// The weight in the compute dtype, on the compute device (where `tables` live): a cast
     /// (or fp8 decoding) when its dtype differs, the tensor itself when not.
-    pub(crate) fn materialize(&self, compute: ComputeDtype, tables: &Fp8Tables<B>) -> Tensor<B, 1> {
+    pub(crate) fn materialize(
+        &self,
+        compute: ComputeDtype,
+        tables: &DecodeTables<B>,
+    ) -> Tensor<B, 1> {
         let target = burn_dtype(compute.dtype());
         let t = match self {
             DeviceTensor::Float(t) => t.clone(),
+            DeviceTensor::Packed {
+                words,
+                dtype,
+                numel,
+            } if dtype.is_quantized() => dequantize(words, *dtype, *numel, &tables.quant)
+                .unwrap_or_else(|| Tensor::zeros([*numel], &words.device())),
             DeviceTensor::Packed {
                 words,
                 dtype,
@@ -195,8 +206,9 @@ pub(crate) fn stage(
             (Staged::Float(TensorData::new(values, [numel])), allocated)
         }
         DeviceForm::PackedBytes => {
-            let words = numel.div_ceil(4);
-            let (bytes, allocated) = if numel.is_multiple_of(4) {
+            let len = source.slice().len();
+            let words = len.div_ceil(4);
+            let (bytes, allocated) = if len.is_multiple_of(4) {
                 source.bytes(4)
             } else {
                 let mut padded = source.slice().to_vec();
@@ -243,18 +255,21 @@ pub(crate) fn place<B: Backend>(
     stage(rule, source, dtype, numel).0.upload(device)
 }
 
-/// The fp8 decoding tables on the compute device, uploaded once per store when first needed.
+/// The fp8 and GGUF decoding tables on the compute device, uploaded once per store when first
+/// needed.
 #[derive(Debug, Clone)]
-pub(crate) struct Fp8Tables<B: Backend> {
+pub(crate) struct DecodeTables<B: Backend> {
     device: B::Device,
     e4m3: OnceLock<Tensor<B, 1>>,
     e5m2: OnceLock<Tensor<B, 1>>,
+    quant: QuantTables<B>,
 }
 
-impl<B: Backend> Fp8Tables<B> {
+impl<B: Backend> DecodeTables<B> {
     /// Tables for `device` (nothing uploaded yet).
-    pub(crate) fn new(device: B::Device) -> Fp8Tables<B> {
-        Fp8Tables {
+    pub(crate) fn new(device: B::Device) -> DecodeTables<B> {
+        DecodeTables {
+            quant: QuantTables::new(device.clone()),
             device,
             e4m3: OnceLock::new(),
             e5m2: OnceLock::new(),
@@ -308,7 +323,8 @@ pub(crate) fn burn_dtype(dtype: DType) -> BurnDType {
 }
 
 /// How backend `B` holds weights on `device`: f16 and bf16 as they are where the device
-/// computes in them (fp8 then packed), every weight as f32 otherwise (ndarray).
+/// computes in them (fp8 and GGUF blocks then packed), every weight as f32 otherwise
+/// (ndarray).
 pub fn device_rule<B: Backend>(device: &B::Device) -> DeviceRule {
     let native = |d: BurnDType| {
         if B::supports_dtype(device, d) {
@@ -319,14 +335,16 @@ pub fn device_rule<B: Backend>(device: &B::Device) -> DeviceRule {
     };
     let (f16, bf16) = (native(BurnDType::F16), native(BurnDType::BF16));
     let gpu = f16 == DeviceForm::Native || bf16 == DeviceForm::Native;
+    let packed = if gpu && B::supports_dtype(device, BurnDType::I32) {
+        DeviceForm::PackedBytes
+    } else {
+        DeviceForm::F32
+    };
     DeviceRule {
         f16,
         bf16,
-        fp8: if gpu && B::supports_dtype(device, BurnDType::I32) {
-            DeviceForm::PackedBytes
-        } else {
-            DeviceForm::F32
-        },
+        fp8: packed,
+        quantized: packed,
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use crate::dtype::DType;
-use crate::home::changed_dtype;
+use crate::home::{ComputeDtype, changed_dtype};
 use crate::runtime::fp8::{PatchPrecision, encode_stochastic};
 
 /// Bytes in host memory.
@@ -43,9 +43,14 @@ impl HostTensor {
 }
 
 /// The dtype a tensor is stored in at its home after loading changed its values
-/// ([`changed_dtype`]: fp8 at bf16 unless `precision` re-quantises, f64 at f32).
-pub(crate) fn storage_dtype(file: DType, precision: PatchPrecision) -> DType {
-    changed_dtype(file, precision.fp8_changed())
+/// ([`changed_dtype`]: fp8 at bf16 unless `precision` re-quantises, f64 at f32, GGUF blocks
+/// at the compute dtype).
+pub(crate) fn storage_dtype(
+    file: DType,
+    precision: PatchPrecision,
+    compute: ComputeDtype,
+) -> DType {
+    changed_dtype(file, precision.fp8_changed(), compute)
 }
 
 /// Changed values of the tensor `key` of a file of dtype `file`, stored as
@@ -54,9 +59,10 @@ pub(crate) fn changed(
     values: &[f32],
     file: DType,
     precision: PatchPrecision,
+    compute: ComputeDtype,
     key: &str,
 ) -> HostTensor {
-    let dtype = storage_dtype(file, precision);
+    let dtype = storage_dtype(file, precision, compute);
     let bytes = match (dtype, precision) {
         (DType::F8E4M3 | DType::F8E5M2, PatchPrecision::Fp8Stochastic { seed }) => {
             encode_stochastic(values, dtype, key, seed)

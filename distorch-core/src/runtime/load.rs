@@ -14,17 +14,17 @@ use memmap2::Mmap;
 use crate::components::Component;
 use crate::dtype::DType;
 use crate::error::Error;
-use crate::home::{DeviceRule, Homes};
+use crate::home::{ComputeDtype, DeviceRule, Homes};
 use crate::runtime::backend::DonorCopy;
 use crate::runtime::decode::{first_non_finite, to_f32};
 use crate::runtime::device::{
-    self, DeviceTensor, Fp8Tables, Source, device_rule, supports_compute,
+    self, DecodeTables, DeviceTensor, Source, device_rule, supports_compute,
 };
 use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::{HostBytes, HostTensor, changed, storage_dtype};
 use crate::runtime::store::{
     DeviceMap, LoadOptions, LoadReport, ShapeMismatch, Stored, StoredTensor, StoredUnit,
-    WeightStore,
+    WeightPatch, WeightStore,
 };
 use crate::safetensors::{SafetensorsIndex, TensorInfo};
 use crate::units::{group, group_bytes};
@@ -268,7 +268,7 @@ impl<B: Backend> WeightStore<B> {
             precision: options.precision,
             rule,
             compute_dtype: options.compute,
-            fp8_tables: Fp8Tables::new(devices.compute.clone()),
+            decode_tables: DecodeTables::new(devices.compute.clone()),
         };
         report.bytes_per_device = store.bytes_per_device();
         tracing::info!(
@@ -418,8 +418,11 @@ impl<'a, B: Backend> Loader<'a, B> {
         home: Home<'_, B>,
     ) -> Result<StoredTensor<B>, Error> {
         let shape: Vec<usize> = info.shape.iter().map(|&d| d as usize).collect();
-        let patch = self.options.patch.filter(|p| p.applies_to(local));
-        let data = match (home, patch) {
+        let patched = match self.options.patch.filter(|p| p.applies_to(local)) {
+            Some(p) => self.patched(info, local, p, &shape)?,
+            None => None,
+        };
+        let data = match (home, patched) {
             (Home::Host, None) => {
                 // Borrowed from the mapping: no copy.
                 let start = info.file_offset as usize;
@@ -438,47 +441,7 @@ impl<'a, B: Backend> Loader<'a, B> {
                 Stored::Device(self.device_tensor(info, &self.devices.compute)?)
             }
             (Home::Donor(d, copy), None) => Stored::Donor(self.device_tensor(info, d)?, copy),
-            (home, Some(p)) => {
-                let n = info.numel() as usize;
-                let on_compute =
-                    Tensor::<B, 1>::from_data(self.read_f32(info)?, &self.devices.compute);
-                let t = match p.patch(local, &on_compute, &shape) {
-                    Some(t) if t.dims() != [n] => {
-                        return Err(Error::PatchShape {
-                            key: local.to_owned(),
-                            expected: n,
-                            got: t.dims()[0],
-                        });
-                    }
-                    Some(t) => {
-                        self.report.patched.push(local.to_owned());
-                        t
-                    }
-                    None => on_compute,
-                };
-                // Rounded to the storage dtype whatever the home, so the patched model
-                // computes the same wherever its weights live.
-                let precision = self.options.precision;
-                let rounded = if storage_dtype(info.dtype, precision) == DType::F32 {
-                    None
-                } else {
-                    Some(owned(t.clone(), info, precision, local)?)
-                };
-                let rule = self.rule;
-                let device =
-                    |t: Tensor<B, 1>, rounded: Option<HostTensor>, d: &B::Device| match rounded {
-                        Some(h) => device::place(&rule, Source::Home(&h.bytes), h.dtype, n, d),
-                        None => DeviceTensor::Float(t.to_device(d)),
-                    };
-                match home {
-                    Home::Compute => Stored::Device(device(t, rounded, &self.devices.compute)),
-                    Home::Donor(d, copy) => Stored::Donor(device(t, rounded, d), copy),
-                    Home::Host => Stored::Host(match rounded {
-                        Some(h) => h,
-                        None => owned(t, info, precision, local)?,
-                    }),
-                }
-            }
+            (home, Some(t)) => self.store_patched(info, local, home, t)?,
         };
         if let Some(progress) = self.options.progress {
             progress(info.bytes);
@@ -488,6 +451,63 @@ impl<'a, B: Backend> Loader<'a, B> {
             shape,
             data,
             origin: info.clone(),
+        })
+    }
+
+    /// The tensor `local` read at f32 onto the compute device and patched there (as it is
+    /// when the patch returns `None`: a tensor the patch applies to is stored in its changed
+    /// dtype either way, as the plan counted it).
+    fn patched(
+        &mut self,
+        info: &TensorInfo,
+        local: &str,
+        p: &dyn WeightPatch<B>,
+        shape: &[usize],
+    ) -> Result<Option<Tensor<B, 1>>, Error> {
+        let n = info.numel() as usize;
+        let on_compute = Tensor::<B, 1>::from_data(self.read_f32(info)?, &self.devices.compute);
+        match p.patch(local, &on_compute, shape) {
+            Some(t) if t.dims() != [n] => Err(Error::PatchShape {
+                key: local.to_owned(),
+                expected: n,
+                got: t.dims()[0],
+            }),
+            Some(t) => {
+                self.report.patched.push(local.to_owned());
+                Ok(Some(t))
+            }
+            None => Ok(Some(on_compute)),
+        }
+    }
+
+    /// A patched tensor at its home, rounded to its storage dtype whatever the home, so the
+    /// patched model computes the same wherever its weights live.
+    fn store_patched(
+        &self,
+        info: &TensorInfo,
+        local: &str,
+        home: Home<'_, B>,
+        t: Tensor<B, 1>,
+    ) -> Result<Stored<B>, Error> {
+        let n = info.numel() as usize;
+        let precision = (self.options.precision, self.options.compute);
+        let rounded = if storage_dtype(info.dtype, precision.0, precision.1) == DType::F32 {
+            None
+        } else {
+            Some(owned(t.clone(), info, precision, local)?)
+        };
+        let rule = self.rule;
+        let device = |t: Tensor<B, 1>, rounded: Option<HostTensor>, d: &B::Device| match rounded {
+            Some(h) => device::place(&rule, Source::Home(&h.bytes), h.dtype, n, d),
+            None => DeviceTensor::Float(t.to_device(d)),
+        };
+        Ok(match home {
+            Home::Compute => Stored::Device(device(t, rounded, &self.devices.compute)),
+            Home::Donor(d, copy) => Stored::Donor(device(t, rounded, d), copy),
+            Home::Host => Stored::Host(match rounded {
+                Some(h) => h,
+                None => owned(t, info, precision, local)?,
+            }),
         })
     }
 
@@ -547,7 +567,7 @@ impl<'a, B: Backend> Loader<'a, B> {
 fn owned<B: Backend>(
     t: Tensor<B, 1>,
     info: &TensorInfo,
-    precision: PatchPrecision,
+    (precision, compute): (PatchPrecision, ComputeDtype),
     key: &str,
 ) -> Result<HostTensor, Error> {
     let values = t
@@ -556,7 +576,7 @@ fn owned<B: Backend>(
         .map_err(|e| Error::DeviceTransfer {
             reason: format!("{e:?}"),
         })?;
-    Ok(changed(&values, info.dtype, precision, key))
+    Ok(changed(&values, info.dtype, precision, compute, key))
 }
 
 /// A weights file's length and modification time when it was loaded: re-reading pristine

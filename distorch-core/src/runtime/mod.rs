@@ -26,6 +26,7 @@
 mod backend;
 mod cache;
 mod decode;
+mod dequant;
 mod device;
 mod fp8;
 mod host;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::home::{ComputeDtype, DeviceRule};
 use crate::runtime::backend::{Capabilities, DonorCopy};
-use crate::runtime::device::{DeviceTensor, Fp8Tables};
+use crate::runtime::device::{DecodeTables, DeviceTensor};
 use crate::runtime::fp8::PatchPrecision;
 use crate::runtime::host::HostTensor;
 use crate::runtime::load::Fingerprint;
@@ -270,7 +270,7 @@ pub struct WeightStore<B: Backend> {
     /// The dtype fetched weights are cast to.
     pub(crate) compute_dtype: ComputeDtype,
     /// fp8 decoding tables on the compute device (uploaded on first use).
-    pub(crate) fp8_tables: Fp8Tables<B>,
+    pub(crate) decode_tables: DecodeTables<B>,
 }
 
 impl<B: Backend> WeightStore<B> {

@@ -447,7 +447,7 @@ fn resident_tensors<B: Backend>(u: &StoredUnit<B>, store: &WeightStore<B>) -> Ve
     u.tensors
         .iter()
         .filter_map(|t| match &t.data {
-            Stored::Device(d) => Some(d.materialize(store.compute_dtype, &store.fp8_tables)),
+            Stored::Device(d) => Some(d.materialize(store.compute_dtype, &store.decode_tables)),
             Stored::Donor(..) | Stored::Host(_) => None,
         })
         .collect()
@@ -490,7 +490,7 @@ fn to_device<B: Backend>(
     };
     on_device
         .iter()
-        .map(|d| d.materialize(store.compute_dtype, &store.fp8_tables))
+        .map(|d| d.materialize(store.compute_dtype, &store.decode_tables))
         .collect()
 }
 

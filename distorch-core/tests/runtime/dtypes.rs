@@ -64,7 +64,7 @@ fn write_mlp_of(dir: &std::path::Path, dtype: DType, as_f32: bool) -> std::path:
 }
 
 /// A plan for `index` from an allocation string on a graph with a GPU donor.
-fn plan(index: &SafetensorsIndex, alloc: &str) -> Plan {
+pub(crate) fn plan(index: &SafetensorsIndex, alloc: &str) -> Plan {
     let split = components::split(index, &Conventions::NONE);
     let inv = inventory_of(&split.components[0]);
     let graph: DeviceGraph = "cuda:0=1gib,cuda:1=1gib,cpu=8gib".parse().unwrap();
@@ -76,9 +76,9 @@ fn plan(index: &SafetensorsIndex, alloc: &str) -> Plan {
     distorch_alloc::plan(&req, &inv, &graph).unwrap()
 }
 
-/// Loads `plan`, runs three passes; checks that the plan's, the store's and the streamer's
-/// bytes agree and returns the output.
-fn run_checked(index: &SafetensorsIndex, plan: &Plan) -> Vec<f32> {
+/// Loads `plan`, runs three passes on inputs `width` wide; checks that the plan's, the store's
+/// and the streamer's bytes agree and returns the output.
+pub(crate) fn run_checked(index: &SafetensorsIndex, plan: &Plan, width: usize) -> Vec<f32> {
     let split = components::split(index, &Conventions::NONE);
     let devices = DeviceMap::new(Default::default()).with_donor(DeviceId::cuda(1), donor_device());
     let (store, report) = WeightStore::<B>::load(
@@ -104,7 +104,6 @@ fn run_checked(index: &SafetensorsIndex, plan: &Plan) -> Vec<f32> {
         .filter(|(d, _)| *d != plan.compute())
         .collect();
     let streamer = Streamer::new(Arc::new(store), Lookahead::default());
-    let width = WIDTH + 1;
     let input = Tensor::<B, 1>::from_floats(values(7, 2 * width).as_slice(), &Default::default())
         .reshape([2, width]);
     let mut out = Vec::new();
@@ -137,7 +136,7 @@ fn plan_store_and_stream_agree_for_every_dtype_and_home() {
         let reference = {
             let path = write_mlp_of(dir.path(), dtype, true);
             let index = SafetensorsIndex::open(&path).unwrap();
-            run_checked(&index, &plan(&index, "cuda:0,*"))
+            run_checked(&index, &plan(&index, "cuda:0,*"), WIDTH + 1)
         };
         let unit = plan(&index, "cuda:0,*").units()[1].bytes;
         for alloc in [
@@ -147,7 +146,7 @@ fn plan_store_and_stream_agree_for_every_dtype_and_home() {
             format!("cuda:0,{}b;cuda:1,{}b;cpu,*", 3 * unit.0, 2 * unit.0),
         ] {
             let p = plan(&index, &alloc);
-            let out = run_checked(&index, &p);
+            let out = run_checked(&index, &p, WIDTH + 1);
             assert_eq!(out, reference, "{dtype} at {alloc}: output differs");
         }
     }

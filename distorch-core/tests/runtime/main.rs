@@ -6,6 +6,7 @@
 
 mod common;
 mod dtypes;
+mod gguf;
 mod homes;
 mod repatch;
 mod runtime;

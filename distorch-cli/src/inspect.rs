@@ -145,6 +145,18 @@ fn dtype_counts(tensors: &[&TensorInfo]) -> BTreeMap<String, usize> {
     out
 }
 
+/// Per element type: tensors, elements and bytes (GGUF files mix quantized types).
+fn type_bytes(tensors: &[TensorInfo]) -> BTreeMap<String, (usize, u64, u64)> {
+    let mut out: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
+    for t in tensors {
+        let e = out.entry(t.dtype.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.numel();
+        e.2 += t.bytes;
+    }
+    out
+}
+
 pub fn run(args: &InspectArgs) -> Result<(), Failure> {
     let path = args.source.path()?;
     let index = SafetensorsIndex::open(&path)?;
@@ -175,6 +187,11 @@ pub fn run(args: &InspectArgs) -> Result<(), Failure> {
             json!({
                 "file": path.display().to_string(),
                 "file_bytes": index.file_len(),
+                "format": index.format().name(),
+                "types": type_bytes(index.tensors())
+                    .into_iter()
+                    .map(|(d, (n, e, b))| json!({"dtype": d, "tensors": n, "elements": e, "bytes": b}))
+                    .collect::<Vec<_>>(),
                 "tensors": index.tensors().len(),
                 "data_bytes": index.data_bytes(),
                 "components": comps,
@@ -189,11 +206,27 @@ pub fn run(args: &InspectArgs) -> Result<(), Failure> {
         return Ok(());
     }
     println!(
-        "{}: {} tensors, {} of tensor data",
+        "{}: {}, {} tensors, {} of tensor data",
         path.display(),
+        index.format(),
         index.tensors().len(),
         ByteSize(index.data_bytes())
     );
+    println!(
+        "  {:<8} {:>8} {:>14} {:>12} {:>10}",
+        "type", "tensors", "elements", "bytes", "bits/elem"
+    );
+    for (d, (n, e, b)) in type_bytes(index.tensors()) {
+        let bits = if e == 0 {
+            0.0
+        } else {
+            8.0 * b as f64 / e as f64
+        };
+        println!(
+            "  {d:<8} {n:>8} {e:>14} {:>12} {bits:>10.2}",
+            ByteSize(b).to_string()
+        );
+    }
     println!(
         "  {:<12} {:<24} {:>8} {:>6} {:>12}  dtypes",
         "component", "prefix", "tensors", "units", "bytes"

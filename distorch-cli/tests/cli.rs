@@ -284,3 +284,71 @@ fn inspect_json_lists_components() {
     let human = distorch(&["inspect", "--demo", "sd15"], dir.path());
     assert!(stdout(&human).contains("unet"), "{}", stdout(&human));
 }
+
+fn gguf_unet() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../distorch-models/tests/fixtures/unet_sd/unet.gguf")
+}
+
+#[test]
+fn inspect_and_plan_read_gguf_files_with_their_quantized_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = gguf_unet();
+    let file = file.to_str().unwrap();
+    let o = distorch(&["inspect", file, "--json"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["format"], "GGUF");
+    assert_eq!(v["metadata"]["general.architecture"], "sd1");
+    assert_eq!(v["components"][0]["component"], "unet");
+    let types = v["types"].as_array().unwrap();
+    let q4k = types.iter().find(|t| t["dtype"] == "Q4_K").unwrap();
+    // 144 bytes per 256 elements.
+    assert_eq!(
+        q4k["bytes"].as_u64().unwrap() * 256,
+        q4k["elements"].as_u64().unwrap() * 144
+    );
+    let summed: u64 = types.iter().map(|t| t["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(summed, v["data_bytes"].as_u64().unwrap());
+    let human = stdout(&distorch(&["inspect", file], dir.path()));
+    assert!(human.contains("GGUF") && human.contains("Q6_K"), "{human}");
+
+    let args = [
+        "plan",
+        file,
+        "--component",
+        "unet",
+        "--virtual-vram",
+        "100",
+        "--donor",
+        "cpu",
+        "--tiny-threshold",
+        "0b",
+        "--devices",
+        DEVICES,
+        "--json",
+    ];
+    let o = distorch(&args, dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    // Every weight at the host home (norms stay on the compute device, as f32 there and in
+    // the file): the file's quantized bytes.
+    let devices = plan["devices"].as_array().unwrap();
+    let cpu = devices.iter().find(|d| d["device"] == "cpu").unwrap();
+    assert!(cpu["model_bytes"].as_u64().unwrap() > summed * 9 / 10);
+    let placed: u64 = devices
+        .iter()
+        .map(|d| d["model_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(placed, summed);
+}
+
+#[test]
+fn a_file_of_another_format_is_named_as_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    std::fs::write(&path, b"PK\x03\x04\x14\0\0\0\0\0").unwrap();
+    let o = distorch(&["inspect", path.to_str().unwrap()], dir.path());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("zip archive"), "{}", stderr(&o));
+}

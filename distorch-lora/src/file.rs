@@ -176,6 +176,14 @@ impl LoraFile {
     pub fn open(path: impl AsRef<Path>) -> Result<LoraFile, Error> {
         let path = path.as_ref().to_path_buf();
         let index = SafetensorsIndex::open_file(&path)?;
+        if index.format() != distorch_core::Format::Safetensors {
+            return Err(distorch_core::Error::WrongFormat {
+                path,
+                expected: "a safetensors LoRA file",
+                found: index.format().name(),
+            }
+            .into());
+        }
         let bytes = std::fs::read(&path).map_err(|source| distorch_core::Error::Io {
             path: path.clone(),
             source,

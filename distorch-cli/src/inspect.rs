@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use distorch::ByteSize;
-use distorch::core::{Component, ComponentKind, SafetensorsIndex, TensorInfo, units};
+use distorch::core::{Component, ComponentKind, TensorInfo, units};
 use distorch::models::text::umt5::Umt5Config;
 use distorch::models::wan::dit::{WanDitConfig, WanLayout};
 use distorch::models::wan::vae::{WanVaeConfig, WanVaeLayout};
@@ -159,7 +159,7 @@ fn type_bytes(tensors: &[TensorInfo]) -> BTreeMap<String, (usize, u64, u64)> {
 
 pub fn run(args: &InspectArgs) -> Result<(), Failure> {
     let path = args.source.path()?;
-    let index = SafetensorsIndex::open(&path)?;
+    let index = distorch::models::load::open_index(&path)?;
     let split = distorch::models::load::split(&index);
     let mut rows = Vec::new();
     for c in &split.components {

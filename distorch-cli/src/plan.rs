@@ -6,7 +6,7 @@ use distorch::alloc::{
     VirtualVram, parse_byte_size, parse_device_list,
 };
 use distorch::backends::BackendKind;
-use distorch::core::{ComponentKind, SafetensorsIndex, units};
+use distorch::core::{ComponentKind, units};
 use serde_json::json;
 
 use crate::Failure;
@@ -27,7 +27,7 @@ pub fn run(args: &PlanArgs) -> Result<(), Failure> {
     let hint = |f: Failure| with_detection_hint(f, notes.as_deref());
     let request = request(args, &graph).map_err(hint)?;
     let path = args.source.path()?;
-    let index = SafetensorsIndex::open(&path)?;
+    let index = distorch::models::load::open_index(&path)?;
     let split = distorch::models::load::split(&index);
     let wanted: Vec<_> = split
         .components

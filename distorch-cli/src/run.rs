@@ -233,7 +233,7 @@ fn run_on<B: Backend>(
     };
     let inputs = Inputs::read(&args.inputs)?;
     let model = model(args)?;
-    let index = SafetensorsIndex::open(&model.weights)?;
+    let index = distorch::models::load::open_index(&model.weights)?;
     let c = component(&index, args.task, args.component)?;
     let mut options = ComponentOptions::new(graph, placement);
     options.dtype = args.dtype.0;

@@ -711,3 +711,42 @@ fn f16_compute_on_wgpu_streams_the_storage_bytes() {
         );
     }
 }
+
+#[test]
+fn a_gguf_unet_runs_with_and_without_a_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = fixture("unet_sd").join("reference.safetensors");
+    let gguf_reference = fixture("unet_sd").join("gguf_reference.safetensors");
+    let ins = tmp.path().join("in.safetensors");
+    let out = tmp.path().join("out.safetensors");
+    inputs(
+        &reference,
+        &[
+            ("sample", "sample"),
+            ("timestep", "timestep"),
+            ("encoder_hidden_states", "encoder_hidden_states"),
+        ],
+        &ins,
+    );
+    let lora = format!("{}:0.8", fixture("lora").join("peft.safetensors").display());
+    let model = fixture("unet_sd").join("unet.gguf");
+    let config = fixture("unet_sd").join("config.json");
+    for (extra, key) in [(None, "out"), (Some(lora.as_str()), "lora_out")] {
+        let mut args = vec![
+            "unet",
+            "--model",
+            model.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--inputs",
+            ins.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(l) = extra {
+            args.extend(["--lora", l]);
+        }
+        run(&args);
+        check(&out, "sample", &gguf_reference, key);
+    }
+}

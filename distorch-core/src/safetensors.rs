@@ -298,6 +298,28 @@ impl SafetensorsIndex {
         self.format
     }
 
+    /// The same index with tensors renamed by `rename` (`None` keeps a name): how a family's
+    /// naming in another format (llama.cpp's T5 names in GGUF) is read as its usual one. Two
+    /// tensors renamed to one name are [`Error::DuplicateTensor`].
+    pub fn renamed(
+        mut self,
+        rename: impl Fn(&str) -> Option<String>,
+    ) -> Result<SafetensorsIndex, Error> {
+        let mut seen = HashSet::with_capacity(self.tensors.len());
+        for t in &mut self.tensors {
+            if let Some(name) = rename(&t.name) {
+                t.name = name;
+            }
+            if !seen.insert(t.name.clone()) {
+                return Err(Error::DuplicateTensor {
+                    path: self.path.clone(),
+                    name: t.name.clone(),
+                });
+            }
+        }
+        Ok(self)
+    }
+
     /// The file, or the shard index (`*.safetensors.index.json`) of a sharded model.
     pub fn path(&self) -> &Path {
         &self.path

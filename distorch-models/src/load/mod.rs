@@ -8,12 +8,14 @@ mod context;
 mod conventions;
 pub mod discovery;
 pub(crate) mod folder;
+pub mod gguf;
 pub(crate) mod keymap;
 mod placement;
 pub(crate) mod shapes;
 
 pub use context::LoadContext;
 pub use conventions::{CONVENTIONS, inventory_for, split};
+pub use gguf::open_index;
 pub use placement::Placement;
 pub(crate) use shapes::{
     both_names, needs_config, own_modules, shape_map, to_usize, units_in_order,
@@ -283,7 +285,7 @@ fn open(path: &Path) -> Result<(SafetensorsIndex, Option<std::path::PathBuf>), E
     } else {
         (path.to_path_buf(), None)
     };
-    Ok((SafetensorsIndex::open(&weights)?, config_file))
+    Ok((gguf::open_index(&weights)?, config_file))
 }
 
 /// The component of kind `M::KIND` in the file (or its only, unrecognised one).

@@ -61,3 +61,35 @@ fn bad_inputs_are_typed_errors() {
     let e = m.forward(&[1, 2, 3], &[1, 1, 1], 2).unwrap_err();
     assert!(e.to_string().contains("do not split into 2"), "{e}");
 }
+
+/// The same encoder as city96's T5 GGUFs hold it (llama.cpp names, `t5encoder`, quantized
+/// weights; `tools/fixtures/gguf_t5.py`) against transformers with the dequantized weights.
+#[test]
+fn a_llama_cpp_gguf_umt5_matches_transformers_with_its_dequantized_weights() {
+    let dir = fixture("umt5");
+    let weights = dir.join("model.gguf");
+    let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
+    let index = distorch_models::load::open_index(&weights).unwrap();
+    assert!(index.tensors().iter().any(|t| t.name == "shared.weight"));
+    let split = distorch_models::load::split(&index);
+    assert_eq!(Umt5Config::detect(&split.components[0]).unwrap(), config);
+    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let mut outs = Vec::new();
+    for offload in [false, true] {
+        let m: Loaded<Umt5Encoder<B>> =
+            load_model(&weights, Some(config.clone()), &component_options(offload)).unwrap();
+        assert!(
+            m.report.missing.is_empty() && m.report.unused.is_empty(),
+            "{:?}",
+            m.report
+        );
+        let out = m.model.forward(&input_ids, &mask, 2).unwrap();
+        assert_close(
+            &format!("gguf last_hidden_state, offload {offload}"),
+            out.clone(),
+            read(&dir.join("gguf_reference.safetensors"), "last_hidden_state"),
+        );
+        outs.push(out.into_data().to_vec::<f32>().unwrap());
+    }
+    assert_eq!(outs[0], outs[1], "offloaded differs");
+}

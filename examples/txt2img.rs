@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example txt2img -- [--ckpt PATH_OR_NAME] --prompt "..."
 //!     [--negative ...] [--steps N] [--cfg X] [--sampler euler|euler_a|ddim|dpmpp_2m_karras]
-//!     [--seed N] [--width W --height H] [--device cpu|wgpu:0|cuda:N]
+//!     [--seed N] [--width W --height H] [--device cpu|wgpu:0|cuda:N] [--unet PATH_OR_NAME]
 //!     [--unet-virtual-vram GB --unet-donor DEV | --unet-expert STR] [--clip-device DEV]
 //!     [--vae-device DEV] [--controlnet PATH_OR_NAME --hint IMG [--control-strength X]]
 //!     [--lora NAME[:MODEL[:CLIP]]]... [--models-dir DIR] [--extra-model-paths YAML]
@@ -13,6 +13,8 @@
 //!
 //! `--ckpt` is a single-file checkpoint (SD 1.x/2.x/SDXL), a diffusers pipeline folder, or a
 //! name found in `--models-dir` (a ComfyUI `models/` folder) and `--extra-model-paths`.
+//! `--unet` loads the UNet from its own file instead (a GGUF from city96's ComfyUI-GGUF, or a
+//! safetensors UNet), the text encoders and the VAE still from `--ckpt`.
 //! Without it, the example writes a demo checkpoint once (SD 1.5's shapes, deterministic
 //! random weights; about 2 GB in `$DISTORCH_CACHE`, else `~/.cache/distorch`): it runs the
 //! whole pipeline but draws an abstract image. `--device wgpu:0` and `cuda:N` need the
@@ -46,6 +48,10 @@ struct Args {
     /// Checkpoint file, diffusers folder, or a name in the model folders (default: the demo).
     #[arg(long)]
     ckpt: Option<String>,
+    /// A UNet file used instead of the checkpoint's (ComfyUI's UNETLoader / UnetLoaderGGUF):
+    /// safetensors or GGUF, a path or a name in `diffusion_models/` (`unet/`).
+    #[arg(long)]
+    unet: Option<String>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
@@ -252,6 +258,9 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
             model,
             clip,
         });
+    }
+    if let Some(name) = &args.unet {
+        options.unet_file = Some(folders.resolve(ModelKind::DiffusionModels, name)?);
     }
     let loading = ProgressBar::new(checkpoint_bytes(&ckpt)?);
     loading.set_style(

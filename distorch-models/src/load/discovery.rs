@@ -67,8 +67,8 @@ pub struct ModelFolders {
     folders: BTreeMap<ModelKind, Vec<PathBuf>>,
 }
 
-/// Model files ComfyUI lists (distorch loads the safetensors ones).
-const EXTENSIONS: [&str; 2] = ["safetensors", "sft"];
+/// Model files ComfyUI (with ComfyUI-GGUF) lists that distorch loads: safetensors and GGUF.
+const EXTENSIONS: [&str; 3] = ["safetensors", "sft", "gguf"];
 
 impl ModelFolders {
     /// No folders.

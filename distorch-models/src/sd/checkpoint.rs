@@ -60,6 +60,11 @@ pub struct CheckpointOptions<B: Backend> {
     /// bf16 on GPU backends for half and fp8 checkpoints, the VAE kept at f32 for f16 ones as
     /// diffusers' `force_upcast` does), else f32 (always on ndarray).
     pub dtype: Option<ComputeDtype>,
+    /// A UNet file to load instead of the checkpoint's own (ComfyUI's `UNETLoader` /
+    /// city96's `UnetLoaderGGUF` beside the checkpoint's CLIP and VAE): a single-file UNet in
+    /// safetensors or GGUF (original or diffusers keys), its architecture detected from its
+    /// shapes unless `unet_config` gives it.
+    pub unet_file: Option<std::path::PathBuf>,
 }
 
 /// A LoRA with ComfyUI's two strengths.
@@ -120,6 +125,7 @@ impl<B: Backend> CheckpointOptions<B> {
             loras: Vec::new(),
             precision: PatchPrecision::High,
             dtype: None,
+            unet_file: None,
         })
     }
 }
@@ -230,20 +236,10 @@ impl<B: Backend> StableDiffusion<B> {
         };
         let mut loaded = Gathered::default();
 
-        let unet_c = find(ComponentKind::Unet)?;
-        let (family, unet_config) = match &options.unet_config {
-            Some(c) => (SdFamily::Unknown, c.clone()),
-            None => {
-                let d = UnetConfig::detect(unet_c)?;
-                (d.family, d.config)
-            }
+        let (family, unet) = match &options.unet_file {
+            Some(file) => Self::separate_unet(file, options)?,
+            None => Self::unet_of(&index, find(ComponentKind::Unet)?, options)?,
         };
-        let unet = load_component(
-            &index,
-            unet_c,
-            unet_config,
-            &options.with_loras(&options.unet, Target::Unet),
-        )?;
         let unet = loaded.keep("unet".into(), unet);
 
         let clip_c = find(ComponentKind::Clip)?;
@@ -274,6 +270,48 @@ impl<B: Backend> StableDiffusion<B> {
         Ok(loaded.into_model(family, unet, text_encoders, vae))
     }
 
+    /// The UNet component `c` of `index`, its family and configuration detected unless given.
+    fn unet_of(
+        index: &SafetensorsIndex,
+        c: &distorch_core::Component<'_>,
+        options: &CheckpointOptions<B>,
+    ) -> Result<(SdFamily, Loaded<Unet2dCondition<B>>), Error> {
+        let (family, config) = match &options.unet_config {
+            Some(c) => (SdFamily::Unknown, c.clone()),
+            None => {
+                let d = UnetConfig::detect(c)?;
+                (d.family, d.config)
+            }
+        };
+        let unet = load_component(
+            index,
+            c,
+            config,
+            &options.with_loras(&options.unet, Target::Unet),
+        )?;
+        Ok((family, unet))
+    }
+
+    /// The UNet of [`CheckpointOptions::unet_file`] (safetensors or GGUF).
+    fn separate_unet(
+        file: &Path,
+        options: &CheckpointOptions<B>,
+    ) -> Result<(SdFamily, Loaded<Unet2dCondition<B>>), Error> {
+        let index = crate::load::open_index(file)?;
+        let split = crate::load::split(&index);
+        let c = split
+            .components
+            .iter()
+            .find(|c| c.kind == ComponentKind::Unet)
+            .ok_or_else(|| Error::MissingComponent {
+                file: file.to_path_buf(),
+                kind: ComponentKind::Unet,
+                hint: " (--unet names a UNet file)",
+            })?;
+        tracing::info!(file = %file.display(), format = %index.format(), "UNet from its own file");
+        Self::unet_of(&index, c, options)
+    }
+
     /// Loads a diffusers pipeline folder: `unet/`, `vae/`, `text_encoder/` and, for SDXL,
     /// `text_encoder_2/`, each a `config.json` and its weights (one `.safetensors` file —
     /// `diffusion_pytorch_model.safetensors` or `model.safetensors`, else the one there,
@@ -285,11 +323,14 @@ impl<B: Backend> StableDiffusion<B> {
     ) -> Result<StableDiffusion<B>, Error> {
         let folder = folder.as_ref();
         let mut loaded = Gathered::default();
-        let unet = load_model(
-            folder.join("unet"),
-            options.unet_config.clone(),
-            &options.with_loras(&options.unet, Target::Unet),
-        )?;
+        let unet = match &options.unet_file {
+            Some(file) => Self::separate_unet(file, options)?.1,
+            None => load_model(
+                folder.join("unet"),
+                options.unet_config.clone(),
+                &options.with_loras(&options.unet, Target::Unet),
+            )?,
+        };
         let unet = loaded.keep("unet".into(), unet);
         let mut text_encoders = Vec::new();
         for (i, name) in ["text_encoder", "text_encoder_2"].into_iter().enumerate() {

@@ -295,3 +295,39 @@ fn a_diffusers_folder_loads_every_component_with_its_placement() {
         .unwrap();
     assert!(e.to_string().contains("gone.safetensors"), "{e}");
 }
+
+/// ComfyUI's UnetLoaderGGUF beside a checkpoint's CLIP and VAE: the UNet from a GGUF file,
+/// the rest from the checkpoint.
+#[test]
+fn a_gguf_unet_file_replaces_the_checkpoints_unet() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.safetensors");
+    tiny_checkpoint(&path);
+    let graph: DeviceGraph = "cuda:0=1gib,cpu=8gib".parse().unwrap();
+    let device: burn::tensor::Device<B> = Default::default();
+    let mut options =
+        CheckpointOptions::<B>::new(graph, DeviceId::cuda(0), device.clone(), device.clone())
+            .unwrap();
+    options.unet_file = Some(fixture("unet_sd").join("unet.gguf"));
+    options.unet_config =
+        Some(UnetConfig::from_file(fixture("unet_sd").join("config.json")).unwrap());
+    options.vae_config = Some(VaeConfig::from_file(fixture("vae").join("config.json")).unwrap());
+    options.clip_configs = Some(vec![
+        ClipTextConfig::from_file(fixture("clip_text_quick_gelu").join("config.json")).unwrap(),
+    ]);
+    let sd = StableDiffusion::<B>::load_single_file(&path, &options).unwrap();
+    let t: Tensor<B, 1> = tensor("unet_sd", "timestep");
+    let out = sd
+        .unet
+        .forward(UnetInput::new(
+            tensor("unet_sd", "sample"),
+            t.into_data().to_vec::<f32>().unwrap(),
+            tensor("unet_sd", "encoder_hidden_states"),
+        ))
+        .unwrap();
+    assert_close(
+        "gguf unet in a checkpoint",
+        out,
+        read(&fixture("unet_sd").join("gguf_reference.safetensors"), "out"),
+    );
+}

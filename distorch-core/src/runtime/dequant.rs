@@ -47,8 +47,11 @@ struct DeviceLayout<B: Backend> {
 pub(crate) struct QuantTables<B: Backend> {
     device: B::Device,
     f16: OnceLock<Tensor<B, 1>>,
-    layouts: Arc<Mutex<Vec<(DType, Arc<DeviceLayout<B>>)>>>,
+    layouts: Arc<Mutex<LayoutCache<B>>>,
 }
+
+/// The device layouts uploaded so far, by type.
+type LayoutCache<B> = Vec<(DType, Arc<DeviceLayout<B>>)>;
 
 fn ints<B: Backend>(values: Vec<i32>, device: &B::Device) -> Tensor<B, 1, Int> {
     let n = values.len();

@@ -12,10 +12,10 @@
 //!
 //! | home | held as | reaches the compute device by |
 //! |---|---|---|
-//! | compute device | the file's dtype on GPU backends (f32, f16, bf16; fp8 packed four to an `i32` word); f32 on ndarray | nothing (resident): cast to the compute dtype when fetched |
+//! | compute device | the file's dtype on GPU backends (f32, f16, bf16; fp8 packed four to an `i32` word; GGUF quantized blocks packed as `i32` words); f32 on ndarray | nothing (resident): cast (fp8: decoded; GGUF: dequantized with Burn integer ops) to the compute dtype when fetched, the wide copy dropped with the fetch |
 //! | GPU donor (same backend) | the same | a device-to-device copy when fetched (CUDA), or read back on the prefetch thread and uploaded (wgpu) |
 //! | `cpu`, unchanged by loading | the file's bytes, borrowed from the memory map | a zero-copy view (pages touched on the prefetch thread), uploaded in its dtype; widened to f32 on the host only for ndarray |
-//! | `cpu`, patched | an owned copy in the file's dtype (fp8 → bf16, or fp8 by stochastic rounding with [`PatchPrecision::Fp8Stochastic`]; f64 → f32) | the same |
+//! | `cpu`, patched | an owned copy in the file's dtype (fp8 → bf16, or fp8 by stochastic rounding with [`PatchPrecision::Fp8Stochastic`]; GGUF quantized → the compute dtype; f64 → f32) | the same |
 //!
 //! Weights are cast (or fp8 decoded) to the compute dtype ([`LoadOptions::compute`], f32 by
 //! default) on the compute device right before use; the cast copy is dropped with the fetch.

@@ -328,6 +328,9 @@ fn a_gguf_unet_file_replaces_the_checkpoints_unet() {
     assert_close(
         "gguf unet in a checkpoint",
         out,
-        read(&fixture("unet_sd").join("gguf_reference.safetensors"), "out"),
+        read(
+            &fixture("unet_sd").join("gguf_reference.safetensors"),
+            "out",
+        ),
     );
 }

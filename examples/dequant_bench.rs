@@ -25,33 +25,8 @@ use distorch::core::{DType, Homes, SafetensorsIndex, quant, units};
 
 const COLS: usize = 4096;
 
-/// Random blocks of `dtype` with small finite f16 scales in every scale field.
-fn blocks(dtype: DType, n: usize) -> Vec<u8> {
-    let size = dtype.size() as usize;
-    let mut x = 0x2545_f491_4f6c_dd1d_u64;
-    let mut raw: Vec<u8> = (0..n / dtype.block_elems() as usize * size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let fields: &[usize] = match dtype {
-        DType::Q2K => &[80, 82],
-        DType::Q3K => &[108],
-        DType::Q6K => &[208],
-        DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
-        _ => &[0],
-    };
-    let scale = half::f16::from_f32(1e-3).to_le_bytes();
-    for b in raw.chunks_exact_mut(size) {
-        for &at in fields {
-            b[at..at + 2].copy_from_slice(&scale);
-        }
-    }
-    raw
-}
+#[path = "common/blocks.rs"]
+mod blocks;
 
 fn main() {
     let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
@@ -73,7 +48,7 @@ fn bench<B: Backend>(backend: &str, rows: usize) {
     let n = rows * COLS;
     let out_gb = 4.0 * n as f64 / 1e9;
     for dtype in DType::QUANTIZED {
-        let data = blocks(dtype, n);
+        let data = blocks::random_blocks(dtype, n, 0, 1e-3);
         // The host kernel alone.
         let mut out = vec![0f32; n];
         let t = Instant::now();

@@ -14,7 +14,7 @@
 //! pass can be when every transfer hides behind compute, and `vs_bound` = pass / bound.
 //!
 //! Run: `cargo run --release --example offload_bench [-- --passes N] [--lookahead UNITS]
-//! [--offload PCT,PCT,...] [--backend ndarray|wgpu|cuda] [--file-dtype f32|f16|bf16]
+//! [--offload PCT,PCT,...] [--backend ndarray|wgpu|cuda] [--file-dtype f32|f16|bf16|q8_0|q4_k|...]
 //! [--dtype f32|f16|bf16]` (defaults: 2 passes, look-ahead 2 units, offload 0,50,100,
 //! ndarray, an f32 file, f32 compute). `wgpu` and `cuda` need the facade's features of the
 //! same name (`--features wgpu`).
@@ -30,6 +30,7 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 use distorch::alloc::{PinPolicy, PlacementOrder};
+use distorch::core::gguf::{Array, GgufTensorData, ORIG_SHAPE_PREFIX, Value, write_gguf};
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore};
 use distorch::core::runtime::{compute_burn_dtype, device_rule, encode_f32};
 use distorch::core::safetensors::write;
@@ -37,6 +38,9 @@ use distorch::core::{ComputeDtype, Homes, units};
 use distorch::{
     ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram,
 };
+
+#[path = "common/blocks.rs"]
+mod blocks;
 
 const BLOCKS: usize = 8;
 const CONV: usize = 320; // channels of SD's first level
@@ -57,37 +61,86 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Writes the 24-layer checkpoint: per block a conv, an up and a down projection.
+/// The 24 layers' tensors: per block a conv, an up and a down projection, with their fan-in.
+fn layers() -> Vec<(String, Vec<u64>, usize)> {
+    let c = CONV as u64;
+    (0..BLOCKS)
+        .flat_map(|b| {
+            [
+                (
+                    format!("blocks.{b}.conv.weight"),
+                    vec![c, c, 3, 3],
+                    CONV * 9,
+                ),
+                (
+                    format!("blocks.{b}.up.weight"),
+                    vec![HIDDEN as u64, DIM as u64],
+                    DIM,
+                ),
+                (
+                    format!("blocks.{b}.down.weight"),
+                    vec![DIM as u64, HIDDEN as u64],
+                    HIDDEN,
+                ),
+            ]
+        })
+        .collect()
+}
+
+/// Writes the 24-layer checkpoint as safetensors.
 fn write_model(path: &std::path::Path, dtype: DType) -> Result<(), distorch::Error> {
     let mut specs = Vec::new();
     let mut data: Vec<Vec<u8>> = Vec::new();
-    let mut push = |name: String, shape: Vec<u64>, fan_in: usize| {
+    for (name, shape, fan_in) in layers() {
         let n: u64 = shape.iter().product();
         let scale = 2.0 / (fan_in as f32).sqrt();
         let v = values(specs.len() as u64 + 1, n as usize, scale);
         data.push(encode_f32(&v, dtype));
         specs.push((name, dtype, shape));
-    };
-    for b in 0..BLOCKS {
-        let c = CONV as u64;
-        push(
-            format!("blocks.{b}.conv.weight"),
-            vec![c, c, 3, 3],
-            CONV * 9,
-        );
-        push(
-            format!("blocks.{b}.up.weight"),
-            vec![HIDDEN as u64, DIM as u64],
-            DIM,
-        );
-        push(
-            format!("blocks.{b}.down.weight"),
-            vec![DIM as u64, HIDDEN as u64],
-            HIDDEN,
-        );
     }
     let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
     write(path, &specs, &refs, &BTreeMap::new())?;
+    Ok(())
+}
+
+/// Writes the 24-layer checkpoint as a GGUF of random `dtype` blocks (scales sized by fan-in),
+/// the convolutions stored reshaped to rows of whole blocks with their shape in
+/// `comfy.gguf.orig_shape`, as ComfyUI-GGUF's converter does.
+fn write_gguf_model(path: &std::path::Path, dtype: DType) -> Result<(), distorch::Error> {
+    let layers = layers();
+    let mut metadata = Vec::new();
+    let mut stored = Vec::new();
+    for (i, (name, shape, fan_in)) in layers.iter().enumerate() {
+        let n: u64 = shape.iter().product();
+        let scale = 2.0 / (*fan_in as f32).sqrt() / 64.0;
+        let data = blocks::random_blocks(dtype, n as usize, i as u64 + 1, scale);
+        // Rows of whole blocks: [out, in·k·k] when that is whole (as ComfyUI-GGUF stores a
+        // convolution), else rows of one block (320·2880 is 3600 K-quant blocks of 256).
+        let block = dtype.block_elems();
+        let rows = if (n / shape[0]).is_multiple_of(block) {
+            vec![shape[0], n / shape[0]]
+        } else {
+            vec![n / block, block]
+        };
+        if rows != *shape {
+            metadata.push((
+                format!("{ORIG_SHAPE_PREFIX}{name}"),
+                Value::Array(Array::U64(shape.clone())),
+            ));
+        }
+        stored.push((rows, data));
+    }
+    let tensors: Vec<GgufTensorData<'_>> = layers
+        .iter()
+        .zip(&stored)
+        .map(|((name, _, _), (shape, data))| GgufTensorData {
+            name,
+            dtype,
+            shape,
+            data,
+        })
+        .collect();
+    write_gguf(path, &metadata, &tensors)?;
     Ok(())
 }
 
@@ -181,10 +234,18 @@ fn run() -> Result<(), distorch::Error> {
             None | Some("f32") => DType::F32,
             Some("f16") => DType::F16,
             Some("bf16") => DType::BF16,
-            Some(other) => {
-                println!("--file-dtype {other}: expected f32, f16 or bf16");
-                std::process::exit(2);
-            }
+            Some(other) => match DType::QUANTIZED
+                .into_iter()
+                .find(|q| q.name().eq_ignore_ascii_case(other))
+            {
+                Some(q) => q,
+                None => {
+                    println!(
+                        "--file-dtype {other}: expected f32, f16, bf16 or a GGUF type (q4_0, q8_0, q4_k, ...)"
+                    );
+                    std::process::exit(2);
+                }
+            },
         },
         compute: match arg("--dtype").map(|d| d.parse::<ComputeDtype>()) {
             None => ComputeDtype::F32,
@@ -223,8 +284,15 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         path: dir.clone(),
         source,
     })?;
-    let path = dir.join(format!("blocks-{file}.safetensors"));
-    write_model(&path, file)?;
+    let path = if file.is_quantized() {
+        let path = dir.join(format!("blocks-{file}.gguf"));
+        write_gguf_model(&path, file)?;
+        path
+    } else {
+        let path = dir.join(format!("blocks-{file}.safetensors"));
+        write_model(&path, file)?;
+        path
+    };
     let index = SafetensorsIndex::open(&path)?;
     let split = distorch::models::load::split(&index);
     let component = &split.components[0];

@@ -87,8 +87,11 @@ fn layers() -> Vec<(String, Vec<u64>, usize)> {
         .collect()
 }
 
-/// Writes the 24-layer checkpoint as safetensors.
+/// Writes the 24-layer checkpoint: a GGUF for a quantized `dtype`, else safetensors.
 fn write_model(path: &std::path::Path, dtype: DType) -> Result<(), distorch::Error> {
+    if dtype.is_quantized() {
+        return write_gguf_model(path, dtype);
+    }
     let mut specs = Vec::new();
     let mut data: Vec<Vec<u8>> = Vec::new();
     for (name, shape, fan_in) in layers() {
@@ -284,15 +287,13 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         path: dir.clone(),
         source,
     })?;
-    let path = if file.is_quantized() {
-        let path = dir.join(format!("blocks-{file}.gguf"));
-        write_gguf_model(&path, file)?;
-        path
+    let ext = if file.is_quantized() {
+        "gguf"
     } else {
-        let path = dir.join(format!("blocks-{file}.safetensors"));
-        write_model(&path, file)?;
-        path
+        "safetensors"
     };
+    let path = dir.join(format!("blocks-{file}.{ext}"));
+    write_model(&path, file)?;
     let index = SafetensorsIndex::open(&path)?;
     let split = distorch::models::load::split(&index);
     let component = &split.components[0];

@@ -328,6 +328,19 @@ pub enum QuantError {
     Ragged,
 }
 
+/// Byte offsets, within one block of `dtype`, of its f16 fields: the scale `d`, then the
+/// minimum (or `dmin`) where the type has one. Empty for a type that is not quantized. Writers
+/// of synthetic blocks (tests, benchmarks) set these to keep the values finite.
+pub fn f16_fields(dtype: DType) -> Vec<usize> {
+    let Some(l) = layout(dtype) else {
+        return Vec::new();
+    };
+    match l.min {
+        Min::None => vec![l.d],
+        Min::Plain(at) | Min::Scaled(at, _) => vec![l.d, at],
+    }
+}
+
 /// Blocks per parallel task.
 const TASK_BLOCKS: usize = 512;
 

@@ -1,7 +1,7 @@
 //! Random GGUF blocks for the benchmarks: xorshift bytes with every f16 scale field set to a
 //! small finite value, so the weights dequantize to finite numbers of about `scale`'s size.
 
-use distorch::core::DType;
+use distorch::core::{DType, quant};
 
 /// `n` elements of `dtype` as random blocks whose scales are `scale`.
 pub fn random_blocks(dtype: DType, n: usize, seed: u64, scale: f32) -> Vec<u8> {
@@ -15,17 +15,10 @@ pub fn random_blocks(dtype: DType, n: usize, seed: u64, scale: f32) -> Vec<u8> {
             x as u8
         })
         .collect();
-    // Byte offsets of the f16 scale (and min) fields in each block.
-    let fields: &[usize] = match dtype {
-        DType::Q2K => &[80, 82],
-        DType::Q3K => &[108],
-        DType::Q6K => &[208],
-        DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
-        _ => &[0],
-    };
+    let fields = quant::f16_fields(dtype);
     let scale = half::f16::from_f32(scale).to_le_bytes();
     for b in raw.chunks_exact_mut(size) {
-        for &at in fields {
+        for &at in &fields {
             b[at..at + 2].copy_from_slice(&scale);
         }
     }

@@ -28,14 +28,8 @@ fn blocks(dtype: DType, seed: u64, n: usize) -> Vec<u8> {
     let size = dtype.size() as usize;
     let v = values(seed, n / per * size);
     let mut raw: Vec<u8> = v.iter().map(|x| (x.to_bits() >> 7) as u8).collect();
-    let scales: &[usize] = match dtype {
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
-        DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
-        DType::Q2K => &[80, 82],
-        DType::Q3K => &[108],
-        DType::Q6K => &[208],
-        other => panic!("{other}"),
-    };
+    let scales = quant::f16_fields(dtype);
+    assert!(!scales.is_empty(), "{dtype} is not quantized");
     let div = if per == 32 { 2048.0 } else { 65536.0 };
     for (b, chunk) in raw.chunks_exact_mut(size).enumerate() {
         for (k, &at) in scales.iter().enumerate() {

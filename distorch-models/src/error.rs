@@ -70,6 +70,18 @@ pub enum Error {
         /// The model.
         model: &'static str,
     },
+    /// A single-file component whose configuration its shapes cannot tell (and no released
+    /// model's defaults fit): the configuration must be given.
+    #[error(
+        "{model}: {what} cannot be read from the file's shapes (load its diffusers folder, \
+         or give the configuration)"
+    )]
+    Undetectable {
+        /// The model.
+        model: &'static str,
+        /// What the shapes do not say, and why the released models' values do not apply.
+        what: String,
+    },
     /// A file that does not hold the component asked for.
     #[error("{}: no {kind} in the file{hint}", file.display())]
     MissingComponent {

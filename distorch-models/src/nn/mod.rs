@@ -12,6 +12,7 @@
 pub mod attention;
 mod fused;
 pub(crate) mod host;
+pub(crate) mod rope;
 pub(crate) mod spec;
 
 use burn::tensor::activation::{gelu, sigmoid};

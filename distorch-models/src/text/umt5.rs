@@ -1,6 +1,8 @@
-//! UMT5 encoder, as transformers' `UMT5EncoderModel` (Wan's text encoder): token embedding
-//! (`shared.weight`), pre-norm layers of self-attention with a per-layer relative position
-//! bias and a gated-GELU feed-forward, RMS layer norms, an attention mask over padding.
+//! T5-family encoders: UMT5, as transformers' `UMT5EncoderModel` (Wan's text encoder), and
+//! T5 v1.1, as `T5EncoderModel` (FLUX's T5-XXL): token embedding (`shared.weight`), pre-norm
+//! layers of self-attention with a relative position bias and a gated-GELU feed-forward, RMS
+//! layer norms, an attention mask over padding. The two differ in one place ([`T5Variant`]):
+//! UMT5 has a position bias table in every layer, T5 only in the first, shared by the others.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,6 +43,21 @@ pub struct Umt5Config {
     pub layer_norm_epsilon: f64,
     /// The feed-forward: only `gated-gelu` (UMT5, T5 v1.1) is supported.
     pub feed_forward_proj: String,
+    /// Which variant (the config's `model_type`: `umt5`, or `t5` / `mt5`).
+    #[serde(rename = "model_type")]
+    pub variant: T5Variant,
+}
+
+/// Where a T5-family encoder keeps its relative position bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum T5Variant {
+    /// UMT5: a bias table in every layer.
+    #[default]
+    Umt5,
+    /// T5 v1.1 (and mT5): one table in the first layer, shared by every layer.
+    #[serde(alias = "mt5")]
+    T5,
 }
 
 impl Default for Umt5Config {
@@ -57,11 +74,23 @@ impl Default for Umt5Config {
             relative_attention_max_distance: 128,
             layer_norm_epsilon: 1e-6,
             feed_forward_proj: "gated-gelu".into(),
+            variant: T5Variant::Umt5,
         }
     }
 }
 
 impl Umt5Config {
+    /// T5-XXL v1.1's encoder, as FLUX uses it.
+    pub fn t5_xxl() -> Umt5Config {
+        Umt5Config {
+            vocab_size: 32_128,
+            d_ff: 10240,
+            num_heads: 64,
+            variant: T5Variant::T5,
+            ..Umt5Config::default()
+        }
+    }
+
     /// Reads a transformers `config.json` and checks it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Umt5Config, Error> {
         crate::load::config::read_checked(path.as_ref(), Umt5Config::check)
@@ -86,8 +115,9 @@ impl Umt5Config {
         Ok(())
     }
 
-    /// The configuration of an encoder from its keys and shapes (transformers' layout);
-    /// the maximum distance and epsilon are UMT5's (128, 1e-6).
+    /// The configuration of an encoder from its keys and shapes (transformers' layout): UMT5
+    /// when its second layer has a position bias table of its own, else T5 v1.1; the maximum
+    /// distance and epsilon are both variants' (128, 1e-6).
     pub fn detect(c: &Component<'_>) -> Result<Umt5Config, Error> {
         let shapes = shape_map(c);
         let get = |k: &str| shapes.get(k).map(|s| to_usize(s));
@@ -115,6 +145,13 @@ impl Umt5Config {
         let num_layers = (0..)
             .take_while(|l| get(&format!("encoder.block.{l}.layer.0.layer_norm.weight")).is_some())
             .count();
+        let variant = if get("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight")
+            .is_some()
+        {
+            T5Variant::Umt5
+        } else {
+            T5Variant::T5
+        };
         let config = Umt5Config {
             vocab_size: vocab,
             d_model,
@@ -123,6 +160,7 @@ impl Umt5Config {
             num_layers,
             num_heads: heads,
             relative_attention_num_buckets: buckets,
+            variant,
             ..Umt5Config::default()
         };
         config.check()?;
@@ -130,7 +168,7 @@ impl Umt5Config {
     }
 }
 
-/// A UMT5 encoder whose weights live where its plan put them.
+/// A T5-family encoder (UMT5 or T5 v1.1) whose weights live where its plan put them.
 pub struct Umt5Encoder<B: Backend> {
     config: Umt5Config,
     streamer: Arc<Streamer<B>>,
@@ -145,14 +183,14 @@ struct Layers {
     expected: Vec<ExpectedTensor>,
 }
 
-/// One encoder block: self-attention with its own relative position bias, gated-GELU
-/// feed-forward, each after an RMS norm.
+/// One encoder block: self-attention with a relative position bias (its own in UMT5, the
+/// first block's in T5), gated-GELU feed-forward, each after an RMS norm.
 struct Block {
     norm1: Param,
     q: Linear,
     k: Linear,
     v: Linear,
-    bias: Param,
+    bias: Option<Param>,
     o: Linear,
     norm2: Param,
     wi_0: Linear,
@@ -174,11 +212,13 @@ impl Layers {
                     q: s.linear(&u("0.SelfAttention.q"), inner, d, false),
                     k: s.linear(&u("0.SelfAttention.k"), inner, d, false),
                     v: s.linear(&u("0.SelfAttention.v"), inner, d, false),
-                    bias: s.param(
-                        &u("0.SelfAttention.relative_attention_bias"),
-                        "weight",
-                        vec![c.relative_attention_num_buckets, c.num_heads],
-                    ),
+                    bias: (l == 0 || c.variant == T5Variant::Umt5).then(|| {
+                        s.param(
+                            &u("0.SelfAttention.relative_attention_bias"),
+                            "weight",
+                            vec![c.relative_attention_num_buckets, c.num_heads],
+                        )
+                    }),
                     o: s.linear(&u("0.SelfAttention.o"), d, inner, false),
                     norm2: s.param(&u("1.layer_norm"), "weight", vec![d]),
                     wi_0: s.linear(&u("1.DenseReluDense.wi_0"), ff, d, false),
@@ -260,19 +300,29 @@ impl<B: Backend> Umt5Encoder<B> {
         let norm = |p: &Param, x: Tensor<B, 3>| -> Result<Tensor<B, 3>, Error> {
             Ok(rms_norm(x, p.get(&w)?, eps))
         };
+        // The position bias of the last block that has a table (T5: the first block's).
+        let mut bias: Option<Tensor<B, 4>> = None;
         for b in &layers.blocks {
             let y = norm(&b.norm1, x.clone())?;
             let heads = |t: Tensor<B, 3>| t.reshape([batch, seq, h, dk]).swap_dims(1, 2);
             let q = heads(b.q.forward(&w, y.clone())?);
             let k = heads(b.k.forward(&w, y.clone())?);
             let v = heads(b.v.forward(&w, y)?);
-            let table: Tensor<B, 2> = b.bias.get(&w)?;
-            // [seq·seq, heads] -> [1, heads, seq, seq]
-            let bias = table
-                .select(0, buckets.clone())
-                .reshape([seq, seq, h])
-                .permute([2, 0, 1])
-                .unsqueeze::<4>();
+            if let Some(p) = &b.bias {
+                let table: Tensor<B, 2> = p.get(&w)?;
+                // [seq·seq, heads] -> [1, heads, seq, seq]
+                bias = Some(
+                    table
+                        .select(0, buckets.clone())
+                        .reshape([seq, seq, h])
+                        .permute([2, 0, 1])
+                        .unsqueeze::<4>(),
+                );
+            }
+            let bias = bias.clone().ok_or_else(|| Error::MissingWeight {
+                key: "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight".into(),
+                rank: 2,
+            })?;
             // T5 does not scale the scores.
             // Scores, bias, mask and softmax in f32 (transformers' `softmax(scores.float())`).
             let dtype = v.dtype();

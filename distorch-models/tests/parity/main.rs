@@ -9,6 +9,7 @@ mod clip_vision;
 mod common;
 mod controlnet;
 mod conventions;
+mod flux;
 mod gguf;
 mod half;
 mod lora;

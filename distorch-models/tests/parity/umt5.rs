@@ -4,7 +4,7 @@
 
 use crate::common::*;
 use distorch_core::SafetensorsIndex;
-use distorch_models::text::umt5::{Umt5Config, Umt5Encoder};
+use distorch_models::text::umt5::{T5Variant, Umt5Config, Umt5Encoder};
 use distorch_models::{Loaded, load_model};
 
 fn ids(key: &str) -> Vec<u32> {
@@ -92,4 +92,61 @@ fn a_llama_cpp_gguf_umt5_matches_transformers_with_its_dequantized_weights() {
         outs.push(out.into_data().to_vec::<f32>().unwrap());
     }
     assert_eq!(outs[0], outs[1], "offloaded differs");
+}
+
+/// T5 v1.1 (FLUX's T5-XXL: the position bias in block 0 only, shared by every block) against
+/// transformers' `T5EncoderModel` (`tools/fixtures/flux.py`): with the padding masked, and
+/// without a mask as `FluxPipeline` calls it; resident and fully offloaded.
+#[test]
+fn t5_v1_1_matches_transformers_with_and_without_a_mask() {
+    let dir = fixture("t5");
+    let weights = dir.join("model.safetensors");
+    let reference = dir.join("reference.safetensors");
+    let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
+    assert_eq!(config.variant, T5Variant::T5);
+    let ids = |key: &str| -> Vec<u32> {
+        let (_, v) = read(&reference, key);
+        v.iter().map(|&x| x as u32).collect()
+    };
+    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let ones = vec![1; input_ids.len()];
+    let mut outs = Vec::new();
+    for offload in [false, true] {
+        let (m, report) = load_as::<Umt5Encoder<B>>(&weights, config.clone(), offload).unwrap();
+        assert!(
+            report.missing.is_empty() && report.unused.is_empty(),
+            "{report:?}"
+        );
+        let out = m.forward(&input_ids, &mask, 2).unwrap();
+        assert_close(
+            &format!("masked, offload {offload}"),
+            out.clone(),
+            read(&reference, "last_hidden_state"),
+        );
+        let unmasked = m.forward(&input_ids, &ones, 2).unwrap();
+        assert_close(
+            &format!("unmasked, offload {offload}"),
+            unmasked,
+            read(&reference, "unmasked_hidden_state"),
+        );
+        outs.push(out.into_data().to_vec::<f32>().unwrap());
+    }
+    assert_eq!(outs[0], outs[1], "offloaded differs");
+    // Detected from the file: T5, since only block 0 has a position bias table.
+    let index = SafetensorsIndex::open(&weights).unwrap();
+    let split = distorch_models::load::split(&index);
+    assert_eq!(Umt5Config::detect(&split.components[0]).unwrap(), config);
+    // A T5 file loaded as UMT5 names the missing table of block 1.
+    let umt5 = Umt5Config {
+        variant: T5Variant::Umt5,
+        ..config
+    };
+    let e = match load_as::<Umt5Encoder<B>>(&weights, umt5, false) {
+        Ok(_) => panic!("a T5 file loaded as UMT5"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("encoder.block.1.layer.0.SelfAttention.relative_attention_bias"),
+        "{e}"
+    );
 }

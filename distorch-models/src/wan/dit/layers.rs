@@ -7,10 +7,10 @@ use distorch_core::runtime::ExpectedTensor;
 
 use crate::error::Error;
 use crate::nn::attention::attention;
+use crate::nn::rope::rope;
 use crate::nn::spec::{LayerNorm, Linear, Param, Spec, UnitKey};
 use crate::nn::{Weights, f32, gelu_tanh, in_f32, layer_norm_plain, rms_norm, to_dtype};
 use crate::wan::dit::{WanDitConfig, WanLayout};
-use crate::wan::rope::rope;
 
 /// The transformer's layers in its file's layout.
 pub(crate) struct DitLayers {

@@ -1,0 +1,146 @@
+//! The FLUX transformer against diffusers' `FluxTransformer2DModel` (`tools/fixtures/flux.py`):
+//! a FLUX.1-dev-style model (guidance) in diffusers' layout and in BFL's (fused q/k/v, ComfyUI's
+//! `model.diffusion_model.` prefix), resident and fully offloaded, bit-identical between
+//! placements; a schnell-style model (no guidance); detection and bad inputs.
+
+use crate::common::*;
+use burn::tensor::Tensor;
+use distorch_core::SafetensorsIndex;
+use distorch_models::flux::dit::{FluxConfig, FluxInput, FluxLayout, FluxTransformer};
+use distorch_models::{Loaded, load_model};
+
+fn ids(name: &str, key: &str) -> Vec<[f32; 3]> {
+    let (shape, v) = read(&fixture(name).join("reference.safetensors"), key);
+    assert_eq!(shape[1], 3);
+    v.chunks(3)
+        .map(|p| [p[0] as f32, p[1] as f32, p[2] as f32])
+        .collect()
+}
+
+fn values(name: &str, key: &str) -> Vec<f32> {
+    let (_, v) = read(&fixture(name).join("reference.safetensors"), key);
+    v.iter().map(|&x| x as f32).collect()
+}
+
+fn input(name: &str, guidance: bool) -> FluxInput<B> {
+    FluxInput {
+        hidden_states: tensor(name, "hidden_states"),
+        encoder_hidden_states: tensor(name, "encoder_hidden_states"),
+        pooled_projections: tensor(name, "pooled_projections"),
+        timestep: values(name, "timestep"),
+        img_ids: ids(name, "img_ids"),
+        txt_ids: ids(name, "txt_ids"),
+        guidance: guidance.then(|| values(name, "guidance")),
+    }
+}
+
+fn bits(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+fn config(name: &str) -> FluxConfig {
+    FluxConfig::from_file(fixture(name).join("config.json")).unwrap()
+}
+
+#[test]
+fn flux_transformer_matches_diffusers_in_both_layouts() {
+    let dir = fixture("flux_dit");
+    let reference = dir.join("reference.safetensors");
+    let mut all = Vec::new();
+    for (file, layout) in [
+        ("diffusion_pytorch_model.safetensors", FluxLayout::Diffusers),
+        ("bfl.safetensors", FluxLayout::Bfl),
+    ] {
+        for offload in [false, true] {
+            let (m, report) =
+                load_as::<FluxTransformer<B>>(&dir.join(file), config("flux_dit"), offload)
+                    .unwrap();
+            assert_eq!(m.layout(), layout);
+            assert!(
+                report.missing.is_empty() && report.unused.is_empty(),
+                "{report:?}"
+            );
+            let out = m.forward(input("flux_dit", true)).unwrap();
+            assert_close(
+                &format!("{file}, offload {offload}"),
+                out.clone(),
+                read(&reference, "sample"),
+            );
+            all.push((layout, bits(out)));
+        }
+    }
+    // Placements are bit-identical; the layouts differ only in how the fused projection's
+    // products are summed.
+    assert_eq!(all[0].1, all[1].1, "offloaded differs (diffusers layout)");
+    assert_eq!(all[2].1, all[3].1, "offloaded differs (BFL layout)");
+}
+
+#[test]
+fn schnell_without_guidance_matches_diffusers_and_loads_from_its_folder() {
+    let dir = fixture("flux_dit_schnell");
+    let m: Loaded<FluxTransformer<B>> = load_model(&dir, None, &component_options(true)).unwrap();
+    assert!(!m.model.config().guidance_embeds);
+    let out = m.model.forward(input("flux_dit_schnell", false)).unwrap();
+    assert_close(
+        "schnell",
+        out,
+        read(&dir.join("reference.safetensors"), "sample"),
+    );
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let dir = fixture("flux_dit");
+    let (m, _) = load_as::<FluxTransformer<B>>(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        config("flux_dit"),
+        false,
+    )
+    .unwrap();
+    let err = |f: &dyn Fn(&mut FluxInput<B>)| {
+        let mut i = input("flux_dit", true);
+        f(&mut i);
+        m.forward(i).unwrap_err().to_string()
+    };
+    let e = err(&|i| i.guidance = None);
+    assert!(
+        e.contains("guidance") && e.contains("give one per batch row"),
+        "{e}"
+    );
+    let e = err(&|i| i.timestep.push(0.5));
+    assert!(e.contains("3 values for a batch of 2"), "{e}");
+    let e = err(&|i| {
+        i.img_ids.pop();
+    });
+    assert!(e.contains("23 image and 7 text positions"), "{e}");
+    let e = err(&|i| i.hidden_states = Tensor::zeros([2, 24, 8], &Default::default()));
+    assert!(e.contains("8 channels, the model takes 16"), "{e}");
+    let e = err(&|i| i.pooled_projections = Tensor::zeros([2, 7], &Default::default()));
+    assert!(e.contains("pooled_projections"), "{e}");
+    // A schnell-style model refuses a guidance value.
+    let dir = fixture("flux_dit_schnell");
+    let (m, _) = load_as::<FluxTransformer<B>>(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        config("flux_dit_schnell"),
+        false,
+    )
+    .unwrap();
+    let e = m.forward(input("flux_dit", true)).unwrap_err().to_string();
+    assert!(e.contains("no guidance embedder"), "{e}");
+}
+
+/// Detection reads everything but the rotary sections from the shapes; those are FLUX.1's
+/// for 128-wide heads, and a file with other heads asks for its configuration.
+#[test]
+fn detection_reads_the_shapes_in_both_layouts() {
+    let dir = fixture("flux_dit");
+    for file in ["diffusion_pytorch_model.safetensors", "bfl.safetensors"] {
+        let index = SafetensorsIndex::open(dir.join(file)).unwrap();
+        let split = distorch_models::load::split(&index);
+        let e = FluxConfig::detect(&split.components[0]).unwrap_err();
+        assert!(
+            e.to_string().contains("axes_dims_rope") && e.to_string().contains("16 wide"),
+            "{e}"
+        );
+    }
+}

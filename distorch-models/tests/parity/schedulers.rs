@@ -148,5 +148,35 @@ fn flow_matching_matches_diffusers() {
     let mut bad = FlowMatchConfig::with_shift(3.0);
     bad.use_dynamic_shifting = true;
     let e = FlowMatchEuler::new(&bad, 10).unwrap_err();
-    assert!(e.to_string().contains("use_dynamic_shifting"), "{e}");
+    assert!(e.to_string().contains("token count"), "{e}");
+    bad.invert_sigmas = true;
+    let e = FlowMatchEuler::flux(&bad, 10, 256).unwrap_err();
+    assert!(e.to_string().contains("invert_sigmas"), "{e}");
+}
+
+/// FLUX's schedules as `FluxPipeline` sets them (`tools/fixtures/flux.py`): FLUX.1-dev's
+/// dynamic shift at several image sizes and step counts, schnell's static one.
+#[test]
+fn flux_schedules_match_diffusers() {
+    use distorch_models::sampling::flow_match::{FlowMatchConfig, FlowMatchEuler};
+    let file = fixture("flux_schedule").join("reference.safetensors");
+    let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    for (name, config) in [
+        ("dev", FlowMatchConfig::flux_dev()),
+        ("schnell", FlowMatchConfig::default()),
+    ] {
+        for tokens in [16, 1024, 4096] {
+            for steps in [1, 4, 28] {
+                let key = format!("{name}.{tokens}.{steps}");
+                let s = FlowMatchEuler::flux(&config, steps, tokens).unwrap();
+                let want = |k: &str| read(&file, &format!("{key}.{k}")).1;
+                assert_eq!(f64s(s.sigmas()), want("sigmas"), "{key} sigmas");
+                assert_eq!(f64s(s.timesteps()), want("timesteps"), "{key} timesteps");
+            }
+        }
+    }
+    let e = FlowMatchEuler::with_sigmas(&FlowMatchConfig::flux_dev(), &[0.5], None).unwrap_err();
+    assert!(e.to_string().contains("needs mu"), "{e}");
+    let e = FlowMatchEuler::with_sigmas(&FlowMatchConfig::default(), &[1.5], None).unwrap_err();
+    assert!(e.to_string().contains("outside (0, 1]"), "{e}");
 }

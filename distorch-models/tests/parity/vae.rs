@@ -177,3 +177,46 @@ fn sd15_single_file_vae_keys_and_shapes_are_all_covered() {
         "{only_file:?} / {only_model:?}"
     );
 }
+
+/// FLUX.1's VAE shape (16 latent channels, no quant convolutions; `tools/fixtures/flux.py`) in
+/// diffusers' folder and as BFL's `ae.safetensors` (LDM names, no prefix), resident and
+/// offloaded; the single file's detected configuration carries FLUX.1's factors.
+#[test]
+fn a_flux_vae_matches_diffusers_in_both_layouts() {
+    use distorch_models::{Loaded, Model, load_model};
+    let dir = fixture("flux_vae");
+    let reference = dir.join("reference.safetensors");
+    let input = |key: &str| tensor::<4>("flux_vae", key);
+    let mut outs = Vec::new();
+    for path in [dir.clone(), dir.join("ae.safetensors")] {
+        for offload in [false, true] {
+            let m: Loaded<AutoencoderKl<B>> =
+                load_model(&path, None, &component_options(offload)).unwrap();
+            assert!(
+                m.report.missing.is_empty() && m.report.unused.is_empty(),
+                "{:?}",
+                m.report
+            );
+            let c = m.model.config();
+            assert_eq!((c.scaling_factor, c.shift_factor), (0.3611, Some(0.1159)));
+            let (mean, logvar) = m.model.encode(input("image")).unwrap();
+            assert_close("flux latent_mean", mean, read(&reference, "latent_mean"));
+            assert_close(
+                "flux latent_logvar",
+                logvar,
+                read(&reference, "latent_logvar"),
+            );
+            let decoded = m.model.decode(input("z")).unwrap();
+            assert_close("flux decoded", decoded.clone(), read(&reference, "decoded"));
+            outs.push(decoded.into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    assert!(outs.iter().all(|o| *o == outs[0]), "placements differ");
+    let index = SafetensorsIndex::open(dir.join("ae.safetensors")).unwrap();
+    let split = distorch_models::load::split(&index);
+    let detected = AutoencoderKl::<B>::detect_config(&split.components[0]).unwrap();
+    assert_eq!(
+        detected,
+        VaeConfig::from_file(dir.join("config.json")).unwrap()
+    );
+}

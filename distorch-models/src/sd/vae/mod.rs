@@ -112,12 +112,24 @@ impl<B: Backend> Model<B> for AutoencoderKl<B> {
         VaeConfig::from_file(path)
     }
     /// SD 1.x's scaling factor (0.18215) unless a configuration is given: the VAE's
-    /// shapes do not tell it (SDXL's is 0.13025; the checkpoint loader sets it).
+    /// shapes do not tell it (SDXL's is 0.13025; the checkpoint loader sets it). A VAE of 16
+    /// latent channels without quant convolutions is taken for FLUX.1's (`ae.safetensors`:
+    /// scaling 0.3611, shift 0.1159), with a warning: SD3's has the same shapes.
     fn detect_config(c: &Component<'_>) -> Result<VaeConfig, Error> {
         if KeyLayout::of_vae(c) == KeyLayout::Diffusers {
             return Err(needs_config("VAE"));
         }
-        VaeConfig::detect(c, 0.18215)
+        let mut config = VaeConfig::detect(c, 0.18215)?;
+        if config.latent_channels == 16 && !config.use_quant_conv && !config.use_post_quant_conv {
+            tracing::warn!(
+                "a 16-channel VAE without quant convolutions: assumed FLUX.1's (scaling_factor \
+                 0.3611, shift_factor 0.1159; SD3's VAE has the same shapes and 1.5305, 0.0609); \
+                 give its configuration (VaeConfig or config.json) to choose"
+            );
+            config.scaling_factor = 0.3611;
+            config.shift_factor = Some(0.1159);
+        }
+        Ok(config)
     }
     fn execution_order(_: &VaeConfig, _: &Component<'_>) -> Result<Vec<String>, Error> {
         // File order: the encoder, then the decoder, is how the VAE is used.

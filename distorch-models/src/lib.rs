@@ -11,7 +11,7 @@
 //! | [`vision`] | CLIP Vision and CLIP's image preprocessing |
 //! | [`sd`] | Stable Diffusion 1.x/2.x/SDXL: UNet, ControlNet, VAE, checkpoints, txt2img |
 //! | [`wan`] | Wan 2.1: transformer, VAE, text to video |
-//! | [`flux`] | FLUX.1: transformer |
+//! | [`flux`] | FLUX.1: transformer, text to image |
 //! | [`sampling`] | SD schedulers, flow-matching Euler |
 //!
 //! Each model matches diffusers / transformers on tiny random configurations in both key

@@ -114,7 +114,7 @@ fn bad_inputs_are_typed_errors() {
     });
     assert!(e.contains("23 image and 7 text positions"), "{e}");
     let e = err(&|i| i.hidden_states = Tensor::zeros([2, 24, 8], &Default::default()));
-    assert!(e.contains("8 channels, the model takes 16"), "{e}");
+    assert!(e.contains("8 channels, the model takes 64"), "{e}");
     let e = err(&|i| i.pooled_projections = Tensor::zeros([2, 7], &Default::default()));
     assert!(e.contains("pooled_projections"), "{e}");
     // A schnell-style model refuses a guidance value.

@@ -10,6 +10,7 @@ mod common;
 mod controlnet;
 mod conventions;
 mod flux;
+mod flux_pipeline;
 mod gguf;
 mod half;
 mod lora;

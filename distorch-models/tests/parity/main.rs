@@ -11,6 +11,7 @@ mod controlnet;
 mod conventions;
 mod flux;
 mod flux_pipeline;
+mod flux_shapes;
 mod gguf;
 mod half;
 mod lora;

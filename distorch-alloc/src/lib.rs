@@ -86,7 +86,7 @@ mod request;
 mod spec;
 pub mod syntax;
 
-pub use block_swap::BlockSwap;
+pub use block_swap::{BlockList, BlockSwap};
 pub use bytesize::{ByteSize, UNITS};
 pub use device::{DeviceId, DeviceKind, parse_device_list};
 pub use error::{Error, Grammar, ParseError, ParseErrorKind};

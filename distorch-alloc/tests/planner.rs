@@ -406,6 +406,52 @@ fn block_swap_moves_the_last_blocks_whole_and_named_embedders() {
     assert!(matches!(e, Error::DeviceOverCapacity { .. }), "{e}");
 }
 
+/// FLUX's two block lists, each with its own count.
+#[test]
+fn block_swap_takes_the_last_blocks_of_each_list() {
+    use distorch_alloc::BlockSwap;
+    let mut units = Vec::new();
+    for (list, n) in [("double_blocks", 3), ("single_blocks", 4)] {
+        for b in 0..n {
+            let order = units.len() as u32;
+            units.push(Unit::new(
+                format!("{list}.{b}.lin"),
+                ByteSize::mib(100),
+                order,
+                UnitKind::Weight,
+            ));
+        }
+    }
+    let inv = Inventory::new("transformer", units).unwrap();
+    let swap = BlockSwap::of_lists(
+        DeviceId::cuda(0),
+        DeviceId::CPU,
+        [("double_blocks.", 1), ("single_blocks.", 2)],
+    );
+    let p = plan(&PlanRequest::block_swap(swap), &inv, &graph()).unwrap();
+    let on_cpu: Vec<&str> = p
+        .units()
+        .iter()
+        .filter(|u| u.device == DeviceId::CPU)
+        .map(|u| u.name.as_str())
+        .collect();
+    assert_eq!(
+        on_cpu,
+        [
+            "double_blocks.2.lin",
+            "single_blocks.2.lin",
+            "single_blocks.3.lin"
+        ]
+    );
+    let too_many = BlockSwap::of_lists(
+        DeviceId::cuda(0),
+        DeviceId::CPU,
+        [("double_blocks.", 1), ("single_blocks.", 5)],
+    );
+    let e = plan(&PlanRequest::block_swap(too_many), &inv, &graph()).unwrap_err();
+    assert!(e.to_string().contains("under `single_blocks.N.`"), "{e}");
+}
+
 #[test]
 fn block_swap_errors_name_what_is_wrong() {
     use distorch_alloc::BlockSwap;

@@ -51,6 +51,9 @@ pub enum Task {
     /// Wan transformer: in hidden_states (B, C, F, H, W), timestep, encoder_hidden_states; out
     /// sample.
     WanDit,
+    /// FLUX transformer: in hidden_states [B, N, C], encoder_hidden_states,
+    /// pooled_projections, timestep, img_ids [N, 3], txt_ids [T, 3] [, guidance]; out sample.
+    FluxDit,
     /// Wan VAE encoder: in video [B,3,1+4k,H,W]; out latent_mean, latent_logvar.
     WanVaeEncode,
     /// Wan VAE decoder: in z; out video.
@@ -103,21 +106,25 @@ pub struct RunArgs {
     /// Declared devices instead of detection, e.g. "wgpu:0=8gib,cpu=16gib".
     #[arg(long)]
     pub devices: Option<String>,
-    /// Block swap (wan-dit): this many of the last transformer blocks live on
-    /// --swap-device and are streamed in when used.
+    /// Block swap (wan-dit, flux-dit): this many of the last transformer blocks (FLUX: of
+    /// the double-stream blocks) live on --swap-device and are streamed in when used.
     #[arg(long, conflicts_with_all = ["expert", "virtual_vram"])]
     pub blocks_to_swap: Option<usize>,
+    /// Block swap (flux-dit): this many of the last single-stream blocks too.
+    #[arg(long, requires = "blocks_to_swap")]
+    pub single_blocks_to_swap: Option<usize>,
     /// Where swapped blocks live.
     #[arg(long, default_value = "cpu")]
     pub swap_device: String,
     /// Swapped blocks staged ahead of use.
     #[arg(long, default_value_t = 1)]
     pub prefetch_blocks: usize,
-    /// With block swap, keep the text embedder on --swap-device too.
+    /// With block swap, keep the text embedder (FLUX: the context embedder) on
+    /// --swap-device too.
     #[arg(long)]
     pub offload_txt_emb: bool,
     /// A LoRA patched in while the weights load, `PATH[:STRENGTH]` (strength 1 by default);
-    /// repeatable. For the unet, clip-text and wan-dit tasks.
+    /// repeatable. For the unet, clip-text, wan-dit and flux-dit tasks.
     #[arg(long, value_name = "PATH[:STRENGTH]")]
     pub lora: Vec<String>,
     /// Keep LoRA-patched weights of fp8 models at bf16 (true, the default); `false`

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use distorch::ByteSize;
 use distorch::core::{Component, ComponentKind, TensorInfo, units};
-use distorch::models::text::umt5::Umt5Config;
+use distorch::models::flux::dit::{FluxConfig, FluxLayout};
+use distorch::models::text::umt5::{T5Variant, Umt5Config};
 use distorch::models::wan::dit::{WanDitConfig, WanLayout};
 use distorch::models::wan::vae::{WanVaeConfig, WanVaeLayout};
 use distorch::models::{
@@ -42,6 +43,30 @@ fn detected(c: &Component<'_>) -> Vec<String> {
             )
         }))];
     }
+    if has("double_blocks.") || has("single_blocks.") || has("single_transformer_blocks.") {
+        return vec![or_why(FluxConfig::detect(c).map(|d| {
+            let cfg = &d.config;
+            format!(
+                "{} transformer ({:?} layout): width {}, {} double and {} single blocks, {} heads \
+                 of {}, text {}, pooled {}, guidance {}, {} packed channels",
+                d.variant,
+                FluxLayout::of(c),
+                cfg.inner_dim(),
+                cfg.num_layers,
+                cfg.num_single_layers,
+                cfg.num_attention_heads,
+                cfg.attention_head_dim,
+                cfg.joint_attention_dim,
+                cfg.pooled_projection_dim,
+                if cfg.guidance_embeds {
+                    "embedded"
+                } else {
+                    "none"
+                },
+                cfg.in_channels
+            )
+        }))];
+    }
     if c.kind == ComponentKind::Vae
         && (has("encoder.downsamples.") || has("encoder.down_blocks.0.residual"))
         || has("encoder.down_blocks.0.norm1.gamma")
@@ -60,9 +85,18 @@ fn detected(c: &Component<'_>) -> Vec<String> {
     }
     if has("encoder.block.0.layer.0.SelfAttention.") {
         return vec![or_why(Umt5Config::detect(c).map(|t| {
+            let variant = match t.variant {
+                T5Variant::T5 => "T5 v1.1",
+                T5Variant::Umt5 => "UMT5",
+            };
+            let xxl = if t == Umt5Config::t5_xxl() {
+                " (T5-XXL, as FLUX uses it)"
+            } else {
+                ""
+            };
             format!(
-                "T5/UMT5 encoder: {} layers, width {}, {} heads of {}, feed-forward {}, vocabulary \
-                 {}",
+                "{variant} encoder{xxl}: {} layers, width {}, {} heads of {}, feed-forward {}, \
+                 vocabulary {}",
                 t.num_layers, t.d_model, t.num_heads, t.d_kv, t.d_ff, t.vocab_size
             )
         }))];
@@ -97,9 +131,18 @@ fn detected(c: &Component<'_>) -> Vec<String> {
         }
         ComponentKind::Vae if vae_ldm => {
             vec![or_why(VaeConfig::detect(c, 0.18215).map(|v| {
+                let flux = v.latent_channels == 16 && !v.use_quant_conv;
                 format!(
-                    "VAE (single-file layout): channels {:?}, {} resnets per level, {} latent channels",
-                    v.block_out_channels, v.layers_per_block, v.latent_channels
+                    "VAE (single-file layout): channels {:?}, {} resnets per level, {} latent \
+                     channels{}",
+                    v.block_out_channels,
+                    v.layers_per_block,
+                    v.latent_channels,
+                    if flux {
+                        ", no quant convolutions: assumed FLUX.1's (scaling 0.3611, shift 0.1159)"
+                    } else {
+                        ""
+                    }
                 )
             }))]
         }

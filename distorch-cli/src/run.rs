@@ -13,6 +13,7 @@ use distorch::alloc::{
 use distorch::core::runtime::{DeviceMap, Lookahead, PatchPrecision};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex};
 use distorch::lora::{LoraFile, Target};
+use distorch::models::flux::dit::{FluxInput, FluxLayout, FluxTransformer};
 use distorch::models::text::umt5::Umt5Encoder;
 use distorch::models::wan::dit::{WanDitInput, WanTransformer};
 use distorch::models::wan::vae::WanVae;
@@ -98,7 +99,7 @@ fn component<'a>(
 ) -> Result<Component<'a>, Failure> {
     let split = distorch::models::load::split(index);
     let kind = match task {
-        Task::Unet | Task::WanDit => ComponentKind::Unet,
+        Task::Unet | Task::WanDit | Task::FluxDit => ComponentKind::Unet,
         Task::T5 => ComponentKind::Model,
         Task::VaeEncode | Task::VaeDecode | Task::WanVaeEncode | Task::WanVaeDecode => {
             ComponentKind::Vae
@@ -152,20 +153,43 @@ fn component<'a>(
     }
 }
 
-fn request(args: &RunArgs, device: DeviceId) -> Result<PlanRequest, Failure> {
+fn request(args: &RunArgs, device: DeviceId, c: &Component<'_>) -> Result<PlanRequest, Failure> {
     if let Some(n) = args.blocks_to_swap {
-        if args.task != Task::WanDit {
-            return Err(Failure::Other(
-                "--blocks-to-swap applies to the wan-dit task".into(),
-            ));
-        }
-        let mut swap = BlockSwap::new(device, args.swap_device.parse()?, n);
-        if args.offload_txt_emb {
-            // Whichever layout the file has.
-            swap = swap
-                .offloading("condition_embedder.text_embedder.")
-                .offloading("text_embedding.");
-        }
+        let swap_device = args.swap_device.parse()?;
+        let swap = match args.task {
+            Task::WanDit if args.single_blocks_to_swap.is_none() => {
+                BlockSwap::new(device, swap_device, n)
+            }
+            Task::FluxDit => FluxLayout::of(c).block_swap(
+                device,
+                swap_device,
+                n,
+                args.single_blocks_to_swap.unwrap_or(0),
+            ),
+            Task::WanDit => {
+                return Err(Failure::Other(
+                    "--single-blocks-to-swap applies to the flux-dit task".into(),
+                ));
+            }
+            _ => {
+                return Err(Failure::Other(
+                    "--blocks-to-swap applies to the wan-dit and flux-dit tasks".into(),
+                ));
+            }
+        };
+        // The text embedder in whichever layout the file has.
+        let swap = if args.offload_txt_emb {
+            [
+                "condition_embedder.text_embedder.",
+                "text_embedding.",
+                "context_embedder.",
+                "txt_in.",
+            ]
+            .into_iter()
+            .fold(swap, BlockSwap::offloading)
+        } else {
+            swap
+        };
         return Ok(PlanRequest::block_swap(swap));
     }
     let pin = PinPolicy {
@@ -227,19 +251,19 @@ fn run_on<B: Backend>(
         Some(d) => DeviceGraph::declare(d)?,
         None => distorch::backends::detect().graph,
     };
-    let placement = Placement {
-        request: request(args, device_id)?,
-        devices: DeviceMap::<B>::new(device.clone()),
-    };
     let inputs = Inputs::read(&args.inputs)?;
     let model = model(args)?;
     let index = distorch::models::load::open_index(&model.weights)?;
     let c = component(&index, args.task, args.component)?;
+    let placement = Placement {
+        request: request(args, device_id, &c)?,
+        devices: DeviceMap::<B>::new(device.clone()),
+    };
     let mut options = ComponentOptions::new(graph, placement);
     options.dtype = args.dtype.0;
     if args.blocks_to_swap.is_some() {
         options.lookahead = Lookahead {
-            units: args.prefetch_blocks.max(1) * units_per_block(&c),
+            units: args.prefetch_blocks.max(1) * units_per_block(&c, args.task),
             ..Lookahead::default()
         };
     }
@@ -333,6 +357,23 @@ fn run_on<B: Backend>(
             out.push("sample", dit.forward(input)?)?;
             log_stats(dit.streamer());
         }
+        Task::FluxDit => {
+            let dit: FluxTransformer<B> = src.load(Some(Target::Unet))?;
+            let input = FluxInput {
+                hidden_states: inputs.tensor("hidden_states", &device)?,
+                encoder_hidden_states: inputs.tensor("encoder_hidden_states", &device)?,
+                pooled_projections: inputs.tensor("pooled_projections", &device)?,
+                timestep: floats(&inputs, "timestep")?,
+                img_ids: positions(&inputs, "img_ids")?,
+                txt_ids: positions(&inputs, "txt_ids")?,
+                guidance: match inputs.has("guidance") {
+                    true => Some(floats(&inputs, "guidance")?),
+                    false => None,
+                },
+            };
+            out.push("sample", dit.forward(input)?)?;
+            log_stats(dit.streamer());
+        }
         Task::WanVaeEncode | Task::WanVaeDecode => {
             let vae: WanVae<B> = src.load(None)?;
             if args.task == Task::WanVaeEncode {
@@ -370,7 +411,7 @@ fn loras(args: &RunArgs, target: Option<Target>) -> Result<Option<ComponentLoras
     }
     let Some(target) = target else {
         return Err(Failure::Other(
-            "--lora applies to the unet, clip-text and wan-dit tasks".into(),
+            "--lora applies to the unet, clip-text, wan-dit and flux-dit tasks".into(),
         ));
     };
     let mut files = Vec::new();
@@ -419,11 +460,34 @@ fn id_rows(inputs: &Inputs, name: &str) -> Result<(usize, Vec<u32>), Failure> {
     Ok((batch, ids))
 }
 
-/// Units of the first transformer block (`blocks.0.`): the look-ahead of one block.
-fn units_per_block(c: &Component<'_>) -> usize {
+/// The values of input `name` as f32.
+fn floats(inputs: &Inputs, name: &str) -> Result<Vec<f32>, Failure> {
+    Ok(inputs.values(name)?.1.iter().map(|&x| x as f32).collect())
+}
+
+/// Input `name` as rows of three positions (`[N, 3]`: FLUX's `img_ids`, `txt_ids`).
+fn positions(inputs: &Inputs, name: &str) -> Result<Vec<[f32; 3]>, Failure> {
+    let (shape, v) = inputs.values(name)?;
+    if !matches!(shape.as_slice(), [_, 3]) {
+        return Err(Failure::Other(format!(
+            "input `{name}` has shape {shape:?}; expected [N, 3]"
+        )));
+    }
+    Ok(v.chunks(3)
+        .map(|p| [p[0] as f32, p[1] as f32, p[2] as f32])
+        .collect())
+}
+
+/// Units of the first transformer block (Wan's `blocks.0.`, FLUX's first double-stream
+/// block): the look-ahead of one block.
+fn units_per_block(c: &Component<'_>, task: Task) -> usize {
+    let first = match task {
+        Task::FluxDit => format!("{}0.", FluxLayout::of(c).double_blocks()),
+        _ => "blocks.0.".to_owned(),
+    };
     let mut units: Vec<&str> = c
         .local_names()
-        .filter(|n| n.starts_with("blocks.0."))
+        .filter(|n| n.starts_with(&first))
         .map(distorch::core::units::unit_name)
         .collect();
     units.sort_unstable();

@@ -352,3 +352,28 @@ fn a_file_of_another_format_is_named_as_what_it_is() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("zip archive"), "{}", stderr(&o));
 }
+
+/// `inspect` names FLUX's files: the transformer (with its layout, or why its size cannot be
+/// read), T5 v1.1 beside UMT5, and the 16-channel VAE with the factors it assumes.
+#[test]
+fn inspect_names_flux_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../distorch-models/tests/fixtures");
+    for (file, want) in [
+        (
+            "flux_dit/bfl.safetensors",
+            "not recognised: FLUX transformer: the rotary sections",
+        ),
+        ("t5/model.safetensors", "T5 v1.1 encoder: 3 layers"),
+        ("umt5/model.safetensors", "UMT5 encoder: 2 layers"),
+        (
+            "flux_vae/ae.safetensors",
+            "assumed FLUX.1's (scaling 0.3611, shift 0.1159)",
+        ),
+    ] {
+        let path = fixtures.join(file);
+        let o = distorch(&["inspect", path.to_str().unwrap()], dir.path());
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains(want), "{file}: {}", stdout(&o));
+    }
+}

@@ -3,7 +3,8 @@
 //! the CPU and — in a `--features wgpu` build — computed on wgpu with every weight streamed
 //! from host memory (`--expert "wgpu:0,0b;cpu,*"`), bit-identical to the resident run.
 //! Tasks: unet (plain and ControlNet-driven), controlnet, vae-encode, vae-decode, clip-text,
-//! clip-vision, t5, wan-dit (and wan-dit with block swap), wan-vae-encode, wan-vae-decode.
+//! clip-vision, t5 (UMT5 and T5 v1.1), flux-dit (both layouts, and with block swap), wan-dit
+//! (and wan-dit with block swap), wan-vae-encode, wan-vae-decode.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,17 @@ fn check(out: &Path, name: &str, reference: &Path, key: &str) -> Vec<f32> {
     }
     g
 }
+
+/// The FLUX transformer's inputs, named as diffusers' `forward` arguments.
+const FLUX_INPUTS: [(&str, &str); 7] = [
+    ("hidden_states", "hidden_states"),
+    ("encoder_hidden_states", "encoder_hidden_states"),
+    ("pooled_projections", "pooled_projections"),
+    ("timestep", "timestep"),
+    ("img_ids", "img_ids"),
+    ("txt_ids", "txt_ids"),
+    ("guidance", "guidance"),
+];
 
 struct Case {
     task: &'static str,
@@ -264,6 +276,29 @@ fn cases() -> Vec<Case> {
         outputs: vec![("last_hidden_state", "last_hidden_state")],
         reference: fixture("umt5").join("reference.safetensors"),
     });
+    out.push(Case {
+        task: "t5",
+        model: fixture("t5").join("model.safetensors"),
+        config: fixture("t5").join("config.json"),
+        component: None,
+        inputs: vec![
+            ("input_ids", "input_ids"),
+            ("attention_mask", "attention_mask"),
+        ],
+        outputs: vec![("last_hidden_state", "last_hidden_state")],
+        reference: fixture("t5").join("reference.safetensors"),
+    });
+    for file in ["diffusion_pytorch_model.safetensors", "bfl.safetensors"] {
+        out.push(Case {
+            task: "flux-dit",
+            model: fixture("flux_dit").join(file),
+            config: fixture("flux_dit").join("config.json"),
+            component: None,
+            inputs: FLUX_INPUTS.to_vec(),
+            outputs: vec![("sample", "sample")],
+            reference: fixture("flux_dit").join("reference.safetensors"),
+        });
+    }
     for file in [
         "diffusion_pytorch_model.safetensors",
         "original.safetensors",
@@ -530,6 +565,63 @@ fn wan_block_swap_is_bit_identical_to_resident() {
     assert!(outs.iter().all(|o| *o == outs[0]));
 }
 
+/// On wgpu: the FLUX transformer resident and with its last double- and single-stream blocks
+/// (and the context embedder) swapped to host memory, in both layouts: bit-identical.
+#[cfg(feature = "wgpu")]
+#[test]
+fn flux_block_swap_is_bit_identical_to_resident() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = fixture("flux_dit").join("reference.safetensors");
+    let ins = tmp.path().join("flux-in.safetensors");
+    inputs(&reference, &FLUX_INPUTS, &ins);
+    let mut outs = Vec::new();
+    for (tag, extra) in [
+        ("resident", vec![]),
+        (
+            "swap",
+            vec![
+                "--blocks-to-swap",
+                "1",
+                "--single-blocks-to-swap",
+                "2",
+                "--offload-txt-emb",
+            ],
+        ),
+    ] {
+        for file in ["diffusion_pytorch_model.safetensors", "bfl.safetensors"] {
+            let out = tmp.path().join(format!("{tag}-{file}"));
+            let model = fixture("flux_dit").join(file);
+            let config = fixture("flux_dit").join("config.json");
+            let mut args = vec![
+                "flux-dit",
+                "--model",
+                model.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--inputs",
+                ins.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--device",
+                "wgpu:0",
+                "--devices",
+                "wgpu:0=8gib,cpu=16gib",
+            ];
+            args.extend(extra.iter().copied());
+            run(&args);
+            outs.push(check(&out, "sample", &reference, "sample"));
+        }
+    }
+    assert_eq!(
+        outs[0], outs[2],
+        "diffusers layout: block swap changed the output"
+    );
+    assert_eq!(
+        outs[1], outs[3],
+        "BFL layout: block swap changed the output"
+    );
+}
+
 #[test]
 fn block_swap_errors_are_clear() {
     let tmp = tempfile::tempdir().unwrap();
@@ -538,7 +630,7 @@ fn block_swap_errors_are_clear() {
         (
             "unet",
             "unet_sd",
-            "--blocks-to-swap applies to the wan-dit task",
+            "--blocks-to-swap applies to the wan-dit and flux-dit tasks",
         ),
         (
             "wan-dit",

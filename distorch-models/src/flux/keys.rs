@@ -6,6 +6,7 @@
 //! input in single blocks), q/k norms name their weight `scale`, and the final norm's
 //! projection gives shift before scale.
 
+use distorch_alloc::{BlockSwap, DeviceId};
 use distorch_core::Component;
 
 /// Which layout a FLUX transformer's weights use.
@@ -119,6 +120,25 @@ impl FluxLayout {
             FluxLayout::Diffusers => "weight",
             FluxLayout::Bfl => "scale",
         }
+    }
+
+    /// Block swap for a transformer in this layout: the last `double` double-stream and the
+    /// last `single` single-stream blocks on `swap_device`, prefetched in turn.
+    pub fn block_swap(
+        self,
+        compute: DeviceId,
+        swap_device: DeviceId,
+        double: usize,
+        single: usize,
+    ) -> BlockSwap {
+        BlockSwap::of_lists(
+            compute,
+            swap_device,
+            [
+                (self.double_blocks(), double),
+                (self.single_blocks(), single),
+            ],
+        )
     }
 
     /// The prefix of the double-stream blocks' units, followed by the block number.

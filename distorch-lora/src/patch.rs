@@ -25,6 +25,11 @@ pub struct ModelTensor {
     /// The rows of the tensor these modules are, when they are a slice of a fused tensor
     /// (OpenCLIP's `in_proj_weight` holds q, k and v); `None` for the whole tensor.
     pub rows: Option<Range<usize>>,
+    /// The rows of these modules' output the tensor (or its `rows`) is, when the modules
+    /// are fused and the model's tensors separate (a kohya FLUX LoRA's `img_attn_qkv` on
+    /// diffusers' `to_q`, `to_k`, `to_v`): only those rows of a LoRA's update apply here.
+    /// `None`: the whole module.
+    pub of_module: Option<Range<usize>>,
 }
 
 impl ModelTensor {
@@ -35,6 +40,7 @@ impl ModelTensor {
             modules,
             shape,
             rows: None,
+            of_module: None,
         }
     }
 
@@ -95,6 +101,133 @@ enum Delta {
         scale: f32,
         offset: usize,
     },
+}
+
+/// The update `update` makes to tensor `t` (its `rows`, from its module's `of_module` rows),
+/// scaled by `strength`; the reason when the shapes do not fit.
+fn delta(update: &Update, t: &ModelTensor, strength: f32) -> Result<Delta, String> {
+    let shape = t.slice_shape();
+    let numel: usize = shape.iter().product();
+    let offset = t.offset();
+    let split = |what: &str| {
+        Err(format!(
+            "a {what} update of a fused module cannot be split onto the model's separate tensors"
+        ))
+    };
+    Ok(match update {
+        Update::LowRank {
+            up,
+            up_shape,
+            down,
+            down_shape,
+            alpha,
+        } => {
+            let rank = up_shape[1];
+            let cols: usize = down_shape[1..].iter().product();
+            let (up, rows) = match &t.of_module {
+                Some(r) if r.end <= up_shape[0] => (rows_of(up, rank, r), r.len()),
+                Some(r) => {
+                    return Err(format!(
+                        "rows {r:?} of up {up_shape:?}: the module has {} rows",
+                        up_shape[0]
+                    ));
+                }
+                None => (Arc::clone(up), up_shape[0]),
+            };
+            if shape.first() != Some(&rows) || rows * cols != numel {
+                return Err(format!(
+                    "up {up_shape:?} · down {down_shape:?} is not {shape:?}"
+                ));
+            }
+            Delta::LowRank {
+                up,
+                down: Arc::clone(down),
+                rows,
+                rank,
+                cols,
+                scale: strength * alpha.unwrap_or(rank as f32) / rank as f32,
+                offset,
+            }
+        }
+        Update::Diff {
+            values,
+            shape: diff_shape,
+            ..
+        } => {
+            let values = match (&t.of_module, diff_shape.first()) {
+                (Some(r), Some(&rows)) if r.end <= rows && rows > 0 => {
+                    rows_of(values, values.len() / rows, r)
+                }
+                (Some(r), _) => {
+                    return Err(format!("rows {r:?} of difference {diff_shape:?}"));
+                }
+                (None, _) => Arc::clone(values),
+            };
+            if values.len() != numel {
+                return Err(format!("difference {diff_shape:?} is not {shape:?}"));
+            }
+            Delta::Full {
+                values,
+                scale: strength,
+                offset,
+            }
+        }
+        Update::Hadamard { .. } if t.of_module.is_some() => return split("LoHa"),
+        Update::Kronecker { .. } if t.of_module.is_some() => return split("LoKr"),
+        Update::Hadamard {
+            w1_a,
+            w1_b,
+            w2_a,
+            w2_b,
+            alpha,
+        } => {
+            let (rows, rank, cols) = (w1_a.rows(), w1_b.rows(), w1_b.cols());
+            let fits = w1_a.cols() == rank
+                && w2_a.rows() == rows
+                && w2_a.cols() == w2_b.rows()
+                && w2_b.cols() == cols
+                && shape.first() == Some(&rows)
+                && rows * cols == numel;
+            if !fits {
+                return Err(format!(
+                    "LoHa ({:?}·{:?}) ⊙ ({:?}·{:?}) is not {shape:?}",
+                    w1_a.shape, w1_b.shape, w2_a.shape, w2_b.shape
+                ));
+            }
+            Delta::Hadamard {
+                a1: Dense::of(w1_a),
+                b1: Dense::of(w1_b),
+                a2: Dense::of(w2_a),
+                b2: Dense::of(w2_b),
+                scale: strength * alpha.map_or(1.0, |a| a / rank as f32),
+                offset,
+            }
+        }
+        Update::Kronecker { w1, w2, alpha } => {
+            let (f1, f2) = (Factor::of(w1), Factor::of(w2));
+            let (Some((w1, [a, b], r1)), Some((w2, [c, dk], r2))) = (f1, f2) else {
+                return Err("a LoKr factor's halves do not multiply".into());
+            };
+            if shape.first() != Some(&(a * c)) || a * c * b * dk != numel {
+                return Err(format!("LoKr [{a}, {b}] ⊗ [{c}, {dk}] is not {shape:?}"));
+            }
+            let scale = match (alpha, r2.or(r1)) {
+                (Some(alpha), Some(rank)) => strength * alpha / rank as f32,
+                _ => strength,
+            };
+            Delta::Kronecker {
+                w1,
+                w2,
+                scale,
+                offset,
+            }
+        }
+    })
+}
+
+/// Rows `r` of a row-major matrix of `cols` columns.
+fn rows_of(values: &Arc<[f32]>, cols: usize, r: &Range<usize>) -> Arc<[f32]> {
+    values[r.start * cols..r.end * cols].into()
 }
 
 /// A matrix ready to upload.
@@ -170,7 +303,7 @@ impl LoraPatch {
         target: Target,
         tensors: &[ModelTensor],
     ) -> Result<(LoraPatch, LoraReport), Error> {
-        let mut by_name: HashMap<(String, &str), &ModelTensor> = HashMap::new();
+        let mut by_name: HashMap<(String, &str), Vec<&ModelTensor>> = HashMap::new();
         for t in tensors {
             // `weight`/`bias`, or a fused tensor's `in_proj_weight`/`in_proj_bias`.
             let last = t.key.rsplit('.').next().unwrap_or("");
@@ -181,9 +314,20 @@ impl LoraPatch {
             } else {
                 continue;
             };
-            for m in &t.modules {
-                by_name.insert((m.clone(), param), t);
-                by_name.insert((m.replace('.', "_"), param), t);
+            for name in t
+                .modules
+                .iter()
+                .flat_map(|m| [m.clone(), m.replace('.', "_")])
+            {
+                // A module may name several tensors (a fused module over separate ones), each
+                // once, whichever layouts list it.
+                let same = |o: &&ModelTensor| {
+                    o.key == t.key && o.rows == t.rows && o.of_module == t.of_module
+                };
+                let tensors = by_name.entry((name, param)).or_default();
+                if !tensors.iter().any(same) {
+                    tensors.push(t);
+                }
             }
         }
         let mut patch = LoraPatch::default();
@@ -200,114 +344,20 @@ impl LoraPatch {
                     Update::Diff { param, .. } => *param,
                     _ => "weight",
                 };
-                let Some(t) = by_name.get(&(m.name.clone(), param)) else {
+                let Some(ts) = by_name.get(&(m.name.clone(), param)) else {
                     report.unmatched.push(m.name.clone());
                     continue;
                 };
-                let shape_err = |reason: String| Error::Shape {
-                    path: lora.path().to_path_buf(),
-                    key: m.name.clone(),
-                    target: t.key.clone(),
-                    reason,
-                };
-                let shape = t.slice_shape();
-                let numel: usize = shape.iter().product();
-                let offset = t.offset();
-                let delta = match &m.update {
-                    Update::LowRank {
-                        up,
-                        up_shape,
-                        down,
-                        down_shape,
-                        alpha,
-                    } => {
-                        let (rows, rank) = (up_shape[0], up_shape[1]);
-                        let cols: usize = down_shape[1..].iter().product();
-                        if shape.first() != Some(&rows) || rows * cols != numel {
-                            return Err(shape_err(format!(
-                                "up {up_shape:?} · down {down_shape:?} is not {shape:?}"
-                            )));
-                        }
-                        let scale = strength * alpha.unwrap_or(rank as f32) / rank as f32;
-                        Delta::LowRank {
-                            up: Arc::clone(up),
-                            down: Arc::clone(down),
-                            rows,
-                            rank,
-                            cols,
-                            scale,
-                            offset,
-                        }
-                    }
-                    Update::Diff {
-                        values,
-                        shape: diff_shape,
-                        ..
-                    } => {
-                        if values.len() != numel {
-                            return Err(shape_err(format!(
-                                "difference {diff_shape:?} is not {shape:?}"
-                            )));
-                        }
-                        Delta::Full {
-                            values: Arc::clone(values),
-                            scale: *strength,
-                            offset,
-                        }
-                    }
-                    Update::Hadamard {
-                        w1_a,
-                        w1_b,
-                        w2_a,
-                        w2_b,
-                        alpha,
-                    } => {
-                        let (rows, rank, cols) = (w1_a.rows(), w1_b.rows(), w1_b.cols());
-                        let fits = w1_a.cols() == rank
-                            && w2_a.rows() == rows
-                            && w2_a.cols() == w2_b.rows()
-                            && w2_b.cols() == cols
-                            && shape.first() == Some(&rows)
-                            && rows * cols == numel;
-                        if !fits {
-                            return Err(shape_err(format!(
-                                "LoHa ({:?}·{:?}) ⊙ ({:?}·{:?}) is not {shape:?}",
-                                w1_a.shape, w1_b.shape, w2_a.shape, w2_b.shape
-                            )));
-                        }
-                        Delta::Hadamard {
-                            a1: Dense::of(w1_a),
-                            b1: Dense::of(w1_b),
-                            a2: Dense::of(w2_a),
-                            b2: Dense::of(w2_b),
-                            scale: strength * alpha.map_or(1.0, |a| a / rank as f32),
-                            offset,
-                        }
-                    }
-                    Update::Kronecker { w1, w2, alpha } => {
-                        let (f1, f2) = (Factor::of(w1), Factor::of(w2));
-                        let (Some((w1, [a, b], r1)), Some((w2, [c, dk], r2))) = (f1, f2) else {
-                            return Err(shape_err("a LoKr factor's halves do not multiply".into()));
-                        };
-                        if shape.first() != Some(&(a * c)) || a * c * b * dk != numel {
-                            return Err(shape_err(format!(
-                                "LoKr [{a}, {b}] ⊗ [{c}, {dk}] is not {shape:?}"
-                            )));
-                        }
-                        let scale = match (alpha, r2.or(r1)) {
-                            (Some(alpha), Some(rank)) => strength * alpha / rank as f32,
-                            _ => *strength,
-                        };
-                        Delta::Kronecker {
-                            w1,
-                            w2,
-                            scale,
-                            offset,
-                        }
-                    }
-                };
-                patch.deltas.entry(t.key.clone()).or_default().push(delta);
-                report.matched.push((m.name.clone(), t.key.clone()));
+                for t in ts {
+                    let delta = delta(&m.update, t, *strength).map_err(|reason| Error::Shape {
+                        path: lora.path().to_path_buf(),
+                        key: m.name.clone(),
+                        target: t.key.clone(),
+                        reason,
+                    })?;
+                    patch.deltas.entry(t.key.clone()).or_default().push(delta);
+                    report.matched.push((m.name.clone(), t.key.clone()));
+                }
             }
             if !mine.is_empty() && report.matched.len() == before {
                 return Err(Error::NothingMatched {

@@ -38,6 +38,7 @@ pub(crate) fn own_modules(component: &Component<'_>) -> Vec<ModelTensor> {
                 modules: vec![module],
                 shape: t.shape.iter().map(|&d| d as usize).collect(),
                 rows: None,
+                of_module: None,
             }
         })
         .collect()
@@ -75,6 +76,7 @@ pub(crate) fn both_names(ours: Vec<ExpectedTensor>, file: Vec<ExpectedTensor>) -
                 modules,
                 shape: f.shape,
                 rows: None,
+                of_module: None,
             }
         })
         .collect()

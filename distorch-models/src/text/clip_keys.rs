@@ -342,6 +342,7 @@ pub(crate) fn open_clip_lora_names(keys: &ClipKeys, mut t: ModelTensor) -> Vec<M
                 modules: vec![format!("{ours}.self_attn.{p}")],
                 shape: t.shape.clone(),
                 rows: Some(i * h..(i + 1) * h),
+                of_module: None,
             })
             .filter(|_| param == "weight" || param == "bias")
             .collect();

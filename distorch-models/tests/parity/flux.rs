@@ -199,3 +199,49 @@ fn block_swap_gives_bit_identical_outputs() {
         }
     }
 }
+
+/// FLUX LoRAs against diffusers' `FluxPipeline.load_lora_weights` at strength 0.8
+/// (`tools/fixtures/flux.py`): a PEFT file in diffusers' names and a kohya file in BFL's, each
+/// on the transformer in both layouts — diffusers' `to_q` on rows of BFL's fused `qkv`,
+/// kohya's fused `qkv` and `linear1` split over diffusers' separate projections, the final
+/// norm's swapped halves — resident and offloaded.
+#[test]
+fn flux_loras_match_diffusers_in_both_layouts() {
+    use distorch_lora::{LoraFile, Target};
+    use distorch_models::ComponentLoras;
+    use std::sync::Arc;
+    let dir = fixture("flux_dit");
+    let loras = fixture("flux_lora");
+    let reference = loras.join("reference.safetensors");
+    let base = read(&dir.join("reference.safetensors"), "sample").1;
+    for tag in ["peft", "kohya"] {
+        let file = Arc::new(LoraFile::open(loras.join(format!("{tag}.safetensors"))).unwrap());
+        let want = read(&reference, &format!("{tag}.sample"));
+        assert!(
+            want.1.iter().zip(&base).any(|(a, b)| (a - b).abs() > 1e-2),
+            "{tag}: the LoRA changes the output"
+        );
+        for weights in ["diffusion_pytorch_model.safetensors", "bfl.safetensors"] {
+            for offload in [false, true] {
+                let mut options = component_options(offload);
+                options.loras = Some(ComponentLoras {
+                    files: vec![(Arc::clone(&file), 0.8)],
+                    target: Target::Unet,
+                });
+                let m: Loaded<FluxTransformer<B>> =
+                    load_model(dir.join(weights), Some(config("flux_dit")), &options).unwrap();
+                assert!(
+                    m.lora.unmatched.is_empty(),
+                    "{tag} on {weights}: {:?}",
+                    m.lora.unmatched
+                );
+                let out = m.model.forward(input("flux_dit", true)).unwrap();
+                assert_close(
+                    &format!("{tag} on {weights}, offload {offload}"),
+                    out,
+                    want.clone(),
+                );
+            }
+        }
+    }
+}

@@ -15,6 +15,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use distorch_core::runtime::{ExpectedTensor, LoadReport, Streamer};
 use distorch_core::{Component, ComponentKind};
+use distorch_lora::ModelTensor;
 
 pub use crate::flux::keys::FluxLayout;
 
@@ -26,6 +27,7 @@ use crate::nn::{Weights, layer_norm_plain, silu, timestep_embedding};
 mod config;
 pub use config::{DetectedFlux, FluxConfig, FluxVariant};
 mod layers;
+mod lora;
 
 use layers::{BlockContext, FluxLayers};
 
@@ -286,6 +288,11 @@ impl<B: Backend> Model<B> for FluxTransformer<B> {
             config,
             FluxLayout::of(c),
         )))
+    }
+    /// Each tensor under its diffusers and its BFL module names, rows of fused tensors
+    /// included, whichever layout the file has (see `flux::dit::lora`).
+    fn lora_tensors(config: &FluxConfig, c: &Component<'_>) -> Result<Vec<ModelTensor>, Error> {
+        Ok(lora::lora_tensors(config, FluxLayout::of(c)))
     }
     fn streamer(&self) -> &Streamer<B> {
         self.streamer()

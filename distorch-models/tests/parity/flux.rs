@@ -245,3 +245,52 @@ fn flux_loras_match_diffusers_in_both_layouts() {
         }
     }
 }
+
+/// The transformer as city96's FLUX GGUFs hold it (BFL names, F32 and every quantized type;
+/// `tools/fixtures/flux.py`) against diffusers with gguf-py's dequantized weights, resident
+/// and offloaded; its units keep their quantized bytes.
+#[test]
+fn a_gguf_flux_transformer_matches_diffusers_with_its_dequantized_weights() {
+    let dir = fixture("flux_dit");
+    let path = dir.join("model.gguf");
+    let want = read(&dir.join("gguf_reference.safetensors"), "sample");
+    let mut outs = Vec::new();
+    for offload in [false, true] {
+        let m: Loaded<FluxTransformer<B>> =
+            load_model(&path, Some(config("flux_dit")), &component_options(offload)).unwrap();
+        assert_eq!(m.model.layout(), FluxLayout::Bfl);
+        assert!(
+            m.report.missing.is_empty() && m.report.unused.is_empty(),
+            "{:?}",
+            m.report
+        );
+        // A unit at home on the host keeps its file's (quantized) bytes.
+        let index = distorch_models::load::open_index(&path).unwrap();
+        let file_bytes = |unit: &str| -> u64 {
+            index
+                .tensors()
+                .iter()
+                .filter(|t| distorch_core::units::unit_name(&t.name) == unit)
+                .map(|t| t.bytes)
+                .sum()
+        };
+        let on_host: Vec<_> = m
+            .plan
+            .units()
+            .iter()
+            .filter(|u| u.device == distorch_alloc::DeviceId::CPU)
+            .collect();
+        assert_eq!(on_host.is_empty(), !offload);
+        for u in on_host {
+            assert_eq!(u.bytes.0, file_bytes(&u.name), "{}", u.name);
+        }
+        let out = m.model.forward(input("flux_dit", true)).unwrap();
+        assert_close(
+            &format!("gguf, offload {offload}"),
+            out.clone(),
+            want.clone(),
+        );
+        outs.push(bits(out));
+    }
+    assert_eq!(outs[0], outs[1], "offloaded differs");
+}

@@ -93,6 +93,8 @@ type Failure = Box<dyn std::error::Error>;
 
 #[path = "common/malloc.rs"]
 mod malloc;
+#[path = "common/t5_demo_tokenizer.rs"]
+mod t5_demo_tokenizer;
 
 fn main() {
     malloc::keep_freed_memory();
@@ -271,38 +273,10 @@ fn write_demo(dir: &Path) -> Result<(), Failure> {
     for sub in ["tokenizer", "text_encoder", "transformer", "vae"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
-    let mut vocab: Vec<(String, f64)> = vec![
-        ("<pad>".into(), 0.0),
-        ("</s>".into(), 0.0),
-        ("<unk>".into(), 0.0),
-        ("▁".into(), -2.0),
-    ];
-    for c in (b' '..=b'~').map(char::from).filter(|c| !c.is_whitespace()) {
-        vocab.push((c.to_string(), -3.0));
-        vocab.push((format!("▁{c}"), -2.5));
-    }
-    let meta = serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false,
-        "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-    };
-    let tokenizer = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<pad>"), special(1, "</s>"), special(2, "<unk>")],
-        "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, meta]},
-        "post_processor": {"type": "TemplateProcessing",
-            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
-                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
-        "decoder": meta,
-        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false},
-    });
-    std::fs::write(dir.join("tokenizer/tokenizer.json"), tokenizer.to_string())?;
+    let vocab = t5_demo_tokenizer::write(&dir.join("tokenizer/tokenizer.json"))?;
 
     let t5 = Umt5Config {
-        vocab_size: vocab.len(),
+        vocab_size: vocab,
         d_model: 256,
         d_kv: 64,
         d_ff: 512,

@@ -1,0 +1,38 @@
+//! The demo folders' T5 tokenizer: a character-level unigram `tokenizer.json` (ids, not
+//! meaning: the demo weights are random), as Hugging Face's `tokenizers` reads it.
+
+use std::path::Path;
+
+/// Writes the tokenizer to `path`; returns its vocabulary size.
+pub fn write(path: &Path) -> std::io::Result<usize> {
+    let mut vocab: Vec<(String, f64)> = vec![
+        ("<pad>".into(), 0.0),
+        ("</s>".into(), 0.0),
+        ("<unk>".into(), 0.0),
+        ("▁".into(), -2.0),
+    ];
+    for c in (b' '..=b'~').map(char::from).filter(|c| !c.is_whitespace()) {
+        vocab.push((c.to_string(), -3.0));
+        vocab.push((format!("▁{c}"), -2.5));
+    }
+    let meta = serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false,
+        "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<pad>"), special(1, "</s>"), special(2, "<unk>")],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, meta]},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+        "decoder": meta,
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false},
+    });
+    std::fs::write(path, tokenizer.to_string())?;
+    Ok(vocab.len())
+}

@@ -16,7 +16,8 @@ pub static CONVENTIONS: Conventions = Conventions {
 
 /// Splits `index` into components by [`CONVENTIONS`]: a file with checkpoint prefixes
 /// (`model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.`,
-/// `conditioner.embedders.N.`, `control_model.`) by them, the rest `other`; a file without
+/// `conditioner.embedders.N.`, `control_model.`; ComfyUI's FLUX `text_encoders.clip_l.`,
+/// `text_encoders.t5xxl.`, `vae.`) by them, the rest `other`; a file without
 /// them is one component, recognised from its keys (diffusers or original names), or
 /// [`ComponentKind::Model`].
 pub fn split(index: &SafetensorsIndex) -> Split<'_> {
@@ -32,13 +33,18 @@ pub fn inventory_for(
     components::inventory_for(index, &CONVENTIONS, kind)
 }
 
-/// Prefixes of single-file checkpoints (original Stable Diffusion layout), longest first.
+/// Prefixes of single-file checkpoints (original Stable Diffusion layout; ComfyUI's all-in-one
+/// FLUX checkpoints add `text_encoders.clip_l.transformer.`, `text_encoders.t5xxl.transformer.`
+/// and `vae.`), longest first.
 const CHECKPOINT_PREFIXES: &[(&str, ComponentKind)] = &[
+    ("text_encoders.clip_l.transformer.", ComponentKind::Clip),
+    ("text_encoders.t5xxl.transformer.", ComponentKind::Model),
     ("model.diffusion_model.", ComponentKind::Unet),
     ("first_stage_model.", ComponentKind::Vae),
     ("cond_stage_model.", ComponentKind::Clip),
     ("conditioner.embedders.", ComponentKind::Clip),
     ("control_model.", ComponentKind::ControlNet),
+    ("vae.", ComponentKind::Vae),
 ];
 
 /// Recognises a one-component file from its keys.

@@ -10,6 +10,7 @@ mod common;
 mod controlnet;
 mod conventions;
 mod flux;
+mod flux_files;
 mod flux_pipeline;
 mod flux_shapes;
 mod gguf;

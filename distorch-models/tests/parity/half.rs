@@ -14,6 +14,7 @@
 use burn::tensor::Tensor;
 use distorch_core::ComputeDtype;
 use distorch_core::runtime::supports_compute;
+use distorch_models::flux::dit::{FluxInput, FluxTransformer};
 use distorch_models::text::umt5::Umt5Encoder;
 use distorch_models::vision::clip_vision::ClipVisionModel;
 use distorch_models::wan::dit::{WanDitInput, WanTransformer};
@@ -217,6 +218,52 @@ fn wan_transformer_at_half_precision() {
             encoder_hidden_states: tensor("wan_dit", "encoder_hidden_states"),
         };
         vec![out("sample", m.forward(input).unwrap())]
+    });
+}
+
+#[test]
+fn t5_at_half_precision() {
+    parity::<Umt5Encoder<B>>("t5", |m| {
+        let (input_ids, mask) = (ids("t5", "input_ids"), ids("t5", "attention_mask"));
+        vec![out(
+            "last_hidden_state",
+            m.forward(&input_ids, &mask, 2).unwrap(),
+        )]
+    });
+}
+
+#[test]
+fn flux_transformer_at_half_precision() {
+    parity::<FluxTransformer<B>>("flux_dit", |m| {
+        let reference = fixture("flux_dit").join("reference.safetensors");
+        let values =
+            |key: &str| -> Vec<f32> { read(&reference, key).1.iter().map(|&x| x as f32).collect() };
+        let positions = |key: &str| -> Vec<[f32; 3]> {
+            values(key).chunks(3).map(|p| [p[0], p[1], p[2]]).collect()
+        };
+        let input = FluxInput {
+            hidden_states: tensor("flux_dit", "hidden_states"),
+            encoder_hidden_states: tensor("flux_dit", "encoder_hidden_states"),
+            pooled_projections: tensor("flux_dit", "pooled_projections"),
+            timestep: values("timestep"),
+            img_ids: positions("img_ids"),
+            txt_ids: positions("txt_ids"),
+            guidance: Some(values("guidance")),
+        };
+        vec![out("sample", m.forward(input).unwrap())]
+    });
+}
+
+#[test]
+fn flux_vae_at_half_precision() {
+    parity::<AutoencoderKl<B>>("flux_vae", |m| {
+        let (mean, logvar) = m.encode(tensor("flux_vae", "image")).unwrap();
+        let decoded = m.decode(tensor("flux_vae", "z")).unwrap();
+        vec![
+            out("latent_mean", mean),
+            out("latent_logvar", logvar),
+            out("decoded", decoded),
+        ]
     });
 }
 

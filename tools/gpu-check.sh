@@ -20,7 +20,10 @@
 #      (`vs_bound`; the target is <= 1.10 at 100 % offload);
 #   5. attention_bench --backend cuda at 16,384 and 32,768 tokens (12 heads of 128): at f16
 #      the fused attention kernel (src/fused.rs), at f32 the blocked path; first call (kernel
-#      compilation) and steady state.
+#      compilation) and steady state;
+#   6. flux_block_swap_bench --backend cuda at FLUX.1's widths (1 double + 2 single blocks,
+#      1,246 MB of bf16 blocks, 4,096 image tokens): none, half and all blocks in host memory,
+#      each swapped block crossing PCIe at its bf16 size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -37,9 +40,11 @@ build)
     --message-format=json | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   test -x "$exe" || { echo "no parity test binary built" >&2; exit 1; }
   cp "$exe" "$bin/parity-cuda"
-  cargo build --release --features cuda --example offload_bench --example attention_bench
+  cargo build --release --features cuda --example offload_bench --example attention_bench \
+    --example flux_block_swap_bench
   cp target/release/examples/offload_bench "$bin/offload_bench-cuda"
   cp target/release/examples/attention_bench "$bin/attention_bench-cuda"
+  cp target/release/examples/flux_block_swap_bench "$bin/flux_block_swap_bench-cuda"
   ls -l "$bin"
   ;;
 run)
@@ -69,6 +74,8 @@ run)
         2>&1 | tee -a "$out/attention-cuda.log" || status=1
     done
   done
+  timeout 90 "$bin/flux_block_swap_bench-cuda" --backend cuda --side 64 --passes 3 2>&1 |
+    tee "$out/flux-block-swap-cuda.log" || status=1
   exit "$status"
   ;;
 *)

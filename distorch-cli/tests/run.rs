@@ -3,7 +3,8 @@
 //! the CPU and — in a `--features wgpu` build — computed on wgpu with every weight streamed
 //! from host memory (`--expert "wgpu:0,0b;cpu,*"`), bit-identical to the resident run.
 //! Tasks: unet (plain and ControlNet-driven), controlnet, vae-encode, vae-decode, clip-text,
-//! clip-vision, t5 (UMT5 and T5 v1.1), flux-dit (both layouts, and with block swap), wan-dit
+//! clip-vision, t5 (UMT5 and T5 v1.1), flux-dit (both layouts, and with block swap), the FLUX
+//! VAE's encode and decode, wan-dit
 //! (and wan-dit with block swap), wan-vae-encode, wan-vae-decode.
 
 use std::collections::BTreeMap;
@@ -243,6 +244,28 @@ fn cases() -> Vec<Case> {
             inputs: vec![("z", "z")],
             outputs: vec![("image", "decoded")],
             reference: fixture("vae").join("reference.safetensors"),
+        });
+    }
+    // FLUX.1's 16-channel VAE, as BFL's `ae.safetensors`.
+    for (task, inputs, outputs) in [
+        (
+            "vae-encode",
+            vec![("image", "image")],
+            vec![
+                ("latent_mean", "latent_mean"),
+                ("latent_logvar", "latent_logvar"),
+            ],
+        ),
+        ("vae-decode", vec![("z", "z")], vec![("image", "decoded")]),
+    ] {
+        out.push(Case {
+            task,
+            model: fixture("flux_vae").join("ae.safetensors"),
+            config: fixture("flux_vae").join("config.json"),
+            component: None,
+            inputs,
+            outputs,
+            reference: fixture("flux_vae").join("reference.safetensors"),
         });
     }
     for (dir, file, component) in [

@@ -294,3 +294,46 @@ fn a_gguf_flux_transformer_matches_diffusers_with_its_dequantized_weights() {
     }
     assert_eq!(outs[0], outs[1], "offloaded differs");
 }
+
+/// A LoRA in BFL's own dotted keys (`diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`,
+/// as ComfyUI saves them): the kohya fixture's numbers under those names give its reference
+/// output on both layouts.
+#[test]
+fn a_bfl_key_lora_equals_the_kohya_one() {
+    use distorch_lora::{LoraFile, Target};
+    use distorch_models::ComponentLoras;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    let dir = fixture("flux_dit");
+    let loras = fixture("flux_lora");
+    let dotted: HashMap<String, String> =
+        FluxTransformer::<B>::expected_in(&config("flux_dit"), FluxLayout::Bfl)
+            .into_iter()
+            .map(|e| {
+                let unit = distorch_core::units::unit_name(&e.name).to_owned();
+                (unit.replace('.', "_"), unit)
+            })
+            .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let bfl = tmp.path().join("bfl_keys.safetensors");
+    rewrite(&loras.join("kohya.safetensors"), &bfl, |k| {
+        let rest = k.strip_prefix("lora_unet_")?;
+        let (module, suffix) = rest.split_once('.')?;
+        Some(format!("diffusion_model.{}.{suffix}", dotted.get(module)?))
+    });
+    let file = Arc::new(LoraFile::open(&bfl).unwrap());
+    assert_eq!(file.modules().len(), 29);
+    let want = read(&loras.join("reference.safetensors"), "kohya.sample");
+    for weights in ["diffusion_pytorch_model.safetensors", "bfl.safetensors"] {
+        let mut options = component_options(false);
+        options.loras = Some(ComponentLoras {
+            files: vec![(Arc::clone(&file), 0.8)],
+            target: Target::Unet,
+        });
+        let m: Loaded<FluxTransformer<B>> =
+            load_model(dir.join(weights), Some(config("flux_dit")), &options).unwrap();
+        assert!(m.lora.unmatched.is_empty(), "{:?}", m.lora.unmatched);
+        let out = m.model.forward(input("flux_dit", true)).unwrap();
+        assert_close(&format!("BFL keys on {weights}"), out, want.clone());
+    }
+}

@@ -150,3 +150,77 @@ fn t5_v1_1_matches_transformers_with_and_without_a_mask() {
         "{e}"
     );
 }
+
+/// T5 v1.1 as ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` holds T5-XXL (every linear
+/// weight fp8 with a per-tensor `scale_weight`, the `scaled_fp8` marker;
+/// `tools/fixtures/flux.py`) against transformers with the dequantised weights, resident and
+/// offloaded.
+#[test]
+fn a_scaled_fp8_t5_matches_transformers_with_its_dequantised_weights() {
+    let dir = fixture("t5");
+    let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
+    let reference = dir.join("reference.safetensors");
+    let ids = |key: &str| -> Vec<u32> {
+        let (_, v) = read(&reference, key);
+        v.iter().map(|&x| x as u32).collect()
+    };
+    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let mut outs = Vec::new();
+    for offload in [false, true] {
+        let m: Loaded<Umt5Encoder<B>> = load_model(
+            dir.join("scaled_fp8.safetensors"),
+            Some(config.clone()),
+            &component_options(offload),
+        )
+        .unwrap();
+        assert!(m.report.missing.is_empty(), "{:?}", m.report);
+        let out = m.model.forward(&input_ids, &mask, 2).unwrap();
+        assert_close(
+            &format!("scaled fp8, offload {offload}"),
+            out.clone(),
+            read(
+                &dir.join("scaled_fp8_reference.safetensors"),
+                "last_hidden_state",
+            ),
+        );
+        outs.push(out.into_data().to_vec::<f32>().unwrap());
+    }
+    assert_eq!(outs[0], outs[1], "offloaded differs");
+}
+
+/// T5 v1.1 as city96's `t5-v1_1-xxl-encoder` GGUFs hold it (llama.cpp names, quantized
+/// weights; `tools/fixtures/flux.py` through gguf_t5.py) against transformers with the
+/// dequantized weights: detected as T5 (block 0's bias only), resident and offloaded.
+#[test]
+fn a_llama_cpp_gguf_t5_v1_1_matches_transformers_with_its_dequantized_weights() {
+    let dir = fixture("t5");
+    let weights = dir.join("model.gguf");
+    let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
+    let index = distorch_models::load::open_index(&weights).unwrap();
+    let split = distorch_models::load::split(&index);
+    assert_eq!(Umt5Config::detect(&split.components[0]).unwrap(), config);
+    let reference = dir.join("reference.safetensors");
+    let ids = |key: &str| -> Vec<u32> {
+        let (_, v) = read(&reference, key);
+        v.iter().map(|&x| x as u32).collect()
+    };
+    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let mut outs = Vec::new();
+    for offload in [false, true] {
+        let m: Loaded<Umt5Encoder<B>> =
+            load_model(&weights, None, &component_options(offload)).unwrap();
+        assert!(
+            m.report.missing.is_empty() && m.report.unused.is_empty(),
+            "{:?}",
+            m.report
+        );
+        let out = m.model.forward(&input_ids, &mask, 2).unwrap();
+        assert_close(
+            &format!("gguf t5, offload {offload}"),
+            out.clone(),
+            read(&dir.join("gguf_reference.safetensors"), "last_hidden_state"),
+        );
+        outs.push(out.into_data().to_vec::<f32>().unwrap());
+    }
+    assert_eq!(outs[0], outs[1], "offloaded differs");
+}

@@ -322,8 +322,9 @@ fn resolve<B: Backend, M: Model<B>>(
 /// (see [`ModelCache`]).
 pub type Models = ModelCache<dyn Any + Send + Sync>;
 
-/// [`load_model`] through `cache`: the model already loaded from `path` with the same
-/// allocation is shared; otherwise, before anything is read, `eject` makes room on the
+/// [`load_model`] through `cache`: the model already loaded from the same, unchanged file
+/// with the same configuration, allocation, compute dtype and LoRAs is shared (see
+/// `cache_key`); otherwise, before anything is read, `eject` makes room on the
 /// compute device — `EjectAll` (the loaders' `eject_models = true`) unloads every cached model
 /// holding weights there, `EvictLeastRecentlyUsed` only as many as the new model's resident
 /// bytes need — against the compute device's free memory in `options.graph` (cached models
@@ -340,13 +341,7 @@ where
     M: Model<B> + Send + Sync + 'static,
 {
     let path = path.as_ref();
-    let id = format!(
-        "{}:{}:{:?}:{:?}",
-        M::KIND,
-        path.display(),
-        options.placement.request,
-        options.dtype
-    );
+    let id = cache_key::<B, M>(path, config.as_ref(), options);
     if let Some(hit) = cache.get(&id).and_then(|m| m.downcast::<M>().ok()) {
         tracing::debug!(model = id.as_str(), "cached");
         return Ok(hit);
@@ -369,6 +364,53 @@ where
     let model = Arc::new(loaded.model);
     cache.insert(id, model.clone(), &loaded.report.bytes_per_device);
     Ok(model)
+}
+
+/// The cache's key for model `M` from `path` under `options`: everything that changes the
+/// weights or where they are — the component, the file and its fingerprint (size and
+/// modification time, the folder's `config.json` too), the configuration given, the
+/// placement, the compute dtype, the LoRAs with their files' fingerprints, strengths and
+/// target, and how patched fp8 weights are kept. The same model loaded with other LoRAs is
+/// another entry.
+fn cache_key<B: Backend, M: Model<B>>(
+    path: &Path,
+    config: Option<&M::Config>,
+    options: &ComponentOptions<B>,
+) -> String {
+    let stamp = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) => {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{}@{}+{modified}", p.display(), m.len())
+        }
+        Err(_) => format!("{}@missing", p.display()),
+    };
+    let mut key = format!("{}:{}", M::KIND, stamp(path));
+    if path.is_dir() {
+        let files = ComponentFiles::find(path)
+            .map(|f| format!("{}|{}", stamp(&f.weights), stamp(&f.config)))
+            .unwrap_or_default();
+        key.push_str(&format!("|{files}"));
+    }
+    let loras: Vec<String> = options
+        .loras
+        .iter()
+        .flat_map(|l| {
+            l.files
+                .iter()
+                .map(move |(f, s)| format!("{}*{s}@{}", stamp(f.path()), l.target))
+        })
+        .collect();
+    format!(
+        "{key}:config={config:?}:{:?}:{:?}:loras=[{}]:{:?}",
+        options.placement.request,
+        options.dtype,
+        loras.join(","),
+        options.precision
+    )
 }
 
 /// Plans and loads one component of an opened file with a known configuration (the step

@@ -80,3 +80,70 @@ fn eject_models_semantics() {
     .unwrap();
     assert!(e.to_string().contains("cuda:0"), "{e}");
 }
+
+/// The cache keys on what changes the weights: the same model with other LoRAs (or other
+/// strengths) is a miss, the same LoRAs a hit, and a weights file changed on disk a miss.
+#[test]
+fn a_cache_hit_needs_the_same_loras_and_the_same_file() {
+    use distorch_lora::{LoraFile, Target};
+    use distorch_models::{ComponentLoras, Unet2dCondition};
+    let roomy = options("cuda:0=1gib,cpu=8gib");
+    let lora = Arc::new(LoraFile::open(fixture("lora").join("peft.safetensors")).unwrap());
+    let with = |strength: f32| {
+        let mut o = roomy.clone();
+        o.loras = Some(ComponentLoras {
+            files: vec![(Arc::clone(&lora), strength)],
+            target: Target::Unet,
+        });
+        o
+    };
+    let mut cache = Models::new();
+    let load = |cache: &mut Models, path: &std::path::Path, o: &ComponentOptions<B>| {
+        load_cached::<B, Unet2dCondition<B>>(
+            cache,
+            path,
+            None,
+            o,
+            EjectPolicy::EvictLeastRecentlyUsed,
+        )
+        .unwrap()
+    };
+    let dir = fixture("unet_sd");
+    let plain = load(&mut cache, &dir, &roomy);
+    let patched = load(&mut cache, &dir, &with(0.8));
+    assert!(!Arc::ptr_eq(&plain, &patched), "other LoRAs: another model");
+    let again = load(&mut cache, &dir, &with(0.8));
+    assert!(Arc::ptr_eq(&patched, &again), "the same LoRAs: shared");
+    let other = load(&mut cache, &dir, &with(0.5));
+    assert!(
+        !Arc::ptr_eq(&patched, &other),
+        "another strength: another model"
+    );
+    assert_eq!(cache.ids().len(), 3);
+
+    // The same path with other contents (a copy rewritten) is a miss.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("unet.safetensors");
+    let src = dir.join("diffusion_pytorch_model.safetensors");
+    std::fs::copy(&src, &file).unwrap();
+    let config = distorch_models::UnetConfig::from_file(dir.join("config.json")).unwrap();
+    let first: Arc<Unet2dCondition<B>> = load_cached(
+        &mut cache,
+        &file,
+        Some(config.clone()),
+        &roomy,
+        EjectPolicy::EvictLeastRecentlyUsed,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    rewrite(&src, &file, |k| Some(k.to_owned()));
+    let second: Arc<Unet2dCondition<B>> = load_cached(
+        &mut cache,
+        &file,
+        Some(config),
+        &roomy,
+        EjectPolicy::EvictLeastRecentlyUsed,
+    )
+    .unwrap();
+    assert!(!Arc::ptr_eq(&first, &second), "a changed file is reloaded");
+}

@@ -123,7 +123,7 @@ fn detected(c: &Component<'_>) -> Vec<String> {
                     } else {
                         ""
                     }
-                )
+                ) + &assumed(&d.assumed())
             }))]
         }
         ComponentKind::Unet => {
@@ -165,11 +165,23 @@ fn detected(c: &Component<'_>) -> Vec<String> {
                         cfg.num_attention_heads,
                         cfg.hidden_act,
                         cfg.projection_dim
-                    )
+                    ) + &assumed(cfg.assumed().as_slice())
                 }))
             })
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+/// `; assumed: …` for what detection assumed (nothing when it assumed nothing).
+fn assumed(what: &[String]) -> String {
+    if what.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " — assumed: {} (give its config.json if wrong)",
+            what.join("; ")
+        )
     }
 }
 

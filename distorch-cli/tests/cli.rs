@@ -354,7 +354,8 @@ fn a_file_of_another_format_is_named_as_what_it_is() {
 }
 
 /// `inspect` names FLUX's files: the transformer (with its layout, or why its size cannot be
-/// read), T5 v1.1 beside UMT5, and the 16-channel VAE with the factors it assumes.
+/// read), T5 v1.1 beside UMT5, and the 16-channel VAE with the factors it assumes; what
+/// detection guessed (a tiny CLIP's or UNet's heads) is marked "assumed".
 #[test]
 fn inspect_names_flux_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -366,6 +367,15 @@ fn inspect_names_flux_files() {
         ),
         ("t5/model.safetensors", "T5 v1.1 encoder: 3 layers"),
         ("umt5/model.safetensors", "UMT5 encoder: 2 layers"),
+        // Guesses are marked.
+        (
+            "clip_text_gelu/model.safetensors",
+            "assumed: attention heads 64 wide (1 heads of width 32)",
+        ),
+        (
+            "unet_sd/ldm.safetensors",
+            "assumed: attention heads 64 wide",
+        ),
         (
             "flux_vae/ae.safetensors",
             "assumed FLUX.1's (scaling 0.3611, shift 0.1159)",

@@ -288,9 +288,33 @@ impl ClipTextConfig {
     /// The configuration of the (one) text encoder in `c`, read from its shapes (see the
     /// conventions in [`crate::text::clip`]: 64-wide heads, quick_gelu for transformers-layout
     /// weights, gelu for OpenCLIP).
+    /// A width no released CLIP has is detected with assumed 64-wide heads
+    /// ([`ClipTextConfig::assumed`]), logged as a warning naming how to give the
+    /// configuration instead.
     pub fn detect(c: &Component<'_>) -> Result<ClipTextConfig, Error> {
         let shapes = shape_map(c);
-        ClipKeys::detect(shapes.keys().map(String::as_str))
-            .detect_config(|k| shapes.get(k).map(|s| to_usize(s)))
+        let config = ClipKeys::detect(shapes.keys().map(String::as_str))
+            .detect_config(|k| shapes.get(k).map(|s| to_usize(s)))?;
+        if let Some(assumed) = config.assumed() {
+            tracing::warn!(
+                assumed = assumed.as_str(),
+                "a CLIP text encoder of no released width: its shapes do not say this, so it \
+                 was assumed; give its configuration (config.json, or ClipTextConfig) if it is \
+                 wrong"
+            );
+        }
+        Ok(config)
+    }
+
+    /// What detection from shapes assumes for this configuration beyond the released CLIPs'
+    /// conventions: the head count of a width that is none of theirs (512, 768, 1024, 1280:
+    /// all 64-wide heads); `None` for those widths.
+    pub fn assumed(&self) -> Option<String> {
+        (![512, 768, 1024, 1280].contains(&self.hidden_size)).then(|| {
+            format!(
+                "attention heads 64 wide ({} heads of width {})",
+                self.num_attention_heads, self.hidden_size
+            )
+        })
     }
 }

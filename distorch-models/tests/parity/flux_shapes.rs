@@ -121,6 +121,7 @@ fn flux_text_encoders_and_vae_are_detected() {
         ),
         (768, 12, 12)
     );
+    assert_eq!(config.assumed(), None, "CLIP-L's heads are known");
 
     let ae = open(sparse(dir.path(), "ae", DType::F32, ""));
     let c = &distorch_models::load::split(&ae).components[0];

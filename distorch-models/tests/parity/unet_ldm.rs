@@ -85,6 +85,7 @@ fn detects_sd15_from_its_keys_and_shapes() {
         .collect();
     let found = detect(tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice()))).unwrap();
     assert_eq!(found.family, distorch_models::sd::SdFamily::Sd1);
+    assert!(found.assumed().is_empty(), "SD 1.5's conventions are known");
     let c = &found.config;
     assert_eq!(c.block_out_channels, [320, 640, 1280, 1280]);
     assert_eq!(c.layers_per_block, PerBlock::Many(vec![2; 4]));
@@ -148,6 +149,13 @@ fn detection_reads_the_tiny_fixtures_shapes() {
             d.norm_num_groups, 16,
             "{name}: largest power of two dividing 16 and 32"
         );
+        // What the shapes cannot tell is said: heads, groups (and SDXL's time-id width).
+        let assumed = found.assumed();
+        assert!(
+            assumed[0].starts_with("attention heads 64 wide") && assumed[1] == "16 norm groups",
+            "{name}: {assumed:?}"
+        );
+        assert_eq!(assumed.len(), if name == "unet_sdxl" { 3 } else { 2 });
         let depth = match &config.transformer_layers_per_block {
             PerBlock::One(n) => vec![*n; 2],
             PerBlock::Many(v) => v.clone(),

@@ -100,6 +100,27 @@ pub struct DetectedUnet {
     pub config: UnetConfig,
 }
 
+impl DetectedUnet {
+    /// What detection assumed because the shapes do not tell and no released family's
+    /// conventions apply (a UNet of unknown family: 64-wide attention heads, the norm groups,
+    /// the text-time width); empty for the known families. Loading warns with these.
+    pub fn assumed(&self) -> Vec<String> {
+        if self.family != SdFamily::Unknown {
+            return Vec::new();
+        }
+        let c = &self.config;
+        let mut out = vec![format!(
+            "attention heads 64 wide ({:?} heads per level)",
+            c.attention_head_dim
+        )];
+        out.push(format!("{} norm groups", c.norm_num_groups));
+        if let Some(t) = c.addition_time_embed_dim {
+            out.push(format!("a {t}-wide time-id embedding (SDXL's)"));
+        }
+        out
+    }
+}
+
 /// Reads a single-file UNet's architecture from its keys (component prefix stripped) and
 /// shapes.
 pub fn detect<'a>(

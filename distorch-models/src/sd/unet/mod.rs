@@ -335,8 +335,20 @@ impl<B: Backend> Model<B> for Unet2dCondition<B> {
 impl UnetConfig {
     /// The architecture of a single-file (LDM layout) UNet component, from its keys and
     /// shapes; a diffusers-layout UNet needs its `config.json`.
+    /// A UNet of unknown family is detected with assumptions ([`DetectedUnet::assumed`]),
+    /// which are logged as a warning naming how to give the configuration instead.
     pub fn detect(c: &Component<'_>) -> Result<crate::sd::unet::ldm::DetectedUnet, Error> {
         let shapes = shape_map(c);
-        detect(shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())))
+        let found = detect(shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())))?;
+        let assumed = found.assumed();
+        if !assumed.is_empty() {
+            tracing::warn!(
+                assumed = assumed.join("; ").as_str(),
+                "a UNet of no known family: its shapes do not say these, so they were \
+                 assumed; give its configuration (a diffusers config.json, or UnetConfig) if \
+                 they are wrong"
+            );
+        }
+        Ok(found)
     }
 }

@@ -29,7 +29,8 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
-use distorch::alloc::{DeviceKind, parse_device_list};
+use distorch::alloc::parse_device_list;
+use distorch::backends::{OnBackend, on_device};
 use distorch::core::ComputeDtype;
 use distorch::core::runtime::DeviceMap;
 use distorch::lora::LoraFile;
@@ -137,32 +138,18 @@ fn main() {
 
 type Failure = Box<dyn std::error::Error>;
 
-fn dispatch(args: &Args) -> Result<(), Failure> {
-    let compute: DeviceId = args.device.parse()?;
-    match compute.kind() {
-        DeviceKind::Cpu => {
-            #[cfg(feature = "ndarray")]
-            return run::<distorch::backends::NdArray>(args, compute, Default::default());
-        }
-        DeviceKind::Wgpu if compute.index() == 0 => {
-            #[cfg(feature = "wgpu")]
-            return run::<distorch::backends::Wgpu>(args, compute, Default::default());
-        }
-        DeviceKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            return run::<distorch::backends::Cuda>(
-                args,
-                compute,
-                burn::backend::cuda::CudaDevice::new(compute.index() as usize),
-            );
-        }
-        _ => {}
+/// The example on the backend `--device` names (`distorch::backends::on_device`).
+struct Example<'a>(&'a Args);
+
+impl OnBackend for Example<'_> {
+    type Output = Result<(), Failure>;
+    fn run<B: Backend>(self, compute: DeviceId, device: B::Device) -> Result<(), Failure> {
+        run::<B>(self.0, compute, device)
     }
-    Err(format!(
-        "--device {compute}: this build cannot compute there (backends compiled in: {:?})",
-        distorch::backends::compiled()
-    )
-    .into())
+}
+
+fn dispatch(args: &Args) -> Result<(), Failure> {
+    on_device(args.device.parse()?, Example(args))?
 }
 
 fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<(), Failure> {

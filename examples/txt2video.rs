@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use clap::Parser;
-use distorch::alloc::DeviceKind;
+use distorch::backends::{OnBackend, on_device};
 use distorch::core::runtime::{DeviceMap, ExpectedTensor, Lookahead};
 use distorch::core::write_random;
 use distorch::models::text::t5_tokenizer::T5Tokenizer;
@@ -111,32 +111,18 @@ fn main() {
     }
 }
 
-fn dispatch(args: &Args) -> Result<(), Failure> {
-    let compute: DeviceId = args.device.parse()?;
-    match compute.kind() {
-        DeviceKind::Cpu => {
-            #[cfg(feature = "ndarray")]
-            return run::<distorch::backends::NdArray>(args, compute, Default::default());
-        }
-        DeviceKind::Wgpu if compute.index() == 0 => {
-            #[cfg(feature = "wgpu")]
-            return run::<distorch::backends::Wgpu>(args, compute, Default::default());
-        }
-        DeviceKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            return run::<distorch::backends::Cuda>(
-                args,
-                compute,
-                burn::backend::cuda::CudaDevice::new(compute.index() as usize),
-            );
-        }
-        _ => {}
+/// The example on the backend `--device` names (`distorch::backends::on_device`).
+struct Example<'a>(&'a Args);
+
+impl OnBackend for Example<'_> {
+    type Output = Result<(), Failure>;
+    fn run<B: Backend>(self, compute: DeviceId, device: B::Device) -> Result<(), Failure> {
+        run::<B>(self.0, compute, device)
     }
-    Err(format!(
-        "--device {compute}: this build cannot compute there (backends compiled in: {:?})",
-        distorch::backends::compiled()
-    )
-    .into())
+}
+
+fn dispatch(args: &Args) -> Result<(), Failure> {
+    on_device(args.device.parse()?, Example(args))?
 }
 
 fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<(), Failure> {

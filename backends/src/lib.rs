@@ -4,7 +4,8 @@
 //! Backends are Cargo features: `ndarray` (default, CPU), `wgpu`, `cuda`. [`detect`] probes
 //! host memory and the GPUs of the compiled GPU backends: CUDA reports total and free memory
 //! per GPU; wgpu lists its adapters but cannot tell their memory, so those must be declared
-//! (`--devices wgpu:0=8gib,...` on the command line).
+//! (`--devices wgpu:0=8gib,...` on the command line). [`on_device`] runs a backend-generic
+//! computation on the backend a device id names.
 //!
 //! ```
 //! let found = distorch_backends::detect();
@@ -18,7 +19,10 @@ use std::fmt;
 use distorch_alloc::{DeviceId, DeviceInfo};
 pub use distorch_core::memory::{Detection, DeviceMemory, MemoryProbe, ProbeError};
 
+mod dispatch;
 mod probe;
+
+pub use dispatch::{Error, OnBackend, on_device};
 
 #[cfg(feature = "cuda")]
 pub use probe::CudaProbe;

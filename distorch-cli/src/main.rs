@@ -41,6 +41,12 @@ impl From<distorch::alloc::Error> for Failure {
     }
 }
 
+impl From<distorch::backends::Error> for Failure {
+    fn from(e: distorch::backends::Error) -> Self {
+        Failure::Other(e.to_string())
+    }
+}
+
 impl From<distorch::core::Error> for Failure {
     fn from(e: distorch::core::Error) -> Self {
         Failure::Other(e.to_string())

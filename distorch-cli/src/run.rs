@@ -10,6 +10,7 @@ use distorch::alloc::{
     BlockSwap, DeviceGraph, DeviceId, PinPolicy, PlanRequest, VirtualVram, parse_byte_size,
     parse_device_list,
 };
+use distorch::backends::{OnBackend, on_device};
 use distorch::core::runtime::{DeviceMap, Lookahead, PatchPrecision};
 use distorch::core::{Component, ComponentKind, SafetensorsIndex};
 use distorch::lora::{LoraFile, Target};
@@ -36,36 +37,18 @@ impl From<distorch::models::Error> for Failure {
     }
 }
 
-pub fn run(args: &RunArgs) -> Result<(), Failure> {
-    let device: DeviceId = args.device.parse()?;
-    match device.kind() {
-        distorch::alloc::DeviceKind::Cpu => {
-            #[cfg(feature = "ndarray")]
-            return run_on::<distorch::backends::NdArray>(args, device, Default::default());
-        }
-        distorch::alloc::DeviceKind::Wgpu if device.index() == 0 => {
-            #[cfg(feature = "wgpu")]
-            return run_on::<distorch::backends::Wgpu>(args, device, Default::default());
-        }
-        distorch::alloc::DeviceKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            return run_on::<distorch::backends::Cuda>(
-                args,
-                device,
-                burn::backend::cuda::CudaDevice::new(device.index() as usize),
-            );
-        }
-        _ => {}
+/// `distorch run` on the backend `--device` names.
+struct Run<'a>(&'a RunArgs);
+
+impl OnBackend for Run<'_> {
+    type Output = Result<(), Failure>;
+    fn run<B: Backend>(self, id: DeviceId, device: B::Device) -> Result<(), Failure> {
+        run_on::<B>(self.0, id, device)
     }
-    Err(Failure::Other(format!(
-        "--device {device}: this build cannot compute there (backends compiled in: {}; wgpu \
-         means wgpu:0, the default adapter)",
-        distorch::backends::compiled()
-            .iter()
-            .map(|b| b.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )))
+}
+
+pub fn run(args: &RunArgs) -> Result<(), Failure> {
+    on_device(args.device.parse()?, Run(args))?
 }
 
 /// Where the weights are: a component folder (config.json + weights) or one file.

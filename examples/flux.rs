@@ -29,13 +29,11 @@ use distorch::backends::{OnBackend, on_device};
 use distorch::core::runtime::{DeviceMap, ExpectedTensor, Lookahead};
 use distorch::core::write_random;
 use distorch::models::flux::dit::{FluxConfig, FluxLayout, FluxTransformer};
+use distorch::models::flux::load::{FluxFiles, FluxOptions};
 use distorch::models::flux::pipeline::{Flux, FluxTxt2Img};
-use distorch::models::sampling::flow_match::FlowMatchConfig;
-use distorch::models::text::t5_tokenizer::T5Tokenizer;
 use distorch::models::text::umt5::{T5Variant, Umt5Config, Umt5Encoder};
 use distorch::models::{
-    AutoencoderKl, ClipTextConfig, ClipTextModel, ClipTokenizer, ComponentOptions, Loaded,
-    Placement, Progress, VaeConfig, load_model,
+    ClipTextConfig, ClipTextModel, ComponentOptions, Placement, Progress, VaeConfig,
 };
 use distorch::{DType, DeviceGraph, DeviceId, PlanRequest};
 
@@ -158,10 +156,6 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
         ..ComponentOptions::new(graph.clone(), p)
     };
 
-    let clip: Loaded<ClipTextModel<B>> =
-        load_model(folder.join("text_encoder"), None, &options(on(compute)))?;
-    let t5: Loaded<Umt5Encoder<B>> =
-        load_model(folder.join("text_encoder_2"), None, &options(on(compute)))?;
     let config = FluxConfig::from_file(folder.join("transformer").join("config.json"))?;
     let swap_device: DeviceId = args.swap_device.parse()?;
     let mut dit_options = if swap_device == compute {
@@ -185,31 +179,23 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
         units: 16,
         ..Lookahead::default()
     };
-    let dit: Loaded<FluxTransformer<B>> =
-        load_model(folder.join("transformer"), Some(config), &dit_options)?;
-    let vae: Loaded<AutoencoderKl<B>> =
-        load_model(folder.join("vae"), None, &options(on(compute)))?;
+    let mut files = FluxFiles::diffusers(&folder)?;
+    files.configs.transformer = Some(config);
+    let (flux, plans) = Flux::load(
+        &files,
+        &FluxOptions {
+            transformer: dit_options,
+            ..FluxOptions::all(options(on(compute)))
+        },
+    )?;
     for (name, plan) in [
-        ("CLIP", &clip.plan),
-        ("T5", &t5.plan),
-        ("transformer", &dit.plan),
-        ("vae", &vae.plan),
+        ("CLIP", &plans.clip),
+        ("T5", &plans.t5),
+        ("transformer", &plans.transformer),
+        ("vae", &plans.vae),
     ] {
         println!("\n[{name}]\n{plan}");
     }
-    let clip_tokenizer = match folder.join("tokenizer") {
-        t if t.join("vocab.json").is_file() => ClipTokenizer::from_folder(&t)?,
-        _ => ClipTokenizer::bundled()?,
-    };
-    let flux = Flux {
-        clip_tokenizer,
-        clip: clip.model,
-        t5_tokenizer: T5Tokenizer::from_folder(folder.join("tokenizer_2"))?,
-        t5: t5.model,
-        transformer: dit.model,
-        vae: vae.model,
-        scheduler: FlowMatchConfig::from_file(folder.join("scheduler/scheduler_config.json"))?,
-    };
     let mut req = FluxTxt2Img::<B>::new(args.prompt.clone());
     req.negative_prompt = args.negative.clone();
     req.true_cfg_scale = args.true_cfg;

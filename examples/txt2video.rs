@@ -27,12 +27,12 @@ use clap::Parser;
 use distorch::backends::{OnBackend, on_device};
 use distorch::core::runtime::{DeviceMap, ExpectedTensor, Lookahead};
 use distorch::core::write_random;
-use distorch::models::text::t5_tokenizer::T5Tokenizer;
 use distorch::models::text::umt5::{Umt5Config, Umt5Encoder};
 use distorch::models::wan::dit::{WanDitConfig, WanTransformer};
+use distorch::models::wan::load::{WanFiles, WanOptions};
 use distorch::models::wan::pipeline::{Txt2Video, Wan, frame_rgb8};
 use distorch::models::wan::vae::{WanVae, WanVaeConfig};
-use distorch::models::{ComponentOptions, Loaded, Placement, Progress, load_model};
+use distorch::models::{ComponentOptions, Placement, Progress};
 use distorch::{BlockSwap, DType, DeviceGraph, DeviceId, PlanRequest};
 
 #[derive(Parser)]
@@ -156,8 +156,6 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
         ..ComponentOptions::new(graph.clone(), p)
     };
 
-    let t5: Loaded<Umt5Encoder<B>> =
-        load_model(folder.join("text_encoder"), None, &options(on(compute)))?;
     let config = WanDitConfig::from_file(folder.join("transformer").join("config.json"))?;
     let swap_device: DeviceId = args.swap_device.parse()?;
     let blocks = args.blocks_to_swap.unwrap_or(config.num_layers / 2);
@@ -180,22 +178,22 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
         units: args.prefetch_blocks.max(1) * config.units_per_block(),
         ..Lookahead::default()
     };
-    let dit: Loaded<WanTransformer<B>> =
-        load_model(folder.join("transformer"), Some(config), &dit_options)?;
-    let vae: Loaded<WanVae<B>> = load_model(folder.join("vae"), None, &options(on(compute)))?;
+    let mut files = WanFiles::diffusers(&folder);
+    files.configs.transformer = Some(config);
+    let (wan, plans) = Wan::load(
+        &files,
+        &WanOptions {
+            transformer: dit_options,
+            ..WanOptions::all(options(on(compute)))
+        },
+    )?;
     for (name, plan) in [
-        ("text encoder", &t5.plan),
-        ("transformer", &dit.plan),
-        ("vae", &vae.plan),
+        ("text encoder", &plans.text_encoder),
+        ("transformer", &plans.transformer),
+        ("vae", &plans.vae),
     ] {
         println!("\n[{name}]\n{plan}");
     }
-    let wan = Wan {
-        tokenizer: T5Tokenizer::from_folder(&folder)?,
-        text_encoder: t5.model,
-        transformer: dit.model,
-        vae: vae.model,
-    };
     let mut req = Txt2Video::<B>::new(args.prompt.clone());
     req.negative_prompt = args.negative.clone();
     req.frames = args.frames;

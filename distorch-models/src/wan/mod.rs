@@ -1,7 +1,9 @@
-//! Wan 2.1 video: the transformer, the VAE and text to video.
+//! Wan 2.1 video: the transformer, the VAE, text to video, and loading the pipeline in one
+//! call.
 
 pub mod dit;
 pub(crate) mod keys;
+pub mod load;
 pub mod pipeline;
 pub(crate) mod rope;
 pub mod vae;

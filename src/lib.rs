@@ -5,8 +5,9 @@
 //! This facade re-exports the workspace's crates: allocation strings, device graphs and exact,
 //! explainable placement plans; the weight store that loads a model where its plan says and
 //! streams offloaded weights to the compute device; Stable Diffusion's models (SD 1.x/2.x,
-//! SDXL, ControlNet, CLIP Vision) and a txt2img pipeline over them; LoRAs. See
-//! `examples/txt2img.rs` for the whole flow.
+//! SDXL, ControlNet, CLIP Vision) and a txt2img pipeline over them, Wan 2.1 text to video,
+//! FLUX.1 text to image; LoRAs. See `examples/txt2img.rs` and `examples/flux.rs` for the
+//! whole flow.
 //!
 //! ```no_run
 //! use distorch::{ComponentKind, PlanRequest, SafetensorsIndex};
@@ -16,6 +17,30 @@
 //! let request = PlanRequest::expert("cuda:0,2.5gb;cpu,*".parse()?);
 //! let plan = distorch::plan(&request, &unet, &"cuda:0=8gib,cpu=32gib".parse()?)?;
 //! println!("{plan}");
+//! # Ok::<(), distorch::Error>(())
+//! ```
+//!
+//! A FLUX.1 image from a diffusers folder, each component placed by its own options (here
+//! all on the CPU; a GPU compute device with `PlanRequest`s, block swap or virtual VRAM per
+//! component is the same call):
+//!
+//! ```no_run
+//! use distorch::models::flux::load::{FluxFiles, FluxOptions};
+//! use distorch::models::flux::pipeline::{Flux, FluxTxt2Img};
+//! use distorch::models::{ComponentOptions, Placement};
+//! type B = distorch::backends::NdArray;
+//!
+//! let options = ComponentOptions::<B>::new(
+//!     "cpu=32gib".parse()?,
+//!     Placement::on("cpu".parse()?, Default::default()),
+//! );
+//! let files = FluxFiles::diffusers("FLUX.1-schnell")?;
+//! let (flux, plans) = Flux::load(&files, &FluxOptions::all(options))?;
+//! println!("{}", plans.transformer);
+//! let mut request = FluxTxt2Img::<B>::new("a red fox in the snow");
+//! (request.steps, request.max_sequence_length) = (4, 256);
+//! let image = flux.txt2img(&request, &mut |_| {})?.image;
+//! let _rgb = distorch::models::sd::pipeline::to_rgb8(image)?;
 //! # Ok::<(), distorch::Error>(())
 //! ```
 //!

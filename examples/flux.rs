@@ -20,22 +20,18 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use distorch::backends::{OnBackend, on_device};
-use distorch::core::runtime::{DeviceMap, ExpectedTensor, Lookahead};
-use distorch::core::write_random;
+use distorch::core::runtime::{DeviceMap, Lookahead};
 use distorch::models::flux::dit::{FluxConfig, FluxLayout, FluxTransformer};
 use distorch::models::flux::load::{FluxFiles, FluxOptions};
 use distorch::models::flux::pipeline::{Flux, FluxTxt2Img};
 use distorch::models::text::umt5::{T5Variant, Umt5Config, Umt5Encoder};
-use distorch::models::{
-    ClipTextConfig, ClipTextModel, ComponentOptions, Placement, Progress, VaeConfig,
-};
-use distorch::{DType, DeviceGraph, DeviceId, PlanRequest};
+use distorch::models::{ClipTextConfig, ClipTextModel, ComponentOptions, Placement, VaeConfig};
+use distorch::{DeviceGraph, DeviceId, PlanRequest};
 
 #[derive(Parser)]
 struct Args {
@@ -89,6 +85,8 @@ struct Args {
 
 type Failure = Box<dyn std::error::Error>;
 
+#[path = "common/demo.rs"]
+mod demo;
 #[path = "common/malloc.rs"]
 mod malloc;
 #[path = "common/t5_demo_tokenizer.rs"]
@@ -128,11 +126,7 @@ fn folder(args: &Args) -> Result<PathBuf, Failure> {
     if let Some(m) = &args.model {
         return Ok(m.clone());
     }
-    let cache = std::env::var_os("DISTORCH_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/distorch")))
-        .ok_or("no cache folder: set DISTORCH_CACHE")?;
-    let dir = cache.join("demo-flux-small");
+    let dir = demo::cache_dir("demo-flux-small")?;
     if !dir.join("complete").exists() {
         println!(
             "writing the demo FLUX folder (random weights: the image will be abstract) to {}",
@@ -205,44 +199,10 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     req.guidance = args.guidance;
     req.seed = args.seed;
     req.max_sequence_length = args.max_sequence_length;
-    let out = flux.txt2img(&req, &mut |p| match p {
-        Progress::Encoded { elapsed } => {
-            println!("\nprompts encoded in {:.1} s", elapsed.as_secs_f64())
-        }
-        Progress::Step { done, of, elapsed } => {
-            println!("step {done}/{of}: {:.1} s", elapsed.as_secs_f64())
-        }
-        Progress::Decoded { elapsed } => println!("decoded in {:.1} s", elapsed.as_secs_f64()),
-    })?;
-    let stats = flux.transformer.streamer().take_stats();
-    let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
-    println!(
-        "transformer streamer: {} fetches, {} resident, {} prefetched, {} on demand, {:.1} MB moved, {:.1} ms waited",
-        stats.fetches,
-        stats.resident,
-        stats.prefetched,
-        stats.on_demand,
-        moved as f64 / 1e6,
-        stats.stall.as_secs_f64() * 1e3
-    );
+    let out = flux.txt2img(&req, &mut demo::print_progress)?;
+    demo::print_streamer(flux.transformer.streamer());
     distorch::models::sd::pipeline::to_rgb8(out.image)?.save(&args.out)?;
     println!("wrote {}", args.out.display());
-    Ok(())
-}
-
-/// Random bf16 weights for `expected` (see `distorch::core::write_random`).
-fn write_weights(path: &Path, expected: Vec<ExpectedTensor>, seed: u64) -> Result<(), Failure> {
-    let specs: Vec<_> = expected
-        .into_iter()
-        .map(|e| {
-            (
-                e.name,
-                DType::BF16,
-                e.shape.iter().map(|&d| d as u64).collect(),
-            )
-        })
-        .collect();
-    write_random(path, &specs, seed, &BTreeMap::new())?;
     Ok(())
 }
 
@@ -330,22 +290,22 @@ fn write_demo(dir: &Path) -> Result<(), Failure> {
             "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}),
         dir.join("scheduler/scheduler_config.json"),
     )?;
-    write_weights(
+    demo::write_weights(
         &dir.join("text_encoder/model.safetensors"),
         ClipTextModel::<Nd>::expected_tensors(&clip, "text_model.", false),
         1,
     )?;
-    write_weights(
+    demo::write_weights(
         &dir.join("text_encoder_2/model.safetensors"),
         Umt5Encoder::<Nd>::expected_tensors(&t5, "shared"),
         2,
     )?;
-    write_weights(
+    demo::write_weights(
         &dir.join("transformer/diffusion_pytorch_model.safetensors"),
         FluxTransformer::<Nd>::expected_tensors(&dit),
         3,
     )?;
-    write_weights(
+    demo::write_weights(
         &dir.join("vae/diffusion_pytorch_model.safetensors"),
         vae.expected_tensors(),
         4,

@@ -19,21 +19,19 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use distorch::backends::{OnBackend, on_device};
-use distorch::core::runtime::{DeviceMap, ExpectedTensor, Lookahead};
-use distorch::core::write_random;
+use distorch::core::runtime::{DeviceMap, Lookahead};
 use distorch::models::text::umt5::{Umt5Config, Umt5Encoder};
 use distorch::models::wan::dit::{WanDitConfig, WanTransformer};
 use distorch::models::wan::load::{WanFiles, WanOptions};
 use distorch::models::wan::pipeline::{Txt2Video, Wan, frame_rgb8};
 use distorch::models::wan::vae::{WanVae, WanVaeConfig};
-use distorch::models::{ComponentOptions, Placement, Progress};
-use distorch::{BlockSwap, DType, DeviceGraph, DeviceId, PlanRequest};
+use distorch::models::{ComponentOptions, Placement};
+use distorch::{BlockSwap, DeviceGraph, DeviceId, PlanRequest};
 
 #[derive(Parser)]
 struct Args {
@@ -91,6 +89,8 @@ struct Args {
 
 type Failure = Box<dyn std::error::Error>;
 
+#[path = "common/demo.rs"]
+mod demo;
 #[path = "common/malloc.rs"]
 mod malloc;
 #[path = "common/t5_demo_tokenizer.rs"]
@@ -129,11 +129,7 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     let folder = match &args.model {
         Some(m) => m.clone(),
         None => {
-            let cache = std::env::var_os("DISTORCH_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/distorch")))
-                .ok_or("no cache folder: set DISTORCH_CACHE")?;
-            let dir = cache.join("demo-wan-small");
+            let dir = demo::cache_dir("demo-wan-small")?;
             if !dir.join("complete").exists() {
                 println!(
                     "writing the demo Wan folder (random weights: the frames will be abstract) to {}",
@@ -204,26 +200,8 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     req.shift = args.shift;
     req.seed = args.seed;
     req.max_sequence_length = args.max_sequence_length;
-    let video = wan.txt2video(&req, &mut |p| match p {
-        Progress::Encoded { elapsed } => {
-            println!("\nprompts encoded in {:.1} s", elapsed.as_secs_f64())
-        }
-        Progress::Step { done, of, elapsed } => {
-            println!("step {done}/{of}: {:.1} s", elapsed.as_secs_f64())
-        }
-        Progress::Decoded { elapsed } => println!("decoded in {:.1} s", elapsed.as_secs_f64()),
-    })?;
-    let stats = wan.transformer.streamer().take_stats();
-    let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
-    println!(
-        "transformer streamer: {} fetches, {} resident, {} prefetched, {} on demand, {:.1} MB moved, {:.1} ms waited",
-        stats.fetches,
-        stats.resident,
-        stats.prefetched,
-        stats.on_demand,
-        moved as f64 / 1e6,
-        stats.stall.as_secs_f64() * 1e3
-    );
+    let video = wan.txt2video(&req, &mut demo::print_progress)?;
+    demo::print_streamer(wan.transformer.streamer());
     std::fs::create_dir_all(&args.out_dir)?;
     let frames = video.video.dims()[2];
     for i in 0..frames {
@@ -231,22 +209,6 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
         frame_rgb8(&video.video, i)?.save(&path)?;
     }
     println!("wrote {frames} frames to {}", args.out_dir.display());
-    Ok(())
-}
-
-/// Random bf16 weights for `expected` (see `distorch::core::write_random`).
-fn write_weights(path: &Path, expected: Vec<ExpectedTensor>, seed: u64) -> Result<(), Failure> {
-    let specs: Vec<_> = expected
-        .into_iter()
-        .map(|e| {
-            (
-                e.name,
-                DType::BF16,
-                e.shape.iter().map(|&d| d as u64).collect(),
-            )
-        })
-        .collect();
-    write_random(path, &specs, seed, &BTreeMap::new())?;
     Ok(())
 }
 
@@ -297,17 +259,17 @@ fn write_demo(dir: &Path) -> Result<(), Failure> {
         serde_json::json!({"base_dim": vae.base_dim}),
         dir.join("vae/config.json"),
     )?;
-    write_weights(
+    demo::write_weights(
         &dir.join("text_encoder/model.safetensors"),
         Umt5Encoder::<Nd>::expected_tensors(&t5, "shared"),
         1,
     )?;
-    write_weights(
+    demo::write_weights(
         &dir.join("transformer/diffusion_pytorch_model.safetensors"),
         WanTransformer::<Nd>::expected_tensors(&dit),
         2,
     )?;
-    write_weights(
+    demo::write_weights(
         &dir.join("vae/diffusion_pytorch_model.safetensors"),
         WanVae::<Nd>::expected_tensors(&vae),
         3,

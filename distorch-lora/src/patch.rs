@@ -121,34 +121,7 @@ fn delta(update: &Update, t: &ModelTensor, strength: f32) -> Result<Delta, Strin
             down,
             down_shape,
             alpha,
-        } => {
-            let rank = up_shape[1];
-            let cols: usize = down_shape[1..].iter().product();
-            let (up, rows) = match &t.of_module {
-                Some(r) if r.end <= up_shape[0] => (rows_of(up, rank, r), r.len()),
-                Some(r) => {
-                    return Err(format!(
-                        "rows {r:?} of up {up_shape:?}: the module has {} rows",
-                        up_shape[0]
-                    ));
-                }
-                None => (Arc::clone(up), up_shape[0]),
-            };
-            if shape.first() != Some(&rows) || rows * cols != numel {
-                return Err(format!(
-                    "up {up_shape:?} · down {down_shape:?} is not {shape:?}"
-                ));
-            }
-            Delta::LowRank {
-                up,
-                down: Arc::clone(down),
-                rows,
-                rank,
-                cols,
-                scale: strength * alpha.unwrap_or(rank as f32) / rank as f32,
-                offset,
-            }
-        }
+        } => low_rank((up, up_shape), (down, down_shape), *alpha, t, strength)?,
         Update::Diff {
             values,
             shape: diff_shape,
@@ -203,25 +176,75 @@ fn delta(update: &Update, t: &ModelTensor, strength: f32) -> Result<Delta, Strin
                 offset,
             }
         }
-        Update::Kronecker { w1, w2, alpha } => {
-            let (f1, f2) = (Factor::of(w1), Factor::of(w2));
-            let (Some((w1, [a, b], r1)), Some((w2, [c, dk], r2))) = (f1, f2) else {
-                return Err("a LoKr factor's halves do not multiply".into());
-            };
-            if shape.first() != Some(&(a * c)) || a * c * b * dk != numel {
-                return Err(format!("LoKr [{a}, {b}] ⊗ [{c}, {dk}] is not {shape:?}"));
-            }
-            let scale = match (alpha, r2.or(r1)) {
-                (Some(alpha), Some(rank)) => strength * alpha / rank as f32,
-                _ => strength,
-            };
-            Delta::Kronecker {
-                w1,
-                w2,
-                scale,
-                offset,
-            }
+        Update::Kronecker { w1, w2, alpha } => kronecker(w1, w2, *alpha, &shape, strength, offset)?,
+    })
+}
+
+/// A low-rank update `up · down` (its `of_module` rows of `up` when `t` is part of the
+/// module) scaled by `strength · alpha / rank`.
+fn low_rank(
+    (up, up_shape): (&Arc<[f32]>, &[usize]),
+    (down, down_shape): (&Arc<[f32]>, &[usize]),
+    alpha: Option<f32>,
+    t: &ModelTensor,
+    strength: f32,
+) -> Result<Delta, String> {
+    let shape = t.slice_shape();
+    let numel: usize = shape.iter().product();
+    let rank = up_shape[1];
+    let cols: usize = down_shape[1..].iter().product();
+    let (up, rows) = match &t.of_module {
+        Some(r) if r.end <= up_shape[0] => (rows_of(up, rank, r), r.len()),
+        Some(r) => {
+            return Err(format!(
+                "rows {r:?} of up {up_shape:?}: the module has {} rows",
+                up_shape[0]
+            ));
         }
+        None => (Arc::clone(up), up_shape[0]),
+    };
+    if shape.first() != Some(&rows) || rows * cols != numel {
+        return Err(format!(
+            "up {up_shape:?} · down {down_shape:?} is not {shape:?}"
+        ));
+    }
+    Ok(Delta::LowRank {
+        up,
+        down: Arc::clone(down),
+        rows,
+        rank,
+        cols,
+        scale: strength * alpha.unwrap_or(rank as f32) / rank as f32,
+        offset: t.offset(),
+    })
+}
+
+/// A LoKr update `w1 ⊗ w2`, scaled by `strength · alpha / rank` where a factor is a product.
+fn kronecker(
+    w1: &KronFactor,
+    w2: &KronFactor,
+    alpha: Option<f32>,
+    shape: &[usize],
+    strength: f32,
+    offset: usize,
+) -> Result<Delta, String> {
+    let numel: usize = shape.iter().product();
+    let (f1, f2) = (Factor::of(w1), Factor::of(w2));
+    let (Some((w1, [a, b], r1)), Some((w2, [c, dk], r2))) = (f1, f2) else {
+        return Err("a LoKr factor's halves do not multiply".into());
+    };
+    if shape.first() != Some(&(a * c)) || a * c * b * dk != numel {
+        return Err(format!("LoKr [{a}, {b}] ⊗ [{c}, {dk}] is not {shape:?}"));
+    }
+    let scale = match (alpha, r2.or(r1)) {
+        (Some(alpha), Some(rank)) => strength * alpha / rank as f32,
+        _ => strength,
+    };
+    Ok(Delta::Kronecker {
+        w1,
+        w2,
+        scale,
+        offset,
     })
 }
 

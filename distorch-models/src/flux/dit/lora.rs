@@ -84,22 +84,7 @@ pub(crate) fn lora_tensors(c: &FluxConfig, layout: FluxLayout) -> Vec<ModelTenso
             match (layout, &bfl.rows) {
                 // The final norm: diffusers' [scale; shift] is BFL's [shift; scale].
                 _ if unit == "norm_out.linear" => {
-                    let key = match layout {
-                        FluxLayout::Diffusers => e.name.clone(),
-                        FluxLayout::Bfl => format!("{}.{param}", bfl.module),
-                    };
-                    let (mine, theirs) = match layout {
-                        FluxLayout::Diffusers => (&unit, &bfl.module),
-                        FluxLayout::Bfl => (&bfl.module, &unit),
-                    };
-                    out.push(tensor(key.clone(), vec![mine.clone()], shape.clone()));
-                    for (rows, of) in [(0..d, d..2 * d), (d..2 * d, 0..d)] {
-                        out.push(ModelTensor {
-                            rows: Some(rows),
-                            of_module: Some(of),
-                            ..tensor(key.clone(), vec![theirs.clone()], shape.clone())
-                        });
-                    }
+                    out.extend(final_norm(layout, &unit, &bfl.module, param, shape, d));
                 }
                 (FluxLayout::Diffusers, Some(r)) => {
                     out.push(tensor(e.name.clone(), vec![unit.clone()], shape.clone()));
@@ -146,4 +131,35 @@ pub(crate) fn lora_tensors(c: &FluxConfig, layout: FluxLayout) -> Vec<ModelTenso
         }
     }
     out
+}
+
+/// The final norm's tensor `param` in `layout`: whole under its own module name, and its two
+/// halves under the other layout's, swapped (diffusers' [scale; shift] is BFL's [shift;
+/// scale]).
+fn final_norm(
+    layout: FluxLayout,
+    ours: &str,
+    bfl: &str,
+    param: &str,
+    shape: Vec<usize>,
+    d: usize,
+) -> Vec<ModelTensor> {
+    let (key, mine, theirs) = match layout {
+        FluxLayout::Diffusers => (format!("{ours}.{param}"), ours, bfl),
+        FluxLayout::Bfl => (format!("{bfl}.{param}"), bfl, ours),
+    };
+    let whole = ModelTensor {
+        key,
+        modules: vec![mine.to_owned()],
+        shape,
+        rows: None,
+        of_module: None,
+    };
+    let halves = [(0..d, d..2 * d), (d..2 * d, 0..d)].map(|(rows, of)| ModelTensor {
+        modules: vec![theirs.to_owned()],
+        rows: Some(rows),
+        of_module: Some(of),
+        ..whole.clone()
+    });
+    std::iter::once(whole).chain(halves).collect()
 }

@@ -212,6 +212,24 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x · Wᵀ + b` with the input, weight and bias widened to f32, the result in f32 (the
+    /// layers transformers keeps at f32 in half-precision models, `_keep_in_fp32_modules`:
+    /// T5's `wo`). At f32 compute the same as [`Linear::forward`].
+    pub(crate) fn forward_f32<B: Backend, const D: usize>(
+        &self,
+        w: &Weights<'_, B>,
+        x: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, Error> {
+        let unit = w.fetch(&self.0)?;
+        Ok(crate::nn::linear(
+            crate::nn::f32(x),
+            crate::nn::f32(unit.get("weight")?),
+            unit.maybe::<1>("bias").map(crate::nn::f32),
+        ))
+    }
+}
+
 /// A 2-D convolution with its stride and padding.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv2d {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use distorch_core::runtime::{ExpectedTensor, LoadReport, Streamer};
 use distorch_core::{Component, ComponentKind};
 use serde::Deserialize;
@@ -297,17 +297,15 @@ impl<B: Backend> Umt5Encoder<B> {
             Tensor::<B, 1, Int>::from_data(TensorData::new(buckets, [seq * seq]), &device);
         let eps = c.layer_norm_epsilon;
         let (h, dk) = (c.num_heads, c.d_kv);
+        // transformers' T5LayerNorm: statistics in f32, the result in the compute dtype.
+        let dt = w.dtype();
         let norm = |p: &Param, x: Tensor<B, 3>| -> Result<Tensor<B, 3>, Error> {
-            Ok(rms_norm(x, p.get(&w)?, eps))
+            Ok(to_dtype(rms_norm(x, p.get(&w)?, eps), dt))
         };
         // The position bias of the last block that has a table (T5: the first block's).
         let mut bias: Option<Tensor<B, 4>> = None;
         for b in &layers.blocks {
             let y = norm(&b.norm1, x.clone())?;
-            let heads = |t: Tensor<B, 3>| t.reshape([batch, seq, h, dk]).swap_dims(1, 2);
-            let q = heads(b.q.forward(&w, y.clone())?);
-            let k = heads(b.k.forward(&w, y.clone())?);
-            let v = heads(b.v.forward(&w, y)?);
             if let Some(p) = &b.bias {
                 let table: Tensor<B, 2> = p.get(&w)?;
                 // [seq·seq, heads] -> [1, heads, seq, seq]
@@ -323,22 +321,69 @@ impl<B: Backend> Umt5Encoder<B> {
                 key: "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight".into(),
                 rank: 2,
             })?;
-            // T5 does not scale the scores.
-            // Scores, bias, mask and softmax in f32 (transformers' `softmax(scores.float())`).
-            let dtype = v.dtype();
-            let scores = f32(q.matmul(k.transpose())) + f32(bias) + mask.clone();
-            let a = to_dtype(softmax(scores, 3), dtype)
-                .matmul(v)
-                .swap_dims(1, 2)
-                .reshape([batch, seq, h * dk]);
-            x = x + b.o.forward(&w, a)?;
+            let a = self_attention(&w, b, y, bias, &mask, [batch, seq, h, dk])?;
+            x = clamp_f16(residual(x, b.o.forward(&w, a)?));
             let y = norm(&b.norm2, x.clone())?;
             let gate = gelu_tanh(b.wi_0.forward(&w, y.clone())?);
             let lin = b.wi_1.forward(&w, y)?;
-            x = x + b.wo.forward(&w, gate * lin)?;
+            // transformers keeps `wo` at f32 in half-precision T5s (`_keep_in_fp32_modules`):
+            // its output, and from the first feed-forward on the residual stream, are f32 there
+            // (T5-XXL's activations overflow f16 otherwise).
+            x = clamp_f16(residual(x, b.wo.forward_f32(&w, gate * lin)?));
         }
         Ok(w.output(norm(&layers.final_norm, x)?))
     }
+}
+
+/// T5's self-attention of `y` ([batch, seq, width]) with `bias` and `mask` added to the
+/// unscaled scores; [batch, seq, heads · head width].
+fn self_attention<B: Backend>(
+    w: &Weights<'_, B>,
+    b: &Block,
+    y: Tensor<B, 3>,
+    bias: Tensor<B, 4>,
+    mask: &Tensor<B, 4>,
+    [batch, seq, h, dk]: [usize; 4],
+) -> Result<Tensor<B, 3>, Error> {
+    let heads = |t: Tensor<B, 3>| t.reshape([batch, seq, h, dk]).swap_dims(1, 2);
+    let q = heads(b.q.forward(w, y.clone())?);
+    let k = heads(b.k.forward(w, y.clone())?);
+    let v = heads(b.v.forward(w, y)?);
+    // T5 does not scale the scores.
+    // Scores, bias, mask and softmax in f32 (transformers' `softmax(scores.float())`).
+    let dtype = v.dtype();
+    let scores = f32(q.matmul(k.transpose())) + f32(bias) + mask.clone();
+    Ok(to_dtype(softmax(scores, 3), dtype)
+        .matmul(v)
+        .swap_dims(1, 2)
+        .reshape([batch, seq, h * dk]))
+}
+
+/// `x + y`, in f32 when either is (PyTorch's type promotion).
+fn residual<B: Backend>(x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 3> {
+    if x.dtype() == DType::F32 || y.dtype() == DType::F32 {
+        f32(x) + f32(y)
+    } else {
+        x + y
+    }
+}
+
+/// At f16, transformers' T5 clamps the hidden states to f16's range, 1,000 inside it once
+/// they hold an infinity.
+fn clamp_f16<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    if x.dtype() != DType::F16 {
+        return x;
+    }
+    let inf = x
+        .clone()
+        .is_inf()
+        .any()
+        .into_data()
+        .iter::<bool>()
+        .next()
+        .unwrap_or(false);
+    let max = if inf { 65504.0 - 1000.0 } else { 65504.0 };
+    x.clamp(-max, max)
 }
 
 /// Checks ids and mask; returns the sequence length.

@@ -347,3 +347,56 @@ fn auto_dtype_is_the_files_half_type_where_the_device_computes_in_it() {
         assert_eq!(got, want, "{name} stored as {stored}");
     }
 }
+
+/// A T5 whose feed-forward outputs exceed f16's range (the fixture's `wo` scaled by 30,000):
+/// at f16 its output stays finite and close to the f32 one, since `wo` and the residual
+/// stream stay at f32 as in transformers (`_keep_in_fp32_modules`); an all-f16 feed-forward
+/// would overflow to infinity.
+#[test]
+fn t5_at_f16_keeps_its_overflowing_feed_forward_in_f32() {
+    use distorch_core::runtime::{decode_f32, encode_f32};
+    let device = Default::default();
+    if !supports_compute::<B>(&device, ComputeDtype::F16) {
+        eprintln!("t5 overflow check not run: this backend refuses f16");
+        return;
+    }
+    let src = fixture("t5").join("model.safetensors");
+    let index = distorch_core::SafetensorsIndex::open(&src).unwrap();
+    let bytes = std::fs::read(&src).unwrap();
+    let (mut specs, mut data) = (Vec::new(), Vec::new());
+    for t in index.tensors() {
+        let raw = &bytes[t.file_offset as usize..(t.file_offset + t.bytes) as usize];
+        let mut values = decode_f32(t.dtype, raw).unwrap();
+        if t.name.ends_with("DenseReluDense.wo.weight") {
+            values.iter_mut().for_each(|v| *v *= 30_000.0);
+        }
+        specs.push((t.name.clone(), t.dtype, t.shape.clone()));
+        data.push(encode_f32(&values, t.dtype));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("t5-loud.safetensors");
+    let data: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    distorch_core::safetensors::write(&path, &specs, &data, &Default::default()).unwrap();
+    let config =
+        distorch_models::text::umt5::Umt5Config::from_file(fixture("t5").join("config.json"))
+            .unwrap();
+    let (input_ids, mask) = (ids("t5", "input_ids"), ids("t5", "attention_mask"));
+    let run = |dtype: ComputeDtype| -> Vec<f32> {
+        let mut options = component_options(false);
+        options.dtype = Some(dtype);
+        let m: Loaded<Umt5Encoder<B>> = load_model(&path, Some(config.clone()), &options).unwrap();
+        m.model
+            .forward(&input_ids, &mask, 2)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    let full = run(ComputeDtype::F32);
+    let half = run(ComputeDtype::F16);
+    assert!(half.iter().all(|v| v.is_finite()), "f16 overflowed");
+    let full64: Vec<f64> = full.iter().map(|&v| f64::from(v)).collect();
+    let err = rel_l2(&half, &full64);
+    eprintln!("t5 with a loud feed-forward at f16: rel L2 {err:.2e} against f32");
+    assert!(err < 2e-2, "{err}");
+}

@@ -227,10 +227,13 @@ impl<B: Backend> Flux<B> {
                 ),
             });
         }
-        if req.max_sequence_length == 0 {
+        if req.max_sequence_length == 0 || req.max_sequence_length > 512 {
             return Err(Error::Input {
                 input: "max_sequence_length",
-                reason: "at least one T5 token".into(),
+                reason: format!(
+                    "{} T5 tokens: FLUX takes 1 to 512 (as FluxPipeline)",
+                    req.max_sequence_length
+                ),
             });
         }
         Ok((req.height / factor, req.width / factor))

@@ -114,6 +114,10 @@ fn bad_requests_are_typed_errors() {
         "{e}"
     );
     let mut req = request();
+    req.max_sequence_length = 513;
+    let e = f.txt2img(&req, &mut |_| {}).err().unwrap();
+    assert!(e.to_string().contains("FLUX takes 1 to 512"), "{e}");
+    let mut req = request();
     req.steps = 0;
     let e = f.txt2img(&req, &mut |_| {}).err().unwrap();
     assert!(e.to_string().contains("at least one step"), "{e}");

@@ -1,10 +1,10 @@
-//! GGML block quantization: each type's block layout described once ([`Layout`]) and
+//! GGML block quantization: each type's block layout described once (`Layout`) and
 //! dequantized from it on the host ([`dequantize`], rayon-parallel); the runtime's device
 //! dequantization reads the same layouts.
 //!
 //! A block holds an f16 scale `d`, maybe a minimum, maybe sub-block scales and mins, and
 //! small integers `q`. Each integer (an element's `q`, a sub-block's scale or min) is a few
-//! bit fields of the block's bytes ([`Field`]): `(byte[i] >> shift) & mask`, shifted left and
+//! bit fields of the block's bytes (`Field`): `(byte[i] >> shift) & mask`, shifted left and
 //! OR-ed together, sign-extended or offset. The value of element `e` in sub-block `s` is, in
 //! gguf-py's `gguf.quants.dequantize` operation order (so that the results are bit-exact):
 //!

@@ -334,9 +334,11 @@ impl<B: Backend> Model<B> for Unet2dCondition<B> {
 
 impl UnetConfig {
     /// The architecture of a single-file (LDM layout) UNet component, from its keys and
-    /// shapes; a diffusers-layout UNet needs its `config.json`.
-    /// A UNet of unknown family is detected with assumptions ([`DetectedUnet::assumed`]),
-    /// which are logged as a warning naming how to give the configuration instead.
+    /// shapes; a diffusers-layout UNet needs its `config.json`. A UNet of unknown family is
+    /// detected with assumptions ([`DetectedUnet::assumed`]), which are logged as a warning
+    /// naming how to give the configuration instead.
+    ///
+    /// [`DetectedUnet::assumed`]: crate::sd::unet::ldm::DetectedUnet::assumed
     pub fn detect(c: &Component<'_>) -> Result<crate::sd::unet::ldm::DetectedUnet, Error> {
         let shapes = shape_map(c);
         let found = detect(shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())))?;

@@ -94,17 +94,8 @@ mod t5_demo_tokenizer;
 
 fn main() {
     malloc::keep_freed_memory();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse();
-    if let Err(e) = dispatch(&args) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    demo::log_to_stderr();
+    demo::exit_on_error(dispatch(&Args::parse()));
 }
 
 /// The example on the backend `--device` names (`distorch::backends::on_device`).

@@ -25,20 +25,12 @@ use distorch::models::flux::dit::{FluxConfig, FluxInput, FluxLayout, FluxTransfo
 use distorch::models::{ComponentOptions, Loaded, Placement, load_model};
 use distorch::{DType, DeviceGraph, DeviceId, PlanRequest};
 
+#[path = "common/random.rs"]
+mod random;
+use random::values;
+
 #[path = "common/malloc.rs"]
 mod malloc;
-
-fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
 
 /// Writes the checkpoint (BFL layout, bf16, `distorch::core::write_random`'s weights) unless
 /// it is there.

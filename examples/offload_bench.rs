@@ -35,9 +35,13 @@ use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, Streamer, Weigh
 use distorch::core::runtime::{compute_burn_dtype, device_rule, encode_f32};
 use distorch::core::safetensors::write;
 use distorch::core::{ComputeDtype, Homes, units};
+
+#[path = "common/random.rs"]
+mod random;
 use distorch::{
     ByteSize, DType, DeviceGraph, DeviceId, PlanRequest, SafetensorsIndex, VirtualVram,
 };
+use random::values;
 
 #[path = "common/blocks.rs"]
 mod blocks;
@@ -48,18 +52,6 @@ const LATENT: usize = 64; // 512 / 8
 const DIM: usize = 1280; // projection width
 const TOKENS: usize = 1024; // 32×32 tokens
 const HIDDEN: usize = 2560;
-
-fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
 
 /// The 24 layers' tensors: per block a conv, an up and a down projection, with their fan-in.
 fn layers() -> Vec<(String, Vec<u64>, usize)> {

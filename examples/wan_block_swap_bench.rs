@@ -23,17 +23,9 @@ use distorch::models::wan::dit::{WanDitConfig, WanDitInput, WanTransformer};
 use distorch::models::{ComponentOptions, Loaded, Placement, load_model};
 use distorch::{BlockSwap, DType, DeviceGraph, DeviceId, PlanRequest};
 
-fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
+#[path = "common/random.rs"]
+mod random;
+use random::values;
 
 fn config(blocks: usize) -> WanDitConfig {
     WanDitConfig {

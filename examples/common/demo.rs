@@ -1,7 +1,7 @@
 //! What the pipeline examples share: the cache folder of their demo weights, random demo
 //! weights, and the progress and streamer lines they print.
 
-#![allow(clippy::print_stdout)]
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,24 @@ use distorch::DType;
 use distorch::core::runtime::{ExpectedTensor, Streamer};
 use distorch::core::write_random;
 use distorch::models::Progress;
+
+/// Warnings and errors from the library on stderr (`RUST_LOG` to see more).
+pub fn log_to_stderr() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Exits with status 1 and the error's message when `result` is an error.
+pub fn exit_on_error(result: Result<(), Box<dyn std::error::Error>>) {
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// The demo folder `name` in `$DISTORCH_CACHE`, else `~/.cache/distorch`.
 pub fn cache_dir(name: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {

@@ -7,8 +7,13 @@ use distorch_core::SafetensorsIndex;
 use distorch_models::text::umt5::{T5Variant, Umt5Config, Umt5Encoder};
 use distorch_models::{Loaded, load_model};
 
-fn ids(key: &str) -> Vec<u32> {
-    let (_, v) = read(&fixture("umt5").join("reference.safetensors"), key);
+/// The `input_ids` and `attention_mask` of fixture `name`'s reference.
+fn inputs(name: &str) -> (Vec<u32>, Vec<u32>) {
+    (ids(name, "input_ids"), ids(name, "attention_mask"))
+}
+
+fn ids(name: &str, key: &str) -> Vec<u32> {
+    let (_, v) = read(&fixture(name).join("reference.safetensors"), key);
     v.iter().map(|&x| x as u32).collect()
 }
 
@@ -18,7 +23,7 @@ fn umt5_matches_transformers() {
     let weights = dir.join("model.safetensors");
     let reference = dir.join("reference.safetensors");
     let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
-    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let (input_ids, mask) = inputs("umt5");
     let mut outs = Vec::new();
     for offload in [false, true] {
         let (m, report) = load_as::<Umt5Encoder<B>>(&weights, config.clone(), offload).unwrap();
@@ -73,7 +78,7 @@ fn a_llama_cpp_gguf_umt5_matches_transformers_with_its_dequantized_weights() {
     assert!(index.tensors().iter().any(|t| t.name == "shared.weight"));
     let split = distorch_models::load::split(&index);
     assert_eq!(Umt5Config::detect(&split.components[0]).unwrap(), config);
-    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let (input_ids, mask) = inputs("umt5");
     let mut outs = Vec::new();
     for offload in [false, true] {
         let m: Loaded<Umt5Encoder<B>> =
@@ -104,11 +109,7 @@ fn t5_v1_1_matches_transformers_with_and_without_a_mask() {
     let reference = dir.join("reference.safetensors");
     let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
     assert_eq!(config.variant, T5Variant::T5);
-    let ids = |key: &str| -> Vec<u32> {
-        let (_, v) = read(&reference, key);
-        v.iter().map(|&x| x as u32).collect()
-    };
-    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let (input_ids, mask) = inputs("t5");
     let ones = vec![1; input_ids.len()];
     let mut outs = Vec::new();
     for offload in [false, true] {
@@ -159,12 +160,7 @@ fn t5_v1_1_matches_transformers_with_and_without_a_mask() {
 fn a_scaled_fp8_t5_matches_transformers_with_its_dequantised_weights() {
     let dir = fixture("t5");
     let config = Umt5Config::from_file(dir.join("config.json")).unwrap();
-    let reference = dir.join("reference.safetensors");
-    let ids = |key: &str| -> Vec<u32> {
-        let (_, v) = read(&reference, key);
-        v.iter().map(|&x| x as u32).collect()
-    };
-    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let (input_ids, mask) = inputs("t5");
     let mut outs = Vec::new();
     for offload in [false, true] {
         let m: Loaded<Umt5Encoder<B>> = load_model(
@@ -199,12 +195,7 @@ fn a_llama_cpp_gguf_t5_v1_1_matches_transformers_with_its_dequantized_weights() 
     let index = distorch_models::load::open_index(&weights).unwrap();
     let split = distorch_models::load::split(&index);
     assert_eq!(Umt5Config::detect(&split.components[0]).unwrap(), config);
-    let reference = dir.join("reference.safetensors");
-    let ids = |key: &str| -> Vec<u32> {
-        let (_, v) = read(&reference, key);
-        v.iter().map(|&x| x as u32).collect()
-    };
-    let (input_ids, mask) = (ids("input_ids"), ids("attention_mask"));
+    let (input_ids, mask) = inputs("t5");
     let mut outs = Vec::new();
     for offload in [false, true] {
         let m: Loaded<Umt5Encoder<B>> =

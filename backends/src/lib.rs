@@ -22,7 +22,7 @@ pub use distorch_core::memory::{Detection, DeviceMemory, MemoryProbe, ProbeError
 mod dispatch;
 mod probe;
 
-pub use dispatch::{Error, OnBackend, on_device};
+pub use dispatch::{Error, OnBackend, device, on_device};
 
 #[cfg(feature = "cuda")]
 pub use probe::CudaProbe;

@@ -88,8 +88,10 @@ impl MemoryProbe for CudaProbe {
     }
 }
 
-/// GPUs through wgpu: every adapter, as `wgpu:N` in enumeration order. wgpu does not expose
-/// how much memory an adapter has, so totals are reported unknown (declare them).
+/// GPUs through wgpu: every adapter of the graphics API Burn computes with (Vulkan on Linux
+/// and Windows, Metal on macOS), as `wgpu:N` in enumeration order — the order
+/// [`crate::device`] binds them in. wgpu does not expose how much memory an adapter has, so
+/// totals are reported unknown (declare them).
 #[cfg(feature = "wgpu")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WgpuProbe;
@@ -101,8 +103,7 @@ impl MemoryProbe for WgpuProbe {
     }
 
     fn devices(&self) -> Result<Vec<DeviceMemory>, ProbeError> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-        let adapters = block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let adapters = wgpu_adapters();
         if adapters.is_empty() {
             return Err(ProbeError {
                 source: "wgpu",
@@ -125,6 +126,23 @@ impl MemoryProbe for WgpuProbe {
         }
         Ok(out)
     }
+}
+
+/// The adapters of the graphics API Burn's wgpu backend uses, in enumeration order.
+#[cfg(feature = "wgpu")]
+fn wgpu_adapters() -> Vec<wgpu::Adapter> {
+    use burn::backend::wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    block_on(instance.enumerate_adapters(AutoGraphicsApi::backend().into()))
+}
+
+/// The device type of each adapter `wgpu:N` names.
+#[cfg(feature = "wgpu")]
+pub(crate) fn wgpu_adapter_types() -> Vec<wgpu::DeviceType> {
+    wgpu_adapters()
+        .iter()
+        .map(|a| a.get_info().device_type)
+        .collect()
 }
 
 /// Drives a future that native wgpu resolves without waiting on anything.

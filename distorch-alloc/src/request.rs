@@ -227,6 +227,19 @@ impl PlanRequest {
         }
     }
 
+    /// The device this request computes on (an expert string's first device unless it names
+    /// another); `None` for an empty expert string.
+    pub fn compute(&self) -> Option<DeviceId> {
+        match &self.allocation {
+            Allocation::Expert {
+                compute: Some(c), ..
+            } => Some(*c),
+            Allocation::Expert { spec, .. } => spec.entries().first().map(|e| e.device),
+            Allocation::VirtualVram(vv) => Some(vv.compute()),
+            Allocation::BlockSwap(b) => Some(b.compute),
+        }
+    }
+
     /// An expert-string request whose compute device is `compute` rather than the string's
     /// first device.
     pub fn expert_with_compute(spec: AllocSpec, compute: DeviceId) -> PlanRequest {

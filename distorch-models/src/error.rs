@@ -15,6 +15,14 @@ pub enum Error {
     /// From planning (an allocation that cannot be met, say).
     #[error(transparent)]
     Alloc(#[from] distorch_alloc::Error),
+    /// A device a placement names cannot be bound to a Burn device of the backend computing.
+    #[error("device `{device}`: {source}")]
+    Device {
+        /// The device.
+        device: distorch_alloc::DeviceId,
+        /// Why not (from the binder, `distorch_backends::device`).
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A configuration file that cannot be read or used.
     #[error("{}: {reason}", path.display())]
     Config {

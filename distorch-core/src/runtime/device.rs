@@ -357,3 +357,19 @@ pub fn supports_compute<B: Backend>(device: &B::Device, dtype: ComputeDtype) -> 
 pub fn compute_burn_dtype(dtype: ComputeDtype) -> BurnDType {
     burn_dtype(dtype.dtype())
 }
+
+/// `t` on `device`: itself when already there, else copied through host memory. Burn 0.21
+/// has no device-to-device copy on wgpu (CubeCL's `send` is unimplemented there and
+/// `Tensor::to_device` between two wgpu devices panics), so activations crossing devices —
+/// a text encoder's output on `cuda:1` for a UNet on `cuda:0` — take this path: a read back
+/// and an upload, small next to the weights the streamer moves.
+pub fn move_to<B: Backend, const D: usize>(
+    t: burn::tensor::Tensor<B, D>,
+    device: &B::Device,
+) -> burn::tensor::Tensor<B, D> {
+    if t.device() == *device {
+        t
+    } else {
+        burn::tensor::Tensor::from_data(t.into_data(), device)
+    }
+}

@@ -39,7 +39,7 @@ mod stream;
 
 pub use backend::{Capabilities, DonorCopy, UploadThread};
 pub use cache::{EjectPolicy, ModelCache};
-pub use device::{compute_burn_dtype, device_rule, supports_compute};
+pub use device::{compute_burn_dtype, device_rule, move_to, supports_compute};
 pub use fp8::PatchPrecision;
 
 /// A tensor's raw little-endian bytes of a float `dtype` widened to f32 (`None` for integer

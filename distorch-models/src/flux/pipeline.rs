@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use distorch_core::runtime::move_to;
 
 use crate::error::Error;
 use crate::flux::dit::{FluxInput, FluxTransformer, image_ids};
@@ -138,7 +139,13 @@ impl<B: Backend> Flux<B> {
             elapsed: start.elapsed(),
         });
 
-        let device = cond.states.device();
+        // The transformer's device; the text encoders may compute on others.
+        let device = self.transformer.streamer().store().compute().clone();
+        let to = |p: Prompt<B>| Prompt {
+            states: move_to(p.states, &device),
+            pooled: move_to(p.pooled, &device),
+        };
+        let (cond, negative) = (to(cond), negative.map(to));
         let mut latents = match &req.latents {
             Some(l) if l.dims() != [1, tokens, c.in_channels] => {
                 return Err(Error::Input {
@@ -150,7 +157,7 @@ impl<B: Backend> Flux<B> {
                     ),
                 });
             }
-            Some(l) => l.clone(),
+            Some(l) => move_to(l.clone(), &device),
             None => pack(seeded([1, c.in_channels / 4, lh, lw], req.seed, &device)),
         };
         let img_ids = image_ids(lh / 2, lw / 2);
@@ -250,7 +257,9 @@ impl<B: Backend> Flux<B> {
         let vae = self.vae.config();
         let z =
             unpack(latents.clone(), lh, lw) / vae.scaling_factor + vae.shift_factor.unwrap_or(0.0);
-        let decoded = self.vae.decode(z)?;
+        let decoded = self
+            .vae
+            .decode(move_to(z, self.vae.streamer().store().compute()))?;
         Ok((decoded * 0.5 + 0.5).clamp(0.0, 1.0))
     }
 }

@@ -1,7 +1,7 @@
 //! [`Placement`]: where one component goes.
 
 use burn::tensor::backend::Backend;
-use distorch_alloc::{DeviceId, PlanRequest, VirtualVram};
+use distorch_alloc::{AllocSpec, ByteSize, DeviceId, PlanRequest, VirtualVram};
 use distorch_core::runtime::DeviceMap;
 
 use crate::error::Error;
@@ -38,5 +38,89 @@ impl<B: Backend> Placement<B> {
             request: PlanRequest::virtual_vram(VirtualVram::none(compute)),
             devices: DeviceMap::new(device),
         }
+    }
+}
+
+/// Binds a device id to a Burn device of the backend computing (`distorch_backends::device`
+/// is the one such function; the models crate takes it as an argument).
+pub type BindDevice<'a, B> =
+    &'a dyn Fn(
+        DeviceId,
+    ) -> Result<burn::tensor::Device<B>, Box<dyn std::error::Error + Send + Sync>>;
+
+/// One component's placement as DisTorch2's loaders take it: `compute_device`,
+/// `virtual_vram_gb` moved onto `donor_device`, or `expert_mode_allocations` instead (an
+/// allocation string; its devices other than the compute device are the donors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementSpec {
+    /// Where the component computes (`cuda:1` for a text encoder beside a UNet on `cuda:0`).
+    /// `cpu` in a run computing on a GPU keeps the weights in host memory and streams them to
+    /// the run's compute device: one run computes on one backend.
+    pub compute_device: DeviceId,
+    /// GiB of the component moved off the compute device.
+    pub virtual_vram_gb: f64,
+    /// Where the moved weights live, in order of preference.
+    pub donor_device: Vec<DeviceId>,
+    /// An allocation string used instead of the virtual VRAM (`cuda:0,2.5gb;cpu,*`).
+    pub expert_mode_allocations: Option<AllocSpec>,
+}
+
+impl PlacementSpec {
+    /// Everything on `compute_device`.
+    pub fn on(compute_device: DeviceId) -> PlacementSpec {
+        PlacementSpec {
+            compute_device,
+            virtual_vram_gb: 0.0,
+            donor_device: vec![DeviceId::CPU],
+            expert_mode_allocations: None,
+        }
+    }
+
+    /// The placement in a run computing on `compute` (bound to `device`): the component's
+    /// own compute device and any GPU donors bound by `bind`. Strings and amounts are checked
+    /// here, before anything is read.
+    pub fn placement<B: Backend>(
+        &self,
+        compute: DeviceId,
+        device: &B::Device,
+        bind: BindDevice<'_, B>,
+    ) -> Result<Placement<B>, Error> {
+        let own = self.compute_device;
+        if own == DeviceId::CPU && compute != DeviceId::CPU {
+            // Host homes for everything, streamed to the run's compute device.
+            let all = VirtualVram::new(compute, ByteSize(1 << 50), vec![DeviceId::CPU])?;
+            return Ok(Placement {
+                request: PlanRequest::virtual_vram(all),
+                devices: DeviceMap::new(device.clone()),
+            });
+        }
+        let bound = |id: DeviceId| bind(id).map_err(|source| Error::Device { device: id, source });
+        let own_device = if own == compute {
+            device.clone()
+        } else {
+            bound(own)?
+        };
+        let (request, donors) = match &self.expert_mode_allocations {
+            Some(spec) => (
+                PlanRequest::expert_with_compute(spec.clone(), own),
+                spec.entries().iter().map(|e| e.device).collect(),
+            ),
+            None if self.virtual_vram_gb == 0.0 => (
+                PlanRequest::virtual_vram(VirtualVram::none(own)),
+                Vec::new(),
+            ),
+            None => {
+                let donors = self.donor_device.clone();
+                let vv = VirtualVram::from_gib(own, self.virtual_vram_gb, donors.clone())?;
+                (PlanRequest::virtual_vram(vv), donors)
+            }
+        };
+        let mut devices = DeviceMap::new(own_device);
+        for d in donors {
+            if d != own && d != DeviceId::CPU {
+                devices = devices.with_donor(d, bound(d)?);
+            }
+        }
+        Ok(Placement { request, devices })
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use distorch_core::runtime::move_to;
 
 use crate::error::Error;
 use crate::sampling::scheduler::{SamplerKind, Scheduler, SchedulerConfig};
@@ -148,7 +149,7 @@ impl<B: Backend> StableDiffusion<B> {
         let channels = self.unet.config().in_channels;
         let mut noise = Gaussian::new(r.seed);
         let x = match &r.latents {
-            Some(l) if l.dims() == [1, channels, h, w] => l.clone().to_device(&device),
+            Some(l) if l.dims() == [1, channels, h, w] => move_to(l.clone(), &device),
             Some(l) => {
                 return Err(Error::Input {
                     input: "latents",
@@ -159,7 +160,7 @@ impl<B: Backend> StableDiffusion<B> {
         };
         let mut x = x.mul_scalar(scheduler.init_noise_sigma());
         let hint = r.control.as_ref().map(|c| {
-            let hint = c.hint.clone().to_device(&device);
+            let hint = move_to(c.hint.clone(), &device);
             Tensor::cat(vec![hint; cond.rows], 0)
         });
         let mut step_times = Vec::with_capacity(r.steps);
@@ -240,10 +241,10 @@ impl<B: Backend> StableDiffusion<B> {
     /// The image the VAE decodes from latents `x`, in [0, 1].
     fn decode_latents(&self, x: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Error> {
         let vae_device = self.vae.streamer().store().compute().clone();
-        let z = x
-            .clone()
-            .div_scalar(self.vae.config().scaling_factor)
-            .to_device(&vae_device);
+        let z = move_to(
+            x.clone().div_scalar(self.vae.config().scaling_factor),
+            &vae_device,
+        );
         let image = self.vae.decode(z)?;
         Ok(image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0))
     }
@@ -351,9 +352,9 @@ impl<B: Backend> StableDiffusion<B> {
             } else {
                 out.last_hidden_state
             };
-            contexts.push(context.to_device(device));
+            contexts.push(move_to(context, device));
             if let Some(p) = out.text_embeds {
-                pooled = Some(p.to_device(device));
+                pooled = Some(move_to(p, device));
             }
         }
         if sdxl && pooled.is_none() {

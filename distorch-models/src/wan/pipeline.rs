@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use distorch_core::runtime::move_to;
 
 use crate::error::Error;
 use crate::sampling::flow_match::{FlowMatchConfig, FlowMatchEuler};
@@ -170,7 +171,9 @@ impl<B: Backend> Wan<B> {
             elapsed: start.elapsed(),
         });
 
-        let device = context.device();
+        // The transformer's device; the text encoder may compute on another.
+        let device = self.transformer.streamer().store().compute().clone();
+        let context = move_to(context, &device);
         let mut latents = match &req.latents {
             Some(l) if l.dims() != shape => {
                 return Err(Error::Input {
@@ -178,7 +181,7 @@ impl<B: Backend> Wan<B> {
                     reason: format!("shape {:?}, the request needs {shape:?}", l.dims()),
                 });
             }
-            Some(l) => l.clone(),
+            Some(l) => move_to(l.clone(), &device),
             None => {
                 let n: usize = shape.iter().product();
                 let mut g = Gaussian::new(req.seed);
@@ -214,7 +217,8 @@ impl<B: Backend> Wan<B> {
         }
 
         let t0 = Instant::now();
-        let video = self.decode_latents(&latents, &device)?;
+        let vae_device = self.vae.streamer().store().compute().clone();
+        let video = self.decode_latents(&move_to(latents.clone(), &vae_device), &vae_device)?;
         progress(Progress::Decoded {
             elapsed: t0.elapsed(),
         });

@@ -89,8 +89,6 @@ type Failure = Box<dyn std::error::Error>;
 mod demo;
 #[path = "common/malloc.rs"]
 mod malloc;
-#[path = "common/t5_demo_tokenizer.rs"]
-mod t5_demo_tokenizer;
 
 fn main() {
     malloc::keep_freed_memory();
@@ -210,7 +208,8 @@ fn write_demo(dir: &Path) -> Result<(), Failure> {
     ] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
-    let vocab = t5_demo_tokenizer::write(&dir.join("tokenizer_2/tokenizer.json"))?;
+    let vocab =
+        distorch::models::text::t5_demo::write_tokenizer(&dir.join("tokenizer_2/tokenizer.json"))?;
     let clip = ClipTextConfig {
         hidden_size: 64,
         intermediate_size: 128,
@@ -281,22 +280,22 @@ fn write_demo(dir: &Path) -> Result<(), Failure> {
             "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}),
         dir.join("scheduler/scheduler_config.json"),
     )?;
-    demo::write_weights(
+    distorch::models::text::t5_demo::write_weights(
         &dir.join("text_encoder/model.safetensors"),
         ClipTextModel::<Nd>::expected_tensors(&clip, "text_model.", false),
         1,
     )?;
-    demo::write_weights(
+    distorch::models::text::t5_demo::write_weights(
         &dir.join("text_encoder_2/model.safetensors"),
         Umt5Encoder::<Nd>::expected_tensors(&t5, "shared"),
         2,
     )?;
-    demo::write_weights(
+    distorch::models::text::t5_demo::write_weights(
         &dir.join("transformer/diffusion_pytorch_model.safetensors"),
         FluxTransformer::<Nd>::expected_tensors(&dit),
         3,
     )?;
-    demo::write_weights(
+    distorch::models::text::t5_demo::write_weights(
         &dir.join("vae/diffusion_pytorch_model.safetensors"),
         vae.expected_tensors(),
         4,

@@ -19,17 +19,15 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use distorch::backends::{OnBackend, on_device};
 use distorch::core::runtime::{DeviceMap, Lookahead};
-use distorch::models::text::umt5::{Umt5Config, Umt5Encoder};
-use distorch::models::wan::dit::{WanDitConfig, WanTransformer};
+use distorch::models::wan::dit::WanDitConfig;
 use distorch::models::wan::load::{WanFiles, WanOptions};
 use distorch::models::wan::pipeline::{Txt2Video, Wan, frame_rgb8};
-use distorch::models::wan::vae::{WanVae, WanVaeConfig};
 use distorch::models::{ComponentOptions, Placement};
 use distorch::{BlockSwap, DeviceGraph, DeviceId, PlanRequest};
 
@@ -93,8 +91,6 @@ type Failure = Box<dyn std::error::Error>;
 mod demo;
 #[path = "common/malloc.rs"]
 mod malloc;
-#[path = "common/t5_demo_tokenizer.rs"]
-mod t5_demo_tokenizer;
 
 fn main() {
     malloc::keep_freed_memory();
@@ -120,15 +116,10 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
     let folder = match &args.model {
         Some(m) => m.clone(),
         None => {
-            let dir = demo::cache_dir("demo-wan-small")?;
-            if !dir.join("complete").exists() {
-                println!(
-                    "writing the demo Wan folder (random weights: the frames will be abstract) to {}",
-                    dir.display()
-                );
-                write_demo(&dir)?;
-            }
-            dir
+            println!(
+                "no --model: the demo Wan folder (random weights: the frames will be abstract)"
+            );
+            distorch::models::wan::demo::ensure_in::<B>(&demo::cache_dir("")?)?
         }
     };
     let graph = match &args.devices {
@@ -200,71 +191,5 @@ fn run<B: Backend>(args: &Args, compute: DeviceId, device: B::Device) -> Result<
         frame_rgb8(&video.video, i)?.save(&path)?;
     }
     println!("wrote {frames} frames to {}", args.out_dir.display());
-    Ok(())
-}
-
-/// Writes the demo folder: small Wan-architecture models with random weights and a
-/// character-level unigram tokenizer (ids, not meaning: the weights are random).
-fn write_demo(dir: &Path) -> Result<(), Failure> {
-    type Nd = distorch::backends::NdArray;
-    for sub in ["tokenizer", "text_encoder", "transformer", "vae"] {
-        std::fs::create_dir_all(dir.join(sub))?;
-    }
-    let vocab = t5_demo_tokenizer::write(&dir.join("tokenizer/tokenizer.json"))?;
-
-    let t5 = Umt5Config {
-        vocab_size: vocab,
-        d_model: 256,
-        d_kv: 64,
-        d_ff: 512,
-        num_layers: 2,
-        num_heads: 4,
-        ..Umt5Config::default()
-    };
-    let dit = WanDitConfig {
-        num_attention_heads: 2,
-        attention_head_dim: 128,
-        ffn_dim: 1024,
-        num_layers: 4,
-        text_dim: 256,
-        ..WanDitConfig::default()
-    };
-    let vae = WanVaeConfig {
-        base_dim: 16,
-        ..WanVaeConfig::default()
-    };
-    let json = |v: serde_json::Value, path: PathBuf| std::fs::write(path, v.to_string());
-    json(
-        serde_json::json!({"vocab_size": t5.vocab_size, "d_model": t5.d_model, "d_kv": t5.d_kv,
-            "d_ff": t5.d_ff, "num_layers": t5.num_layers, "num_heads": t5.num_heads,
-            "feed_forward_proj": "gated-gelu"}),
-        dir.join("text_encoder/config.json"),
-    )?;
-    json(
-        serde_json::json!({"num_attention_heads": dit.num_attention_heads,
-            "attention_head_dim": dit.attention_head_dim, "ffn_dim": dit.ffn_dim,
-            "num_layers": dit.num_layers, "text_dim": dit.text_dim}),
-        dir.join("transformer/config.json"),
-    )?;
-    json(
-        serde_json::json!({"base_dim": vae.base_dim}),
-        dir.join("vae/config.json"),
-    )?;
-    demo::write_weights(
-        &dir.join("text_encoder/model.safetensors"),
-        Umt5Encoder::<Nd>::expected_tensors(&t5, "shared"),
-        1,
-    )?;
-    demo::write_weights(
-        &dir.join("transformer/diffusion_pytorch_model.safetensors"),
-        WanTransformer::<Nd>::expected_tensors(&dit),
-        2,
-    )?;
-    demo::write_weights(
-        &dir.join("vae/diffusion_pytorch_model.safetensors"),
-        WanVae::<Nd>::expected_tensors(&vae),
-        3,
-    )?;
-    std::fs::write(dir.join("complete"), b"")?;
     Ok(())
 }

@@ -9,6 +9,30 @@
 //! FLUX.1 text to image; LoRAs. See `examples/txt2img.rs` and `examples/flux.rs` for the
 //! whole flow.
 //!
+//! An image from a checkpoint in one load and one call, the UNet under an allocation string
+//! and a LoRA patched in (the README's example; `examples/txt2img.rs` runs it):
+//!
+//! ```no_run
+//! use distorch::models::sd::pipeline::to_rgb8;
+//! use distorch::models::{CheckpointOptions, LoraSpec, ModelFolders, StableDiffusion};
+//! use distorch::{DeviceId, PlanRequest};
+//! type B = distorch::backends::NdArray; // or Wgpu, Cuda (their features)
+//!
+//! let (cpu, device) = (DeviceId::CPU, Default::default());
+//! let mut options = CheckpointOptions::<B>::new(distorch::backends::detect().graph, cpu, device, device)?;
+//! options.unet.request = PlanRequest::expert_with_compute("cpu,*".parse()?, cpu);
+//! options.loras.push(LoraSpec::parse("detail.safetensors:0.8", &ModelFolders::new())?);
+//! let sd = StableDiffusion::<B>::load("v1-5-pruned-emaonly.safetensors", &options)?;
+//! println!("{}", sd.loaded[0].1); // the UNet's allocation table
+//! let mut request = sd.request("a red fox in the snow"); // the pipeline's own scheduler
+//! (request.steps, request.width, request.height) = (20, 512, 512);
+//! let image = sd.generate(&request, &mut |_| {})?.image; // its own tokenizers
+//! to_rgb8(image)?.save("fox.png").map_err(|e| e.to_string())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Planning alone, from the header:
+//!
 //! ```no_run
 //! use distorch::{ComponentKind, PlanRequest, SafetensorsIndex};
 //!
@@ -79,6 +103,19 @@ pub enum Error {
     /// From reading or mapping a LoRA.
     #[error(transparent)]
     Lora(#[from] distorch_lora::Error),
+    /// From binding a device id to a compiled Burn backend.
+    #[error(transparent)]
+    Backends(#[from] distorch_backends::Error),
+}
+
+/// Binds `id` to the Burn device of backend `B` that it names (see [`backends::device`]), in
+/// the form [`models::PlacementSpec::placement`] takes: a text encoder's placement on
+/// `cuda:1` beside a UNet computing on `cuda:0` is
+/// `spec.placement::<B>(compute, &device, &distorch::bind_device::<B>)`.
+pub fn bind_device<B: burn::tensor::backend::Backend>(
+    id: DeviceId,
+) -> Result<B::Device, Box<dyn std::error::Error + Send + Sync>> {
+    distorch_backends::device::<B>(id).map_err(Into::into)
 }
 
 impl From<distorch_alloc::ParseError> for Error {

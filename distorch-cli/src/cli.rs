@@ -25,6 +25,11 @@ pub enum Command {
     Devices(DevicesArgs),
     /// Run one component's forward pass on named input tensors and write named outputs.
     Run(RunArgs),
+    /// Generate an image (txt2img) or a video (Wan), each component placed as asked.
+    Generate {
+        #[command(subcommand)]
+        kind: crate::generate::GenerateKind,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -182,7 +187,9 @@ impl Source {
     }
 }
 
-fn cache_dir() -> PathBuf {
+/// The demo files' folder ($DISTORCH_CACHE_DIR, else $XDG_CACHE_HOME/distorch, else
+/// ~/.cache/distorch).
+pub fn cache_dir() -> PathBuf {
     let env = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())

@@ -1,4 +1,5 @@
-//! `distorch`: plan and inspect how a model is split across devices.
+//! `distorch`: plan and inspect how a model is split across devices, and generate images
+//! and videos with it.
 //!
 //! Exit codes: 0 success; 2 a string that did not parse (allocation, device declaration,
 //! device list, size: the message has a caret under the fault) or a usage error; 1 any other
@@ -7,6 +8,8 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod cli;
+mod generate;
+mod generate_video;
 mod inspect;
 mod plan;
 mod run;
@@ -67,6 +70,10 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Devices(args) => plan::devices(&args),
         Command::Run(args) => run::run(&args),
+        Command::Generate { kind } => match kind {
+            generate::GenerateKind::Image(a) => generate::image(&a),
+            generate::GenerateKind::Video(a) => generate_video::video(&a),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,7 +32,6 @@ pub mod vision;
 pub mod wan;
 
 pub use error::Error;
-pub use load::Placement;
 pub use load::discovery::{ModelFolders, ModelKind};
 pub use load::folder::ComponentFiles;
 pub use load::keymap::KeyLayout;
@@ -40,6 +39,7 @@ pub use load::{
     ComponentLoras, ComponentOptions, LoadContext, LoadProgress, Loaded, Model, Models,
     compute_dtype, load_cached, load_component, load_model, lora_patch,
 };
+pub use load::{Placement, PlacementSpec};
 pub use nn::Activation;
 pub use sampling::scheduler::{
     BetaSchedule, PredictionType, SamplerKind, Scheduler, SchedulerConfig, TimestepSpacing,

@@ -1,15 +1,12 @@
-//! What the pipeline examples share: the cache folder of their demo weights, random demo
-//! weights, and the progress and streamer lines they print.
+//! What the pipeline examples share: the cache folder of their demo weights and the progress
+//! and streamer lines they print.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use distorch::DType;
-use distorch::core::runtime::{ExpectedTensor, Streamer};
-use distorch::core::write_random;
+use distorch::core::runtime::Streamer;
 use distorch::models::Progress;
 
 /// Warnings and errors from the library on stderr (`RUST_LOG` to see more).
@@ -37,26 +34,6 @@ pub fn cache_dir(name: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/distorch")))
         .ok_or("no cache folder: set DISTORCH_CACHE")?;
     Ok(cache.join(name))
-}
-
-/// Random bf16 weights for `expected` (see `distorch::core::write_random`).
-pub fn write_weights(
-    path: &Path,
-    expected: Vec<ExpectedTensor>,
-    seed: u64,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let specs: Vec<_> = expected
-        .into_iter()
-        .map(|e| {
-            (
-                e.name,
-                DType::BF16,
-                e.shape.iter().map(|&d| d as u64).collect(),
-            )
-        })
-        .collect();
-    write_random(path, &specs, seed, &BTreeMap::new())?;
-    Ok(())
 }
 
 /// Prints a pipeline's progress, a line per event.

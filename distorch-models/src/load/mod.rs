@@ -16,7 +16,7 @@ pub(crate) mod shapes;
 pub use context::LoadContext;
 pub use conventions::{CONVENTIONS, inventory_for, split};
 pub use gguf::open_index;
-pub use placement::Placement;
+pub use placement::{BindDevice, Placement, PlacementSpec};
 pub(crate) use shapes::{
     both_names, needs_config, own_modules, shape_map, to_usize, units_in_order,
 };
@@ -372,7 +372,7 @@ where
 /// placement, the compute dtype, the LoRAs with their files' fingerprints, strengths and
 /// target, and how patched fp8 weights are kept. The same model loaded with other LoRAs is
 /// another entry.
-fn cache_key<B: Backend, M: Model<B>>(
+pub(crate) fn cache_key<B: Backend, M: Model<B>>(
     path: &Path,
     config: Option<&M::Config>,
     options: &ComponentOptions<B>,

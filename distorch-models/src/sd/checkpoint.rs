@@ -10,7 +10,9 @@ use distorch_alloc::{DeviceGraph, DeviceId, Plan};
 use distorch_core::runtime::{LoadReport, Lookahead, PatchPrecision};
 use distorch_core::{ComponentKind, ComputeDtype, SafetensorsIndex};
 
+use crate::sampling::scheduler::SchedulerConfig;
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
+use crate::text::tokenizer::ClipTokenizer;
 use distorch_lora::{LoraFile, LoraReport, Target};
 
 use crate::error::Error;
@@ -65,6 +67,9 @@ pub struct CheckpointOptions<B: Backend> {
     /// safetensors or GGUF (original or diffusers keys), its architecture detected from its
     /// shapes unless `unet_config` gives it.
     pub unet_file: Option<std::path::PathBuf>,
+    /// DisTorch2's `eject_models` (default true): [`StableDiffusion::load_cached`] unloads
+    /// every cached model on the components' compute devices before loading; false keeps them.
+    pub eject_models: bool,
 }
 
 /// A LoRA with ComfyUI's two strengths.
@@ -126,6 +131,7 @@ impl<B: Backend> CheckpointOptions<B> {
             precision: PatchPrecision::High,
             dtype: None,
             unet_file: None,
+            eject_models: true,
         })
     }
 }
@@ -147,10 +153,16 @@ pub struct StableDiffusion<B: Backend> {
     pub loras: Vec<(String, LoraReport)>,
     /// Each LoRA-able component's tensors as LoRAs name them, for [`StableDiffusion::set_loras`].
     lora_states: Vec<(String, LoraState)>,
+    /// One tokenizer per text encoder: a diffusers folder's own, else the bundled CLIP
+    /// vocabulary (SDXL's second encoder padding with `!`).
+    pub tokenizers: Vec<ClipTokenizer>,
+    /// The scheduler: a diffusers folder's `scheduler/scheduler_config.json`, else SD's
+    /// default ([`SchedulerConfig::default`]); [`StableDiffusion::request`] starts from it.
+    pub scheduler: SchedulerConfig,
 }
 
 impl<B: Backend> CheckpointOptions<B> {
-    fn component(&self, placement: &Placement<B>) -> ComponentOptions<B> {
+    pub(crate) fn component(&self, placement: &Placement<B>) -> ComponentOptions<B> {
         ComponentOptions {
             graph: self.graph.clone(),
             placement: placement.clone(),
@@ -164,7 +176,11 @@ impl<B: Backend> CheckpointOptions<B> {
     }
 
     /// The options of one component with the LoRAs' modules for `target`.
-    fn with_loras(&self, placement: &Placement<B>, target: Target) -> ComponentOptions<B> {
+    pub(crate) fn with_loras(
+        &self,
+        placement: &Placement<B>,
+        target: Target,
+    ) -> ComponentOptions<B> {
         let mut o = self.component(placement);
         if !self.loras.is_empty() {
             o.loras = Some(LoraSpec::for_target(&self.loras, target));
@@ -189,8 +205,11 @@ impl Gathered {
         unet: Unet2dCondition<B>,
         text_encoders: Vec<ClipTextModel<B>>,
         vae: AutoencoderKl<B>,
-    ) -> StableDiffusion<B> {
-        StableDiffusion {
+        folder: Option<&Path>,
+    ) -> Result<StableDiffusion<B>, Error> {
+        let tokenizers = crate::sd::load::tokenizers(folder, text_encoders.len())?;
+        let scheduler = crate::sd::load::scheduler(folder)?;
+        Ok(StableDiffusion {
             family,
             unet,
             text_encoders,
@@ -198,7 +217,9 @@ impl Gathered {
             loaded: self.0,
             loras: self.1,
             lora_states: self.2,
-        }
+            tokenizers,
+            scheduler,
+        })
     }
 
     fn keep<M>(&mut self, name: String, loaded: Loaded<M>) -> M {
@@ -267,7 +288,7 @@ impl<B: Backend> StableDiffusion<B> {
             encoders = text_encoders.len(),
             "checkpoint loaded"
         );
-        Ok(loaded.into_model(family, unet, text_encoders, vae))
+        loaded.into_model(family, unet, text_encoders, vae, None)
     }
 
     /// The UNet component `c` of `index`, its family and configuration detected unless given.
@@ -357,7 +378,7 @@ impl<B: Backend> StableDiffusion<B> {
             2 => SdFamily::Sdxl,
             _ => SdFamily::Unknown,
         };
-        Ok(loaded.into_model(family, unet, text_encoders, vae))
+        loaded.into_model(family, unet, text_encoders, vae, Some(folder))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod controlnet;
 pub mod demo;
+pub mod load;
 pub mod pipeline;
 pub mod unet;
 pub mod vae;

@@ -4,6 +4,7 @@
 pub mod clip;
 mod clip_config;
 pub(crate) mod clip_keys;
+pub mod t5_demo;
 pub mod t5_tokenizer;
 pub mod tokenizer;
 pub mod umt5;

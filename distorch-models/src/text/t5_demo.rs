@@ -1,10 +1,13 @@
 //! The demo folders' T5 tokenizer: a character-level unigram `tokenizer.json` (ids, not
-//! meaning: the demo weights are random), as Hugging Face's `tokenizers` reads it.
+//! meaning: the demo weights are random), as Hugging Face's `tokenizers` reads it, and the
+//! random weights the demo folders hold.
+
+use std::collections::BTreeMap;
 
 use std::path::Path;
 
 /// Writes the tokenizer to `path`; returns its vocabulary size.
-pub fn write(path: &Path) -> std::io::Result<usize> {
+pub fn write_tokenizer(path: &Path) -> std::io::Result<usize> {
     let mut vocab: Vec<(String, f64)> = vec![
         ("<pad>".into(), 0.0),
         ("</s>".into(), 0.0),
@@ -35,4 +38,25 @@ pub fn write(path: &Path) -> std::io::Result<usize> {
     });
     std::fs::write(path, tokenizer.to_string())?;
     Ok(vocab.len())
+}
+
+/// Writes deterministic random bf16 weights for `expected` to `path` (see
+/// [`distorch_core::write_random`]): demo models that run every layer but mean nothing.
+pub fn write_weights(
+    path: &Path,
+    expected: Vec<distorch_core::runtime::ExpectedTensor>,
+    seed: u64,
+) -> Result<(), crate::Error> {
+    let specs: Vec<_> = expected
+        .into_iter()
+        .map(|e| {
+            (
+                e.name,
+                distorch_core::DType::BF16,
+                e.shape.iter().map(|&d| d as u64).collect(),
+            )
+        })
+        .collect();
+    distorch_core::write_random(path, &specs, seed, &BTreeMap::new())?;
+    Ok(())
 }

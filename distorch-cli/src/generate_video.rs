@@ -1,0 +1,248 @@
+//! `distorch generate video`: Wan 2.1 text to video from a diffusers folder or the demo
+//! folder, the transformer placed by the seeds' loader inputs or by block swap.
+
+use std::path::PathBuf;
+
+use burn::tensor::backend::Backend;
+use clap::Args;
+use distorch::backends::{OnBackend, on_device};
+use distorch::core::ComputeDtype;
+use distorch::core::runtime::{DeviceMap, Lookahead, Streamer};
+use distorch::models::wan::dit::WanDitConfig;
+use distorch::models::wan::load::{WanFiles, WanOptions};
+use distorch::models::wan::pipeline::{Txt2Video, Wan, frame_rgb8};
+use distorch::models::{ComponentOptions, Placement, PlacementSpec, Progress};
+use distorch::{BlockSwap, DeviceGraph, DeviceId, PlanRequest};
+
+use crate::Failure;
+use crate::generate::{ClipPlacement, UnetPlacement, bar, placement_spec};
+
+/// `generate video`.
+#[derive(Args)]
+pub struct VideoArgs {
+    /// A diffusers Wan 2.1 folder (default: the demo folder, Wan's architecture at small
+    /// widths with random weights, written once to the cache folder).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative: String,
+    /// Frames: 1 + 4k.
+    #[arg(long, default_value_t = 9)]
+    pub frames: usize,
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    #[arg(long, default_value_t = 64)]
+    pub height: usize,
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f64,
+    /// The sampler's shift (3 at 480p, 5 at 720p).
+    #[arg(long, default_value_t = 3.0)]
+    pub shift: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokens per prompt (Wan: 512).
+    #[arg(long, default_value_t = 512)]
+    pub max_sequence_length: usize,
+    /// The transformer's placement (the `--unet-*` flags name the denoiser).
+    #[command(flatten)]
+    pub unet_placement: UnetPlacement,
+    /// UMT5's placement.
+    #[command(flatten)]
+    pub clip_placement: ClipPlacement,
+    /// Where the VAE computes (default: the transformer's compute device).
+    #[arg(long)]
+    pub vae_device: Option<String>,
+    /// Block swap instead: this many of the transformer's last blocks live on
+    /// --swap-device and stream in when used.
+    #[arg(long, conflicts_with_all = ["unet_virtual_vram_gb", "unet_expert_mode_allocations"])]
+    pub blocks_to_swap: Option<usize>,
+    /// Where swapped blocks live.
+    #[arg(long, default_value = "cpu")]
+    pub swap_device: String,
+    /// Swapped blocks staged ahead of use.
+    #[arg(long, default_value_t = 1)]
+    pub prefetch_blocks: usize,
+    /// With block swap, keep the text embedder on --swap-device too.
+    #[arg(long)]
+    pub offload_txt_emb: bool,
+    /// Declared devices instead of detection (`cuda:0=8gib,cpu=32gib`).
+    #[arg(long)]
+    pub devices: Option<String>,
+    /// Compute dtype: f32, f16, bf16, or auto.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// The folder the frames are written to (frame_000.png, ...).
+    #[arg(long, default_value = "frames")]
+    pub out_dir: PathBuf,
+}
+
+/// Strings parsed before anything loads.
+struct Parsed {
+    dit: PlacementSpec,
+    text: PlacementSpec,
+    vae: PlacementSpec,
+    swap: Option<DeviceId>,
+    graph: DeviceGraph,
+    dtype: Option<ComputeDtype>,
+}
+
+fn parse(a: &VideoArgs) -> Result<Parsed, Failure> {
+    let u = &a.unet_placement;
+    let compute: DeviceId = u.unet_compute_device.parse()?;
+    let dit = placement_spec(
+        &u.unet_compute_device,
+        u.unet_virtual_vram_gb.unwrap_or(0.0),
+        &u.unet_donor_device,
+        u.unet_expert_mode_allocations.as_deref(),
+    )?;
+    let c = &a.clip_placement;
+    let text = placement_spec(
+        &c.clip_compute_device,
+        c.clip_virtual_vram_gb,
+        &c.clip_donor_device,
+        c.clip_expert_mode_allocations.as_deref(),
+    )?;
+    let vae = PlacementSpec::on(match &a.vae_device {
+        Some(d) => d.parse()?,
+        None => compute,
+    });
+    let swap: DeviceId = a.swap_device.parse()?;
+    Ok(Parsed {
+        dit,
+        text,
+        vae,
+        swap: a.blocks_to_swap.map(|_| swap),
+        graph: match &a.devices {
+            Some(d) => DeviceGraph::declare(d)?,
+            None => distorch::backends::detect().graph,
+        },
+        dtype: ComputeDtype::parse_or_auto(&a.dtype).map_err(|e| Failure::Other(e.to_string()))?,
+    })
+}
+
+/// Runs `generate video`.
+pub fn video(args: &VideoArgs) -> Result<(), Failure> {
+    let parsed = parse(args)?;
+    let compute = parsed.dit.compute_device;
+    on_device(compute, Video { args, parsed })?
+}
+
+struct Video<'a> {
+    args: &'a VideoArgs,
+    parsed: Parsed,
+}
+
+impl OnBackend for Video<'_> {
+    type Output = Result<(), Failure>;
+    fn run<B: Backend>(self, compute: DeviceId, device: B::Device) -> Result<(), Failure> {
+        generate::<B>(self.args, self.parsed, compute, device)
+            .map_err(|e| Failure::Other(e.to_string()))
+    }
+}
+
+fn generate<B: Backend>(
+    args: &VideoArgs,
+    p: Parsed,
+    compute: DeviceId,
+    device: B::Device,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let folder = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            println!(
+                "No --model: the demo Wan folder (random weights: the frames will be abstract)."
+            );
+            distorch::models::wan::demo::ensure_in::<B>(&crate::cli::cache_dir())?
+        }
+    };
+    let bind = &distorch::bind_device::<B>;
+    let options = |placement: Placement<B>| ComponentOptions {
+        dtype: p.dtype,
+        ..ComponentOptions::new(p.graph.clone(), placement)
+    };
+    let config = WanDitConfig::from_file(folder.join("transformer").join("config.json"))?;
+    let transformer = match (args.blocks_to_swap, p.swap) {
+        (Some(_), Some(swap_device)) if swap_device == compute => {
+            println!("(compute and swap device are both {compute}: no block swap)");
+            options(p.dit.placement::<B>(compute, &device, bind)?)
+        }
+        (Some(blocks), Some(swap_device)) => {
+            let mut swap = BlockSwap::new(compute, swap_device, blocks);
+            if args.offload_txt_emb {
+                swap = swap
+                    .offloading("condition_embedder.text_embedder.")
+                    .offloading("text_embedding.");
+            }
+            let mut o = options(Placement {
+                request: PlanRequest::block_swap(swap),
+                devices: DeviceMap::new(device.clone()),
+            });
+            o.lookahead = Lookahead {
+                units: args.prefetch_blocks.max(1) * config.units_per_block(),
+                ..Lookahead::default()
+            };
+            o
+        }
+        _ => options(p.dit.placement::<B>(compute, &device, bind)?),
+    };
+    let mut files = WanFiles::diffusers(&folder);
+    files.configs.transformer = Some(config);
+    let (wan, plans) = Wan::load(
+        &files,
+        &WanOptions {
+            transformer,
+            text_encoder: options(p.text.placement::<B>(compute, &device, bind)?),
+            vae: options(p.vae.placement::<B>(compute, &device, bind)?),
+        },
+    )?;
+    for (name, plan) in [
+        ("text encoder", &plans.text_encoder),
+        ("transformer", &plans.transformer),
+        ("vae", &plans.vae),
+    ] {
+        println!("\n[{name}]\n{plan}");
+    }
+    let mut req = Txt2Video::<B>::new(args.prompt.clone());
+    req.negative_prompt = args.negative.clone();
+    (req.frames, req.width, req.height) = (args.frames, args.width, args.height);
+    (req.steps, req.guidance, req.shift) = (args.steps, args.guidance, args.shift);
+    req.seed = args.seed;
+    req.max_sequence_length = args.max_sequence_length;
+    let steps = bar(
+        args.steps as u64,
+        "sampling {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}",
+    )?;
+    let video = wan.txt2video(&req, &mut |e| match e {
+        Progress::Step { .. } => steps.inc(1),
+        Progress::Decoded { .. } => steps.finish_and_clear(),
+        Progress::Encoded { .. } => {}
+    })?;
+    print_streamer("transformer", wan.transformer.streamer());
+    std::fs::create_dir_all(&args.out_dir)?;
+    let frames = video.video.dims()[2];
+    for i in 0..frames {
+        frame_rgb8(&video.video, i)?.save(args.out_dir.join(format!("frame_{i:03}.png")))?;
+    }
+    println!("wrote {frames} frames to {}", args.out_dir.display());
+    Ok(())
+}
+
+/// Prints (and resets) a streamer's statistics.
+pub(crate) fn print_streamer<B: Backend>(name: &str, streamer: &Streamer<B>) {
+    let stats = streamer.take_stats();
+    let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
+    println!(
+        "{name} streamer: {} fetches, {} resident, {} prefetched, {} on demand, {:.1} MB moved, \
+         {:.1} ms waited",
+        stats.fetches,
+        stats.resident,
+        stats.prefetched,
+        stats.on_demand,
+        moved as f64 / 1e6,
+        stats.stall.as_secs_f64() * 1e3
+    );
+}

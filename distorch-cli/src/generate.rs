@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
-use distorch::alloc::{AllocSpec, parse_device_list};
 use distorch::backends::{OnBackend, on_device};
 use distorch::core::ComputeDtype;
 use distorch::core::runtime::PatchPrecision;
@@ -31,6 +30,8 @@ pub enum GenerateKind {
     Image(Box<ImageArgs>),
     /// A video from a prompt (Wan 2.1 text to video).
     Video(Box<VideoArgs>),
+    /// An image from a prompt with FLUX.1 (dev or schnell).
+    Flux(Box<crate::generate_flux::FluxArgs>),
 }
 
 /// One component's placement, as DisTorch2's loaders take it (strings, parsed before loading).
@@ -142,19 +143,14 @@ pub struct ImageArgs {
     pub out: PathBuf,
 }
 
-/// A component's placement strings, parsed.
+/// A component's placement strings, parsed (see [`PlacementSpec::parse`]).
 pub(crate) fn placement_spec(
     device: &str,
     gb: f64,
     donors: &str,
     expert: Option<&str>,
 ) -> Result<PlacementSpec, Failure> {
-    Ok(PlacementSpec {
-        compute_device: device.parse()?,
-        virtual_vram_gb: gb,
-        donor_device: parse_device_list(donors)?,
-        expert_mode_allocations: expert.map(str::parse::<AllocSpec>).transpose()?,
-    })
+    Ok(PlacementSpec::parse(device, gb, donors, expert)?)
 }
 
 /// Everything parsed from strings, before anything is read.

@@ -9,6 +9,7 @@
 
 mod cli;
 mod generate;
+mod generate_flux;
 mod generate_video;
 mod inspect;
 mod plan;
@@ -73,6 +74,7 @@ fn main() -> ExitCode {
         Command::Generate { kind } => match kind {
             generate::GenerateKind::Image(a) => generate::image(&a),
             generate::GenerateKind::Video(a) => generate_video::video(&a),
+            generate::GenerateKind::Flux(a) => generate_flux::flux(&a),
         },
     };
     match result {

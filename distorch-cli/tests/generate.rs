@@ -1,6 +1,6 @@
 //! `distorch generate`: an image from a tiny diffusers pipeline folder (the parity fixture
-//! of `tools/fixtures/pipeline.py`) and a video from the Wan demo folder, with their plans and
-//! streamer lines; bad strings exit 2 with a caret before any weight is read.
+//! of `tools/fixtures/pipeline.py`), a video and a FLUX image from their demo folders, with
+//! their plans and streamer lines; bad strings exit 2 with a caret before any weight is read.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -88,6 +88,43 @@ fn generate_video_on_the_demo_folder_writes_frames() {
     assert!(o.status.success(), "{}\n{}", stdout, text(&o.stderr));
     assert!(stdout.contains("[transformer]") && stdout.contains("transformer streamer:"));
     assert!(frames.join("frame_000.png").is_file());
+}
+
+#[test]
+fn generate_flux_on_the_demo_folder_writes_a_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("flux.png");
+    let o = distorch(
+        &[
+            "generate",
+            "flux",
+            "--prompt",
+            "a fox",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "1",
+            "--max-sequence-length",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let stdout = text(&o.stdout);
+    assert!(o.status.success(), "{}\n{}", stdout, text(&o.stderr));
+    for table in [
+        "[CLIP]",
+        "[T5]",
+        "[transformer]",
+        "[vae]",
+        "transformer streamer:",
+    ] {
+        assert!(stdout.contains(table), "no `{table}` in:\n{stdout}");
+    }
+    assert_eq!(&std::fs::read(&out).unwrap()[1..4], b"PNG");
 }
 
 /// A bad allocation string exits 2 with the caret message before anything is read: the

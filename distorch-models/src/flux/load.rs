@@ -13,7 +13,9 @@ use distorch_alloc::Plan;
 use crate::error::Error;
 use crate::flux::dit::{FluxConfig, FluxTransformer};
 use crate::flux::pipeline::Flux;
-use crate::load::{ComponentOptions, Loaded, load_model};
+use std::sync::Arc;
+
+use crate::load::{CachedLoad, ComponentOptions, Loaded, Models, cache_key, load_model};
 use crate::sampling::flow_match::FlowMatchConfig;
 use crate::sd::vae::{AutoencoderKl, VaeConfig};
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
@@ -183,5 +185,62 @@ impl<B: Backend> Flux<B> {
             },
             plans,
         ))
+    }
+
+    /// [`Flux::load`] through `cache`: the pipeline already loaded from the same, unchanged
+    /// files with the same options is shared (with its plans); otherwise, with
+    /// `eject_models` (DisTorch2's default), every cached model holding weights on a
+    /// component's compute device is unloaded first.
+    pub fn load_cached(
+        cache: &mut Models,
+        files: &FluxFiles,
+        options: &FluxOptions<B>,
+        eject_models: bool,
+    ) -> Result<Arc<(Flux<B>, FluxPlans)>, Error>
+    where
+        Flux<B>: Send + Sync + 'static,
+    {
+        let c = &files.configs;
+        let key = [
+            cache_key::<B, ClipTextModel<B>>(&files.clip, c.clip.as_ref(), &options.clip),
+            cache_key::<B, Umt5Encoder<B>>(&files.t5, c.t5.as_ref(), &options.t5),
+            cache_key::<B, FluxTransformer<B>>(
+                &files.transformer,
+                c.transformer.as_ref(),
+                &options.transformer,
+            ),
+            cache_key::<B, AutoencoderKl<B>>(&files.vae, c.vae.as_ref(), &options.vae),
+            format!(
+                "{:?}|{:?}|{:?}",
+                files.t5_tokenizer, files.clip_tokenizer, files.scheduler
+            ),
+        ]
+        .join("|");
+        let o = [
+            &options.clip,
+            &options.t5,
+            &options.transformer,
+            &options.vae,
+        ];
+        CachedLoad {
+            cache,
+            key: format!("flux:{key}"),
+            computes: o
+                .iter()
+                .filter_map(|o| o.placement.request.compute())
+                .collect(),
+            graph: &options.transformer.graph,
+            eject_models,
+        }
+        .get_or_load(|| {
+            let (flux, plans) = Flux::load(files, options)?;
+            let list = vec![
+                plans.clip.clone(),
+                plans.t5.clone(),
+                plans.transformer.clone(),
+                plans.vae.clone(),
+            ];
+            Ok(((flux, plans), list))
+        })
     }
 }

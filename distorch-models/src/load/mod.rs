@@ -10,12 +10,14 @@ pub mod discovery;
 pub(crate) mod folder;
 pub mod gguf;
 pub(crate) mod keymap;
+mod pipelines;
 mod placement;
 pub(crate) mod shapes;
 
 pub use context::LoadContext;
 pub use conventions::{CONVENTIONS, inventory_for, split};
 pub use gguf::open_index;
+pub(crate) use pipelines::CachedLoad;
 pub use placement::{BindDevice, Placement, PlacementSpec};
 pub(crate) use shapes::{
     both_names, needs_config, own_modules, shape_map, to_usize, units_in_order,

@@ -76,6 +76,33 @@ impl PlacementSpec {
         }
     }
 
+    /// The loader inputs as strings (a command line's, a node's widgets): a device, GiB, a
+    /// donor list (`cuda:1,cpu`) and an optional allocation string (empty: none). A string
+    /// that does not parse is [`distorch_alloc::Error::Parse`], with the caret message; an
+    /// amount out of range is refused here too, before anything is read.
+    pub fn parse(
+        compute_device: &str,
+        virtual_vram_gb: f64,
+        donor_device: &str,
+        expert_mode_allocations: Option<&str>,
+    ) -> Result<PlacementSpec, distorch_alloc::Error> {
+        let compute_device: DeviceId = compute_device.parse()?;
+        let donor_device = distorch_alloc::parse_device_list(donor_device)?;
+        let expert_mode_allocations = match expert_mode_allocations {
+            Some(s) if !s.trim().is_empty() => Some(s.parse::<AllocSpec>()?),
+            _ => None,
+        };
+        if expert_mode_allocations.is_none() && virtual_vram_gb != 0.0 {
+            VirtualVram::from_gib(compute_device, virtual_vram_gb, donor_device.clone())?;
+        }
+        Ok(PlacementSpec {
+            compute_device,
+            virtual_vram_gb,
+            donor_device,
+            expert_mode_allocations,
+        })
+    }
+
     /// The placement in a run computing on `compute` (bound to `device`): the component's
     /// own compute device and any GPU donors bound by `bind`. Strings and amounts are checked
     /// here, before anything is read.

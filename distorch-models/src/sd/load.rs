@@ -8,15 +8,13 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use distorch_alloc::{ByteSize, DeviceId};
 use distorch_core::SafetensorsIndex;
-use distorch_core::runtime::EjectPolicy;
 use distorch_lora::{LoraFile, Target};
 
 use crate::error::Error;
 use crate::load::discovery::{ModelFolders, ModelKind};
 use crate::load::folder::ComponentFiles;
-use crate::load::{Models, cache_key};
+use crate::load::{CachedLoad, Models, cache_key};
 use crate::sampling::scheduler::SchedulerConfig;
 use crate::sd::checkpoint::{CheckpointOptions, LoraSpec, StableDiffusion};
 use crate::sd::pipeline::{Generated, Progress, Txt2Img};
@@ -58,32 +56,22 @@ impl<B: Backend> StableDiffusion<B> {
         StableDiffusion<B>: Send + Sync + 'static,
     {
         let path = path.as_ref();
-        let key = pipeline_key(path, options);
-        if let Some(hit) = cache.get(&key).and_then(|m| m.downcast().ok()) {
-            tracing::debug!(path = %path.display(), "pipeline cached");
-            return Ok(hit);
-        }
-        if options.eject_models {
-            let mut devices: Vec<DeviceId> = [&options.unet, &options.clip, &options.vae]
-                .iter()
-                .filter_map(|p| p.request.compute())
-                .collect();
-            devices.dedup();
-            for d in devices {
-                let capacity = options.graph.get(d).map_or(ByteSize(u64::MAX), |i| i.free);
-                cache.make_room(d, ByteSize(0), capacity, EjectPolicy::EjectAll)?;
-            }
-        }
-        let sd = Arc::new(StableDiffusion::load(path, options)?);
-        let mut bytes: Vec<(DeviceId, ByteSize)> = Vec::new();
-        for (d, b) in sd.loaded.iter().flat_map(|(_, _, r)| &r.bytes_per_device) {
-            match bytes.iter_mut().find(|(e, _)| e == d) {
-                Some((_, total)) => *total = total.saturating_add(*b),
-                None => bytes.push((*d, *b)),
-            }
-        }
-        cache.insert(key, sd.clone(), &bytes);
-        Ok(sd)
+        let computes = [&options.unet, &options.clip, &options.vae]
+            .iter()
+            .filter_map(|p| p.request.compute())
+            .collect();
+        let cached = CachedLoad {
+            cache,
+            key: pipeline_key(path, options),
+            computes,
+            graph: &options.graph,
+            eject_models: options.eject_models,
+        };
+        cached.get_or_load(|| {
+            let sd = StableDiffusion::load(path, options)?;
+            let plans = sd.loaded.iter().map(|(_, p, _)| p.clone()).collect();
+            Ok((sd, plans))
+        })
     }
 
     /// A request for `prompt` with this pipeline's scheduler and the defaults of

@@ -9,7 +9,9 @@ use burn::tensor::backend::Backend;
 use distorch_alloc::Plan;
 
 use crate::error::Error;
-use crate::load::{ComponentOptions, Loaded, load_model};
+use std::sync::Arc;
+
+use crate::load::{CachedLoad, ComponentOptions, Loaded, Models, cache_key, load_model};
 use crate::text::t5_tokenizer::T5Tokenizer;
 use crate::text::umt5::{Umt5Config, Umt5Encoder};
 use crate::wan::dit::{WanDitConfig, WanTransformer};
@@ -124,5 +126,56 @@ impl<B: Backend> Wan<B> {
             },
             plans,
         ))
+    }
+
+    /// [`Wan::load`] through `cache`: the pipeline already loaded from the same, unchanged
+    /// files with the same options is shared (with its plans); otherwise, with
+    /// `eject_models` (DisTorch2's default), every cached model holding weights on a
+    /// component's compute device is unloaded first.
+    pub fn load_cached(
+        cache: &mut Models,
+        files: &WanFiles,
+        options: &WanOptions<B>,
+        eject_models: bool,
+    ) -> Result<Arc<(Wan<B>, WanPlans)>, Error>
+    where
+        Wan<B>: Send + Sync + 'static,
+    {
+        let c = &files.configs;
+        let key = [
+            cache_key::<B, Umt5Encoder<B>>(
+                &files.text_encoder,
+                c.text_encoder.as_ref(),
+                &options.text_encoder,
+            ),
+            cache_key::<B, WanTransformer<B>>(
+                &files.transformer,
+                c.transformer.as_ref(),
+                &options.transformer,
+            ),
+            cache_key::<B, WanVae<B>>(&files.vae, c.vae.as_ref(), &options.vae),
+            files.tokenizer.display().to_string(),
+        ]
+        .join("|");
+        let o = [&options.text_encoder, &options.transformer, &options.vae];
+        CachedLoad {
+            cache,
+            key: format!("wan:{key}"),
+            computes: o
+                .iter()
+                .filter_map(|o| o.placement.request.compute())
+                .collect(),
+            graph: &options.transformer.graph,
+            eject_models,
+        }
+        .get_or_load(|| {
+            let (wan, plans) = Wan::load(files, options)?;
+            let list = vec![
+                plans.text_encoder.clone(),
+                plans.transformer.clone(),
+                plans.vae.clone(),
+            ];
+            Ok(((wan, plans), list))
+        })
     }
 }

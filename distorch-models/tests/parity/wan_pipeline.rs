@@ -129,4 +129,17 @@ fn a_pipeline_loaded_in_one_call_equals_the_hand_built_one() {
         Err(e) => e.to_string(),
     };
     assert!(e.contains("/nonexistent/tokenizer.json"), "{e}");
+
+    // Through the cache: the same files and options share one pipeline; another placement
+    // is another, loaded after eject_models unloaded the first from the compute device.
+    let mut cache = distorch_models::load::Models::new();
+    let a = Wan::<B>::load_cached(&mut cache, &files, &options, true).unwrap();
+    let again = Wan::<B>::load_cached(&mut cache, &files, &options, true).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&a, &again));
+    let resident = WanOptions::all(component_options(false));
+    let b = Wan::<B>::load_cached(&mut cache, &files, &resident, true).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&a, &b));
+    assert_eq!(cache.ids().len(), 1, "eject_models unloads the first");
+    Wan::<B>::load_cached(&mut cache, &files, &options, false).unwrap();
+    assert_eq!(cache.ids().len(), 2, "eject_models = false keeps it");
 }

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use safetensors::tensor as st;
 use serde::Deserialize;
 
 use crate::dtype::DType;
@@ -184,61 +185,12 @@ impl SafetensorsIndex {
                 metadata = m;
                 continue;
             }
-            let bad = |reason: String| Error::InvalidTensor {
-                path: path.clone(),
-                name: name.clone(),
-                reason,
-            };
-            let raw: RawInfo = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-            let dtype = DType::from_safetensors(&raw.dtype).ok_or_else(|| Error::UnknownDtype {
-                path: path.clone(),
-                name: name.clone(),
-                dtype: raw.dtype.clone(),
-            })?;
-            let [begin, end] = raw.data_offsets;
-            if end < begin {
-                return Err(bad(format!(
-                    "data_offsets [{begin}, {end}] end before they begin"
-                )));
-            }
-            let expected = raw
-                .shape
-                .iter()
-                .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| bad(format!("shape {:?} overflows a 64-bit size", raw.shape)))?;
-            if expected != end - begin {
-                return Err(Error::SizeMismatch {
-                    path: path.clone(),
-                    name,
-                    dtype,
-                    shape: raw.shape,
-                    expected,
-                    got: end - begin,
-                });
-            }
-            tensors.push(TensorInfo {
-                name,
-                dtype,
-                shape: raw.shape,
-                file_offset: begin,
-                bytes: end - begin,
-                shard: 0,
-            });
+            tensors.push(Self::tensor_entry(&path, name, value)?);
         }
-        // Data ranges must tile [0, data_len) exactly.
+        // The layout — offsets tiling the data, sizes from shapes and dtypes — is checked by
+        // Hugging Face's `safetensors` crate; its errors get the file, tensor and offsets here.
         tensors.sort_by(|a, b| (a.file_offset, &a.name).cmp(&(b.file_offset, &b.name)));
-        let mut cursor = 0u64;
-        for t in &tensors {
-            if t.file_offset != cursor {
-                return Err(Error::InvalidOffsets {
-                    path,
-                    name: t.name.clone(),
-                    begin: t.file_offset,
-                    expected: cursor,
-                });
-            }
-            cursor += t.bytes; // ≤ end offset, which is a u64
-        }
+        let cursor = Self::check_layout(&path, &tensors, &metadata)?;
         let data_start = 8 + header.len() as u64;
         let actual = file_len.saturating_sub(data_start);
         if actual != cursor {
@@ -259,6 +211,110 @@ impl SafetensorsIndex {
             metadata,
             file_len,
         })
+    }
+
+    /// One header entry: its fields read (typed errors naming the tensor), its size checked
+    /// by the `safetensors` crate against its shape and dtype. `file_offset` is relative to
+    /// the data section.
+    fn tensor_entry(
+        path: &Path,
+        name: String,
+        value: serde_json::Value,
+    ) -> Result<TensorInfo, Error> {
+        let bad = |reason: String| Error::InvalidTensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            reason,
+        };
+        let raw: RawInfo = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let unknown = || Error::UnknownDtype {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            dtype: raw.dtype.clone(),
+        };
+        let dtype = DType::from_safetensors(&raw.dtype).ok_or_else(unknown)?;
+        let [begin, end] = raw.data_offsets;
+        if end < begin {
+            return Err(bad(format!(
+                "data_offsets [{begin}, {end}] end before they begin"
+            )));
+        }
+        let overflow = || bad(format!("shape {:?} overflows a 64-bit size", raw.shape));
+        let shape: Vec<usize> = raw
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| overflow()))
+            .collect::<Result<_, _>>()?;
+        let bytes = usize::try_from(end - begin).map_err(|_| overflow())?;
+        let info = st::TensorInfo {
+            dtype: st_dtype(dtype).ok_or_else(unknown)?,
+            shape,
+            data_offsets: (0, bytes),
+        };
+        match st::Metadata::new(None, vec![(name.clone(), info)]) {
+            Ok(_) => {}
+            Err(st::SafeTensorError::TensorInvalidInfo) => {
+                return Err(Error::SizeMismatch {
+                    path: path.to_path_buf(),
+                    expected: raw
+                        .shape
+                        .iter()
+                        .fold(dtype.size(), |a, &d| a.saturating_mul(d)),
+                    name,
+                    dtype,
+                    shape: raw.shape,
+                    got: end - begin,
+                });
+            }
+            Err(st::SafeTensorError::ValidationOverflow) => return Err(overflow()),
+            Err(e) => return Err(bad(e.to_string())),
+        }
+        Ok(TensorInfo {
+            name,
+            dtype,
+            shape: raw.shape,
+            file_offset: begin,
+            bytes: end - begin,
+            shard: 0,
+        })
+    }
+
+    /// The `safetensors` crate's check that `tensors` (sorted by offset) tile the data
+    /// section from 0 without gaps or overlaps; returns the data length they cover.
+    fn check_layout(
+        path: &Path,
+        tensors: &[TensorInfo],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<u64, Error> {
+        let infos = tensors
+            .iter()
+            .map(|t| {
+                let info = st::TensorInfo {
+                    dtype: st_dtype(t.dtype).unwrap_or(st::Dtype::U8),
+                    shape: vec![t.bytes as usize / t.dtype.size().max(1) as usize],
+                    data_offsets: (t.file_offset as usize, (t.file_offset + t.bytes) as usize),
+                };
+                (t.name.clone(), info)
+            })
+            .collect();
+        let meta = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+        match st::Metadata::new(meta, infos) {
+            Ok(m) => Ok(m.data_len() as u64),
+            Err(st::SafeTensorError::InvalidOffset(name)) => {
+                let i = tensors.iter().position(|t| t.name == name).unwrap_or(0);
+                let expected = tensors[..i].last().map_or(0, |p| p.file_offset + p.bytes);
+                Err(Error::InvalidOffsets {
+                    path: path.to_path_buf(),
+                    begin: tensors.get(i).map_or(0, |t| t.file_offset),
+                    name,
+                    expected,
+                })
+            }
+            Err(e) => Err(Error::InvalidHeader {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// The index of a GGUF file: its tensors (GGML types, real shapes, data ranges) in data
@@ -394,45 +450,20 @@ fn write_impl(
         path: path.to_path_buf(),
         source,
     };
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::json!(metadata));
-    }
-    let mut offset = 0u64;
-    for (i, (name, dtype, shape)) in tensors.iter().enumerate() {
-        let bad = |reason: String| Error::InvalidTensor {
-            path: path.to_path_buf(),
-            name: name.clone(),
-            reason,
-        };
-        let bytes = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad(format!("shape {shape:?} overflows a 64-bit size")))?;
-        if let Some(given) = data.map(|d| d.get(i).map_or(0, |b| b.len() as u64))
-            && given != bytes
-        {
-            return Err(bad(format!(
-                "{given} bytes of data given, the shape needs {bytes}"
-            )));
-        }
-        let end = offset
-            .checked_add(bytes)
-            .ok_or_else(|| bad("the file would exceed 2^64 bytes".into()))?;
-        header.insert(
-            name.clone(),
-            serde_json::json!({
-                "dtype": dtype.safetensors_name(),
-                "shape": shape,
-                "data_offsets": [offset, end],
-            }),
-        );
-        offset = end;
-    }
-    let mut json = serde_json::to_vec(&header).map_err(|e| Error::InvalidHeader {
+    let (infos, offset) = header_infos(path, tensors, data)?;
+    // The tensors' entries as the `safetensors` crate validates and serializes them (in the
+    // order given: its own `serialize_to_file` would sort them by dtype and write every zero
+    // byte), the metadata added in key order so the same input gives the same bytes.
+    let header_error = |reason: String| Error::InvalidHeader {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let entries = st::Metadata::new(None, infos).map_err(|e| header_error(e.to_string()))?;
+    let mut header = serde_json::to_value(&entries).map_err(|e| header_error(e.to_string()))?;
+    if let (false, Some(map)) = (metadata.is_empty(), header.as_object_mut()) {
+        map.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| header_error(e.to_string()))?;
     // Pad to 8 bytes so data stays aligned, as the reference writer does.
     while json.len() % 8 != 0 {
         json.push(b' ');
@@ -449,4 +480,62 @@ fn write_impl(
     let file = file.into_inner().map_err(|e| io(e.into_error()))?;
     file.set_len(8 + json.len() as u64 + offset).map_err(io)?;
     file.sync_all().map_err(io)
+}
+
+/// Each tensor's header entry in the `safetensors` crate's form, laid out in the order given,
+/// and the data length; sizes, given data and names checked with the tensor named.
+fn header_infos(
+    path: &Path,
+    tensors: &[TensorSpec],
+    data: Option<&[&[u8]]>,
+) -> Result<(Vec<(String, st::TensorInfo)>, u64), Error> {
+    let mut seen = HashSet::with_capacity(tensors.len());
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0u64;
+    for (i, (name, dtype, shape)) in tensors.iter().enumerate() {
+        let bad = |reason: String| Error::InvalidTensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            reason,
+        };
+        if !seen.insert(name.as_str()) {
+            return Err(bad("given twice".into()));
+        }
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows a 64-bit size")))?;
+        if let Some(given) = data.map(|d| d.get(i).map_or(0, |b| b.len() as u64))
+            && given != bytes
+        {
+            return Err(bad(format!(
+                "{given} bytes of data given, the shape needs {bytes}"
+            )));
+        }
+        let end = offset
+            .checked_add(bytes)
+            .ok_or_else(|| bad("the file would exceed 2^64 bytes".into()))?;
+        let too_large = || bad("larger than this machine's address space".into());
+        let info = st::TensorInfo {
+            dtype: st_dtype(*dtype)
+                .ok_or_else(|| bad(format!("{dtype} cannot be stored in a safetensors file")))?,
+            shape: shape
+                .iter()
+                .map(|&d| usize::try_from(d).map_err(|_| too_large()))
+                .collect::<Result<_, _>>()?,
+            data_offsets: (
+                usize::try_from(offset).map_err(|_| too_large())?,
+                usize::try_from(end).map_err(|_| too_large())?,
+            ),
+        };
+        infos.push((name.clone(), info));
+        offset = end;
+    }
+    Ok((infos, offset))
+}
+
+/// The `safetensors` crate's dtype for ours (`None` for GGML block types, which safetensors
+/// files cannot hold).
+fn st_dtype(d: DType) -> Option<st::Dtype> {
+    serde_json::from_value(serde_json::Value::String(d.safetensors_name().to_owned())).ok()
 }

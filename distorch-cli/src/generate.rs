@@ -257,25 +257,7 @@ fn generate_image<B: Backend>(
             DemoModel::Sd15.ensure_random_in(&crate::cli::cache_dir())?
         }
     };
-    let bind = &distorch::bind_device::<B>;
-    let mut options =
-        CheckpointOptions::<B>::new(p.graph.clone(), compute, device.clone(), device.clone())?;
-    options.unet = p.unet.placement::<B>(compute, &device, bind)?;
-    options.clip = p.clip.placement::<B>(compute, &device, bind)?;
-    options.vae = p.vae.placement::<B>(compute, &device, bind)?;
-    options.dtype = p.dtype;
-    options.eject_models = args.eject_models;
-    options.precision = if args.high_precision_loras {
-        PatchPrecision::High
-    } else {
-        PatchPrecision::Fp8Stochastic { seed: 0 }
-    };
-    for spec in &args.lora {
-        options.loras.push(LoraSpec::parse(spec, &folders)?);
-    }
-    if let Some(name) = &args.unet {
-        options.unet_file = Some(folders.resolve(ModelKind::DiffusionModels, name)?);
-    }
+    let mut options = checkpoint_options::<B>(args, &p, &folders, compute, &device)?;
     let loading = bar(
         file_bytes(&ckpt)?,
         "loading  {bar:30} {bytes}/{total_bytes}  {bytes_per_sec}",
@@ -337,6 +319,36 @@ fn generate_image<B: Backend>(
     to_rgb8(out.image)?.save(&args.out)?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// The pipeline's options from the parsed placements and the LoRA / UNet flags.
+fn checkpoint_options<B: Backend>(
+    args: &ImageArgs,
+    p: &Parsed,
+    folders: &ModelFolders,
+    compute: DeviceId,
+    device: &B::Device,
+) -> Result<CheckpointOptions<B>, Box<dyn std::error::Error>> {
+    let bind = &distorch::bind_device::<B>;
+    let mut options =
+        CheckpointOptions::<B>::new(p.graph.clone(), compute, device.clone(), device.clone())?;
+    options.unet = p.unet.placement::<B>(compute, device, bind)?;
+    options.clip = p.clip.placement::<B>(compute, device, bind)?;
+    options.vae = p.vae.placement::<B>(compute, device, bind)?;
+    options.dtype = p.dtype;
+    options.eject_models = args.eject_models;
+    options.precision = if args.high_precision_loras {
+        PatchPrecision::High
+    } else {
+        PatchPrecision::Fp8Stochastic { seed: 0 }
+    };
+    for spec in &args.lora {
+        options.loras.push(LoraSpec::parse(spec, folders)?);
+    }
+    if let Some(name) = &args.unet {
+        options.unet_file = Some(folders.resolve(ModelKind::DiffusionModels, name)?);
+    }
+    Ok(options)
 }
 
 /// The ControlNet of `--controlnet`, checked against the UNet, on the UNet's placement.

@@ -159,35 +159,12 @@ fn generate<B: Backend>(
             distorch::models::wan::demo::ensure_in::<B>(&crate::cli::cache_dir())?
         }
     };
+    let config = WanDitConfig::from_file(folder.join("transformer").join("config.json"))?;
+    let transformer = transformer_options::<B>(args, &p, &config, compute, &device)?;
     let bind = &distorch::bind_device::<B>;
     let options = |placement: Placement<B>| ComponentOptions {
         dtype: p.dtype,
         ..ComponentOptions::new(p.graph.clone(), placement)
-    };
-    let config = WanDitConfig::from_file(folder.join("transformer").join("config.json"))?;
-    let transformer = match (args.blocks_to_swap, p.swap) {
-        (Some(_), Some(swap_device)) if swap_device == compute => {
-            println!("(compute and swap device are both {compute}: no block swap)");
-            options(p.dit.placement::<B>(compute, &device, bind)?)
-        }
-        (Some(blocks), Some(swap_device)) => {
-            let mut swap = BlockSwap::new(compute, swap_device, blocks);
-            if args.offload_txt_emb {
-                swap = swap
-                    .offloading("condition_embedder.text_embedder.")
-                    .offloading("text_embedding.");
-            }
-            let mut o = options(Placement {
-                request: PlanRequest::block_swap(swap),
-                devices: DeviceMap::new(device.clone()),
-            });
-            o.lookahead = Lookahead {
-                units: args.prefetch_blocks.max(1) * config.units_per_block(),
-                ..Lookahead::default()
-            };
-            o
-        }
-        _ => options(p.dit.placement::<B>(compute, &device, bind)?),
     };
     let mut files = WanFiles::diffusers(&folder);
     files.configs.transformer = Some(config);
@@ -229,6 +206,46 @@ fn generate<B: Backend>(
     }
     println!("wrote {frames} frames to {}", args.out_dir.display());
     Ok(())
+}
+
+/// The transformer's options: block swap when asked (and the swap device is another), else
+/// its placement.
+fn transformer_options<B: Backend>(
+    args: &VideoArgs,
+    p: &Parsed,
+    config: &WanDitConfig,
+    compute: DeviceId,
+    device: &B::Device,
+) -> Result<ComponentOptions<B>, Box<dyn std::error::Error>> {
+    let bind = &distorch::bind_device::<B>;
+    let options = |placement: Placement<B>| ComponentOptions {
+        dtype: p.dtype,
+        ..ComponentOptions::new(p.graph.clone(), placement)
+    };
+    Ok(match (args.blocks_to_swap, p.swap) {
+        (Some(_), Some(swap_device)) if swap_device == compute => {
+            println!("(compute and swap device are both {compute}: no block swap)");
+            options(p.dit.placement::<B>(compute, device, bind)?)
+        }
+        (Some(blocks), Some(swap_device)) => {
+            let mut swap = BlockSwap::new(compute, swap_device, blocks);
+            if args.offload_txt_emb {
+                swap = swap
+                    .offloading("condition_embedder.text_embedder.")
+                    .offloading("text_embedding.");
+            }
+            let mut o = options(Placement {
+                request: PlanRequest::block_swap(swap),
+                devices: DeviceMap::new(device.clone()),
+            });
+            o.lookahead = Lookahead {
+                units: args.prefetch_blocks.max(1) * config.units_per_block(),
+                ..Lookahead::default()
+            };
+            o
+        }
+        _ => options(p.dit.placement::<B>(compute, device, bind)?),
+    })
 }
 
 /// Prints (and resets) a streamer's statistics.

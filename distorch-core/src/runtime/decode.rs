@@ -31,11 +31,55 @@ pub(crate) fn to_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>, DecodeError
     Ok(out)
 }
 
-/// Decodes `bytes` into `out` (one f32 per element), in blocks the compiler vectorises; f16
-/// uses the CPU's conversion instructions where it has them (F16C).
+/// Elements per parallel task: large enough that a task's overhead is noise, small enough
+/// that a tensor of a few MiB splits across the cores.
+const TASK: usize = 1 << 16;
+
+/// Decodes `bytes` into `out` (one f32 per element), split across the cores (rayon) for
+/// large tensors: the decoding and the first touch of `out`'s fresh pages run in parallel.
 fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), DecodeError> {
+    use rayon::prelude::*;
+    if !matches!(
+        dtype,
+        DType::F32 | DType::F64 | DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2
+    ) {
+        return Err(DecodeError::NotFloat);
+    }
+    let size = dtype.size() as usize;
+    if out.len() <= TASK {
+        decode_run(dtype, bytes, out);
+    } else {
+        out.par_chunks_mut(TASK)
+            .zip(bytes.par_chunks(TASK * size))
+            .for_each(|(o, b)| decode_run(dtype, b, o));
+    }
+    Ok(())
+}
+
+/// Decodes one run of elements: a plain copy or `half`'s slice conversion (F16C where the CPU
+/// has it) on a byte view of the input when it is aligned for the element type (`bytemuck`,
+/// little-endian targets), else element by element from little-endian bytes.
+fn decode_run(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
-    const BLOCK: usize = 4096;
+    #[cfg(target_endian = "little")]
+    match dtype {
+        DType::F32 => {
+            if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                return out.copy_from_slice(v);
+            }
+        }
+        DType::F16 => {
+            if let Ok(v) = bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
+                return v.convert_to_f32_slice(out);
+            }
+        }
+        DType::BF16 => {
+            if let Ok(v) = bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
+                return v.convert_to_f32_slice(out);
+            }
+        }
+        _ => {}
+    }
     match dtype {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -53,6 +97,7 @@ fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Decode
             }
         }
         DType::F16 => {
+            const BLOCK: usize = 4096;
             let mut buf = [half::f16::ZERO; BLOCK];
             for (src, dst) in bytes.chunks(2 * BLOCK).zip(out.chunks_mut(BLOCK)) {
                 let buf = &mut buf[..dst.len()];
@@ -62,19 +107,13 @@ fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Decode
                 buf.convert_to_f32_slice(dst);
             }
         }
-        DType::F8E4M3 | DType::F8E5M2 => {
-            let table = if dtype == DType::F8E4M3 {
-                &*E4M3
-            } else {
-                &*E5M2
-            };
+        _ => {
+            let table = fp8_table(dtype);
             for (o, &b) in out.iter_mut().zip(bytes) {
                 *o = table[usize::from(b)];
             }
         }
-        _ => return Err(DecodeError::NotFloat),
     }
-    Ok(())
 }
 
 /// The 256 values of an fp8 dtype (`F8E4M3` or `F8E5M2`), indexed by byte.
@@ -106,6 +145,17 @@ pub(crate) fn first_non_finite(dtype: DType, bytes: &[u8]) -> Result<Option<usiz
             }
         }
         return Ok(None);
+    }
+    // Large tensors are scanned a stretch per core; the first bad element overall is kept.
+    let elems = bytes.len() / size;
+    if elems > TASK {
+        use rayon::prelude::*;
+        return bytes
+            .par_chunks(TASK * size)
+            .enumerate()
+            .map(|(k, chunk)| first_non_finite(dtype, chunk).map(|f| f.map(|i| k * TASK + i)))
+            .find_first(|r| !matches!(r, Ok(None)))
+            .unwrap_or(Ok(None));
     }
     Ok(match dtype {
         DType::F32 => find::<4>(bytes, |c| {
@@ -166,6 +216,65 @@ fn f8_e5m2(b: u8) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Little-endian bytes of `n` values of `dtype` with a varied pattern, behind `skew`
+    /// bytes (a misaligned view when `skew` is odd).
+    fn pattern(dtype: DType, n: usize, skew: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; skew];
+        for i in 0..n {
+            let v = ((i * 37 % 1001) as f32 - 500.0) / 63.0;
+            match dtype {
+                DType::F16 => bytes.extend(half::f16::from_f32(v).to_le_bytes()),
+                DType::BF16 => bytes.extend(half::bf16::from_f32(v).to_le_bytes()),
+                _ => bytes.extend(v.to_le_bytes()),
+            }
+        }
+        bytes
+    }
+
+    /// Each element decoded on its own, by `half`'s and the standard library's scalar
+    /// conversions.
+    fn one_by_one(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+        let w = dtype.size() as usize;
+        bytes
+            .chunks_exact(w)
+            .map(|c| match dtype {
+                DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                _ => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parallel_and_byte_view_decoding_equal_the_element_loop() {
+        let n = 3 * TASK + 5;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for skew in [0, 1] {
+                let bytes = pattern(dtype, n, skew);
+                let got = to_f32(dtype, &bytes[skew..]).unwrap();
+                let want = one_by_one(dtype, &bytes[skew..]);
+                assert_eq!(got.len(), n);
+                let first_diff = got
+                    .iter()
+                    .zip(&want)
+                    .position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(first_diff, None, "{dtype} skew {skew}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_parallel_scan_reports_the_first_non_finite_element() {
+        let n = 4 * TASK;
+        let mut bytes = pattern(DType::F32, n, 0);
+        let mut set = |i: usize, v: f32| bytes[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+        set(3 * TASK + 7, f32::NAN);
+        set(TASK + 3, f32::INFINITY);
+        assert_eq!(first_non_finite(DType::F32, &bytes), Ok(Some(TASK + 3)));
+        let clean = pattern(DType::F16, n, 0);
+        assert_eq!(first_non_finite(DType::F16, &clean), Ok(None));
+    }
 
     #[test]
     fn e4m3fn_matches_its_definition() {

@@ -23,7 +23,11 @@
 #      compilation) and steady state;
 #   6. flux_block_swap_bench --backend cuda at FLUX.1's widths (1 double + 2 single blocks,
 #      1,246 MB of bf16 blocks, 4,096 image tokens): none, half and all blocks in host memory,
-#      each swapped block crossing PCIe at its bf16 size.
+#      each swapped block crossing PCIe at its bf16 size;
+#   7. `distorch generate image` on the demo checkpoint (written to /tmp first, ~2 GB): the
+#      UNet on cuda:0 with 1 GB of virtual VRAM on the CPU, the text encoders on cuda:1 when a
+#      second GPU is visible (else cuda:0), 256×256, 4 steps; and `generate flux` on its demo
+#      folder with every block swapped to the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -45,6 +49,8 @@ build)
   cp target/release/examples/offload_bench "$bin/offload_bench-cuda"
   cp target/release/examples/attention_bench "$bin/attention_bench-cuda"
   cp target/release/examples/flux_block_swap_bench "$bin/flux_block_swap_bench-cuda"
+  cargo build --release -p distorch-cli --features cuda
+  cp target/release/distorch "$bin/distorch-cuda"
   ls -l "$bin"
   ;;
 run)
@@ -76,6 +82,17 @@ run)
   done
   timeout 90 "$bin/flux_block_swap_bench-cuda" --backend cuda --side 64 --passes 3 2>&1 |
     tee "$out/flux-block-swap-cuda.log" || status=1
+  clip=cuda:0
+  if [ "$gpus" -gt 1 ]; then clip=cuda:1; fi
+  DISTORCH_CACHE_DIR=/tmp/distorch-gpu-check timeout 120 "$bin/distorch-cuda" generate image \
+    --prompt "a red fox in the snow" --steps 4 --width 256 --height 256 \
+    --unet-compute-device cuda:0 --unet-virtual-vram-gb 1 --unet-donor-device cpu \
+    --clip-compute-device "$clip" --out "$out/generate-cuda.png" 2>&1 |
+    tee "$out/generate-cuda.log" || status=1
+  DISTORCH_CACHE_DIR=/tmp/distorch-gpu-check timeout 60 "$bin/distorch-cuda" generate flux \
+    --prompt "a red fox in the snow" --steps 4 --width 256 --height 256 \
+    --unet-compute-device cuda:0 --blocks-to-swap 1 --single-blocks-to-swap 2 \
+    --swap-device cpu --out "$out/flux-cuda.png" 2>&1 | tee "$out/flux-cuda.log" || status=1
   exit "$status"
   ;;
 *)

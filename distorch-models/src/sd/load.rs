@@ -181,27 +181,7 @@ impl LoraSpec {
     /// (strengths 1 and the model strength by default). Trailing numbers are strengths, the
     /// rest (which may hold `:`, as a Windows path) the name, found in `folders`' `loras`.
     pub fn parse(spec: &str, folders: &ModelFolders) -> Result<LoraSpec, Error> {
-        let mut parts: Vec<&str> = spec.rsplitn(3, ':').collect();
-        parts.reverse();
-        let numbers: Vec<f32> = {
-            let mut n: Vec<f32> = parts
-                .iter()
-                .rev()
-                .take(2)
-                .map_while(|p| p.parse::<f32>().ok())
-                .collect();
-            n.reverse();
-            n
-        };
-        let name = parts[..parts.len() - numbers.len()].join(":");
-        if name.is_empty() {
-            return Err(Error::Input {
-                input: "lora",
-                reason: format!("`{spec}`: no LoRA name before the strengths"),
-            });
-        }
-        let model = numbers.first().copied().unwrap_or(1.0);
-        let clip = numbers.get(1).copied().unwrap_or(model);
+        let (name, model, clip) = split_lora_spec(spec)?;
         let path = folders.resolve(ModelKind::Loras, &name)?;
         Ok(LoraSpec {
             file: Arc::new(LoraFile::open(&path)?),
@@ -209,6 +189,33 @@ impl LoraSpec {
             clip,
         })
     }
+}
+
+/// `PATH_OR_NAME[:MODEL[:CLIP]]` as (name, model strength, CLIP strength): up to two trailing
+/// numbers are strengths (finite ones only), the rest the name.
+fn split_lora_spec(spec: &str) -> Result<(String, f32, f32), Error> {
+    let bad = |reason: String| Error::Input {
+        input: "lora",
+        reason: format!("`{spec}`: {reason}"),
+    };
+    let mut parts: Vec<&str> = spec.rsplitn(3, ':').collect();
+    parts.reverse();
+    let mut numbers: Vec<f32> = parts
+        .iter()
+        .rev()
+        .take(2)
+        .map_while(|p| p.parse::<f32>().ok())
+        .collect();
+    numbers.reverse();
+    if let Some(v) = numbers.iter().find(|v| !v.is_finite()) {
+        return Err(bad(format!("strength {v} is not a finite number")));
+    }
+    let name = parts[..parts.len() - numbers.len()].join(":");
+    if name.is_empty() {
+        return Err(bad("no LoRA name before the strengths".into()));
+    }
+    let model = numbers.first().copied().unwrap_or(1.0);
+    Ok((name, model, numbers.get(1).copied().unwrap_or(model)))
 }
 
 /// A ControlNet hint image from `path` (PNG, JPEG or WebP), resized to `width` × `height`
@@ -241,4 +248,25 @@ pub fn hint_image<B: Backend>(
         TensorData::new(values, [1, 3, height, width]),
         device,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_lora_spec;
+
+    #[test]
+    fn lora_specs_split_into_name_and_strengths() {
+        let s = |spec: &str| split_lora_spec(spec).map_err(|e| e.to_string());
+        assert_eq!(s("detail"), Ok(("detail".into(), 1.0, 1.0)));
+        assert_eq!(s("detail:0.5"), Ok(("detail".into(), 0.5, 0.5)));
+        assert_eq!(s("detail:0.5:-1"), Ok(("detail".into(), 0.5, -1.0)));
+        assert_eq!(
+            s(r"C:\loras\x.safetensors:0.8"),
+            Ok((r"C:\loras\x.safetensors".into(), 0.8, 0.8))
+        );
+        assert_eq!(s("a:b:c"), Ok(("a:b:c".into(), 1.0, 1.0)));
+        assert!(s(":0.5").unwrap_err().contains("no LoRA name"));
+        assert!(s("x:nan").unwrap_err().contains("not a finite number"));
+        assert!(s("x:1:inf").unwrap_err().contains("not a finite number"));
+    }
 }

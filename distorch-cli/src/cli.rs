@@ -151,7 +151,7 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DtypeArg(pub Option<distorch::core::ComputeDtype>);
 
-fn parse_dtype(s: &str) -> Result<DtypeArg, String> {
+pub(crate) fn parse_dtype(s: &str) -> Result<DtypeArg, String> {
     distorch::core::ComputeDtype::parse_or_auto(s)
         .map(DtypeArg)
         .map_err(|e| format!("{e} (or auto)"))

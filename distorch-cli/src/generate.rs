@@ -89,8 +89,8 @@ pub struct ImageArgs {
     #[arg(long, default_value_t = 7.5)]
     pub cfg: f64,
     /// euler, euler_a, ddim or dpmpp_2m_karras.
-    #[arg(long, default_value = "euler")]
-    pub sampler: String,
+    #[arg(long, default_value = "euler", value_parser = parse_sampler)]
+    pub sampler: SamplerKind,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value_t = 512)]
@@ -137,8 +137,8 @@ pub struct ImageArgs {
     pub v_prediction: bool,
     /// Compute dtype: f32, f16, bf16, or auto (the checkpoint's half type where the device
     /// computes in it; f32 on cpu).
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = crate::cli::parse_dtype)]
+    pub dtype: crate::cli::DtypeArg,
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
 }
@@ -188,8 +188,7 @@ fn parse(a: &ImageArgs) -> Result<Parsed, Failure> {
         Some(d) => DeviceGraph::declare(d)?,
         None => distorch::backends::detect().graph,
     };
-    let dtype = ComputeDtype::parse_or_auto(&a.dtype).map_err(|e| Failure::Other(e.to_string()))?;
-    let sampler = SamplerKind::from_name(&a.sampler).map_err(|e| Failure::Other(e.to_string()))?;
+    let (dtype, sampler) = (a.dtype.0, a.sampler);
     Ok(Parsed {
         unet,
         clip,
@@ -198,6 +197,10 @@ fn parse(a: &ImageArgs) -> Result<Parsed, Failure> {
         dtype,
         sampler,
     })
+}
+
+fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
+    SamplerKind::from_name(s).map_err(|e| e.to_string())
 }
 
 /// Runs `generate image`.

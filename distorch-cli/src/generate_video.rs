@@ -73,8 +73,8 @@ pub struct VideoArgs {
     #[arg(long)]
     pub devices: Option<String>,
     /// Compute dtype: f32, f16, bf16, or auto.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = crate::cli::parse_dtype)]
+    pub dtype: crate::cli::DtypeArg,
     /// The folder the frames are written to (frame_000.png, ...).
     #[arg(long, default_value = "frames")]
     pub out_dir: PathBuf,
@@ -120,7 +120,7 @@ fn parse(a: &VideoArgs) -> Result<Parsed, Failure> {
             Some(d) => DeviceGraph::declare(d)?,
             None => distorch::backends::detect().graph,
         },
-        dtype: ComputeDtype::parse_or_auto(&a.dtype).map_err(|e| Failure::Other(e.to_string()))?,
+        dtype: a.dtype.0,
     })
 }
 

@@ -158,4 +158,26 @@ fn bad_placement_strings_exit_2_before_loading() {
             "{flag}: read before parsing: {err}"
         );
     }
+    // Other bad values are usage errors, exit 2 as well, before anything is read.
+    for (flag, value) in [("--sampler", "eulr"), ("--dtype", "f8")] {
+        let o = distorch(
+            &[
+                "generate",
+                "image",
+                "--ckpt",
+                "/nonexistent/model.safetensors",
+                "--prompt",
+                "x",
+                flag,
+                value,
+            ],
+            dir.path(),
+        );
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(
+            err.contains(value) && !err.contains("nonexistent"),
+            "{flag}: {err}"
+        );
+    }
 }

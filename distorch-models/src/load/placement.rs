@@ -151,3 +151,58 @@ impl PlacementSpec {
         Ok(Placement { request, devices })
     }
 }
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use super::*;
+    use distorch_alloc::Allocation;
+
+    type B = burn::backend::NdArray;
+
+    /// Binds `cpu` only, as an ndarray build does.
+    fn bind(
+        id: DeviceId,
+    ) -> Result<burn::tensor::Device<B>, Box<dyn std::error::Error + Send + Sync>> {
+        if id == DeviceId::CPU {
+            Ok(Default::default())
+        } else {
+            Err(format!("{id} is not an ndarray device").into())
+        }
+    }
+
+    #[test]
+    fn loader_inputs_become_requests_or_typed_errors() {
+        let cpu = DeviceId::CPU;
+        let on = PlacementSpec::parse("cpu", 0.0, "cpu", None).unwrap();
+        let p = on.placement::<B>(cpu, &Default::default(), &bind).unwrap();
+        assert_eq!(p.request.compute(), Some(cpu));
+        assert!(
+            matches!(p.request.allocation, Allocation::VirtualVram(ref v) if v.amount().0 == 0)
+        );
+
+        let expert = PlacementSpec::parse("cuda:0", 0.0, "cpu", Some("cuda:0,1gb;cpu,*")).unwrap();
+        assert!(expert.expert_mode_allocations.is_some());
+        // A GPU run whose text encoders say `cpu`: every weight in host memory, streamed.
+        let gpu: DeviceId = "cuda:0".parse().unwrap();
+        let host = on.placement::<B>(gpu, &Default::default(), &bind).unwrap();
+        assert_eq!(host.request.compute(), Some(gpu));
+        // A device the backend cannot bind is a typed error naming it.
+        let other = PlacementSpec::parse("cuda:1", 0.0, "cpu", None).unwrap();
+        let e = other
+            .placement::<B>(cpu, &Default::default(), &bind)
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Device { device, .. } if device.to_string() == "cuda:1"),
+            "{e}"
+        );
+
+        // Strings and amounts are refused when parsed.
+        assert!(matches!(
+            PlacementSpec::parse("cdua:0", 0.0, "cpu", None),
+            Err(distorch_alloc::Error::Parse(_))
+        ));
+        assert!(PlacementSpec::parse("cuda:0", 0.0, "cpu", Some("cuda:0,1tx")).is_err());
+        assert!(PlacementSpec::parse("cuda:0", -1.0, "cpu", None).is_err());
+        assert!(PlacementSpec::parse("cuda:0", 2.0, "cuda:0", None).is_err());
+    }
+}

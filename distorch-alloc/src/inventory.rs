@@ -68,6 +68,10 @@ pub struct Unit {
     pub order: u32,
     /// What it is.
     pub kind: UnitKind,
+    /// Its compute time in one pass at the input size planned for (zero: unknown). With it,
+    /// plans predict the step time and [`crate::PlacementOrder::Auto`] can weigh transfers
+    /// against compute.
+    pub compute: std::time::Duration,
 }
 
 impl Unit {
@@ -79,7 +83,14 @@ impl Unit {
             device_bytes: bytes,
             order,
             kind,
+            compute: std::time::Duration::ZERO,
         }
+    }
+
+    /// The same unit, taking `compute` per pass.
+    pub fn with_compute(mut self, compute: std::time::Duration) -> Unit {
+        self.compute = compute;
+        self
     }
 
     /// The same unit, occupying `bytes` at a device home.

@@ -72,8 +72,10 @@
 
 #![deny(missing_docs)]
 
+mod auto;
 mod block_swap;
 mod bytesize;
+pub mod cost;
 mod device;
 mod error;
 mod graph;
@@ -88,6 +90,7 @@ pub mod syntax;
 
 pub use block_swap::{BlockList, BlockSwap};
 pub use bytesize::{ByteSize, UNITS};
+pub use cost::{Prediction, Staging};
 pub use device::{DeviceId, DeviceKind, parse_device_list};
 pub use error::{Error, Grammar, ParseError, ParseErrorKind};
 pub use graph::{DeviceGraph, DeviceInfo};

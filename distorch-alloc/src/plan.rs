@@ -108,6 +108,14 @@ pub enum Warning {
         /// Bytes that can move (the model less its pinned units).
         movable: ByteSize,
     },
+    /// A prediction needed a donor's link to the compute device and the device graph has
+    /// none: this bandwidth was assumed.
+    AssumedLink {
+        /// The donor.
+        device: DeviceId,
+        /// Bytes per second assumed.
+        bytes_per_sec: ByteSize,
+    },
 }
 
 impl fmt::Display for Warning {
@@ -139,6 +147,14 @@ impl fmt::Display for Warning {
                 "virtual VRAM of {requested} is more than the {movable} that can move: \
                  everything movable is offloaded"
             ),
+            Warning::AssumedLink {
+                device,
+                bytes_per_sec,
+            } => write!(
+                f,
+                "{device}'s link to the compute device is not declared: predictions assume \
+                 {bytes_per_sec}/s (declare it, e.g. `{device}=32gib@25gb/s`)"
+            ),
         }
     }
 }
@@ -158,6 +174,8 @@ pub struct Plan {
     pub(crate) sink: Option<usize>,
     pub(crate) units: Vec<PlacedUnit>,
     pub(crate) warnings: Vec<Warning>,
+    /// The pass predicted under this plan, when its units' compute times are known.
+    pub(crate) prediction: Option<crate::cost::Prediction>,
 }
 
 impl Plan {
@@ -174,6 +192,12 @@ impl Plan {
     /// The placement order used.
     pub fn order(&self) -> PlacementOrder {
         self.order
+    }
+
+    /// The predicted pass (step time, stall) under this plan: present when the inventory's
+    /// units carry compute times ([`crate::Unit::compute`]).
+    pub fn prediction(&self) -> Option<crate::cost::Prediction> {
+        self.prediction
     }
 
     /// Bytes of the whole model as placed: the sum of every unit's bytes at its home (the

@@ -55,7 +55,16 @@ pub fn plan(
         .position(|r| r.info.id == layout.compute)
         .expect("layout always has a compute row");
     let mut assignment: Vec<Option<usize>> = vec![None; units.len()];
-    let visit = visiting_order(request.order, movable.len());
+    let visit = match request.order {
+        PlacementOrder::Auto => {
+            let donor = primary_donor(&layout, compute_row);
+            let link = donor.map_or(DEFAULT_LINK.0, |r| {
+                link_of(&layout.rows[r].info, &mut warnings)
+            });
+            crate::auto::stream_ranking(units, &movable, link, request.staging)
+        }
+        order => visiting_order(order, movable.len()),
+    };
     let mut dealer = Dealer {
         units,
         compute: layout.compute,
@@ -63,6 +72,8 @@ pub fn plan(
         visit: &visit,
         assignment: &mut assignment,
         cursor: 0,
+        overshoot: layout.vv_budget.is_some(),
+        room: 0,
     };
     deal_budgets(
         &layout,
@@ -181,9 +192,68 @@ fn deal_budgets(
         if let Some(left) = vv_left {
             budget = budget.min(left);
         }
+        dealer.room = row.info.free.0.saturating_sub(budget.0);
         let taken = dealer.deal(r, row.info.id, budget, order);
         vv_left = vv_left.map(|l| l.saturating_sub(taken));
     }
+}
+
+/// The link assumed between a donor and the compute device when the graph declares none:
+/// 16 GB/s, about PCIe 4.0 x16 from pageable host memory.
+pub(crate) const DEFAULT_LINK: ByteSize = ByteSize(16_000_000_000);
+
+/// The donor auto ranks for: the first row other than the compute device's that takes units
+/// (a donor with a quota, or the rest-taking row).
+fn primary_donor(layout: &Layout, compute_row: usize) -> Option<usize> {
+    (0..layout.rows.len()).find(|&r| r != compute_row)
+}
+
+/// A donor's declared link to the compute device, else [`DEFAULT_LINK`] with a warning.
+fn link_of(info: &DeviceInfo, warnings: &mut Vec<Warning>) -> u64 {
+    match info.link_bytes_per_sec {
+        Some(b) if b.0 > 0 => b.0,
+        _ => {
+            let w = Warning::AssumedLink {
+                device: info.id,
+                bytes_per_sec: DEFAULT_LINK,
+            };
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
+            DEFAULT_LINK.0
+        }
+    }
+}
+
+/// The pass under `assignment` (rows of `layout`), when units carry compute times.
+fn predict(
+    request: &PlanRequest,
+    units: &[Unit],
+    layout: &Layout,
+    assignment: &[Option<usize>],
+    warnings: &mut Vec<Warning>,
+) -> Option<crate::cost::Prediction> {
+    if units.iter().all(|u| u.compute.is_zero()) {
+        return None;
+    }
+    let pass: Vec<crate::cost::PassUnit> = units
+        .iter()
+        .zip(assignment)
+        .map(|(u, a)| {
+            let info = &layout.rows[a.expect("every unit is assigned by now")].info;
+            let transfer = if info.id == layout.compute {
+                std::time::Duration::ZERO
+            } else {
+                crate::auto::transfer_time(u.bytes, link_of(info, warnings))
+            };
+            crate::cost::PassUnit {
+                compute: u.compute,
+                transfer,
+                bytes: u.bytes,
+            }
+        })
+        .collect();
+    Some(crate::cost::simulate(&pass, request.staging))
 }
 
 fn is_pinned(unit: &Unit, pin: &PinPolicy) -> bool {
@@ -298,7 +368,7 @@ fn expert_layout(
 /// The order in which rows look at movable units (indices into the movable list).
 fn visiting_order(order: PlacementOrder, n: usize) -> Vec<usize> {
     match order {
-        PlacementOrder::Tail => (0..n).collect(),
+        PlacementOrder::Tail | PlacementOrder::Auto => (0..n).collect(),
         PlacementOrder::Interleave => {
             // Bit-reversal permutation: every prefix is spread evenly over 0..n.
             let bits = usize::BITS - n.saturating_sub(1).leading_zeros();
@@ -328,6 +398,12 @@ struct Dealer<'a> {
     assignment: &'a mut [Option<usize>],
     /// Tail order: position in `movable` where the next row starts.
     cursor: usize,
+    /// Auto order under virtual VRAM: donors take ranked units until the amount is reached
+    /// (the last one may pass it, within the donor's free memory), so that the compute device
+    /// never holds more than asked.
+    overshoot: bool,
+    /// The row being dealt: its free memory beyond its budget (room for that last unit).
+    room: u64,
 }
 
 impl Dealer<'_> {
@@ -354,6 +430,7 @@ impl Dealer<'_> {
                     }
                 }
             }
+            PlacementOrder::Auto => left = self.deal_ranked(row, device == compute, left, size),
             PlacementOrder::Tail => {
                 while let Some(&u) = self.movable.get(self.cursor) {
                     let b = size(&self.units[u]);
@@ -367,6 +444,40 @@ impl Dealer<'_> {
             }
         }
         ByteSize(budget.0 - left)
+    }
+
+    /// Auto order: the compute device keeps the lowest-ranked units (from the end of the
+    /// ranking), donors take the best-ranked (from its start); each stops at the first unit
+    /// that does not fit, so a larger budget takes a superset. Returns the budget left.
+    fn deal_ranked(
+        &mut self,
+        row: usize,
+        keeps: bool,
+        mut left: u64,
+        size: impl Fn(&Unit) -> u64,
+    ) -> u64 {
+        let ranked: Vec<usize> = if keeps {
+            self.visit.iter().rev().copied().collect()
+        } else {
+            self.visit.to_vec()
+        };
+        for m in ranked {
+            let u = self.movable[m];
+            if self.assignment[u].is_some() {
+                continue;
+            }
+            let b = size(&self.units[u]);
+            if b > left {
+                if self.overshoot && !keeps && left > 0 && b - left <= self.room {
+                    self.assignment[u] = Some(row);
+                    left = 0;
+                }
+                break;
+            }
+            self.assignment[u] = Some(row);
+            left -= b;
+        }
+        left
     }
 
     /// Movable units not yet dealt: (count, bytes).
@@ -461,6 +572,13 @@ pub(crate) fn finish(
         }
     }
     let total = rows.iter().map(|r| r.model_bytes).sum();
+    let prediction = predict(
+        request,
+        inventory.units(),
+        &layout,
+        assignment,
+        &mut warnings,
+    );
     Ok(Plan {
         component: inventory.component().to_owned(),
         compute: layout.compute,
@@ -471,5 +589,6 @@ pub(crate) fn finish(
         sink: layout.sink,
         units: placed,
         warnings,
+        prediction,
     })
 }

@@ -72,6 +72,18 @@ pub(crate) fn render(plan: &Plan, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     writeln!(f)?;
     writeln!(f, "bytes string:    {}", plan.bytes_string())?;
     write!(f, "fraction string: {}", plan.fraction_string())?;
+    if let Some(p) = plan.prediction() {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        write!(
+            f,
+            "\npredicted pass:  {:.1} ms ({:.1} ms compute, {:.1} ms of transfers, {:.1} ms \
+             stalled waiting for weights)",
+            ms(p.step),
+            ms(p.compute),
+            ms(p.transfer),
+            ms(p.stall)
+        )?;
+    }
     for w in plan.warnings() {
         write!(f, "\nwarning: {w}")?;
     }

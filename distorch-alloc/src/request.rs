@@ -23,6 +23,11 @@ pub enum PlacementOrder {
     /// order (stopping at the first unit that does not fit), in the order the allocation names
     /// the devices; the `*` device takes what is left.
     Tail,
+    /// Chosen by the clock: units are ranked by how little their transfer adds to the
+    /// predicted step (units' compute times, the donor's link, the streamer's staging; see
+    /// [`crate::cost`]); donors take the best-ranked, the compute device keeps the rest. Without
+    /// compute times every transfer looks alike and the ranking favours large units.
+    Auto,
 }
 
 impl PlacementOrder {
@@ -31,6 +36,7 @@ impl PlacementOrder {
         match self {
             PlacementOrder::Interleave => "interleave",
             PlacementOrder::Tail => "tail",
+            PlacementOrder::Auto => "auto",
         }
     }
 }
@@ -43,7 +49,7 @@ impl fmt::Display for PlacementOrder {
 
 /// Error for an unknown [`PlacementOrder`] name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown placement order `{0}` (expected interleave or tail)")]
+#[error("unknown placement order `{0}` (expected interleave, tail or auto)")]
 pub struct UnknownOrder(pub String);
 
 impl FromStr for PlacementOrder {
@@ -52,6 +58,7 @@ impl FromStr for PlacementOrder {
         match s.trim().to_ascii_lowercase().as_str() {
             "interleave" => Ok(PlacementOrder::Interleave),
             "tail" => Ok(PlacementOrder::Tail),
+            "auto" => Ok(PlacementOrder::Auto),
             _ => Err(UnknownOrder(s.to_owned())),
         }
     }
@@ -194,6 +201,8 @@ pub struct PlanRequest {
     pub order: PlacementOrder,
     /// What stays on the compute device.
     pub pin: PinPolicy,
+    /// The streamer's prefetch limits, for predictions and [`PlacementOrder::Auto`].
+    pub staging: crate::cost::Staging,
 }
 
 impl PlanRequest {
@@ -206,6 +215,7 @@ impl PlanRequest {
             },
             order: PlacementOrder::default(),
             pin: PinPolicy::default(),
+            staging: crate::cost::Staging::default(),
         }
     }
 
@@ -215,6 +225,7 @@ impl PlanRequest {
             allocation: Allocation::VirtualVram(vv),
             order: PlacementOrder::default(),
             pin: PinPolicy::default(),
+            staging: crate::cost::Staging::default(),
         }
     }
 
@@ -224,6 +235,7 @@ impl PlanRequest {
             allocation: Allocation::BlockSwap(swap),
             order: PlacementOrder::default(),
             pin: PinPolicy::default(),
+            staging: crate::cost::Staging::default(),
         }
     }
 
@@ -250,6 +262,7 @@ impl PlanRequest {
             },
             order: PlacementOrder::default(),
             pin: PinPolicy::default(),
+            staging: crate::cost::Staging::default(),
         }
     }
 

@@ -537,3 +537,61 @@ fn plan_reports_name_their_dtypes() {
         "{report}"
     );
 }
+
+/// Six 50 MiB weights; the third computes for 200 ms, the others 1 ms; the host link moves
+/// 50 MiB in about 52 ms.
+fn timed_model() -> Inventory {
+    let units = (0..6)
+        .map(|i| {
+            let ms = if i == 2 { 200 } else { 1 };
+            Unit::new(format!("w{i}"), ByteSize::mib(50), i, UnitKind::Weight)
+                .with_compute(std::time::Duration::from_millis(ms))
+        })
+        .collect();
+    Inventory::new("unet", units).unwrap()
+}
+
+#[test]
+fn auto_streams_what_compute_can_hide() {
+    let g: DeviceGraph = "cuda:0=8gib,cpu=32gib@1gb/s".parse().unwrap();
+    let vv = VirtualVram::new(DeviceId::cuda(0), ByteSize::mib(100), vec![DeviceId::CPU]).unwrap();
+    let step = |order: PlacementOrder| {
+        let req = PlanRequest::virtual_vram(vv.clone()).with_order(order);
+        let p = plan(&req, &timed_model(), &g).unwrap();
+        let streamed: Vec<String> = p
+            .units()
+            .iter()
+            .filter(|u| u.device == DeviceId::CPU)
+            .map(|u| u.name.clone())
+            .collect();
+        (p.prediction().unwrap(), streamed, p)
+    };
+    let (auto, streamed, p) = step(PlacementOrder::Auto);
+    // Two units after the 200 ms one: their transfers hide behind it.
+    assert_eq!(streamed.len(), 2, "{streamed:?}");
+    assert!(streamed.iter().all(|n| n.as_str() > "w2"), "{streamed:?}");
+    assert_eq!(auto.stall, std::time::Duration::ZERO);
+    assert_eq!(auto.step, auto.compute);
+    assert!(p.to_string().contains("predicted pass:"), "{p}");
+    for order in [PlacementOrder::Interleave, PlacementOrder::Tail] {
+        let (other, s, _) = step(order);
+        assert!(
+            auto.step < other.step,
+            "{order}: {other:?} streaming {s:?} vs auto {auto:?}"
+        );
+    }
+    // Without a declared link, a default is assumed and said.
+    let g: DeviceGraph = "cuda:0=8gib,cpu=32gib".parse().unwrap();
+    let req = PlanRequest::virtual_vram(vv).with_order(PlacementOrder::Auto);
+    let p = plan(&req, &timed_model(), &g).unwrap();
+    assert!(
+        p.warnings()
+            .iter()
+            .any(|w| matches!(w, Warning::AssumedLink { .. })),
+        "{:?}",
+        p.warnings()
+    );
+    // Without compute times there is nothing to predict.
+    let p = plan(&expert("cuda:0,1gb;cpu,*"), &model(4), &graph()).unwrap();
+    assert!(p.prediction().is_none());
+}

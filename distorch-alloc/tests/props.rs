@@ -81,7 +81,11 @@ fn graph_strategy() -> impl Strategy<Value = DeviceGraph> {
 }
 
 fn order_strategy() -> impl Strategy<Value = PlacementOrder> {
-    prop_oneof![Just(PlacementOrder::Interleave), Just(PlacementOrder::Tail)]
+    prop_oneof![
+        Just(PlacementOrder::Interleave),
+        Just(PlacementOrder::Tail),
+        Just(PlacementOrder::Auto)
+    ]
 }
 
 fn placement(p: &Plan) -> Vec<(String, DeviceId)> {
@@ -217,11 +221,100 @@ proptest! {
                 check_invariants(&p, &inv, &req.pin);
                 let moved: u64 = p.devices().iter().filter(|r| r.device != p.compute())
                     .map(|r| r.model_bytes.0).sum();
-                prop_assert!(moved <= vv.amount().0);
+                // Auto moves at least the amount (its last unit may pass it), the others at
+                // most.
+                if order != PlacementOrder::Auto {
+                    prop_assert!(moved <= vv.amount().0);
+                }
                 check_round_trips(&p, &inv, &g, order);
             }
             Err(Error::DeviceOverCapacity { .. } | Error::DonorsTooSmall { .. }) => {}
             Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
+    }
+}
+
+/// An inventory with compute times: `(bytes, compute µs)` per unit, all weights.
+fn timed_inventory_strategy() -> impl Strategy<Value = Inventory> {
+    proptest::collection::vec((1u64..(64 << 20), 0u64..20_000), 1..60).prop_map(|units| {
+        let units = units
+            .into_iter()
+            .enumerate()
+            .map(|(i, (bytes, micros))| {
+                Unit::new(format!("u{i}"), ByteSize(bytes), i as u32, UnitKind::Weight)
+                    .with_compute(std::time::Duration::from_micros(micros))
+            })
+            .collect();
+        Inventory::new("model", units).unwrap()
+    })
+}
+
+fn timed_graph() -> DeviceGraph {
+    "cuda:0=64gib,cpu=256gib@1gb/s".parse().unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Auto under a growing compute budget (expert strings): every plan within its budget,
+    /// all resident once the model fits, and the predicted pass never slower for more room.
+    #[test]
+    fn auto_plans_get_no_slower_with_more_budget(
+        inv in timed_inventory_strategy(),
+        fractions in proptest::collection::vec(0u64..=1000, 2..6),
+    ) {
+        let g = timed_graph();
+        let total = inv.total_bytes().0;
+        let mut budgets: Vec<u64> = fractions.iter().map(|f| total / 1000 * f).collect();
+        budgets.push(total);
+        budgets.sort_unstable();
+        let mut last: Option<std::time::Duration> = None;
+        for b in budgets {
+            let spec: AllocSpec = format!("cuda:0,{b}b;cpu,*").parse().unwrap();
+            let req = PlanRequest::expert(spec).with_order(PlacementOrder::Auto);
+            let p = plan(&req, &inv, &g).unwrap();
+            check_invariants(&p, &inv, &req.pin);
+            let compute = &p.devices()[0];
+            prop_assert!(compute.model_bytes.0 <= b.max(compute.pinned_bytes.0));
+            let step = p.prediction().expect("timed units give a prediction").step;
+            if b >= total {
+                prop_assert!(p.units().iter().all(|u| u.device == p.compute()));
+                prop_assert_eq!(p.prediction().unwrap().stall, std::time::Duration::ZERO);
+            }
+            if let Some(prev) = last {
+                prop_assert!(step <= prev, "budget {}: {:?} after {:?}", b, step, prev);
+            }
+            last = Some(step);
+        }
+    }
+
+    /// The same with virtual VRAM: less moved, never slower; nothing moved, all resident.
+    #[test]
+    fn auto_virtual_vram_gets_no_slower_with_less_moved(
+        inv in timed_inventory_strategy(),
+        fractions in proptest::collection::vec(0u64..=1000, 2..6),
+    ) {
+        let g = timed_graph();
+        let total = inv.total_bytes().0;
+        let mut amounts: Vec<u64> = fractions.iter().map(|f| total / 1000 * f).collect();
+        amounts.push(0);
+        amounts.sort_unstable_by(|a, b| b.cmp(a));
+        let mut last: Option<std::time::Duration> = None;
+        for a in amounts {
+            let vv = VirtualVram::new(device(0), ByteSize(a), vec![DeviceId::CPU]).unwrap();
+            let req = PlanRequest::virtual_vram(vv).with_order(PlacementOrder::Auto);
+            let p = plan(&req, &inv, &g).unwrap();
+            check_invariants(&p, &inv, &req.pin);
+            let moved: u64 = p.devices()[1..].iter().map(|r| r.model_bytes.0).sum();
+            prop_assert!(moved >= a, "moved {} of {}", moved, a);
+            if a == 0 {
+                prop_assert_eq!(moved, 0);
+            }
+            let step = p.prediction().unwrap().step;
+            if let Some(prev) = last {
+                prop_assert!(step <= prev, "amount {}: {:?} after {:?}", a, step, prev);
+            }
+            last = Some(step);
         }
     }
 }

@@ -1,0 +1,241 @@
+//! What a pass costs under a plan: each unit's compute time, each streamed unit's transfer
+//! over its home's link to the compute device, and the streamer's prefetch limits — predicted
+//! by simulating the pass ([`simulate`]), and used by [`crate::PlacementOrder::Auto`] to choose
+//! what stays resident.
+//!
+//! The simulation follows the runtime's streamer: streamed units are staged in execution
+//! order, one transfer at a time, at most `units` of them (and `bytes`) ahead of the unit
+//! computing; a slot frees when its unit is fetched; a unit larger than the byte bound is
+//! fetched on demand. When transfers cannot overlap compute (the upload runs on the compute
+//! thread, as on wgpu), every transfer adds to the step.
+
+use std::time::Duration;
+
+use crate::bytesize::ByteSize;
+
+/// The streamer's prefetch limits, as the runtime's `Lookahead` and `UploadThread` set them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Staging {
+    /// Streamed units staged ahead of use, at most (at least 1).
+    pub units: usize,
+    /// Bytes of staged units held ahead of use, at most.
+    pub bytes: ByteSize,
+    /// Whether transfers run beside compute (a prefetch thread) or on the compute thread.
+    pub overlapped: bool,
+}
+
+impl Default for Staging {
+    /// The runtime's defaults: 2 units, 512 MiB, prefetched beside compute.
+    fn default() -> Self {
+        Staging {
+            units: 2,
+            bytes: ByteSize::mib(512),
+            overlapped: true,
+        }
+    }
+}
+
+/// One unit of a pass, in execution order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassUnit {
+    /// Its compute time.
+    pub compute: Duration,
+    /// Its transfer time to the compute device; zero for a resident unit.
+    pub transfer: Duration,
+    /// Its bytes in transit (counted against the staging bound).
+    pub bytes: ByteSize,
+}
+
+/// A pass's predicted cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Prediction {
+    /// The whole pass.
+    pub step: Duration,
+    /// Time the compute device waits for weights.
+    pub stall: Duration,
+    /// Compute alone (the pass with every unit resident).
+    pub compute: Duration,
+    /// Transfers alone, summed.
+    pub transfer: Duration,
+}
+
+/// Simulates one pass over `units` (execution order) under `staging`.
+pub fn simulate(units: &[PassUnit], staging: Staging) -> Prediction {
+    let compute: Duration = units.iter().map(|u| u.compute).sum();
+    let transfer: Duration = units.iter().map(|u| u.transfer).sum();
+    if !staging.overlapped {
+        return Prediction {
+            step: compute + transfer,
+            stall: transfer,
+            compute,
+            transfer,
+        };
+    }
+    let streamed: Vec<usize> = (0..units.len())
+        .filter(|&i| !units[i].transfer.is_zero())
+        .collect();
+    let mut sim = Pass {
+        units,
+        streamed: &streamed,
+        staging,
+        ready: vec![Duration::ZERO; units.len()],
+        issued: 0,
+        in_flight: Vec::new(),
+        link: Duration::ZERO,
+    };
+    sim.issue(Duration::ZERO);
+    let (mut t, mut stall) = (Duration::ZERO, Duration::ZERO);
+    for (i, u) in units.iter().enumerate() {
+        if !u.transfer.is_zero() {
+            if sim.issued <= sim.position(i) {
+                // Not staged (too large for the bound, or the window never reached it):
+                // fetched on demand, after whatever the link is busy with.
+                sim.force(i, t);
+            }
+            let ready = sim.ready[i];
+            if ready > t {
+                stall += ready - t;
+                t = ready;
+            }
+            sim.in_flight.retain(|&j| j != i);
+            sim.issue(t);
+        }
+        t += u.compute;
+    }
+    Prediction {
+        step: t,
+        stall,
+        compute,
+        transfer,
+    }
+}
+
+/// The simulation's state: which streamed units are staged, when each is ready, when the
+/// link is free.
+struct Pass<'a> {
+    units: &'a [PassUnit],
+    /// Indices of the streamed units, in execution order.
+    streamed: &'a [usize],
+    staging: Staging,
+    /// When each unit's weights are on the compute device.
+    ready: Vec<Duration>,
+    /// Streamed units issued so far (a prefix of `streamed`).
+    issued: usize,
+    /// Issued units not yet fetched.
+    in_flight: Vec<usize>,
+    /// When the link is next free.
+    link: Duration,
+}
+
+impl Pass<'_> {
+    /// Position of unit `i` in the streamed list.
+    fn position(&self, i: usize) -> usize {
+        self.streamed.partition_point(|&j| j < i)
+    }
+
+    /// Issues the next streamed units the limits allow, from time `now`.
+    fn issue(&mut self, now: Duration) {
+        while let Some(&next) = self.streamed.get(self.issued) {
+            let held: ByteSize = self.in_flight.iter().map(|&j| self.units[j].bytes).sum();
+            let u = &self.units[next];
+            let over = held.saturating_add(u.bytes) > self.staging.bytes;
+            if self.in_flight.len() >= self.staging.units.max(1) || over {
+                break;
+            }
+            self.start(next, now);
+        }
+    }
+
+    /// Unit `i`'s transfer, starting when the link is free and not before `now`.
+    fn start(&mut self, i: usize, now: Duration) {
+        let begin = self.link.max(now);
+        self.link = begin + self.units[i].transfer;
+        self.ready[i] = self.link;
+        self.in_flight.push(i);
+        self.issued += 1;
+    }
+
+    /// Unit `i` fetched on demand at `now`: it and any streamed unit before it not yet
+    /// issued are transferred now.
+    fn force(&mut self, i: usize, now: Duration) {
+        while self.issued <= self.position(i) {
+            let next = self.streamed[self.issued];
+            self.start(next, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn unit(compute: u64, transfer: u64) -> PassUnit {
+        PassUnit {
+            compute: ms(compute),
+            transfer: ms(transfer),
+            bytes: ByteSize::mib(if transfer > 0 { 10 } else { 0 }),
+        }
+    }
+
+    #[test]
+    fn resident_passes_cost_their_compute() {
+        let p = simulate(&[unit(3, 0), unit(4, 0)], Staging::default());
+        assert_eq!((p.step, p.stall), (ms(7), ms(0)));
+    }
+
+    #[test]
+    fn a_transfer_hides_behind_earlier_compute() {
+        // The second unit's 5 ms transfer starts at 0 and is ready before the first unit's
+        // 10 ms of compute end.
+        let p = simulate(&[unit(10, 0), unit(1, 5)], Staging::default());
+        assert_eq!((p.step, p.stall), (ms(11), ms(0)));
+        // A first unit streamed stalls for all of its transfer.
+        let p = simulate(&[unit(1, 5), unit(10, 0)], Staging::default());
+        assert_eq!((p.step, p.stall), (ms(16), ms(5)));
+    }
+
+    #[test]
+    fn the_look_ahead_bounds_how_early_transfers_start() {
+        // Three streamed units after 30 ms of compute: with one slot, the second and third
+        // transfers wait for their predecessors' fetches.
+        let units = [unit(30, 0), unit(1, 10), unit(1, 10), unit(1, 10)];
+        let one = Staging {
+            units: 1,
+            ..Staging::default()
+        };
+        let wide = Staging {
+            units: 3,
+            ..Staging::default()
+        };
+        assert_eq!(simulate(&units, wide).stall, ms(0));
+        // One slot: unit 1 is ready at 10 (hidden); unit 2 starts at unit 1's fetch (30),
+        // ready at 40: waits 9 (from 31); unit 3 starts at unit 2's fetch (40), ready at 50:
+        // waits 9 (from 41). 33 ms of compute + 18 ms of stall.
+        let p = simulate(&units, one);
+        assert_eq!((p.stall, p.step), (ms(18), ms(51)));
+    }
+
+    #[test]
+    fn transfers_on_the_compute_thread_add_up() {
+        let staging = Staging {
+            overlapped: false,
+            ..Staging::default()
+        };
+        let p = simulate(&[unit(10, 0), unit(1, 5)], staging);
+        assert_eq!((p.step, p.stall), (ms(16), ms(5)));
+    }
+
+    #[test]
+    fn a_unit_over_the_byte_bound_is_fetched_on_demand() {
+        let big = PassUnit {
+            bytes: ByteSize::gib(1),
+            ..unit(1, 5)
+        };
+        let p = simulate(&[unit(10, 0), big], Staging::default());
+        assert_eq!((p.step, p.stall), (ms(16), ms(5)));
+    }
+}

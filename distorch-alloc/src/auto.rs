@@ -20,6 +20,26 @@ pub(crate) fn transfer_time(bytes: ByteSize, bytes_per_sec: u64) -> Duration {
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
+/// The rankings auto chooses among: its own ([`stream_ranking`]), and the other orders'
+/// spreads as rankings — bit-reversed (interleave's), execution order (the front first, as
+/// tail streams under virtual VRAM) and its reverse (the back first). Positions in `movable`.
+pub(crate) fn rankings(
+    units: &[Unit],
+    movable: &[usize],
+    link: u64,
+    staging: Staging,
+) -> Vec<Vec<usize>> {
+    let n = movable.len();
+    let mut out = vec![stream_ranking(units, movable, link, staging)];
+    let spread = crate::planner::bit_reversed(n);
+    for r in [spread, (0..n).collect(), (0..n).rev().collect()] {
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
 /// `movable` (indices into `units`) ranked best-to-stream first, each streamed over a link of
 /// `link` bytes per second under `staging`. Returns positions in `movable`.
 pub(crate) fn stream_ranking(

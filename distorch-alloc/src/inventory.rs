@@ -167,6 +167,20 @@ impl Inventory {
         self
     }
 
+    /// The same inventory, each unit named in `times` taking that compute time per pass
+    /// (others keep theirs): what plans predict the pass from.
+    pub fn with_compute(
+        mut self,
+        times: &std::collections::BTreeMap<String, std::time::Duration>,
+    ) -> Inventory {
+        for u in &mut self.units {
+            if let Some(&t) = times.get(&u.name) {
+                u.compute = t;
+            }
+        }
+        self
+    }
+
     /// Its dtype labels, if given.
     pub fn dtypes(&self) -> Option<&DtypeLabels> {
         self.dtypes.as_ref()

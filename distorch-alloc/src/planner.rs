@@ -54,54 +54,30 @@ pub fn plan(
         .iter()
         .position(|r| r.info.id == layout.compute)
         .expect("layout always has a compute row");
-    let mut assignment: Vec<Option<usize>> = vec![None; units.len()];
-    let visit = match request.order {
+    let deal = Deal {
+        units,
+        movable: &movable,
+        pinned: &pinned,
+        pinned_bytes,
+        layout: &layout,
+        compute_row,
+        order: request.order,
+    };
+    let assignment = match request.order {
         PlacementOrder::Auto => {
             let donor = primary_donor(&layout, compute_row);
             let link = donor.map_or(DEFAULT_LINK.0, |r| {
                 link_of(&layout.rows[r].info, &mut warnings)
             });
-            crate::auto::stream_ranking(units, &movable, link, request.staging)
+            let rankings = crate::auto::rankings(units, &movable, link, request.staging);
+            deal.fastest(request, &rankings, &mut warnings, inventory)?
         }
-        order => visiting_order(order, movable.len()),
+        order => deal.run(
+            &visiting_order(order, movable.len()),
+            &mut warnings,
+            inventory,
+        )?,
     };
-    let mut dealer = Dealer {
-        units,
-        compute: layout.compute,
-        movable: &movable,
-        visit: &visit,
-        assignment: &mut assignment,
-        cursor: 0,
-        overshoot: layout.vv_budget.is_some(),
-        room: 0,
-    };
-    deal_budgets(
-        &layout,
-        compute_row,
-        pinned_bytes,
-        request.order,
-        &mut dealer,
-        &mut warnings,
-    );
-
-    // The rest, then the pinned units.
-    let (leftover_units, leftover_bytes) = dealer.leftovers();
-    if leftover_units > 0 {
-        let Some(sink) = layout.sink else {
-            return Err(Error::Unplaced {
-                placed: inventory.total_bytes().saturating_sub(leftover_bytes),
-                total: inventory.total_bytes(),
-                unplaced: leftover_bytes,
-                units: leftover_units,
-            });
-        };
-        dealer.give_rest(sink);
-    }
-    for (i, p) in pinned.iter().enumerate() {
-        if *p {
-            assignment[i] = Some(compute_row);
-        }
-    }
 
     finish(
         request,
@@ -192,9 +168,103 @@ fn deal_budgets(
         if let Some(left) = vv_left {
             budget = budget.min(left);
         }
-        dealer.room = row.info.free.0.saturating_sub(budget.0);
         let taken = dealer.deal(r, row.info.id, budget, order);
         vv_left = vv_left.map(|l| l.saturating_sub(taken));
+    }
+}
+
+/// Everything dealing needs besides the visiting order.
+struct Deal<'a> {
+    units: &'a [Unit],
+    movable: &'a [usize],
+    pinned: &'a [bool],
+    pinned_bytes: ByteSize,
+    layout: &'a Layout,
+    compute_row: usize,
+    order: PlacementOrder,
+}
+
+impl Deal<'_> {
+    /// Every unit's row when movable units are visited in `visit` order: the rows with a
+    /// budget in order, the rest-taking row the remainder, pinned units the compute row.
+    fn run(
+        &self,
+        visit: &[usize],
+        warnings: &mut Vec<Warning>,
+        inventory: &Inventory,
+    ) -> Result<Vec<Option<usize>>, Error> {
+        let mut assignment: Vec<Option<usize>> = vec![None; self.units.len()];
+        let mut dealer = Dealer {
+            units: self.units,
+            compute: self.layout.compute,
+            movable: self.movable,
+            visit,
+            assignment: &mut assignment,
+            cursor: 0,
+        };
+        deal_budgets(
+            self.layout,
+            self.compute_row,
+            self.pinned_bytes,
+            self.order,
+            &mut dealer,
+            warnings,
+        );
+        let (leftover_units, leftover_bytes) = dealer.leftovers();
+        if leftover_units > 0 {
+            let Some(sink) = self.layout.sink else {
+                return Err(Error::Unplaced {
+                    placed: inventory.total_bytes().saturating_sub(leftover_bytes),
+                    total: inventory.total_bytes(),
+                    unplaced: leftover_bytes,
+                    units: leftover_units,
+                });
+            };
+            dealer.give_rest(sink);
+        }
+        for (i, p) in self.pinned.iter().enumerate() {
+            if *p {
+                assignment[i] = Some(self.compute_row);
+            }
+        }
+        Ok(assignment)
+    }
+
+    /// Auto: the assignment of the ranking whose pass is predicted fastest (the first on a
+    /// tie). Each ranking's plans are nested in the budget, so the fastest of them is never
+    /// slower with more room.
+    fn fastest(
+        &self,
+        request: &PlanRequest,
+        rankings: &[Vec<usize>],
+        warnings: &mut Vec<Warning>,
+        inventory: &Inventory,
+    ) -> Result<Vec<Option<usize>>, Error> {
+        let mut best: Option<(std::time::Duration, Vec<Option<usize>>, Vec<Warning>)> = None;
+        let mut first_error = None;
+        for visit in rankings {
+            let mut w = warnings.clone();
+            match self.run(visit, &mut w, inventory) {
+                Ok(a) => {
+                    let step = predict(request, self.units, self.layout, &a, &mut Vec::new())
+                        .map_or(std::time::Duration::ZERO, |p| p.step);
+                    if best.as_ref().is_none_or(|(b, _, _)| step < *b) {
+                        best = Some((step, a, w));
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match (best, first_error) {
+            (Some((_, a, w)), _) => {
+                *warnings = w;
+                Ok(a)
+            }
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(vec![Some(self.compute_row); self.units.len()]),
+        }
     }
 }
 
@@ -369,23 +439,25 @@ fn expert_layout(
 fn visiting_order(order: PlacementOrder, n: usize) -> Vec<usize> {
     match order {
         PlacementOrder::Tail | PlacementOrder::Auto => (0..n).collect(),
-        PlacementOrder::Interleave => {
-            // Bit-reversal permutation: every prefix is spread evenly over 0..n.
-            let bits = usize::BITS - n.saturating_sub(1).leading_zeros();
-            let mut out = Vec::with_capacity(n);
-            for i in 0..(1usize << bits) {
-                let j = if bits == 0 {
-                    0
-                } else {
-                    i.reverse_bits() >> (usize::BITS - bits)
-                };
-                if j < n {
-                    out.push(j);
-                }
-            }
-            out
+        PlacementOrder::Interleave => bit_reversed(n),
+    }
+}
+
+/// The bit-reversal permutation of `0..n`: every prefix is spread evenly over `0..n`.
+pub(crate) fn bit_reversed(n: usize) -> Vec<usize> {
+    let bits = usize::BITS - n.saturating_sub(1).leading_zeros();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..(1usize << bits) {
+        let j = if bits == 0 {
+            0
+        } else {
+            i.reverse_bits() >> (usize::BITS - bits)
+        };
+        if j < n {
+            out.push(j);
         }
     }
+    out
 }
 
 /// Deals movable units to rows.
@@ -398,12 +470,6 @@ struct Dealer<'a> {
     assignment: &'a mut [Option<usize>],
     /// Tail order: position in `movable` where the next row starts.
     cursor: usize,
-    /// Auto order under virtual VRAM: donors take ranked units until the amount is reached
-    /// (the last one may pass it, within the donor's free memory), so that the compute device
-    /// never holds more than asked.
-    overshoot: bool,
-    /// The row being dealt: its free memory beyond its budget (room for that last unit).
-    room: u64,
 }
 
 impl Dealer<'_> {
@@ -468,10 +534,6 @@ impl Dealer<'_> {
             }
             let b = size(&self.units[u]);
             if b > left {
-                if self.overshoot && !keeps && left > 0 && b - left <= self.room {
-                    self.assignment[u] = Some(row);
-                    left = 0;
-                }
                 break;
             }
             self.assignment[u] = Some(row);

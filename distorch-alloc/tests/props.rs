@@ -221,11 +221,7 @@ proptest! {
                 check_invariants(&p, &inv, &req.pin);
                 let moved: u64 = p.devices().iter().filter(|r| r.device != p.compute())
                     .map(|r| r.model_bytes.0).sum();
-                // Auto moves at least the amount (its last unit may pass it), the others at
-                // most.
-                if order != PlacementOrder::Auto {
-                    prop_assert!(moved <= vv.amount().0);
-                }
+                prop_assert!(moved <= vv.amount().0);
                 check_round_trips(&p, &inv, &g, order);
             }
             Err(Error::DeviceOverCapacity { .. } | Error::DonorsTooSmall { .. }) => {}
@@ -288,7 +284,7 @@ proptest! {
         }
     }
 
-    /// The same with virtual VRAM: less moved, never slower; nothing moved, all resident.
+    /// The same with virtual VRAM: less to move, never slower; nothing to move, all resident.
     #[test]
     fn auto_virtual_vram_gets_no_slower_with_less_moved(
         inv in timed_inventory_strategy(),
@@ -306,7 +302,7 @@ proptest! {
             let p = plan(&req, &inv, &g).unwrap();
             check_invariants(&p, &inv, &req.pin);
             let moved: u64 = p.devices()[1..].iter().map(|r| r.model_bytes.0).sum();
-            prop_assert!(moved >= a, "moved {} of {}", moved, a);
+            prop_assert!(moved <= a, "moved {} of {}", moved, a);
             if a == 0 {
                 prop_assert_eq!(moved, 0);
             }

@@ -220,6 +220,9 @@ pub enum OrderArg {
     Interleave,
     /// Contiguous runs, as the original DisTorch2.
     Tail,
+    /// Chosen by the clock: stream the units whose transfers compute hides best (needs
+    /// --latent for the UNet's compute times; the donor's link from --devices `@GB/s`).
+    Auto,
 }
 
 #[derive(Args)]
@@ -256,6 +259,32 @@ pub struct PlanArgs {
     /// Print one JSON object per planned component (one line each) instead of the report.
     #[arg(long)]
     pub json: bool,
+    /// Predict the pass for a UNet at this latent size (`128x128` for a 1024² SDXL image):
+    /// each unit's compute from its shapes and --tflops, each streamed unit's transfer over
+    /// its donor's link (`@GB/s` in --devices).
+    #[arg(long, value_name = "HxW", value_parser = parse_latent)]
+    pub latent: Option<(usize, usize)>,
+    /// Samples per pass (2 with classifier-free guidance).
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// The compute device's effective rate in TFLOP/s for the predictions (default: an
+    /// assumed rate per device kind, said in the report).
+    #[arg(long)]
+    pub tflops: Option<f64>,
+    /// Streamed units staged ahead of use (the runtime's default: 2).
+    #[arg(long, default_value_t = 2)]
+    pub prefetch_units: usize,
+}
+
+fn parse_latent(s: &str) -> Result<(usize, usize), String> {
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("`{s}`: expected HxW, e.g. 128x128"))?;
+    let n = |v: &str| match v.trim().parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}`: sides are whole numbers from 1 to 4096")),
+    };
+    Ok((n(h)?, n(w)?))
 }
 
 #[derive(Args)]

@@ -50,6 +50,8 @@ pub fn run(args: &PlanArgs) -> Result<(), Failure> {
     let mut first = true;
     for component in wanted {
         let inventory = units::inventory(component)?;
+        let compute = request.compute().unwrap_or(DeviceId::CPU);
+        let inventory = with_compute_times(args, component, inventory, compute)?;
         let plan = distorch::plan(&request, &inventory, &graph).map_err(|e| hint(e.into()))?;
         tracing::debug!(component = %component.kind, bytes = %plan.bytes_string(), "planned");
         if args.json {
@@ -78,6 +80,7 @@ fn request(args: &PlanArgs, graph: &DeviceGraph) -> Result<PlanRequest, Failure>
     let order = match args.order {
         OrderArg::Interleave => PlacementOrder::Interleave,
         OrderArg::Tail => PlacementOrder::Tail,
+        OrderArg::Auto => PlacementOrder::Auto,
     };
     let expert = args.expert.as_deref().map(AllocSpec::parse).transpose()?;
     let request = match (expert, args.virtual_vram) {
@@ -105,7 +108,60 @@ fn request(args: &PlanArgs, graph: &DeviceGraph) -> Result<PlanRequest, Failure>
             ));
         }
     };
-    Ok(request.with_order(order).with_pin(pin))
+    let mut request = request.with_order(order).with_pin(pin);
+    request.staging.units = args.prefetch_units.max(1);
+    Ok(request)
+}
+
+/// Assumed effective rates (TFLOP/s) when --tflops is not given: a recent datacenter GPU
+/// through Burn's CUDA backend, a desktop GPU through wgpu, a few CPU cores.
+fn assumed_tflops(compute: DeviceId) -> f64 {
+    match compute.kind() {
+        distorch::alloc::DeviceKind::Cuda => 60.0,
+        distorch::alloc::DeviceKind::Cpu => 0.2,
+        _ => 10.0,
+    }
+}
+
+/// The UNet's units with compute times for `--latent`, when asked for and the component is
+/// a UNet (other components are planned without a prediction).
+fn with_compute_times(
+    args: &PlanArgs,
+    component: &distorch::core::Component<'_>,
+    inventory: Inventory,
+    compute: DeviceId,
+) -> Result<Inventory, Failure> {
+    use distorch::models::sd::unet::cost::{UnetWork, unit_flops, unit_times};
+    let Some(latent) = args.latent else {
+        return Ok(inventory);
+    };
+    if component.kind != ComponentKind::Unet {
+        return Ok(inventory);
+    }
+    let detected = distorch::models::UnetConfig::detect(component)
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    let work = UnetWork {
+        latent,
+        batch: args.batch.max(1),
+        text_tokens: 77,
+    };
+    let tflops = match args.tflops {
+        Some(t) if t > 0.0 && t.is_finite() => t,
+        Some(t) => {
+            return Err(Failure::Other(format!(
+                "--tflops {t}: give a positive rate"
+            )));
+        }
+        None => {
+            let t = assumed_tflops(compute);
+            println!(
+                "(predictions assume {t} TFLOP/s on {compute}; give --tflops for your device)"
+            );
+            t
+        }
+    };
+    let flops = unit_flops(component, &detected.config, &work);
+    Ok(inventory.with_compute(&unit_times(&flops, tflops * 1e12)))
 }
 
 /// Adds what detection saw (when the devices were detected) to an unknown-device error.
@@ -193,6 +249,12 @@ fn plan_json(plan: &Plan, inventory: &Inventory) -> serde_json::Value {
         "bytes_string": plan.bytes_string(),
         "fraction_string": plan.fraction_string(),
         "warnings": plan.warnings().iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+        "predicted": plan.prediction().map(|p| json!({
+            "step_ms": p.step.as_secs_f64() * 1e3,
+            "compute_ms": p.compute.as_secs_f64() * 1e3,
+            "transfer_ms": p.transfer.as_secs_f64() * 1e3,
+            "stall_ms": p.stall.as_secs_f64() * 1e3,
+        })),
     })
 }
 

@@ -6,6 +6,7 @@
 //! Diffusers' key layout.
 
 pub(crate) mod config;
+pub mod cost;
 pub(crate) mod layers;
 pub mod ldm;
 pub(crate) mod trunk;

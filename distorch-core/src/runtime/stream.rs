@@ -134,6 +134,9 @@ struct State<B: Backend> {
     handed_out: u64,
     shutdown: bool,
     stats: StreamStats,
+    /// When profiling: each fetch's unit and the moment it was asked for, the device
+    /// synchronized first (see [`Streamer::set_profiling`]).
+    profile: Option<Vec<(usize, Instant)>>,
 }
 
 impl<B: Backend> State<B> {
@@ -242,6 +245,7 @@ impl<B: Backend> Streamer<B> {
                 handed_out: 0,
                 shutdown: false,
                 stats: StreamStats::default(),
+                profile: None,
             }),
             uploads,
             changed: Condvar::new(),
@@ -302,6 +306,7 @@ impl<B: Backend> Streamer<B> {
         let i = store.position(unit).ok_or_else(|| Error::UnknownUnit {
             unit: unit.to_owned(),
         })?;
+        self.note_profile(&store, i);
         let u = &store.units()[i];
         if u.is_resident() {
             let mut st = self.shared.lock();
@@ -354,6 +359,51 @@ impl<B: Backend> Streamer<B> {
         let tensors = to_device(u, staged, &store);
         self.shared.lock().stats.stall += enqueue.elapsed();
         Ok(weights(u, tensors))
+    }
+
+    /// Records the moment unit `i` is asked for, after the work queued before it has run,
+    /// when profiling.
+    fn note_profile(&self, store: &WeightStore<B>, i: usize) {
+        if self.shared.lock().profile.is_none() {
+            return;
+        }
+        // Asynchronous backends: what was queued so far is the previous unit's work.
+        let _ = B::sync(store.compute());
+        let now = Instant::now();
+        if let Some(p) = self.shared.lock().profile.as_mut() {
+            p.push((i, now));
+        }
+    }
+
+    /// Turns per-unit profiling on or off (off by default). While on, every fetch first waits
+    /// for the compute device to finish what was queued (a slower pass), so that the time
+    /// between two fetches is the earlier unit's compute and whatever ran before the next —
+    /// the calibration `PlacementOrder::Auto`'s cost model takes ([`Streamer::take_profile`]).
+    pub fn set_profiling(&self, on: bool) {
+        self.shared.lock().profile = on.then(Vec::new);
+    }
+
+    /// The profile since profiling was turned on (or last taken): each fetched unit's name
+    /// and the time until the next fetch (the last unit's until now, the device
+    /// synchronized), summed over the unit's fetches. Profiling stays on.
+    pub fn take_profile(&self) -> Vec<(String, Duration)> {
+        let store = self.store();
+        let _ = B::sync(store.compute());
+        let end = Instant::now();
+        let Some(marks) = self.shared.lock().profile.as_mut().map(std::mem::take) else {
+            return Vec::new();
+        };
+        let mut totals: Vec<(String, Duration)> = Vec::new();
+        for (k, &(i, at)) in marks.iter().enumerate() {
+            let until = marks.get(k + 1).map_or(end, |m| m.1);
+            let name = &store.units()[i].name;
+            let d = until.saturating_duration_since(at);
+            match totals.iter_mut().find(|(n, _)| n == name) {
+                Some((_, t)) => *t += d,
+                None => totals.push((name.clone(), d)),
+            }
+        }
+        totals
     }
 
     /// Queues offloaded units after `i` in execution order (wrapping) within the look-ahead.

@@ -110,6 +110,11 @@ fn request(args: &PlanArgs, graph: &DeviceGraph) -> Result<PlanRequest, Failure>
     };
     let mut request = request.with_order(order).with_pin(pin);
     request.staging.units = args.prefetch_units.max(1);
+    // Uploads overlap compute on CUDA (a prefetch thread); wgpu uploads on the compute
+    // thread and the CPU backend widens weights on the cores it computes with.
+    request.staging.overlapped = request
+        .compute()
+        .is_some_and(|c| c.kind() == distorch::alloc::DeviceKind::Cuda);
     Ok(request)
 }
 
@@ -154,8 +159,8 @@ fn with_compute_times(
         }
         None => {
             let t = assumed_tflops(compute);
-            println!(
-                "(predictions assume {t} TFLOP/s on {compute}; give --tflops for your device)"
+            eprintln!(
+                "note: predictions assume {t} TFLOP/s on {compute}; give --tflops for your device"
             );
             t
         }

@@ -387,3 +387,83 @@ fn inspect_names_flux_files() {
         assert!(stdout(&o).contains(want), "{file}: {}", stdout(&o));
     }
 }
+
+/// `plan --order auto --latent`: the UNet's units timed from its shapes, the pass predicted in
+/// the report and the JSON; the auto plan no slower than interleave's or tail's at the same
+/// budget; a bad latent is a usage error.
+#[test]
+fn plan_predicts_the_pass_and_auto_is_no_slower() {
+    let dir = tempfile::tempdir().unwrap();
+    let step = |order: &str| {
+        let o = distorch(
+            &[
+                "plan",
+                "--demo",
+                "sd15",
+                "--component",
+                "unet",
+                "--virtual-vram",
+                "1",
+                "--devices",
+                "cuda:0=8gib,cpu=32gib@16gb/s",
+                "--latent",
+                "64x64",
+                "--tflops",
+                "50",
+                "--order",
+                order,
+                "--json",
+            ],
+            dir.path(),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        v["predicted"]["step_ms"]
+            .as_f64()
+            .expect("a predicted step")
+    };
+    let auto = step("auto");
+    for order in ["interleave", "tail"] {
+        let other = step(order);
+        assert!(auto <= other + 1e-6, "auto {auto} ms vs {order} {other} ms");
+    }
+    let o = distorch(
+        &[
+            "plan",
+            "--demo",
+            "sd15",
+            "--virtual-vram",
+            "1",
+            "--latent",
+            "64by64",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = distorch(
+        &[
+            "plan",
+            "--demo",
+            "sd15",
+            "--component",
+            "unet",
+            "--virtual-vram",
+            "1",
+            "--devices",
+            "cuda:0=8gib,cpu=32gib",
+            "--latent",
+            "64x64",
+            "--order",
+            "auto",
+        ],
+        dir.path(),
+    );
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("predicted pass:"), "{out}");
+    assert!(
+        out.contains("link to the compute device is not declared"),
+        "{out}"
+    );
+}

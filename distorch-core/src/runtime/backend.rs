@@ -11,6 +11,11 @@ pub struct Capabilities {
     pub donor_copy: DonorCopy,
     /// Which thread uploads streamed units.
     pub upload_thread: UploadThread,
+    /// Whether bringing a streamed unit in runs beside compute without slowing it: true on a
+    /// GPU uploading from the prefetch thread; false where the upload is the compute
+    /// thread's (wgpu) or staging shares the compute's cores (ndarray computes on the host:
+    /// widening weights takes the cores the kernels use). What predictions assume.
+    pub transfers_overlap: bool,
 }
 
 impl Capabilities {
@@ -33,6 +38,7 @@ impl Capabilities {
             } else {
                 UploadThread::Compute
             },
+            transfers_overlap: cuda,
         }
     }
 }

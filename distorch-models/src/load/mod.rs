@@ -214,6 +214,10 @@ pub struct ComponentOptions<B: Backend> {
     /// compute in is refused before any weight is read
     /// ([`distorch_core::Error::UnsupportedComputeDtype`]).
     pub dtype: Option<ComputeDtype>,
+    /// Each unit's compute time per pass (by unit name), as a profiled pass measured it
+    /// ([`distorch_core::runtime::Streamer::take_profile`]): the plan then predicts the pass
+    /// and `PlacementOrder::Auto` can weigh transfers against compute.
+    pub compute_times: Option<Arc<std::collections::BTreeMap<String, std::time::Duration>>>,
 }
 
 impl<B: Backend> ComponentOptions<B> {
@@ -228,6 +232,7 @@ impl<B: Backend> ComponentOptions<B> {
             loras: None,
             precision: PatchPrecision::High,
             dtype: Some(ComputeDtype::F32),
+            compute_times: None,
         }
     }
 }
@@ -406,12 +411,19 @@ pub(crate) fn cache_key<B: Backend, M: Model<B>>(
                 .map(move |(f, s)| format!("{}*{s}@{}", stamp(f.path()), l.target))
         })
         .collect();
+    // Compute times change where `PlacementOrder::Auto` puts units: a fingerprint of them.
+    let times = options.compute_times.as_ref().map(|t| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&**t, &mut h);
+        std::hash::Hasher::finish(&h)
+    });
     format!(
-        "{key}:config={config:?}:{:?}:{:?}:loras=[{}]:{:?}",
+        "{key}:config={config:?}:{:?}:{:?}:loras=[{}]:{:?}:times={times:?}:{:?}",
         options.placement.request,
         options.dtype,
         loras.join(","),
-        options.precision
+        options.precision,
+        options.lookahead,
     )
 }
 
@@ -467,12 +479,19 @@ fn plan<B: Backend, M: Model<B>>(
         changed: Some(&changed),
         fp8_changed: options.precision.fp8_changed(),
     };
-    let inventory = units::inventory_with(component, &homes)?.in_order(&order);
-    Ok(distorch_alloc::plan(
-        &options.placement.request,
-        &inventory,
-        &options.graph,
-    )?)
+    let mut inventory = units::inventory_with(component, &homes)?.in_order(&order);
+    if let Some(times) = &options.compute_times {
+        inventory = inventory.with_compute(times);
+    }
+    // Predictions and `PlacementOrder::Auto` see the streamer this component will have.
+    let mut request = options.placement.request.clone();
+    let device = options.placement.devices.compute();
+    request.staging = distorch_alloc::Staging {
+        units: options.lookahead.units,
+        bytes: options.lookahead.bytes,
+        overlapped: distorch_core::runtime::Capabilities::of::<B>(device).transfers_overlap,
+    };
+    Ok(distorch_alloc::plan(&request, &inventory, &options.graph)?)
 }
 
 /// Loads the component where `plan` puts it, computing in `dtype`, with its LoRA patch.

@@ -27,7 +27,10 @@
 #   7. `distorch generate image` on the demo checkpoint (written to /tmp first, ~2 GB): the
 #      UNet on cuda:0 with 1 GB of virtual VRAM on the CPU, the text encoders on cuda:1 when a
 #      second GPU is visible (else cuda:0), 256×256, 4 steps; and `generate flux` on its demo
-#      folder with every block swapped to the CPU.
+#      folder with every block swapped to the CPU;
+#   8. auto_bench --backend cuda (issue 21): the SD 1.5 UNet at 25/50/75 % budgets in
+#      interleave, tail and auto order, predicted against measured — where uploads overlap
+#      compute, the case auto is for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -45,10 +48,11 @@ build)
   test -x "$exe" || { echo "no parity test binary built" >&2; exit 1; }
   cp "$exe" "$bin/parity-cuda"
   cargo build --release --features cuda --example offload_bench --example attention_bench \
-    --example flux_block_swap_bench
+    --example flux_block_swap_bench --example auto_bench
   cp target/release/examples/offload_bench "$bin/offload_bench-cuda"
   cp target/release/examples/attention_bench "$bin/attention_bench-cuda"
   cp target/release/examples/flux_block_swap_bench "$bin/flux_block_swap_bench-cuda"
+  cp target/release/examples/auto_bench "$bin/auto_bench-cuda"
   cargo build --release -p distorch-cli --features cuda
   cp target/release/distorch "$bin/distorch-cuda"
   ls -l "$bin"
@@ -93,6 +97,8 @@ run)
     --prompt "a red fox in the snow" --steps 4 --width 256 --height 256 \
     --unet-compute-device cuda:0 --blocks-to-swap 1 --single-blocks-to-swap 2 \
     --swap-device cpu --out "$out/flux-cuda.png" 2>&1 | tee "$out/flux-cuda.log" || status=1
+  DISTORCH_CACHE_DIR=/tmp/distorch-gpu-check timeout 120 "$bin/auto_bench-cuda" --backend cuda \
+    --latent 64 --passes 5 2>&1 | tee "$out/auto-cuda.log" || status=1
   exit "$status"
   ;;
 *)

@@ -12,6 +12,11 @@
 use std::time::Duration;
 
 use crate::bytesize::ByteSize;
+use crate::graph::DeviceInfo;
+use crate::inventory::Unit;
+use crate::plan::Warning;
+use crate::planner::Layout;
+use crate::request::PlanRequest;
 
 /// The streamer's prefetch limits, as the runtime's `Lookahead` and `UploadThread` set them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,6 +120,64 @@ pub fn simulate(units: &[PassUnit], staging: Staging) -> Prediction {
         compute,
         transfer,
     }
+}
+
+/// The link assumed between a donor and the compute device when the graph declares none:
+/// 16 GB/s, about PCIe 4.0 x16 from pageable host memory.
+pub(crate) const DEFAULT_LINK: ByteSize = ByteSize(16_000_000_000);
+
+/// The donor auto ranks for: the first row other than the compute device's that takes units
+/// (a donor with a quota, or the rest-taking row).
+pub(crate) fn primary_donor(layout: &Layout, compute_row: usize) -> Option<usize> {
+    (0..layout.rows.len()).find(|&r| r != compute_row)
+}
+
+/// A donor's declared link to the compute device, else [`DEFAULT_LINK`] with a warning.
+pub(crate) fn link_of(info: &DeviceInfo, warnings: &mut Vec<Warning>) -> u64 {
+    match info.link_bytes_per_sec {
+        Some(b) if b.0 > 0 => b.0,
+        _ => {
+            let w = Warning::AssumedLink {
+                device: info.id,
+                bytes_per_sec: DEFAULT_LINK,
+            };
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
+            DEFAULT_LINK.0
+        }
+    }
+}
+
+/// The pass under `assignment` (rows of `layout`), when units carry compute times.
+pub(crate) fn predict(
+    request: &PlanRequest,
+    units: &[Unit],
+    layout: &Layout,
+    assignment: &[Option<usize>],
+    warnings: &mut Vec<Warning>,
+) -> Option<Prediction> {
+    if units.iter().all(|u| u.compute.is_zero()) {
+        return None;
+    }
+    let pass: Vec<PassUnit> = units
+        .iter()
+        .zip(assignment)
+        .map(|(u, a)| {
+            let info = &layout.rows[a.expect("every unit is assigned by now")].info;
+            let transfer = if info.id == layout.compute {
+                std::time::Duration::ZERO
+            } else {
+                crate::auto::transfer_time(u.bytes, link_of(info, warnings))
+            };
+            PassUnit {
+                compute: u.compute,
+                transfer,
+                bytes: u.bytes,
+            }
+        })
+        .collect();
+    Some(simulate(&pass, request.staging))
 }
 
 /// The simulation's state: which streamed units are staged, when each is ready, when the

@@ -65,9 +65,9 @@ pub fn plan(
     };
     let assignment = match request.order {
         PlacementOrder::Auto => {
-            let donor = primary_donor(&layout, compute_row);
-            let link = donor.map_or(DEFAULT_LINK.0, |r| {
-                link_of(&layout.rows[r].info, &mut warnings)
+            let donor = crate::cost::primary_donor(&layout, compute_row);
+            let link = donor.map_or(crate::cost::DEFAULT_LINK.0, |r| {
+                crate::cost::link_of(&layout.rows[r].info, &mut warnings)
             });
             let rankings = crate::auto::rankings(units, &movable, link, request.staging);
             deal.fastest(request, &rankings, &mut warnings, inventory)?
@@ -246,8 +246,9 @@ impl Deal<'_> {
             let mut w = warnings.clone();
             match self.run(visit, &mut w, inventory) {
                 Ok(a) => {
-                    let step = predict(request, self.units, self.layout, &a, &mut Vec::new())
-                        .map_or(std::time::Duration::ZERO, |p| p.step);
+                    let step =
+                        crate::cost::predict(request, self.units, self.layout, &a, &mut Vec::new())
+                            .map_or(std::time::Duration::ZERO, |p| p.step);
                     if best.as_ref().is_none_or(|(b, _, _)| step < *b) {
                         best = Some((step, a, w));
                     }
@@ -268,64 +269,6 @@ impl Deal<'_> {
     }
 }
 
-/// The link assumed between a donor and the compute device when the graph declares none:
-/// 16 GB/s, about PCIe 4.0 x16 from pageable host memory.
-pub(crate) const DEFAULT_LINK: ByteSize = ByteSize(16_000_000_000);
-
-/// The donor auto ranks for: the first row other than the compute device's that takes units
-/// (a donor with a quota, or the rest-taking row).
-fn primary_donor(layout: &Layout, compute_row: usize) -> Option<usize> {
-    (0..layout.rows.len()).find(|&r| r != compute_row)
-}
-
-/// A donor's declared link to the compute device, else [`DEFAULT_LINK`] with a warning.
-fn link_of(info: &DeviceInfo, warnings: &mut Vec<Warning>) -> u64 {
-    match info.link_bytes_per_sec {
-        Some(b) if b.0 > 0 => b.0,
-        _ => {
-            let w = Warning::AssumedLink {
-                device: info.id,
-                bytes_per_sec: DEFAULT_LINK,
-            };
-            if !warnings.contains(&w) {
-                warnings.push(w);
-            }
-            DEFAULT_LINK.0
-        }
-    }
-}
-
-/// The pass under `assignment` (rows of `layout`), when units carry compute times.
-fn predict(
-    request: &PlanRequest,
-    units: &[Unit],
-    layout: &Layout,
-    assignment: &[Option<usize>],
-    warnings: &mut Vec<Warning>,
-) -> Option<crate::cost::Prediction> {
-    if units.iter().all(|u| u.compute.is_zero()) {
-        return None;
-    }
-    let pass: Vec<crate::cost::PassUnit> = units
-        .iter()
-        .zip(assignment)
-        .map(|(u, a)| {
-            let info = &layout.rows[a.expect("every unit is assigned by now")].info;
-            let transfer = if info.id == layout.compute {
-                std::time::Duration::ZERO
-            } else {
-                crate::auto::transfer_time(u.bytes, link_of(info, warnings))
-            };
-            crate::cost::PassUnit {
-                compute: u.compute,
-                transfer,
-                bytes: u.bytes,
-            }
-        })
-        .collect();
-    Some(crate::cost::simulate(&pass, request.staging))
-}
-
 fn is_pinned(unit: &Unit, pin: &PinPolicy) -> bool {
     match unit.kind {
         UnitKind::Norm | UnitKind::Bias => true,
@@ -336,7 +279,7 @@ fn is_pinned(unit: &Unit, pin: &PinPolicy) -> bool {
 
 /// One device row before units are dealt.
 pub(crate) struct RowSpec {
-    info: DeviceInfo,
+    pub(crate) info: DeviceInfo,
     quota: Quota,
 }
 
@@ -634,7 +577,7 @@ pub(crate) fn finish(
         }
     }
     let total = rows.iter().map(|r| r.model_bytes).sum();
-    let prediction = predict(
+    let prediction = crate::cost::predict(
         request,
         inventory.units(),
         &layout,

@@ -7,8 +7,9 @@
 //!     [--budgets 25,50,75] [--passes 3]
 //! ```
 //!
-//! Calibration first, on the backend measured: one resident pass profiled unit by unit
-//! (`Streamer::set_profiling`, the device synchronized at every fetch) gives each unit's
+//! Calibration first, on the backend measured, once per device (cached in
+//! `$DISTORCH_CACHE_DIR/calibration.json`, `CalibrationCache`): one resident pass profiled
+//! unit by unit (`profile_units`, the device synchronized at every fetch) gives each unit's
 //! compute time; one pass with every unit streamed gives the link's bandwidth: bytes moved
 //! over the time staging them on demand where transfers overlap compute (CUDA), over what
 //! streaming adds to the pass where they do not (wgpu, ndarray). Then one line per (budget,
@@ -27,6 +28,7 @@ use burn::tensor::{Tensor, TensorData};
 use distorch::alloc::DeviceInfo;
 use distorch::core::SafetensorsIndex;
 use distorch::core::runtime::{DeviceMap, Lookahead};
+use distorch::models::load::calibration::{Calibration, CalibrationCache, profile_units};
 use distorch::models::load::{load_component, open_index, split};
 use distorch::models::sd::demo::DemoModel;
 use distorch::models::{ComponentOptions, Placement, Unet2dCondition, UnetConfig, UnetInput};
@@ -121,6 +123,79 @@ impl<B: Backend> Setup<B> {
     }
 }
 
+/// Measures the UNet's units (a resident pass, profiled) and the link (a fully streamed
+/// pass). Where transfers overlap compute (CUDA) a streamed byte costs the time staging it on
+/// demand (no look-ahead); where they do not (wgpu uploads on the compute thread, ndarray
+/// widens on the compute cores), what streaming it adds to a prefetched pass. Streaming that
+/// adds nothing measurable (lavapipe: copies within host memory, next to seconds of shader
+/// time) is taken as 1 ms a pass.
+fn calibrate<B: Backend>(
+    setup: &Setup<B>,
+    expert: &dyn Fn(String, PlacementOrder) -> Result<PlanRequest, Failure>,
+) -> Result<(Calibration, ByteSize), Failure> {
+    let resident = setup.load(
+        expert("cuda:0,*".into(), PlacementOrder::Interleave)?,
+        Lookahead::default(),
+        None,
+        None,
+    )?;
+    let total = resident.plan.total_bytes();
+    let compute = profile_units(resident.model.streamer(), || {
+        setup
+            .pass(&resident.model)
+            .map(|_| ())
+            .map_err(|e| distorch::models::Error::Input {
+                input: "pass",
+                reason: e.to_string(),
+            })
+    })?;
+    let plain = setup.pass(&resident.model)?;
+    drop(resident);
+    let overlap = distorch::core::runtime::Capabilities::of::<B>(&setup.device).transfers_overlap;
+    let lookahead = if overlap {
+        Lookahead {
+            units: 0,
+            ..Lookahead::default()
+        }
+    } else {
+        Lookahead::default()
+    };
+    let streamed = setup.load(
+        expert("cuda:0,0b;cpu,*".into(), PlacementOrder::Interleave)?,
+        lookahead,
+        None,
+        None,
+    )?;
+    setup.pass(&streamed.model)?;
+    let _ = streamed.model.streamer().take_stats();
+    let full = setup.pass(&streamed.model)?;
+    let stats = streamed.model.streamer().take_stats();
+    let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
+    let cost = if overlap {
+        stats.stall
+    } else {
+        full.saturating_sub(plain)
+    }
+    .max(Duration::from_millis(1));
+    let link = (moved as f64 / cost.as_secs_f64()) as u64;
+    println!(
+        "calibration: backend={} resident_pass_ms={:.1} streamed_pass_ms={:.1} units_timed={} \
+         overlap={overlap} link_gb_s={:.2}",
+        B::name(&setup.device),
+        plain.as_secs_f64() * 1e3,
+        full.as_secs_f64() * 1e3,
+        compute.len(),
+        link as f64 / 1e9
+    );
+    Ok((
+        Calibration {
+            compute,
+            link_bytes_per_sec: link,
+        },
+        total,
+    ))
+}
+
 fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
     let latent: usize = arg("--latent").map_or(Ok(16), |s| s.parse())?;
     let passes: usize = arg("--passes").map_or(Ok(3), |s| s.parse())?;
@@ -129,9 +204,9 @@ fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let cache = std::env::var_os("DISTORCH_CACHE_DIR")
+    let cache_dir = std::env::var_os("DISTORCH_CACHE_DIR")
         .map_or_else(|| std::env::temp_dir().join("distorch"), PathBuf::from);
-    let ckpt = DemoModel::Sd15.ensure_random_in(&cache)?;
+    let ckpt = DemoModel::Sd15.ensure_random_in(&cache_dir)?;
     let index = open_index(&ckpt)?;
     let config = {
         let parts = split(&index);
@@ -153,72 +228,39 @@ fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
         Ok(PlanRequest::expert_with_compute(s.parse()?, compute).with_order(order))
     };
 
-    // Calibration: each unit's compute, resident and profiled.
-    let resident = setup.load(
-        expert("cuda:0,*".into(), PlacementOrder::Interleave)?,
-        Lookahead::default(),
-        None,
-        None,
-    )?;
-    let total = resident.plan.total_bytes();
-    setup.pass(&resident.model)?;
-    resident.model.streamer().set_profiling(true);
-    let profiled = setup.pass(&resident.model)?;
-    let times: BTreeMap<String, Duration> = resident
-        .model
-        .streamer()
-        .take_profile()
-        .into_iter()
-        .collect();
-    resident.model.streamer().set_profiling(false);
-    let plain = setup.pass(&resident.model)?;
-    drop(resident);
-    // The link: every unit streamed. Where transfers overlap compute (CUDA), its rate is
-    // the bytes over the time spent staging them on demand (no look-ahead); where they do not
-    // (wgpu uploads on the compute thread, ndarray widens on the compute cores), it is the
-    // bytes over what streaming them adds to a prefetched pass.
-    let overlap = distorch::core::runtime::Capabilities::of::<B>(&setup.device).transfers_overlap;
-    let lookahead = if overlap {
-        Lookahead {
-            units: 0,
-            ..Lookahead::default()
+    let key =
+        CalibrationCache::key::<B>(&setup.device, &ckpt, &format!("unet {latent}x{latent}x2"));
+    let mut cache = CalibrationCache::open(cache_dir.join("calibration.json"))?;
+    let (calibration, total) = match cache.get(&key) {
+        Some(c) => {
+            println!(
+                "calibration: cached ({})",
+                cache_dir.join("calibration.json").display()
+            );
+            let total = setup
+                .load(
+                    expert("cuda:0,*".into(), PlacementOrder::Interleave)?,
+                    Lookahead::default(),
+                    None,
+                    None,
+                )?
+                .plan
+                .total_bytes();
+            (c.clone(), total)
         }
-    } else {
-        Lookahead::default()
+        None => {
+            let (c, total) = calibrate(&setup, &expert)?;
+            cache.insert(key, c.clone())?;
+            (c, total)
+        }
     };
-    let streamed = setup.load(
-        expert("cuda:0,0b;cpu,*".into(), PlacementOrder::Interleave)?,
-        lookahead,
-        None,
-        None,
-    )?;
-    setup.pass(&streamed.model)?;
-    let _ = streamed.model.streamer().take_stats();
-    let full = setup.pass(&streamed.model)?;
-    let stats = streamed.model.streamer().take_stats();
-    drop(streamed);
-    let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
-    // Streaming that adds nothing measurable (lavapipe: uploads are copies within host
-    // memory, next to seconds of shader time) is taken as 1 ms a pass.
-    let cost = if overlap {
-        stats.stall
-    } else {
-        full.saturating_sub(plain)
-    }
-    .max(Duration::from_millis(1));
-    let link = (moved as f64 / cost.as_secs_f64().max(1e-9)) as u64;
+    let (times, link) = (calibration.compute, calibration.link_bytes_per_sec);
     println!(
-        "backend={} latent={latent}x{latent} batch=2 model={total} resident_pass_ms={:.1} \
-         profiled_pass_ms={:.1} streamed_pass_ms={:.1} units_timed={} overlap={overlap} \
-         link_gb_s={:.2}",
+        "backend={} latent={latent}x{latent} batch=2 model={total} units_timed={} link_gb_s={:.2}",
         B::name(&setup.device),
-        plain.as_secs_f64() * 1e3,
-        profiled.as_secs_f64() * 1e3,
-        full.as_secs_f64() * 1e3,
         times.len(),
         link as f64 / 1e9
     );
-
     let times = Arc::new(times);
     for pct in budgets {
         let budget = total.0 / 100 * pct;

@@ -3,6 +3,7 @@
 //! folder or one component of a checkpoint), and [`load_cached`], the same through the
 //! shared model cache with `eject_models` semantics.
 
+pub mod calibration;
 pub(crate) mod config;
 mod context;
 mod conventions;

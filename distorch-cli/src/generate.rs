@@ -144,13 +144,85 @@ pub struct ImageArgs {
 }
 
 /// A component's placement strings, parsed (see [`PlacementSpec::parse`]).
-pub(crate) fn placement_spec(
+fn placement_spec(
     device: &str,
     gb: f64,
     donors: &str,
     expert: Option<&str>,
 ) -> Result<PlacementSpec, Failure> {
     Ok(PlacementSpec::parse(device, gb, donors, expert)?)
+}
+
+/// The placements every generator takes, parsed before anything is read: the denoiser's
+/// (`--unet-*`), the text encoders' (`--clip-*`), the VAE's (`--vae-device`, else the
+/// denoiser's device), and the device graph (`--devices`, else detected).
+pub(crate) struct Placements {
+    pub(crate) unet: PlacementSpec,
+    pub(crate) clip: PlacementSpec,
+    pub(crate) vae: PlacementSpec,
+    pub(crate) graph: DeviceGraph,
+}
+
+impl Placements {
+    /// Parses the flags; `gpu_gb` is the denoiser's virtual VRAM when computing on a GPU
+    /// and none is given (0 on the CPU).
+    pub(crate) fn parse(
+        u: &UnetPlacement,
+        c: &ClipPlacement,
+        vae_device: Option<&str>,
+        devices: Option<&str>,
+        gpu_gb: f64,
+    ) -> Result<Placements, Failure> {
+        let compute: DeviceId = u.unet_compute_device.parse()?;
+        let default_gb = if compute == DeviceId::CPU {
+            0.0
+        } else {
+            gpu_gb
+        };
+        let unet = placement_spec(
+            &u.unet_compute_device,
+            u.unet_virtual_vram_gb.unwrap_or(default_gb),
+            &u.unet_donor_device,
+            u.unet_expert_mode_allocations.as_deref(),
+        )?;
+        let clip = placement_spec(
+            &c.clip_compute_device,
+            c.clip_virtual_vram_gb,
+            &c.clip_donor_device,
+            c.clip_expert_mode_allocations.as_deref(),
+        )?;
+        let vae = PlacementSpec::on(match vae_device {
+            Some(d) => d.parse()?,
+            None => compute,
+        });
+        let graph = match devices {
+            Some(d) => DeviceGraph::declare(d)?,
+            None => distorch::backends::detect().graph,
+        };
+        Ok(Placements {
+            unet,
+            clip,
+            vae,
+            graph,
+        })
+    }
+}
+
+/// A progress bar over `steps` sampling steps, and the pipelines' progress callback that
+/// drives it.
+pub(crate) fn sampling_bar(
+    steps: usize,
+) -> Result<(ProgressBar, impl FnMut(Progress)), Box<dyn std::error::Error>> {
+    let bar = bar(
+        steps as u64,
+        "sampling {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}",
+    )?;
+    let b = bar.clone();
+    Ok((bar, move |e| match e {
+        Progress::Step { .. } => b.inc(1),
+        Progress::Decoded { .. } => b.finish_and_clear(),
+        Progress::Encoded { .. } => {}
+    }))
 }
 
 /// Everything parsed from strings, before anything is read.
@@ -164,38 +236,20 @@ struct Parsed {
 }
 
 fn parse(a: &ImageArgs) -> Result<Parsed, Failure> {
-    let u = &a.unet_placement;
-    let compute: DeviceId = u.unet_compute_device.parse()?;
-    let default_gb = if compute == DeviceId::CPU { 0.0 } else { 4.0 };
-    let unet = placement_spec(
-        &u.unet_compute_device,
-        u.unet_virtual_vram_gb.unwrap_or(default_gb),
-        &u.unet_donor_device,
-        u.unet_expert_mode_allocations.as_deref(),
+    let p = Placements::parse(
+        &a.unet_placement,
+        &a.clip_placement,
+        a.vae_device.as_deref(),
+        a.devices.as_deref(),
+        4.0,
     )?;
-    let c = &a.clip_placement;
-    let clip = placement_spec(
-        &c.clip_compute_device,
-        c.clip_virtual_vram_gb,
-        &c.clip_donor_device,
-        c.clip_expert_mode_allocations.as_deref(),
-    )?;
-    let vae = PlacementSpec::on(match &a.vae_device {
-        Some(d) => d.parse()?,
-        None => compute,
-    });
-    let graph = match &a.devices {
-        Some(d) => DeviceGraph::declare(d)?,
-        None => distorch::backends::detect().graph,
-    };
-    let (dtype, sampler) = (a.dtype.0, a.sampler);
     Ok(Parsed {
-        unet,
-        clip,
-        vae,
-        graph,
-        dtype,
-        sampler,
+        unet: p.unet,
+        clip: p.clip,
+        vae: p.vae,
+        graph: p.graph,
+        dtype: a.dtype.0,
+        sampler: a.sampler,
     })
 }
 
@@ -206,8 +260,7 @@ fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
 /// Runs `generate image`.
 pub fn image(args: &ImageArgs) -> Result<(), Failure> {
     let parsed = parse(args)?;
-    let compute = parsed.unet.compute_device;
-    on_device(compute, Image { args, parsed })?
+    dispatch(parsed.unet.compute_device, Image { args, parsed })
 }
 
 struct Image<'a> {
@@ -215,11 +268,31 @@ struct Image<'a> {
     parsed: Parsed,
 }
 
-impl OnBackend for Image<'_> {
-    type Output = Result<(), Failure>;
-    fn run<B: Backend>(self, compute: DeviceId, device: B::Device) -> Result<(), Failure> {
-        generate_image::<B>(self.args, self.parsed, compute, device).map_err(other)
+impl Generate for Image<'_> {
+    fn generate<B: Backend>(self, compute: DeviceId, device: B::Device) -> Outcome {
+        generate_image::<B>(self.args, self.parsed, compute, device)
     }
+}
+
+/// What a generator returns.
+pub(crate) type Outcome = Result<(), Box<dyn std::error::Error>>;
+
+/// A `generate` subcommand, written once for every backend.
+pub(crate) trait Generate {
+    /// Runs on backend `B`, the denoiser computing on `device` (`compute` in plans).
+    fn generate<B: Backend>(self, compute: DeviceId, device: B::Device) -> Outcome;
+}
+
+/// Runs `g` on the backend that computes on `compute` (`distorch::backends::on_device`).
+pub(crate) fn dispatch<G: Generate>(compute: DeviceId, g: G) -> Result<(), Failure> {
+    struct On<G>(G);
+    impl<G: Generate> OnBackend for On<G> {
+        type Output = Outcome;
+        fn run<B: Backend>(self, compute: DeviceId, device: B::Device) -> Outcome {
+            self.0.generate::<B>(compute, device)
+        }
+    }
+    on_device(compute, On(g))?.map_err(other)
 }
 
 fn other(e: Box<dyn std::error::Error>) -> Failure {
@@ -306,15 +379,8 @@ fn generate_image<B: Backend>(
             strength: args.control_strength,
         });
     }
-    let steps = bar(
-        args.steps as u64,
-        "sampling {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}",
-    )?;
-    let out = sd.generate(&request, &mut |e| match e {
-        Progress::Step { .. } => steps.inc(1),
-        Progress::Decoded { .. } => steps.finish_and_clear(),
-        Progress::Encoded { .. } => {}
-    })?;
+    let (_bar, mut progress) = sampling_bar(args.steps)?;
+    let out = sd.generate(&request, &mut progress)?;
     for (i, t) in out.step_times.iter().enumerate() {
         println!("step {:>3}: {:>8.1} ms", i + 1, t.as_secs_f64() * 1e3);
     }

@@ -6,17 +6,18 @@ use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use clap::Args;
-use distorch::backends::{OnBackend, on_device};
 use distorch::core::ComputeDtype;
 use distorch::core::runtime::{DeviceMap, Lookahead};
 use distorch::models::flux::dit::{FluxConfig, FluxLayout, FluxTransformer};
 use distorch::models::flux::load::{FluxFiles, FluxOptions};
 use distorch::models::flux::pipeline::{Flux, FluxTxt2Img};
-use distorch::models::{ComponentOptions, Placement, PlacementSpec, Progress};
+use distorch::models::{ComponentOptions, Placement, PlacementSpec};
 use distorch::{DeviceGraph, DeviceId, PlanRequest};
 
 use crate::Failure;
-use crate::generate::{ClipPlacement, UnetPlacement, bar, placement_spec};
+use crate::generate::{
+    ClipPlacement, Generate, Outcome, Placements, UnetPlacement, dispatch, sampling_bar,
+};
 use crate::generate_video::print_streamer;
 
 /// `generate flux`.
@@ -91,33 +92,19 @@ struct Parsed {
 }
 
 fn parse(a: &FluxArgs) -> Result<Parsed, Failure> {
-    let u = &a.unet_placement;
-    let dit = placement_spec(
-        &u.unet_compute_device,
-        u.unet_virtual_vram_gb.unwrap_or(0.0),
-        &u.unet_donor_device,
-        u.unet_expert_mode_allocations.as_deref(),
+    let p = Placements::parse(
+        &a.unet_placement,
+        &a.clip_placement,
+        a.vae_device.as_deref(),
+        a.devices.as_deref(),
+        0.0,
     )?;
-    let c = &a.clip_placement;
-    let text = placement_spec(
-        &c.clip_compute_device,
-        c.clip_virtual_vram_gb,
-        &c.clip_donor_device,
-        c.clip_expert_mode_allocations.as_deref(),
-    )?;
-    let vae = PlacementSpec::on(match &a.vae_device {
-        Some(d) => d.parse()?,
-        None => dit.compute_device,
-    });
     Ok(Parsed {
-        dit,
-        text,
-        vae,
+        dit: p.unet,
+        text: p.clip,
+        vae: p.vae,
         swap: a.swap_device.parse()?,
-        graph: match &a.devices {
-            Some(d) => DeviceGraph::declare(d)?,
-            None => distorch::backends::detect().graph,
-        },
+        graph: p.graph,
         dtype: a.dtype.0,
     })
 }
@@ -125,8 +112,7 @@ fn parse(a: &FluxArgs) -> Result<Parsed, Failure> {
 /// Runs `generate flux`.
 pub fn flux(args: &FluxArgs) -> Result<(), Failure> {
     let parsed = parse(args)?;
-    let compute = parsed.dit.compute_device;
-    on_device(compute, Run { args, parsed })?
+    dispatch(parsed.dit.compute_device, Run { args, parsed })
 }
 
 struct Run<'a> {
@@ -134,11 +120,9 @@ struct Run<'a> {
     parsed: Parsed,
 }
 
-impl OnBackend for Run<'_> {
-    type Output = Result<(), Failure>;
-    fn run<B: Backend>(self, compute: DeviceId, device: B::Device) -> Result<(), Failure> {
+impl Generate for Run<'_> {
+    fn generate<B: Backend>(self, compute: DeviceId, device: B::Device) -> Outcome {
         generate::<B>(self.args, self.parsed, compute, device)
-            .map_err(|e| Failure::Other(e.to_string()))
     }
 }
 
@@ -238,15 +222,8 @@ fn generate<B: Backend>(
     req.guidance = args.guidance;
     req.seed = args.seed;
     req.max_sequence_length = args.max_sequence_length;
-    let steps = bar(
-        args.steps as u64,
-        "sampling {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}",
-    )?;
-    let out = flux.txt2img(&req, &mut |e| match e {
-        Progress::Step { .. } => steps.inc(1),
-        Progress::Decoded { .. } => steps.finish_and_clear(),
-        Progress::Encoded { .. } => {}
-    })?;
+    let (_bar, mut progress) = sampling_bar(args.steps)?;
+    let out = flux.txt2img(&req, &mut progress)?;
     print_streamer("transformer", flux.transformer.streamer());
     distorch::models::sd::pipeline::to_rgb8(out.image)?.save(&args.out)?;
     println!("wrote {}", args.out.display());

@@ -5,17 +5,18 @@ use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use clap::Args;
-use distorch::backends::{OnBackend, on_device};
 use distorch::core::ComputeDtype;
 use distorch::core::runtime::{DeviceMap, Lookahead, Streamer};
 use distorch::models::wan::dit::WanDitConfig;
 use distorch::models::wan::load::{WanFiles, WanOptions};
 use distorch::models::wan::pipeline::{Txt2Video, Wan, frame_rgb8};
-use distorch::models::{ComponentOptions, Placement, PlacementSpec, Progress};
+use distorch::models::{ComponentOptions, Placement, PlacementSpec};
 use distorch::{BlockSwap, DeviceGraph, DeviceId, PlanRequest};
 
 use crate::Failure;
-use crate::generate::{ClipPlacement, UnetPlacement, bar, placement_spec};
+use crate::generate::{
+    ClipPlacement, Generate, Outcome, Placements, UnetPlacement, dispatch, sampling_bar,
+};
 
 /// `generate video`.
 #[derive(Args)]
@@ -91,35 +92,20 @@ struct Parsed {
 }
 
 fn parse(a: &VideoArgs) -> Result<Parsed, Failure> {
-    let u = &a.unet_placement;
-    let compute: DeviceId = u.unet_compute_device.parse()?;
-    let dit = placement_spec(
-        &u.unet_compute_device,
-        u.unet_virtual_vram_gb.unwrap_or(0.0),
-        &u.unet_donor_device,
-        u.unet_expert_mode_allocations.as_deref(),
+    let p = Placements::parse(
+        &a.unet_placement,
+        &a.clip_placement,
+        a.vae_device.as_deref(),
+        a.devices.as_deref(),
+        0.0,
     )?;
-    let c = &a.clip_placement;
-    let text = placement_spec(
-        &c.clip_compute_device,
-        c.clip_virtual_vram_gb,
-        &c.clip_donor_device,
-        c.clip_expert_mode_allocations.as_deref(),
-    )?;
-    let vae = PlacementSpec::on(match &a.vae_device {
-        Some(d) => d.parse()?,
-        None => compute,
-    });
     let swap: DeviceId = a.swap_device.parse()?;
     Ok(Parsed {
-        dit,
-        text,
-        vae,
+        dit: p.unet,
+        text: p.clip,
+        vae: p.vae,
         swap: a.blocks_to_swap.map(|_| swap),
-        graph: match &a.devices {
-            Some(d) => DeviceGraph::declare(d)?,
-            None => distorch::backends::detect().graph,
-        },
+        graph: p.graph,
         dtype: a.dtype.0,
     })
 }
@@ -127,8 +113,7 @@ fn parse(a: &VideoArgs) -> Result<Parsed, Failure> {
 /// Runs `generate video`.
 pub fn video(args: &VideoArgs) -> Result<(), Failure> {
     let parsed = parse(args)?;
-    let compute = parsed.dit.compute_device;
-    on_device(compute, Video { args, parsed })?
+    dispatch(parsed.dit.compute_device, Video { args, parsed })
 }
 
 struct Video<'a> {
@@ -136,11 +121,9 @@ struct Video<'a> {
     parsed: Parsed,
 }
 
-impl OnBackend for Video<'_> {
-    type Output = Result<(), Failure>;
-    fn run<B: Backend>(self, compute: DeviceId, device: B::Device) -> Result<(), Failure> {
+impl Generate for Video<'_> {
+    fn generate<B: Backend>(self, compute: DeviceId, device: B::Device) -> Outcome {
         generate::<B>(self.args, self.parsed, compute, device)
-            .map_err(|e| Failure::Other(e.to_string()))
     }
 }
 
@@ -189,15 +172,8 @@ fn generate<B: Backend>(
     (req.steps, req.guidance, req.shift) = (args.steps, args.guidance, args.shift);
     req.seed = args.seed;
     req.max_sequence_length = args.max_sequence_length;
-    let steps = bar(
-        args.steps as u64,
-        "sampling {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}",
-    )?;
-    let video = wan.txt2video(&req, &mut |e| match e {
-        Progress::Step { .. } => steps.inc(1),
-        Progress::Decoded { .. } => steps.finish_and_clear(),
-        Progress::Encoded { .. } => {}
-    })?;
+    let (_bar, mut progress) = sampling_bar(args.steps)?;
+    let video = wan.txt2video(&req, &mut progress)?;
     print_streamer("transformer", wan.transformer.streamer());
     std::fs::create_dir_all(&args.out_dir)?;
     let frames = video.video.dims()[2];

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example auto_bench -- [--backend ndarray|wgpu|cuda] [--latent 16]
-//!     [--budgets 25,50,75] [--passes 3]
+//!     [--budgets 25,50,75] [--passes 3] [--orders interleave,tail,auto]
 //! ```
 //!
 //! Calibration first, on the backend measured, once per device (cached in
@@ -204,6 +204,13 @@ fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
+    // The orders, in the sequence measured (`--orders auto,tail,interleave` to check that
+    // the sequence does not decide the result).
+    let orders: Vec<PlacementOrder> = arg("--orders")
+        .unwrap_or_else(|| "interleave,tail,auto".into())
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
     let cache_dir = std::env::var_os("DISTORCH_CACHE_DIR")
         .map_or_else(|| std::env::temp_dir().join("distorch"), PathBuf::from);
     let ckpt = DemoModel::Sd15.ensure_random_in(&cache_dir)?;
@@ -264,11 +271,7 @@ fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
     let times = Arc::new(times);
     for pct in budgets {
         let budget = total.0 / 100 * pct;
-        for order in [
-            PlacementOrder::Interleave,
-            PlacementOrder::Tail,
-            PlacementOrder::Auto,
-        ] {
+        for &order in &orders {
             let request = expert(format!("cuda:0,{budget}b;cpu,*"), order)?;
             let loaded = setup.load(request, Lookahead::default(), Some(link), Some(&times))?;
             let predicted = loaded.plan.prediction().ok_or("no prediction")?;

@@ -132,14 +132,13 @@ impl<B: Backend> Setup<B> {
 fn calibrate<B: Backend>(
     setup: &Setup<B>,
     expert: &dyn Fn(String, PlacementOrder) -> Result<PlanRequest, Failure>,
-) -> Result<(Calibration, ByteSize), Failure> {
+) -> Result<Calibration, Failure> {
     let resident = setup.load(
         expert("cuda:0,*".into(), PlacementOrder::Interleave)?,
         Lookahead::default(),
         None,
         None,
     )?;
-    let total = resident.plan.total_bytes();
     let compute = profile_units(resident.model.streamer(), || {
         setup
             .pass(&resident.model)
@@ -187,13 +186,10 @@ fn calibrate<B: Backend>(
         compute.len(),
         link as f64 / 1e9
     );
-    Ok((
-        Calibration {
-            compute,
-            link_bytes_per_sec: link,
-        },
-        total,
-    ))
+    Ok(Calibration {
+        compute,
+        link_bytes_per_sec: link,
+    })
 }
 
 fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
@@ -224,6 +220,18 @@ fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
             .ok_or("no UNet")?;
         UnetConfig::detect(c)?.config
     };
+    // The UNet's bytes as this backend holds them resident (the plans' total).
+    let total = {
+        let parts = split(&index);
+        let c = parts
+            .components
+            .iter()
+            .find(|c| c.kind == ComponentKind::Unet)
+            .ok_or("no UNet")?;
+        let homes = distorch::core::Homes::new(distorch::core::runtime::device_rule::<B>(&device));
+        distorch::core::units::inventory_with(c, &homes)?
+            .bytes_on(DeviceId::cuda(0), DeviceId::cuda(0))
+    };
     let setup = Setup::<B> {
         index,
         config,
@@ -238,27 +246,18 @@ fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
     let key =
         CalibrationCache::key::<B>(&setup.device, &ckpt, &format!("unet {latent}x{latent}x2"));
     let mut cache = CalibrationCache::open(cache_dir.join("calibration.json"))?;
-    let (calibration, total) = match cache.get(&key) {
+    let calibration = match cache.get(&key) {
         Some(c) => {
             println!(
                 "calibration: cached ({})",
                 cache_dir.join("calibration.json").display()
             );
-            let total = setup
-                .load(
-                    expert("cuda:0,*".into(), PlacementOrder::Interleave)?,
-                    Lookahead::default(),
-                    None,
-                    None,
-                )?
-                .plan
-                .total_bytes();
-            (c.clone(), total)
+            c.clone()
         }
         None => {
-            let (c, total) = calibrate(&setup, &expert)?;
+            let c = calibrate(&setup, &expert)?;
             cache.insert(key, c.clone())?;
-            (c, total)
+            c
         }
     };
     let (times, link) = (calibration.compute, calibration.link_bytes_per_sec);

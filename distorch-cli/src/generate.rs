@@ -15,7 +15,8 @@ use distorch::models::sd::load::{file_bytes, hint_image};
 use distorch::models::sd::pipeline::to_rgb8;
 use distorch::models::{
     CheckpointOptions, ComponentOptions, Control, ControlNetModel, LoadProgress, Loaded, LoraSpec,
-    ModelFolders, ModelKind, PlacementSpec, Progress, SamplerKind, StableDiffusion, load_model,
+    ModelFolders, ModelKind, Placement, PlacementSpec, Progress, SamplerKind, StableDiffusion,
+    load_model,
 };
 use distorch::{DeviceGraph, DeviceId};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -432,14 +433,8 @@ fn controlnet<B: Backend>(
     };
     let path = folders.resolve(ModelKind::ControlNet, name)?;
     let compute = options.unet.request.compute().unwrap_or(DeviceId::CPU);
-    let mut opts = ComponentOptions::new(
-        options.graph.clone(),
-        PlacementSpec::on(compute).placement::<B>(
-            compute,
-            options.unet.devices.compute(),
-            &distorch::bind_device::<B>,
-        )?,
-    );
+    let placement = Placement::on(compute, options.unet.devices.compute().clone());
+    let mut opts = ComponentOptions::new(options.graph.clone(), placement);
     opts.dtype = options.dtype;
     let loaded: Loaded<ControlNetModel<B>> = load_model(path, None, &opts)?;
     loaded.model.config().check_unet(sd.unet.config())?;

@@ -17,6 +17,7 @@
 //! (CUDA), or read back through the host on backends without device-to-device copies (wgpu).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -161,6 +162,8 @@ struct Shared<B: Backend> {
     changed: Condvar,
     /// Held while a re-patch builds the new store, so two cannot interleave.
     repatching: Mutex<()>,
+    /// Whether fetches are being profiled (`State::profile` holds the marks).
+    profiling: AtomicBool,
 }
 
 impl<B: Backend> Shared<B> {
@@ -250,6 +253,7 @@ impl<B: Backend> Streamer<B> {
             uploads,
             changed: Condvar::new(),
             repatching: Mutex::new(()),
+            profiling: AtomicBool::new(false),
         });
         let worker_shared = Arc::clone(&shared);
         let worker = std::thread::Builder::new()
@@ -364,7 +368,8 @@ impl<B: Backend> Streamer<B> {
     /// Records the moment unit `i` is asked for, after the work queued before it has run,
     /// when profiling.
     fn note_profile(&self, store: &WeightStore<B>, i: usize) {
-        if self.shared.lock().profile.is_none() {
+        // One relaxed load on the fetch path when profiling is off.
+        if !self.shared.profiling.load(Ordering::Relaxed) {
             return;
         }
         // Asynchronous backends: what was queued so far is the previous unit's work.
@@ -381,6 +386,7 @@ impl<B: Backend> Streamer<B> {
     /// the calibration `PlacementOrder::Auto`'s cost model takes ([`Streamer::take_profile`]).
     pub fn set_profiling(&self, on: bool) {
         self.shared.lock().profile = on.then(Vec::new);
+        self.shared.profiling.store(on, Ordering::Relaxed);
     }
 
     /// The profile since profiling was turned on (or last taken): each fetched unit's name

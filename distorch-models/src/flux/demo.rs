@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::flux::dit::{FluxConfig, FluxTransformer};
 use crate::sd::vae::VaeConfig;
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
-use crate::text::t5_demo::{write_tokenizer, write_weights};
+use crate::text::t5_demo::{DemoFolder, write_weights};
 use crate::text::umt5::{T5Variant, Umt5Config, Umt5Encoder};
 
 /// The demo folder in `cache` (`demo-flux-small`), written once (a `complete` marker is
@@ -70,80 +70,71 @@ fn configs(vocab: usize) -> (ClipTextConfig, Umt5Config, FluxConfig, VaeConfig) 
 
 /// Writes the demo folder to `dir` (`B` only names the models' tensors; nothing computes).
 pub fn write_folder<B: Backend>(dir: &Path) -> Result<(), Error> {
-    let io = |e: std::io::Error| Error::Input {
-        input: "demo folder",
-        reason: format!("{}: {e}", dir.display()),
-    };
-    for sub in [
-        "text_encoder",
-        "text_encoder_2",
-        "tokenizer_2",
-        "transformer",
-        "vae",
-        "scheduler",
-    ] {
-        std::fs::create_dir_all(dir.join(sub)).map_err(io)?;
-    }
-    let vocab = write_tokenizer(&dir.join("tokenizer_2/tokenizer.json")).map_err(io)?;
+    let folder = DemoFolder::create(
+        dir,
+        &[
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer_2",
+            "transformer",
+            "vae",
+            "scheduler",
+        ],
+    )?;
+    let vocab = folder.tokenizer("tokenizer_2/tokenizer.json")?;
     let (clip, t5, dit, vae) = configs(vocab);
-    let json = |v: serde_json::Value, path: PathBuf| std::fs::write(path, v.to_string());
-    json(
+    folder.json(
+        "text_encoder/config.json",
         serde_json::json!({"vocab_size": clip.vocab_size, "hidden_size": clip.hidden_size,
             "intermediate_size": clip.intermediate_size, "num_hidden_layers": clip.num_hidden_layers,
             "num_attention_heads": clip.num_attention_heads, "eos_token_id": clip.eos_token_id,
             "hidden_act": "quick_gelu"}),
-        dir.join("text_encoder/config.json"),
-    )
-    .map_err(io)?;
-    json(
+    )?;
+    folder.json(
+        "text_encoder_2/config.json",
         serde_json::json!({"model_type": "t5", "vocab_size": t5.vocab_size, "d_model": t5.d_model,
             "d_kv": t5.d_kv, "d_ff": t5.d_ff, "num_layers": t5.num_layers,
             "num_heads": t5.num_heads, "feed_forward_proj": "gated-gelu"}),
-        dir.join("text_encoder_2/config.json"),
-    )
-    .map_err(io)?;
-    json(
+    )?;
+    folder.json(
+        "transformer/config.json",
         serde_json::json!({"num_layers": dit.num_layers, "num_single_layers": dit.num_single_layers,
             "num_attention_heads": dit.num_attention_heads,
             "joint_attention_dim": dit.joint_attention_dim,
             "pooled_projection_dim": dit.pooled_projection_dim, "guidance_embeds": true}),
-        dir.join("transformer/config.json"),
-    )
-    .map_err(io)?;
-    json(
+    )?;
+    folder.json(
+        "vae/config.json",
         serde_json::json!({"block_out_channels": vae.block_out_channels,
             "down_block_types": vae.down_block_types, "up_block_types": vae.up_block_types,
             "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
             "use_quant_conv": false, "use_post_quant_conv": false}),
-        dir.join("vae/config.json"),
-    )
-    .map_err(io)?;
-    json(
+    )?;
+    folder.json(
+        "scheduler/scheduler_config.json",
         serde_json::json!({"shift": 3.0, "use_dynamic_shifting": true, "base_shift": 0.5,
             "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}),
-        dir.join("scheduler/scheduler_config.json"),
-    )
-    .map_err(io)?;
+    )?;
     write_weights(
-        &dir.join("text_encoder/model.safetensors"),
+        &folder.path("text_encoder/model.safetensors"),
         ClipTextModel::<B>::expected_tensors(&clip, "text_model.", false),
         1,
     )?;
     write_weights(
-        &dir.join("text_encoder_2/model.safetensors"),
+        &folder.path("text_encoder_2/model.safetensors"),
         Umt5Encoder::<B>::expected_tensors(&t5, "shared"),
         2,
     )?;
     write_weights(
-        &dir.join("transformer/diffusion_pytorch_model.safetensors"),
+        &folder.path("transformer/diffusion_pytorch_model.safetensors"),
         FluxTransformer::<B>::expected_tensors(&dit),
         3,
     )?;
     write_weights(
-        &dir.join("vae/diffusion_pytorch_model.safetensors"),
+        &folder.path("vae/diffusion_pytorch_model.safetensors"),
         vae.expected_tensors(),
         4,
     )?;
-    std::fs::write(dir.join("complete"), b"").map_err(io)?;
+    folder.complete()?;
     Ok(())
 }

@@ -201,7 +201,7 @@ impl<B: Backend> Flux<B> {
         Flux<B>: Send + Sync + 'static,
     {
         let c = &files.configs;
-        let key = [
+        let keys = [
             cache_key::<B, ClipTextModel<B>>(&files.clip, c.clip.as_ref(), &options.clip),
             cache_key::<B, Umt5Encoder<B>>(&files.t5, c.t5.as_ref(), &options.t5),
             cache_key::<B, FluxTransformer<B>>(
@@ -214,24 +214,21 @@ impl<B: Backend> Flux<B> {
                 "{:?}|{:?}|{:?}",
                 files.t5_tokenizer, files.clip_tokenizer, files.scheduler
             ),
-        ]
-        .join("|");
+        ];
         let o = [
             &options.clip,
             &options.t5,
             &options.transformer,
             &options.vae,
         ];
-        CachedLoad {
+        CachedLoad::new(
             cache,
-            key: format!("flux:{key}"),
-            computes: o
-                .iter()
-                .filter_map(|o| o.placement.request.compute())
-                .collect(),
-            graph: &options.transformer.graph,
+            "flux",
+            &keys,
+            o.map(|o| &o.placement.request),
+            &options.transformer.graph,
             eject_models,
-        }
+        )
         .get_or_load(|| {
             let (flux, plans) = Flux::load(files, options)?;
             let list = vec![

@@ -70,21 +70,10 @@ impl CalibrationCache {
     /// The key of `model` (its size and modification time fingerprint it) on backend `B`'s
     /// `device` at `input` (a description of the input size, e.g. `latent=16x16 batch=2`).
     pub fn key<B: Backend>(device: &B::Device, model: &Path, input: &str) -> String {
-        let stamp = std::fs::metadata(model).map_or_else(
-            |_| "missing".to_owned(),
-            |m| {
-                let modified = m
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos());
-                format!("{}+{modified}", m.len())
-            },
-        );
         format!(
-            "{} {device:?} {}@{stamp} {input}",
+            "{} {device:?} {} {input}",
             B::name(device),
-            model.display()
+            crate::load::file_stamp(model)
         )
     }
 

@@ -374,6 +374,22 @@ where
     Ok(model)
 }
 
+/// `path` with its size and modification time (`path@len+mtime`, or `path@missing`): what a
+/// cache key holds of a file so that a changed file is another entry.
+pub(crate) fn file_stamp(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{}@{}+{modified}", path.display(), m.len())
+        }
+        Err(_) => format!("{}@missing", path.display()),
+    }
+}
+
 /// The cache's key for model `M` from `path` under `options`: everything that changes the
 /// weights or where they are — the component, the file and its fingerprint (size and
 /// modification time, the folder's `config.json` too), the configuration given, the
@@ -385,21 +401,10 @@ pub(crate) fn cache_key<B: Backend, M: Model<B>>(
     config: Option<&M::Config>,
     options: &ComponentOptions<B>,
 ) -> String {
-    let stamp = |p: &Path| match std::fs::metadata(p) {
-        Ok(m) => {
-            let modified = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            format!("{}@{}+{modified}", p.display(), m.len())
-        }
-        Err(_) => format!("{}@missing", p.display()),
-    };
-    let mut key = format!("{}:{}", M::KIND, stamp(path));
+    let mut key = format!("{}:{}", M::KIND, file_stamp(path));
     if path.is_dir() {
         let files = ComponentFiles::find(path)
-            .map(|f| format!("{}|{}", stamp(&f.weights), stamp(&f.config)))
+            .map(|f| format!("{}|{}", file_stamp(&f.weights), file_stamp(&f.config)))
             .unwrap_or_default();
         key.push_str(&format!("|{files}"));
     }
@@ -409,7 +414,7 @@ pub(crate) fn cache_key<B: Backend, M: Model<B>>(
         .flat_map(|l| {
             l.files
                 .iter()
-                .map(move |(f, s)| format!("{}*{s}@{}", stamp(f.path()), l.target))
+                .map(move |(f, s)| format!("{}*{s}@{}", file_stamp(f.path()), l.target))
         })
         .collect();
     // Compute times change where `PlacementOrder::Auto` puts units: a fingerprint of them.

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, Plan};
+use distorch_alloc::{ByteSize, DeviceGraph, DeviceId, Plan, PlanRequest};
 use distorch_core::runtime::EjectPolicy;
 
 use crate::error::Error;
@@ -12,19 +12,40 @@ use crate::load::Models;
 
 /// What a cached pipeline load needs besides the loader.
 pub(crate) struct CachedLoad<'a> {
-    /// The cache.
-    pub cache: &'a mut Models,
+    cache: &'a mut Models,
     /// Every component's cache key, joined.
-    pub key: String,
+    key: String,
     /// The components' compute devices.
-    pub computes: Vec<DeviceId>,
+    computes: Vec<DeviceId>,
     /// The devices plans may use (their free memory bounds nothing when ejecting all).
-    pub graph: &'a DeviceGraph,
+    graph: &'a DeviceGraph,
     /// DisTorch2's `eject_models`.
-    pub eject_models: bool,
+    eject_models: bool,
 }
 
-impl CachedLoad<'_> {
+impl<'a> CachedLoad<'a> {
+    /// A pipeline `family` (`sd`, `wan`, `flux`) whose components have the cache keys
+    /// `keys` and are planned by `requests` on `graph`.
+    pub(crate) fn new<'r>(
+        cache: &'a mut Models,
+        family: &str,
+        keys: &[String],
+        requests: impl IntoIterator<Item = &'r PlanRequest>,
+        graph: &'a DeviceGraph,
+        eject_models: bool,
+    ) -> CachedLoad<'a> {
+        CachedLoad {
+            cache,
+            key: format!("{family}:{}", keys.join("|")),
+            computes: requests
+                .into_iter()
+                .filter_map(PlanRequest::compute)
+                .collect(),
+            graph,
+            eject_models,
+        }
+    }
+
     /// The cached pipeline, or `load`'s (its components' plans give the bytes per device the
     /// cache records).
     pub(crate) fn get_or_load<P: Send + Sync + 'static>(

@@ -56,17 +56,14 @@ impl<B: Backend> StableDiffusion<B> {
         StableDiffusion<B>: Send + Sync + 'static,
     {
         let path = path.as_ref();
-        let computes = [&options.unet, &options.clip, &options.vae]
-            .iter()
-            .filter_map(|p| p.request.compute())
-            .collect();
-        let cached = CachedLoad {
+        let cached = CachedLoad::new(
             cache,
-            key: pipeline_key(path, options),
-            computes,
-            graph: &options.graph,
-            eject_models: options.eject_models,
-        };
+            "sd",
+            &pipeline_keys(path, options),
+            [&options.unet, &options.clip, &options.vae].map(|p| &p.request),
+            &options.graph,
+            options.eject_models,
+        );
         cached.get_or_load(|| {
             let sd = StableDiffusion::load(path, options)?;
             let plans = sd.loaded.iter().map(|(_, p, _)| p.clone()).collect();
@@ -96,8 +93,8 @@ impl<B: Backend> StableDiffusion<B> {
     }
 }
 
-/// The cache key of a pipeline: every component's key (see `load::cache_key`).
-fn pipeline_key<B: Backend>(path: &Path, options: &CheckpointOptions<B>) -> String {
+/// Every component's cache key (see `load::cache_key`).
+fn pipeline_keys<B: Backend>(path: &Path, options: &CheckpointOptions<B>) -> Vec<String> {
     let folder = path.is_dir();
     let part = |name: &str| {
         if folder {
@@ -129,7 +126,7 @@ fn pipeline_key<B: Backend>(path: &Path, options: &CheckpointOptions<B>) -> Stri
         options.vae_config.as_ref(),
         &options.component(&options.vae),
     );
-    format!("sd:{unet}|{}|{vae}", clips.join("|"))
+    [vec![unet], clips, vec![vae]].concat()
 }
 
 /// Bytes of tensor data in a single-file checkpoint or a diffusers pipeline folder's

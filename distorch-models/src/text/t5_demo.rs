@@ -60,3 +60,47 @@ pub fn write_weights(
     distorch_core::write_random(path, &specs, seed, &BTreeMap::new())?;
     Ok(())
 }
+
+/// A demo folder being written: sub-folders created, files written, every I/O error naming
+/// the folder.
+pub(crate) struct DemoFolder<'a> {
+    dir: &'a Path,
+}
+
+impl<'a> DemoFolder<'a> {
+    /// Creates `dir` and its sub-folders `subs`.
+    pub(crate) fn create(dir: &'a Path, subs: &[&str]) -> Result<DemoFolder<'a>, crate::Error> {
+        let folder = DemoFolder { dir };
+        for sub in subs {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| folder.io(e))?;
+        }
+        Ok(folder)
+    }
+
+    fn io(&self, e: std::io::Error) -> crate::Error {
+        crate::Error::Input {
+            input: "demo folder",
+            reason: format!("{}: {e}", self.dir.display()),
+        }
+    }
+
+    /// `dir/rel`.
+    pub(crate) fn path(&self, rel: &str) -> std::path::PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// Writes `value` as JSON to `rel`.
+    pub(crate) fn json(&self, rel: &str, value: serde_json::Value) -> Result<(), crate::Error> {
+        std::fs::write(self.path(rel), value.to_string()).map_err(|e| self.io(e))
+    }
+
+    /// Writes the demo tokenizer to `rel`; returns its vocabulary size.
+    pub(crate) fn tokenizer(&self, rel: &str) -> Result<usize, crate::Error> {
+        write_tokenizer(&self.path(rel)).map_err(|e| self.io(e))
+    }
+
+    /// Marks the folder complete (written last: an interrupted write is redone).
+    pub(crate) fn complete(&self) -> Result<(), crate::Error> {
+        std::fs::write(self.path("complete"), b"").map_err(|e| self.io(e))
+    }
+}

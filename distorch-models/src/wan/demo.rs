@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::Backend;
 
 use crate::error::Error;
-use crate::text::t5_demo::{write_tokenizer, write_weights};
+use crate::text::t5_demo::{DemoFolder, write_weights};
 use crate::text::umt5::{Umt5Config, Umt5Encoder};
 use crate::wan::dit::{WanDitConfig, WanTransformer};
 use crate::wan::vae::{WanVae, WanVaeConfig};
@@ -26,14 +26,8 @@ pub fn ensure_in<B: Backend>(cache: &Path) -> Result<PathBuf, Error> {
 
 /// Writes the demo folder to `dir` (`B` only names the models' tensors; nothing computes).
 pub fn write_folder<B: Backend>(dir: &Path) -> Result<(), Error> {
-    let io = |e: std::io::Error| Error::Input {
-        input: "demo folder",
-        reason: format!("{}: {e}", dir.display()),
-    };
-    for sub in ["tokenizer", "text_encoder", "transformer", "vae"] {
-        std::fs::create_dir_all(dir.join(sub)).map_err(io)?;
-    }
-    let vocab = write_tokenizer(&dir.join("tokenizer/tokenizer.json")).map_err(io)?;
+    let folder = DemoFolder::create(dir, &["tokenizer", "text_encoder", "transformer", "vae"])?;
+    let vocab = folder.tokenizer("tokenizer/tokenizer.json")?;
     let t5 = Umt5Config {
         vocab_size: vocab,
         d_model: 256,
@@ -55,41 +49,37 @@ pub fn write_folder<B: Backend>(dir: &Path) -> Result<(), Error> {
         base_dim: 16,
         ..WanVaeConfig::default()
     };
-    let json = |v: serde_json::Value, path: PathBuf| std::fs::write(path, v.to_string());
-    json(
+    folder.json(
+        "text_encoder/config.json",
         serde_json::json!({"vocab_size": t5.vocab_size, "d_model": t5.d_model, "d_kv": t5.d_kv,
             "d_ff": t5.d_ff, "num_layers": t5.num_layers, "num_heads": t5.num_heads,
             "feed_forward_proj": "gated-gelu"}),
-        dir.join("text_encoder/config.json"),
-    )
-    .map_err(io)?;
-    json(
+    )?;
+    folder.json(
+        "transformer/config.json",
         serde_json::json!({"num_attention_heads": dit.num_attention_heads,
             "attention_head_dim": dit.attention_head_dim, "ffn_dim": dit.ffn_dim,
             "num_layers": dit.num_layers, "text_dim": dit.text_dim}),
-        dir.join("transformer/config.json"),
-    )
-    .map_err(io)?;
-    json(
+    )?;
+    folder.json(
+        "vae/config.json",
         serde_json::json!({"base_dim": vae.base_dim}),
-        dir.join("vae/config.json"),
-    )
-    .map_err(io)?;
+    )?;
     write_weights(
-        &dir.join("text_encoder/model.safetensors"),
+        &folder.path("text_encoder/model.safetensors"),
         Umt5Encoder::<B>::expected_tensors(&t5, "shared"),
         1,
     )?;
     write_weights(
-        &dir.join("transformer/diffusion_pytorch_model.safetensors"),
+        &folder.path("transformer/diffusion_pytorch_model.safetensors"),
         WanTransformer::<B>::expected_tensors(&dit),
         2,
     )?;
     write_weights(
-        &dir.join("vae/diffusion_pytorch_model.safetensors"),
+        &folder.path("vae/diffusion_pytorch_model.safetensors"),
         WanVae::<B>::expected_tensors(&vae),
         3,
     )?;
-    std::fs::write(dir.join("complete"), b"").map_err(io)?;
+    folder.complete()?;
     Ok(())
 }

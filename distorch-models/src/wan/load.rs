@@ -142,7 +142,7 @@ impl<B: Backend> Wan<B> {
         Wan<B>: Send + Sync + 'static,
     {
         let c = &files.configs;
-        let key = [
+        let keys = [
             cache_key::<B, Umt5Encoder<B>>(
                 &files.text_encoder,
                 c.text_encoder.as_ref(),
@@ -155,19 +155,16 @@ impl<B: Backend> Wan<B> {
             ),
             cache_key::<B, WanVae<B>>(&files.vae, c.vae.as_ref(), &options.vae),
             files.tokenizer.display().to_string(),
-        ]
-        .join("|");
+        ];
         let o = [&options.text_encoder, &options.transformer, &options.vae];
-        CachedLoad {
+        CachedLoad::new(
             cache,
-            key: format!("wan:{key}"),
-            computes: o
-                .iter()
-                .filter_map(|o| o.placement.request.compute())
-                .collect(),
-            graph: &options.transformer.graph,
+            "wan",
+            &keys,
+            o.map(|o| &o.placement.request),
+            &options.transformer.graph,
             eject_models,
-        }
+        )
         .get_or_load(|| {
             let (wan, plans) = Wan::load(files, options)?;
             let list = vec![

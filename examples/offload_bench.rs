@@ -21,19 +21,14 @@
 
 #![allow(clippy::print_stdout)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 use distorch::alloc::{PinPolicy, PlacementOrder};
-use distorch::core::gguf::{Array, GgufTensorData, ORIG_SHAPE_PREFIX, Value, write_gguf};
 use distorch::core::runtime::{DeviceMap, LoadOptions, Lookahead, Streamer, WeightStore};
-use distorch::core::runtime::{compute_burn_dtype, device_rule, encode_f32};
-use distorch::core::safetensors::write;
+use distorch::core::runtime::{compute_burn_dtype, device_rule};
 use distorch::core::{ComputeDtype, Homes, units};
 
 #[path = "common/random.rs"]
@@ -45,154 +40,12 @@ use random::values;
 
 #[path = "common/blocks.rs"]
 mod blocks;
-
-const BLOCKS: usize = 8;
-const CONV: usize = 320; // channels of SD's first level
-const LATENT: usize = 64; // 512 / 8
-const DIM: usize = 1280; // projection width
-const TOKENS: usize = 1024; // 32×32 tokens
-const HIDDEN: usize = 2560;
-
-/// The 24 layers' tensors: per block a conv, an up and a down projection, with their fan-in.
-fn layers() -> Vec<(String, Vec<u64>, usize)> {
-    let c = CONV as u64;
-    (0..BLOCKS)
-        .flat_map(|b| {
-            [
-                (
-                    format!("blocks.{b}.conv.weight"),
-                    vec![c, c, 3, 3],
-                    CONV * 9,
-                ),
-                (
-                    format!("blocks.{b}.up.weight"),
-                    vec![HIDDEN as u64, DIM as u64],
-                    DIM,
-                ),
-                (
-                    format!("blocks.{b}.down.weight"),
-                    vec![DIM as u64, HIDDEN as u64],
-                    HIDDEN,
-                ),
-            ]
-        })
-        .collect()
-}
-
-/// Writes the 24-layer checkpoint: a GGUF for a quantized `dtype`, else safetensors.
-fn write_model(path: &std::path::Path, dtype: DType) -> Result<(), distorch::Error> {
-    if dtype.is_quantized() {
-        return write_gguf_model(path, dtype);
-    }
-    let mut specs = Vec::new();
-    let mut data: Vec<Vec<u8>> = Vec::new();
-    for (name, shape, fan_in) in layers() {
-        let n: u64 = shape.iter().product();
-        let scale = 2.0 / (fan_in as f32).sqrt();
-        let v = values(specs.len() as u64 + 1, n as usize, scale);
-        data.push(encode_f32(&v, dtype));
-        specs.push((name, dtype, shape));
-    }
-    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
-    write(path, &specs, &refs, &BTreeMap::new())?;
-    Ok(())
-}
-
-/// Writes the 24-layer checkpoint as a GGUF of random `dtype` blocks (scales sized by fan-in),
-/// the convolutions stored reshaped to rows of whole blocks with their shape in
-/// `comfy.gguf.orig_shape`, as ComfyUI-GGUF's converter does.
-fn write_gguf_model(path: &std::path::Path, dtype: DType) -> Result<(), distorch::Error> {
-    let layers = layers();
-    let mut metadata = Vec::new();
-    let mut stored = Vec::new();
-    for (i, (name, shape, fan_in)) in layers.iter().enumerate() {
-        let n: u64 = shape.iter().product();
-        let scale = 2.0 / (*fan_in as f32).sqrt() / 64.0;
-        let data = blocks::random_blocks(dtype, n as usize, i as u64 + 1, scale);
-        // Rows of whole blocks: [out, in·k·k] when that is whole (as ComfyUI-GGUF stores a
-        // convolution), else rows of one block (320·2880 is 3600 K-quant blocks of 256).
-        let block = dtype.block_elems();
-        let rows = if (n / shape[0]).is_multiple_of(block) {
-            vec![shape[0], n / shape[0]]
-        } else {
-            vec![n / block, block]
-        };
-        if rows != *shape {
-            metadata.push((
-                format!("{ORIG_SHAPE_PREFIX}{name}"),
-                Value::Array(Array::U64(shape.clone())),
-            ));
-        }
-        stored.push((rows, data));
-    }
-    let tensors: Vec<GgufTensorData<'_>> = layers
-        .iter()
-        .zip(&stored)
-        .map(|((name, _, _), (shape, data))| GgufTensorData {
-            name,
-            dtype,
-            shape,
-            data,
-        })
-        .collect();
-    write_gguf(path, &metadata, &tensors)?;
-    Ok(())
-}
-
-fn forward<B: Backend>(
-    s: &Streamer<B>,
-    x: Tensor<B, 4>,
-    y: Tensor<B, 2>,
-) -> (Tensor<B, 4>, Tensor<B, 2>) {
-    let (mut x, mut y) = (x, y);
-    let opts = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
-    for b in 0..BLOCKS {
-        let w: Tensor<B, 4> = s
-            .fetch(&format!("blocks.{b}.conv"))
-            .unwrap()
-            .get("weight")
-            .unwrap();
-        x = conv2d(x, w, None, opts.clone()).tanh();
-        let up: Tensor<B, 2> = s
-            .fetch(&format!("blocks.{b}.up"))
-            .unwrap()
-            .get("weight")
-            .unwrap();
-        let h = y.clone().matmul(up.transpose()).tanh();
-        let down: Tensor<B, 2> = s
-            .fetch(&format!("blocks.{b}.down"))
-            .unwrap()
-            .get("weight")
-            .unwrap();
-        y = y + h.matmul(down.transpose());
-    }
-    (x, y)
-}
-
-/// Host-to-device bandwidth in bytes per second: a 256 MiB buffer (marked file-backed, as
-/// the streamer's views of mapped weights are) uploaded and waited for, best of three.
-fn upload_bandwidth<B: Backend>(device: &B::Device) -> f64 {
-    let n = 64 << 20;
-    let host = bytes::Bytes::from(vec![1u8; 4 * n]);
-    let best = (0..3)
-        .map(|_| {
-            let data = TensorData::from_bytes(
-                burn::tensor::Bytes::from_shared(
-                    host.clone(),
-                    burn::tensor::AllocationProperty::File,
-                ),
-                [n],
-                burn::tensor::DType::F32,
-            );
-            let start = Instant::now();
-            let t = Tensor::<B, 1>::from_data(data, device);
-            // Reading one element back waits for the upload.
-            let _ = t.slice(0..1).into_data();
-            start.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min);
-    (4 * n) as f64 / best
-}
+#[path = "common/stack.rs"]
+mod stack;
+#[path = "common/upload.rs"]
+mod upload;
+use stack::{BLOCKS, CONV, DIM, LATENT, TOKENS, forward, write_model};
+use upload::upload_bandwidth;
 
 /// Forces the backend to finish (a read back) so the clock sees the real time.
 fn sync<B2: Backend, const D: usize>(t: &Tensor<B2, D>) {

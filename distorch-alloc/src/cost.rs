@@ -27,16 +27,31 @@ pub struct Staging {
     pub bytes: ByteSize,
     /// Whether transfers run beside compute (a prefetch thread) or on the compute thread.
     pub overlapped: bool,
+    /// Compute time that a GiB transferred beside compute adds to the pass: zero where the
+    /// link has its own engine (a GPU's copy engine), measured where staging shares memory
+    /// and caches with the kernels (ndarray widening weights on a spare core). Only counted
+    /// when `overlapped`.
+    pub contention: Duration,
 }
 
 impl Default for Staging {
-    /// The runtime's defaults: 2 units, 512 MiB, prefetched beside compute.
+    /// The runtime's defaults: 2 units, 512 MiB, prefetched beside compute, no contention.
     fn default() -> Self {
         Staging {
             units: 2,
             bytes: ByteSize::mib(512),
             overlapped: true,
+            contention: Duration::ZERO,
         }
+    }
+}
+
+impl Staging {
+    /// What transferring `bytes` beside compute adds to the compute: [`Staging::contention`]
+    /// per GiB.
+    pub fn contention_of(&self, bytes: ByteSize) -> Duration {
+        let nanos = self.contention.as_nanos() * u128::from(bytes.0) / (1u128 << 30);
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 }
 
@@ -67,6 +82,8 @@ pub struct Prediction {
 /// Simulates one pass over `units` (execution order) under `staging`, in steady state: the
 /// pass after another, so that the first units' transfers may start during the previous
 /// pass's last units, as the streamer's look-ahead wraps from one sampling step to the next.
+/// Where transfers overlap compute, each streamed unit's transfer also slows the compute it
+/// runs beside by [`Staging::contention_of`] its bytes (counted with the unit itself).
 pub fn simulate(units: &[PassUnit], staging: Staging) -> Prediction {
     let compute: Duration = units.iter().map(|u| u.compute).sum();
     let transfer: Duration = units.iter().map(|u| u.transfer).sum();
@@ -78,7 +95,15 @@ pub fn simulate(units: &[PassUnit], staging: Staging) -> Prediction {
             transfer,
         };
     }
-    let twice: Vec<PassUnit> = units.iter().chain(units).copied().collect();
+    let slowed = |u: &PassUnit| PassUnit {
+        compute: if u.transfer.is_zero() {
+            u.compute
+        } else {
+            u.compute + staging.contention_of(u.bytes)
+        },
+        ..*u
+    };
+    let twice: Vec<PassUnit> = units.iter().chain(units).map(slowed).collect();
     let streamed: Vec<usize> = (0..twice.len())
         .filter(|&i| !twice[i].transfer.is_zero())
         .collect();
@@ -302,6 +327,27 @@ mod tests {
         };
         let p = simulate(&[unit(10, 0), unit(1, 5)], staging);
         assert_eq!((p.step, p.stall), (ms(16), ms(5)));
+    }
+
+    #[test]
+    fn contention_slows_compute_by_the_bytes_streamed() {
+        // 10 MiB streamed at 1 GiB per 1024 ms of contention: 10 ms more compute, the
+        // transfer itself still hidden behind the first unit.
+        let staging = Staging {
+            contention: ms(1024),
+            ..Staging::default()
+        };
+        let p = simulate(&[unit(10, 0), unit(1, 5)], staging);
+        assert_eq!((p.step, p.stall), (ms(21), ms(0)));
+        // Not counted where transfers are the compute thread's: they add up already.
+        let p = simulate(
+            &[unit(10, 0), unit(1, 5)],
+            Staging {
+                overlapped: false,
+                ..staging
+            },
+        );
+        assert_eq!(p.step, ms(16));
     }
 
     #[test]

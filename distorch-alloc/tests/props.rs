@@ -3,7 +3,7 @@
 
 use distorch_alloc::{
     AllocSpec, ByteSize, DeviceGraph, DeviceId, DeviceInfo, Error, Inventory, PinPolicy,
-    PlacementOrder, Plan, PlanRequest, Quota, Unit, UnitKind, VirtualVram, plan,
+    PlacementOrder, Plan, PlanRequest, Quota, Staging, Unit, UnitKind, VirtualVram, plan,
 };
 use proptest::prelude::*;
 
@@ -249,6 +249,19 @@ fn timed_graph() -> DeviceGraph {
     "cuda:0=64gib,cpu=256gib@1gb/s".parse().unwrap()
 }
 
+/// The streamer's limits as loads set them: look-ahead, byte bound, whether transfers
+/// overlap compute, and the contention they cause there (0 to 200 ms per GiB).
+fn staging_strategy() -> impl Strategy<Value = Staging> {
+    (1usize..4, 1u64..64, any::<bool>(), 0u64..200).prop_map(|(units, mib, overlapped, ms)| {
+        Staging {
+            units,
+            bytes: ByteSize::mib(mib),
+            overlapped,
+            contention: std::time::Duration::from_millis(ms),
+        }
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
@@ -258,6 +271,7 @@ proptest! {
     fn auto_plans_get_no_slower_with_more_budget(
         inv in timed_inventory_strategy(),
         fractions in proptest::collection::vec(0u64..=1000, 2..6),
+        staging in staging_strategy(),
     ) {
         let g = timed_graph();
         let total = inv.total_bytes().0;
@@ -267,7 +281,8 @@ proptest! {
         let mut last: Option<std::time::Duration> = None;
         for b in budgets {
             let spec: AllocSpec = format!("cuda:0,{b}b;cpu,*").parse().unwrap();
-            let req = PlanRequest::expert(spec).with_order(PlacementOrder::Auto);
+            let mut req = PlanRequest::expert(spec).with_order(PlacementOrder::Auto);
+            req.staging = staging;
             let p = plan(&req, &inv, &g).unwrap();
             check_invariants(&p, &inv, &req.pin);
             let compute = &p.devices()[0];
@@ -289,6 +304,7 @@ proptest! {
     fn auto_virtual_vram_gets_no_slower_with_less_moved(
         inv in timed_inventory_strategy(),
         fractions in proptest::collection::vec(0u64..=1000, 2..6),
+        staging in staging_strategy(),
     ) {
         let g = timed_graph();
         let total = inv.total_bytes().0;
@@ -298,7 +314,8 @@ proptest! {
         let mut last: Option<std::time::Duration> = None;
         for a in amounts {
             let vv = VirtualVram::new(device(0), ByteSize(a), vec![DeviceId::CPU]).unwrap();
-            let req = PlanRequest::virtual_vram(vv).with_order(PlacementOrder::Auto);
+            let mut req = PlanRequest::virtual_vram(vv).with_order(PlacementOrder::Auto);
+            req.staging = staging;
             let p = plan(&req, &inv, &g).unwrap();
             check_invariants(&p, &inv, &req.pin);
             let moved: u64 = p.devices()[1..].iter().map(|r| r.model_bytes.0).sum();

@@ -12,21 +12,32 @@ pub struct Capabilities {
     /// Which thread uploads streamed units.
     pub upload_thread: UploadThread,
     /// Whether bringing a streamed unit in runs beside compute without slowing it: true on a
-    /// GPU uploading from the prefetch thread; false where the upload is the compute
-    /// thread's (wgpu) or staging shares the compute's cores (ndarray computes on the host:
-    /// widening weights takes the cores the kernels use). What predictions assume.
+    /// GPU uploading from the prefetch thread, and on ndarray when rayon's global pool (the
+    /// kernels') leaves a core to the prefetch thread's staging; false where the upload is
+    /// the compute thread's (wgpu) or staging shares every core with the kernels (ndarray
+    /// with rayon's default pool: widening weights takes the cores the kernels use). What
+    /// predictions assume.
     pub transfers_overlap: bool,
+    /// Threads of the prefetch thread's own pool, where staging must not queue behind the
+    /// kernels: ndarray computes on rayon's global pool, so its prefetch thread widens
+    /// weights in a pool of the cores the global pool leaves (at least one). `None`: staging
+    /// uses the global pool (GPU backends: the host's cores are free).
+    pub staging_threads: Option<usize>,
 }
 
 impl Capabilities {
     /// The capabilities of `device`'s backend: CubeCL's CUDA runtime copies device to device
     /// and orders cross-thread uploads by events; ndarray's tensors are host memory; wgpu
     /// (and any other backend) gets the safe choices. Burn 0.21 has no capability query, so
-    /// this reads the backend's name — here only.
+    /// this reads the backend's name — here only. On ndarray, run the kernels on fewer rayon
+    /// threads than cores (`RAYON_NUM_THREADS`, or a smaller global pool built by the
+    /// application) and streamed weights are widened beside compute.
     pub fn of<B: Backend>(device: &B::Device) -> Capabilities {
         let name = B::name(device);
         let cuda = name.contains("cuda");
         let host = name.contains("ndarray");
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let spare = cores.saturating_sub(rayon::current_num_threads());
         Capabilities {
             donor_copy: if cuda {
                 DonorCopy::Direct
@@ -38,7 +49,8 @@ impl Capabilities {
             } else {
                 UploadThread::Compute
             },
-            transfers_overlap: cuda,
+            transfers_overlap: cuda || (host && spare > 0),
+            staging_threads: host.then_some(spare.max(1)),
         }
     }
 }

@@ -85,6 +85,12 @@ pub struct StreamStats {
     /// itself when they were not ready, enqueuing their upload (where it uploads:
     /// [`UploadThread::Compute`], or a unit staged on demand) and their casts.
     pub stall: Duration,
+    /// Time the prefetch thread spent staging units ahead of use (and uploading them, where
+    /// it uploads), beside the compute thread's work: with the bytes it staged, the link's
+    /// rate while compute runs.
+    pub staging_busy: Duration,
+    /// Bytes the prefetch thread staged ahead of use (at their home, as `bytes_moved`).
+    pub staged_ahead: ByteSize,
     /// Most bytes of streamed (non-resident) weights the streamer held at once: units staged
     /// ahead of use (in host memory, or on the compute device where the prefetch thread
     /// uploads), the one being staged, and the unit last handed out on the compute device.
@@ -233,8 +239,9 @@ impl<B: Backend> Streamer<B> {
     }
 
     fn start(store: Arc<WeightStore<B>>, lookahead: Lookahead, order: Order) -> Streamer<B> {
-        let uploads = Capabilities::of::<B>(store.compute()).upload_thread;
-        tracing::debug!(?uploads, "streamed units are uploaded by this thread");
+        let caps = Capabilities::of::<B>(store.compute());
+        let uploads = caps.upload_thread;
+        tracing::debug!(?uploads, staging_threads = ?caps.staging_threads, "streamer started");
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 store,
@@ -258,7 +265,7 @@ impl<B: Backend> Streamer<B> {
         let worker_shared = Arc::clone(&shared);
         let worker = std::thread::Builder::new()
             .name("distorch-prefetch".into())
-            .spawn(move || worker(&worker_shared))
+            .spawn(move || staging_pool(caps.staging_threads, || worker(&worker_shared)))
             .ok();
         if worker.is_none() {
             tracing::warn!("could not start the prefetch thread; staging will be on demand");
@@ -469,6 +476,23 @@ impl<B: Backend> Drop for Streamer<B> {
     }
 }
 
+/// Runs `work` in a rayon pool of its own when `threads` asks for one (ndarray: staging
+/// beside the kernels, not queued behind them on the global pool), else as it is.
+fn staging_pool(threads: Option<usize>, work: impl FnOnce() + Send) {
+    let pool = threads.and_then(|n| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("distorch-staging-{i}"))
+            .build()
+            .map_err(|e| tracing::warn!(%e, "no staging pool; staging on rayon's global pool"))
+            .ok()
+    });
+    match pool {
+        Some(pool) => pool.install(work),
+        None => work(),
+    }
+}
+
 fn worker<B: Backend>(shared: &Shared<B>) {
     let mut st = shared.lock();
     loop {
@@ -483,13 +507,17 @@ fn worker<B: Backend>(shared: &Shared<B>) {
         let (store, generation) = (Arc::clone(&st.store), st.generation);
         drop(st);
         let unit = &store.units()[j];
+        let busy = Instant::now();
         let (t, alloc) = stage(unit, &store);
         let (prepared, kept) = match shared.uploads {
             UploadThread::Prefetch => (Prepared::Uploaded(upload(unit, t, &store)), 0),
             UploadThread::Compute => (Prepared::Staged(t), alloc),
         };
+        let busy = busy.elapsed();
         st = shared.lock();
         st.in_flight = None;
+        st.stats.staging_busy += busy;
+        st.stats.staged_ahead += unit.upload_bytes;
         if st.generation == generation {
             st.note_staging(alloc);
             st.staging += kept;

@@ -172,6 +172,31 @@ fn prefetch_hides_uploads_behind_compute() {
     // Only the very first unit must be fetched on demand; allow a few for a loaded machine.
     assert!(stats.prefetched >= 2 * LAYERS - 4, "{stats:?}");
     assert!(stats.peak_extra_bytes.bytes() <= 3 * ((WIDTH * WIDTH + WIDTH) * 4) as u64);
+    // What the prefetch thread staged is counted in whole units at their home, and took time.
+    let ahead = stats.staged_ahead.bytes();
+    assert_eq!(ahead % FILE_UNIT, 0, "{stats:?}");
+    assert!(
+        ahead >= (stats.prefetched as u64 - 1) * FILE_UNIT,
+        "{stats:?}"
+    );
+    assert!(!stats.staging_busy.is_zero(), "{stats:?}");
+}
+
+/// On ndarray the prefetch thread stages in a pool of its own (the cores the kernels' pool
+/// leaves, at least one), and transfers count as overlapping compute only when a core is
+/// left; GPU backends stage on the global pool.
+#[test]
+fn staging_gets_the_cores_the_kernels_leave() {
+    use burn::tensor::backend::Backend;
+    let caps = distorch_core::runtime::Capabilities::of::<B>(&Default::default());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let spare = cores.saturating_sub(rayon::current_num_threads());
+    if B::name(&Default::default()).contains("ndarray") {
+        assert_eq!(caps.staging_threads, Some(spare.max(1)));
+        assert_eq!(caps.transfers_overlap, spare > 0);
+    } else {
+        assert_eq!(caps.staging_threads, None);
+    }
 }
 
 /// Changes a weight's size: must be a typed error, not a panic later at reshape.

@@ -19,9 +19,14 @@ use crate::error::Error;
 pub struct Calibration {
     /// Each unit's compute time per pass, by unit name.
     pub compute: BTreeMap<String, Duration>,
-    /// What a streamed byte costs, as bytes per second: the link's rate where transfers
-    /// overlap compute, else the slowdown a streamed byte adds to the pass.
+    /// What a streamed byte costs, as bytes per second: the link's rate while compute runs
+    /// where transfers overlap compute, else the slowdown a streamed byte adds to the pass.
     pub link_bytes_per_sec: u64,
+    /// Where transfers overlap compute: the compute time a GiB staged beside it adds
+    /// ([`distorch_alloc::Staging::contention`]; zero on a GPU's copy engine). Give it to a
+    /// load as [`crate::ComponentOptions::staging_contention`].
+    #[serde(default)]
+    pub contention: Duration,
 }
 
 /// Each unit's compute time in one pass: `pass` runs once to warm up, then once with the
@@ -69,9 +74,16 @@ impl CalibrationCache {
 
     /// The key of `model` (its size and modification time fingerprint it) on backend `B`'s
     /// `device` at `input` (a description of the input size, e.g. `latent=16x16 batch=2`).
+    /// On backends that compute on the host it also holds the compute threads (rayon's pool
+    /// here), which set both the units' times and whether staging overlaps them.
     pub fn key<B: Backend>(device: &B::Device, model: &Path, input: &str) -> String {
+        let caps = distorch_core::runtime::Capabilities::of::<B>(device);
+        let threads = match caps.staging_threads {
+            Some(_) => format!(" threads={}", rayon::current_num_threads()),
+            None => String::new(),
+        };
         format!(
-            "{} {device:?} {} {input}",
+            "{} {device:?}{threads} {} {input}",
             B::name(device),
             crate::load::file_stamp(model)
         )
@@ -113,6 +125,7 @@ mod tests {
         let cal = Calibration {
             compute: [("unit.a".to_owned(), Duration::from_micros(1500))].into(),
             link_bytes_per_sec: 12_000_000_000,
+            contention: Duration::from_millis(120),
         };
         cache.insert("k".into(), cal.clone()).unwrap();
         assert_eq!(CalibrationCache::open(&path).unwrap().get("k"), Some(&cal));

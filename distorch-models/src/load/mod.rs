@@ -219,6 +219,10 @@ pub struct ComponentOptions<B: Backend> {
     /// ([`distorch_core::runtime::Streamer::take_profile`]): the plan then predicts the pass
     /// and `PlacementOrder::Auto` can weigh transfers against compute.
     pub compute_times: Option<Arc<std::collections::BTreeMap<String, std::time::Duration>>>,
+    /// Where streamed units are staged beside compute and share its memory (ndarray with a
+    /// spare core): the compute time a GiB staged adds to the pass, as a calibration
+    /// measured it ([`calibration::Calibration::contention`]). Zero (the default) on GPUs.
+    pub staging_contention: std::time::Duration,
 }
 
 impl<B: Backend> ComponentOptions<B> {
@@ -234,6 +238,7 @@ impl<B: Backend> ComponentOptions<B> {
             precision: PatchPrecision::High,
             dtype: Some(ComputeDtype::F32),
             compute_times: None,
+            staging_contention: std::time::Duration::ZERO,
         }
     }
 }
@@ -424,12 +429,13 @@ pub(crate) fn cache_key<B: Backend, M: Model<B>>(
         std::hash::Hasher::finish(&h)
     });
     format!(
-        "{key}:config={config:?}:{:?}:{:?}:loras=[{}]:{:?}:times={times:?}:{:?}",
+        "{key}:config={config:?}:{:?}:{:?}:loras=[{}]:{:?}:times={times:?}:{:?}:{:?}",
         options.placement.request,
         options.dtype,
         loras.join(","),
         options.precision,
         options.lookahead,
+        options.staging_contention,
     )
 }
 
@@ -496,6 +502,7 @@ fn plan<B: Backend, M: Model<B>>(
         units: options.lookahead.units,
         bytes: options.lookahead.bytes,
         overlapped: distorch_core::runtime::Capabilities::of::<B>(device).transfers_overlap,
+        contention: options.staging_contention,
     };
     Ok(distorch_alloc::plan(&request, &inventory, &options.graph)?)
 }

@@ -173,6 +173,7 @@ impl<B: Backend> CheckpointOptions<B> {
             precision: self.precision,
             dtype: self.dtype,
             compute_times: None,
+            staging_contention: std::time::Duration::ZERO,
         }
     }
 

@@ -38,7 +38,9 @@ use burn::tensor::{Tensor, TensorData};
 use distorch::alloc::{DeviceInfo, PinPolicy, Plan, Staging};
 use distorch::core::SafetensorsIndex;
 use distorch::core::runtime::{Capabilities, DeviceMap, Lookahead, Streamer, WeightStore};
-use distorch::models::load::calibration::{Calibration, CalibrationCache, profile_units};
+use distorch::models::load::calibration::{
+    Calibration, CalibrationCache, link_costs, profile_units,
+};
 use distorch::models::load::{load_component, open_index, split};
 use distorch::models::sd::demo::DemoModel;
 use distorch::models::{ComponentOptions, Placement, Unet2dCondition, UnetConfig, UnetInput};
@@ -54,8 +56,6 @@ mod malloc;
 mod random;
 #[path = "common/stack.rs"]
 mod stack;
-#[path = "common/upload.rs"]
-mod upload;
 
 type Failure = Box<dyn std::error::Error>;
 
@@ -357,25 +357,7 @@ fn calibrate<B: Backend>(
     let _ = streamed.streamer().take_stats();
     let full = streamed.pass()?;
     let stats = streamed.streamer().take_stats();
-    let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
-    let (link, contention) = match (caps.transfers_overlap, caps.staging_threads) {
-        // A GPU: its copy engine, timed.
-        (true, None) => (upload::upload_bandwidth::<B>(device) as u64, Duration::ZERO),
-        // Staging on spare host cores: its rate beside compute, and what it cost compute.
-        (true, Some(_)) => {
-            let busy = stats.staging_busy.max(Duration::from_micros(1));
-            let lost = full.saturating_sub(plain).saturating_sub(stats.stall);
-            let per_gib = lost.as_secs_f64() * (1u64 << 30) as f64 / moved.max(1) as f64;
-            (
-                (stats.staged_ahead.bytes() as f64 / busy.as_secs_f64()) as u64,
-                Duration::from_secs_f64(per_gib),
-            )
-        }
-        (false, _) => {
-            let cost = full.saturating_sub(plain).max(Duration::from_millis(1));
-            ((moved as f64 / cost.as_secs_f64()) as u64, Duration::ZERO)
-        }
-    };
+    let (link, contention) = link_costs::<B>(device, plain, full, &stats);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "calibration: backend={} resident_pass_ms={:.1} streamed_pass_ms={:.1} units_timed={} \

@@ -42,10 +42,7 @@ use random::values;
 mod blocks;
 #[path = "common/stack.rs"]
 mod stack;
-#[path = "common/upload.rs"]
-mod upload;
 use stack::{BLOCKS, CONV, DIM, LATENT, TOKENS, forward, write_model};
-use upload::upload_bandwidth;
 
 /// Forces the backend to finish (a read back) so the clock sees the real time.
 fn sync<B2: Backend, const D: usize>(t: &Tensor<B2, D>) {
@@ -174,7 +171,7 @@ fn bench<B: Backend>(backend: &str, options: &Options) -> Result<(), distorch::E
         println!("# upload_gb_s=n/a (ndarray computes in host memory)");
         f64::INFINITY
     } else {
-        let bandwidth = upload_bandwidth::<B>(&device);
+        let bandwidth = distorch::core::runtime::upload_rate::<B>(&device) as f64;
         println!("# upload_gb_s={:.2}", bandwidth / 1e9);
         bandwidth
     };

@@ -28,9 +28,10 @@
 #      UNet on cuda:0 with 1 GB of virtual VRAM on the CPU, the text encoders on cuda:1 when a
 #      second GPU is visible (else cuda:0), 256×256, 4 steps; and `generate flux` on its demo
 #      folder with every block swapped to the CPU;
-#   8. auto_bench --backend cuda (issue 21): the SD 1.5 UNet at 25/50/75 % budgets in
-#      interleave, tail and auto order, predicted against measured — where uploads overlap
-#      compute, the case auto is for.
+#   8. auto_bench --backend cuda (issue 21): the SD 1.5 UNet and the offload stack at
+#      25/50/75 % budgets in interleave, tail and auto order, predicted against measured, the
+#      link from a timed 256 MiB upload (the measured pinned bandwidth) — where uploads
+#      overlap compute, the case auto is for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -99,6 +100,8 @@ run)
     --swap-device cpu --out "$out/flux-cuda.png" 2>&1 | tee "$out/flux-cuda.log" || status=1
   DISTORCH_CACHE_DIR=/tmp/distorch-gpu-check timeout 120 "$bin/auto_bench-cuda" --backend cuda \
     --latent 64 --passes 5 2>&1 | tee "$out/auto-cuda.log" || status=1
+  DISTORCH_CACHE_DIR=/tmp/distorch-gpu-check timeout 60 "$bin/auto_bench-cuda" --backend cuda \
+    --model stack --latent 32 --passes 5 2>&1 | tee "$out/auto-stack-cuda.log" || status=1
   exit "$status"
   ;;
 *)

@@ -77,3 +77,27 @@ pub enum UploadThread {
     /// another thread were read stale).
     Compute,
 }
+
+/// The host-to-device link of `device`, timed: bytes per second of a 256 MiB upload (host
+/// bytes marked file-backed, as the streamer's views of mapped weights are, so CubeCL's CUDA
+/// runtime stages them through pinned memory as it does the weights), waited for by reading
+/// one element back; the best of three. What a calibration takes for the link where a GPU
+/// uploads beside compute. On ndarray an "upload" is a view: the rate is very high.
+pub fn upload_rate<B: Backend>(device: &B::Device) -> u64 {
+    use burn::tensor::{AllocationProperty, Bytes, DType, Tensor, TensorData};
+    let n = 64 << 20;
+    let host = bytes::Bytes::from(vec![1u8; 4 * n]);
+    let best = (0..3)
+        .map(|_| {
+            let shared = Bytes::from_shared(host.clone(), AllocationProperty::File);
+            let data = TensorData::from_bytes(shared, [n], DType::F32);
+            let start = std::time::Instant::now();
+            let t = Tensor::<B, 1>::from_data(data, device);
+            let _ = t.slice(0..1).into_data();
+            start.elapsed()
+        })
+        .min()
+        .unwrap_or_default();
+    let secs = best.as_secs_f64().max(1e-9);
+    ((4 * n) as f64 / secs) as u64
+}

@@ -37,7 +37,7 @@ mod reshape;
 mod store;
 mod stream;
 
-pub use backend::{Capabilities, DonorCopy, UploadThread};
+pub use backend::{Capabilities, DonorCopy, UploadThread, upload_rate};
 pub use cache::{EjectPolicy, ModelCache};
 pub use device::{compute_burn_dtype, device_rule, move_to, supports_compute};
 pub use fp8::PatchPrecision;

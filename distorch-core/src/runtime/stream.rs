@@ -4,8 +4,10 @@
 //! The background thread prepares each unit's host data from the store's home — often the
 //! memory-mapped file — in the dtype the device holds it in: a view of the mapped bytes (its
 //! pages touched, so the upload does not fault them in) on GPU backends, a widened f32 copy on
-//! ndarray. Where the backend orders work across threads ([`UploadThread::Prefetch`]: CUDA,
-//! ndarray) the background thread also enqueues the upload: on CUDA that is its own stream
+//! ndarray (widened in a rayon pool of its own, on the cores the kernels' global pool leaves:
+//! [`Capabilities::staging_threads`]). Where the backend orders work across threads
+//! ([`UploadThread::Prefetch`]: CUDA, ndarray) the background thread also enqueues the
+//! upload: on CUDA that is its own stream
 //! (CubeCL 0.10 gives each thread a stream, stages mapped bytes through pinned memory at any
 //! size, and makes the compute stream wait on an event before its first use of the uploaded
 //! buffer), so the next unit's transfer overlaps the current unit's kernels. On wgpu

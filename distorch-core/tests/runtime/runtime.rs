@@ -224,3 +224,13 @@ fn a_patch_that_changes_the_size_is_an_error() {
         )
     );
 }
+
+/// The timed upload a calibration takes for a GPU's link gives a rate.
+#[test]
+fn uploads_are_timed() {
+    if !backend_available() {
+        return;
+    }
+    let rate = distorch_core::runtime::upload_rate::<B>(&Default::default());
+    assert!(rate > 1_000_000, "{rate} B/s");
+}

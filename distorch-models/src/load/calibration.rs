@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burn::tensor::backend::Backend;
-use distorch_core::runtime::Streamer;
+use distorch_core::runtime::{Capabilities, StreamStats, Streamer, upload_rate};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -29,8 +29,12 @@ pub struct Calibration {
     pub contention: Duration,
 }
 
-/// Each unit's compute time in one pass: `pass` runs once to warm up, then once with the
-/// streamer profiling ([`Streamer::set_profiling`]: the device synchronized at every fetch).
+/// Each unit's compute time in one pass: `pass` runs once to warm up, once with the
+/// streamer profiling ([`Streamer::set_profiling`]: the device synchronized at every fetch),
+/// which gives each unit's share of the pass, and once more as it runs unprofiled, timed:
+/// the shares are scaled to that pass, since synchronizing at every unit changes how long a
+/// pass takes (lavapipe ran a profiled UNet pass in 7.0 s and the same pass unprofiled in
+/// 8.2 s: its queue works differently when drained at every unit).
 pub fn profile_units<B: Backend>(
     streamer: &Streamer<B>,
     mut pass: impl FnMut() -> Result<(), Error>,
@@ -41,7 +45,65 @@ pub fn profile_units<B: Backend>(
     let profile = streamer.take_profile();
     streamer.set_profiling(false);
     run?;
-    Ok(profile.into_iter().collect())
+    let start = std::time::Instant::now();
+    pass()?;
+    let whole = start.elapsed();
+    Ok(scaled(profile, whole))
+}
+
+/// `profile` scaled so that it sums to `whole` (as it is when it sums to nothing).
+fn scaled(profile: Vec<(String, Duration)>, whole: Duration) -> BTreeMap<String, Duration> {
+    let sum: Duration = profile.iter().map(|(_, d)| *d).sum();
+    if sum.is_zero() {
+        return profile.into_iter().collect();
+    }
+    let factor = whole.as_secs_f64() / sum.as_secs_f64();
+    profile
+        .into_iter()
+        .map(|(n, d)| (n, d.mul_f64(factor)))
+        .collect()
+}
+
+/// What a streamed byte costs on `device`, from one resident pass and one fully streamed
+/// pass (every unit at a host home, the streamer's default look-ahead) of the same model and
+/// input, and the streamed pass's [`StreamStats`]: `(link bytes per second, contention per
+/// GiB)` for [`Calibration`].
+/// - A GPU uploading beside compute: the timed upload ([`upload_rate`]), no contention.
+/// - ndarray with cores left to staging ([`Capabilities::staging_threads`]): the prefetch
+///   thread's rate while compute ran (bytes it staged over the time it was busy), and what
+///   the pass lost beyond its stall, per GiB moved (staging shares memory and caches with the
+///   kernels).
+/// - Where transfers cannot overlap compute: what streaming added to the pass, per byte
+///   moved; streaming that added nothing measurable is taken as 1 ms a pass.
+pub fn link_costs<B: Backend>(
+    device: &B::Device,
+    resident: Duration,
+    streamed: Duration,
+    stats: &StreamStats,
+) -> (u64, Duration) {
+    let caps = Capabilities::of::<B>(device);
+    let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
+    let rate = |bytes: u64, time: Duration| (bytes as f64 / time.as_secs_f64()) as u64;
+    match (caps.transfers_overlap, caps.staging_threads) {
+        (true, None) => (upload_rate::<B>(device), Duration::ZERO),
+        (true, Some(_)) => {
+            let busy = stats.staging_busy.max(Duration::from_micros(1));
+            let lost = streamed
+                .saturating_sub(resident)
+                .saturating_sub(stats.stall);
+            let per_gib = lost.as_secs_f64() * (1u64 << 30) as f64 / moved.max(1) as f64;
+            (
+                rate(stats.staged_ahead.bytes(), busy),
+                Duration::from_secs_f64(per_gib),
+            )
+        }
+        (false, _) => {
+            let added = streamed
+                .saturating_sub(resident)
+                .max(Duration::from_millis(1));
+            (rate(moved, added), Duration::ZERO)
+        }
+    }
 }
 
 /// Calibrations by key (a device, a model file, an input size: see
@@ -82,8 +144,9 @@ impl CalibrationCache {
             Some(_) => format!(" threads={}", rayon::current_num_threads()),
             None => String::new(),
         };
+        // v2: profiles scaled to an unprofiled pass, contention measured.
         format!(
-            "{} {device:?}{threads} {} {input}",
+            "v2 {} {device:?}{threads} {} {input}",
             B::name(device),
             crate::load::file_stamp(model)
         )
@@ -115,6 +178,51 @@ impl CalibrationCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profiles_are_scaled_to_the_unprofiled_pass() {
+        let ms = Duration::from_millis;
+        let profile = vec![("a".to_owned(), ms(30)), ("b".to_owned(), ms(10))];
+        let s = scaled(profile.clone(), ms(80));
+        assert_eq!((s["a"], s["b"]), (ms(60), ms(20)));
+        let none = vec![("a".to_owned(), Duration::ZERO)];
+        assert_eq!(scaled(none, ms(5))["a"], Duration::ZERO);
+    }
+
+    /// ndarray: without a spare core a streamed byte costs what it added to the pass; with
+    /// one (`RAYON_NUM_THREADS` below the cores), the prefetch thread's rate and the pass's
+    /// loss beyond its stall.
+    #[test]
+    fn link_costs_follow_how_transfers_meet_compute() {
+        type B = burn::backend::NdArray;
+        let ms = Duration::from_millis;
+        let stats = StreamStats {
+            bytes_moved: [(
+                distorch_alloc::DeviceId::CPU,
+                distorch_alloc::ByteSize::gib(1),
+            )]
+            .into(),
+            stall: ms(100),
+            staging_busy: ms(500),
+            staged_ahead: distorch_alloc::ByteSize::mib(512),
+            ..StreamStats::default()
+        };
+        let device = Default::default();
+        let (link, contention) = link_costs::<B>(&device, ms(1000), ms(1300), &stats);
+        if Capabilities::of::<B>(&device).transfers_overlap {
+            assert_eq!(link, (1u64 << 30) * 2 / 2);
+            assert_eq!(contention, ms(200));
+        } else {
+            // 1 GiB added 300 ms.
+            assert_eq!(link, ((1u64 << 30) as f64 / 0.3) as u64);
+            assert_eq!(contention, Duration::ZERO);
+        }
+        // Nothing measurable added: 1 ms a pass.
+        let (link, _) = link_costs::<B>(&device, ms(1000), ms(900), &stats);
+        if !Capabilities::of::<B>(&device).transfers_overlap {
+            assert_eq!(link, (1u64 << 30) * 1000);
+        }
+    }
 
     #[test]
     fn calibrations_survive_the_file_and_bad_files_are_typed_errors() {

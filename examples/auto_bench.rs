@@ -39,7 +39,7 @@ use distorch::alloc::{DeviceInfo, PinPolicy, Plan, Staging};
 use distorch::core::SafetensorsIndex;
 use distorch::core::runtime::{Capabilities, DeviceMap, Lookahead, Streamer, WeightStore};
 use distorch::models::load::calibration::{
-    Calibration, CalibrationCache, link_costs, profile_units,
+    Calibration, CalibrationCache, link_costs, profile_units, unit_transfers,
 };
 use distorch::models::load::{load_component, open_index, split};
 use distorch::models::sd::demo::DemoModel;
@@ -78,11 +78,7 @@ fn main() -> Result<(), Failure> {
 }
 
 /// What a calibration gives a load.
-struct Costs {
-    times: Arc<BTreeMap<String, Duration>>,
-    link: u64,
-    contention: Duration,
-}
+type Costs = Arc<Calibration>;
 
 /// A model measured.
 trait Subject<B: Backend> {
@@ -112,7 +108,7 @@ trait Run<B: Backend> {
 fn graph(costs: Option<&Costs>) -> Result<DeviceGraph, Failure> {
     let mut cpu = DeviceInfo::new(DeviceId::CPU, ByteSize::gib(64));
     if let Some(c) = costs {
-        cpu = cpu.with_link(ByteSize(c.link));
+        cpu = cpu.with_link(ByteSize(c.link_bytes_per_sec));
     }
     Ok(DeviceGraph::new(vec![
         DeviceInfo::new(DeviceId::cuda(0), ByteSize::gib(64)),
@@ -172,10 +168,7 @@ impl<B: Backend> Subject<B> for Unet<B> {
         };
         let mut options = ComponentOptions::new(graph(costs)?, placement);
         options.lookahead = lookahead;
-        if let Some(c) = costs {
-            options.compute_times = Some(Arc::clone(&c.times));
-            options.staging_contention = c.contention;
-        }
+        options.calibration = costs.cloned();
         let loaded = load_component(
             &self.index,
             &self.component()?,
@@ -271,7 +264,9 @@ impl<B: Backend> Subject<B> for Stack<B> {
             contention: costs.map_or(Duration::ZERO, |c| c.contention),
         };
         if let Some(c) = costs {
-            inventory = inventory.with_compute(&c.times);
+            inventory = inventory
+                .with_compute(&c.compute)
+                .with_transfer(&c.transfer);
         }
         let plan = distorch::plan(&request, &inventory, &graph(costs)?)?;
         let parts = split(&self.index);
@@ -345,7 +340,8 @@ fn calibrate<B: Backend>(
                 reason: e.to_string(),
             })
     })?;
-    let plain = resident.pass()?;
+    // The resident pass: what the profile was scaled to.
+    let plain: Duration = compute.values().sum();
     drop(resident);
     let caps = Capabilities::of::<B>(device);
     let streamed = subject.load(
@@ -355,9 +351,25 @@ fn calibrate<B: Backend>(
     )?;
     streamed.pass()?;
     let _ = streamed.streamer().take_stats();
-    let full = streamed.pass()?;
-    let stats = streamed.streamer().take_stats();
+    // The median of three streamed passes, with its statistics.
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let t = streamed.pass()?;
+        runs.push((t, streamed.streamer().take_stats()));
+    }
+    runs.sort_by_key(|r| r.0);
+    let (full, stats) = runs.swap_remove(1);
     let (link, contention) = link_costs::<B>(device, plain, full, &stats);
+    // Where staging is host work, each unit's own cost (a pass more, its staging timed).
+    let transfer = if caps.staging_threads.is_some() {
+        streamed.streamer().set_profiling(true);
+        streamed.pass()?;
+        let staging = streamed.streamer().take_staging_profile();
+        streamed.streamer().set_profiling(false);
+        unit_transfers::<B>(device, staging, plain, full)
+    } else {
+        BTreeMap::new()
+    };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "calibration: backend={} resident_pass_ms={:.1} streamed_pass_ms={:.1} units_timed={} \
@@ -377,6 +389,7 @@ fn calibrate<B: Backend>(
         compute,
         link_bytes_per_sec: link,
         contention,
+        transfer,
     })
 }
 
@@ -444,17 +457,14 @@ fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
             c
         }
     };
-    let costs = Costs {
-        times: Arc::new(calibration.compute),
-        link: calibration.link_bytes_per_sec,
-        contention: calibration.contention,
-    };
+    let costs: Costs = Arc::new(calibration);
     println!(
-        "backend={} model={input} bytes={total} units_timed={} link_gb_s={:.2} \
-         contention_ms_per_gib={:.1} RAYON_NUM_THREADS={}",
+        "backend={} model={input} bytes={total} units_timed={} transfers_timed={} \
+         link_gb_s={:.2} contention_ms_per_gib={:.1} RAYON_NUM_THREADS={}",
         B::name(&device),
-        costs.times.len(),
-        costs.link as f64 / 1e9,
+        costs.compute.len(),
+        costs.transfer.len(),
+        costs.link_bytes_per_sec as f64 / 1e9,
         costs.contention.as_secs_f64() * 1e3,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
     );

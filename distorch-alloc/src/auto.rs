@@ -26,11 +26,11 @@ pub(crate) fn transfer_time(bytes: ByteSize, bytes_per_sec: u64) -> Duration {
 pub(crate) fn rankings(
     units: &[Unit],
     movable: &[usize],
-    link: u64,
+    transfers: &[Duration],
     staging: Staging,
 ) -> Vec<Vec<usize>> {
     let n = movable.len();
-    let mut out = vec![stream_ranking(units, movable, link, staging)];
+    let mut out = vec![stream_ranking(units, movable, transfers, staging)];
     let spread = crate::planner::bit_reversed(n);
     for r in [spread, (0..n).collect(), (0..n).rev().collect()] {
         if !out.contains(&r) {
@@ -40,12 +40,12 @@ pub(crate) fn rankings(
     out
 }
 
-/// `movable` (indices into `units`) ranked best-to-stream first, each streamed over a link of
-/// `link` bytes per second under `staging`. Returns positions in `movable`.
+/// `movable` (indices into `units`) ranked best-to-stream first, each streamed in its
+/// `transfers` time (by unit) under `staging`. Returns positions in `movable`.
 pub(crate) fn stream_ranking(
     units: &[Unit],
     movable: &[usize],
-    link: u64,
+    transfers: &[Duration],
     staging: Staging,
 ) -> Vec<usize> {
     let mut pass: Vec<PassUnit> = units
@@ -64,7 +64,7 @@ pub(crate) fn stream_ranking(
             .iter()
             .map(|&m| {
                 let u = movable[m];
-                pass[u].transfer = transfer_time(units[u].bytes, link);
+                pass[u].transfer = transfers[u];
                 let added = simulate(&pass, staging).step.saturating_sub(current);
                 pass[u].transfer = Duration::ZERO;
                 (added, units[u].bytes, m)
@@ -82,7 +82,7 @@ pub(crate) fn stream_ranking(
         let batch = (remaining.len() / 16).max(1);
         for &(_, _, m) in &scored[..batch] {
             let u = movable[m];
-            pass[u].transfer = transfer_time(units[u].bytes, link);
+            pass[u].transfer = transfers[u];
             ranked.push(m);
         }
         remaining.retain(|m| !ranked[ranked.len() - batch..].contains(m));

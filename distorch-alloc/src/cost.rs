@@ -174,6 +174,15 @@ pub(crate) fn link_of(info: &DeviceInfo, warnings: &mut Vec<Warning>) -> u64 {
     }
 }
 
+/// Unit `u`'s transfer from `info`: measured from host memory ([`Unit::transfer`]), else its
+/// bytes over the donor's link.
+pub(crate) fn transfer_of(u: &Unit, info: &DeviceInfo, warnings: &mut Vec<Warning>) -> Duration {
+    match u.transfer {
+        Some(t) if info.id == crate::DeviceId::CPU => t,
+        _ => crate::auto::transfer_time(u.bytes, link_of(info, warnings)),
+    }
+}
+
 /// The pass under `assignment` (rows of `layout`), when units carry compute times.
 pub(crate) fn predict(
     request: &PlanRequest,
@@ -193,7 +202,7 @@ pub(crate) fn predict(
             let transfer = if info.id == layout.compute {
                 std::time::Duration::ZERO
             } else {
-                crate::auto::transfer_time(u.bytes, link_of(info, warnings))
+                transfer_of(u, info, warnings)
             };
             PassUnit {
                 compute: u.compute,

@@ -72,6 +72,11 @@ pub struct Unit {
     /// plans predict the step time and [`crate::PlacementOrder::Auto`] can weigh transfers
     /// against compute.
     pub compute: std::time::Duration,
+    /// Its transfer time from host memory to the compute device in one fetch, as measured
+    /// (`None`: its bytes over the donor's link). Measured costs differ from bytes over a
+    /// rate where staging is host work: on ndarray, widening a tensor above glibc's mmap
+    /// threshold (32 MiB) faults in fresh pages at every fetch.
+    pub transfer: Option<std::time::Duration>,
 }
 
 impl Unit {
@@ -84,6 +89,7 @@ impl Unit {
             order,
             kind,
             compute: std::time::Duration::ZERO,
+            transfer: None,
         }
     }
 
@@ -176,6 +182,20 @@ impl Inventory {
         for u in &mut self.units {
             if let Some(&t) = times.get(&u.name) {
                 u.compute = t;
+            }
+        }
+        self
+    }
+
+    /// The same inventory, each unit named in `times` taking that measured transfer time
+    /// from host memory per fetch ([`Unit::transfer`]; others keep bytes over the link).
+    pub fn with_transfer(
+        mut self,
+        times: &std::collections::BTreeMap<String, std::time::Duration>,
+    ) -> Inventory {
+        for u in &mut self.units {
+            if let Some(&t) = times.get(&u.name) {
+                u.transfer = Some(t);
             }
         }
         self

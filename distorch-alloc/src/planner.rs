@@ -66,10 +66,14 @@ pub fn plan(
     let assignment = match request.order {
         PlacementOrder::Auto => {
             let donor = crate::cost::primary_donor(&layout, compute_row);
-            let link = donor.map_or(crate::cost::DEFAULT_LINK.0, |r| {
-                crate::cost::link_of(&layout.rows[r].info, &mut warnings)
-            });
-            let rankings = crate::auto::rankings(units, &movable, link, request.staging);
+            let transfers: Vec<_> = units
+                .iter()
+                .map(|u| match donor {
+                    Some(r) => crate::cost::transfer_of(u, &layout.rows[r].info, &mut warnings),
+                    None => crate::auto::transfer_time(u.bytes, crate::cost::DEFAULT_LINK.0),
+                })
+                .collect();
+            let rankings = crate::auto::rankings(units, &movable, &transfers, request.staging);
             deal.fastest(request, &rankings, &mut warnings, inventory)?
         }
         order => deal.run(

@@ -230,18 +230,32 @@ proptest! {
     }
 }
 
-/// An inventory with compute times: `(bytes, compute µs)` per unit, all weights.
+/// An inventory with compute times: `(bytes, compute µs, measured transfer µs)` per unit,
+/// all weights; about half the units carry a measured transfer time.
 fn timed_inventory_strategy() -> impl Strategy<Value = Inventory> {
-    proptest::collection::vec((1u64..(64 << 20), 0u64..20_000), 1..60).prop_map(|units| {
+    let unit = (
+        1u64..(64 << 20),
+        0u64..20_000,
+        proptest::option::of(0u64..100_000),
+    );
+    proptest::collection::vec(unit, 1..60).prop_map(|units| {
+        let us = std::time::Duration::from_micros;
+        let transfers = units
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, _, t))| t.map(|t| (format!("u{i}"), us(t))))
+            .collect();
         let units = units
             .into_iter()
             .enumerate()
-            .map(|(i, (bytes, micros))| {
+            .map(|(i, (bytes, micros, _))| {
                 Unit::new(format!("u{i}"), ByteSize(bytes), i as u32, UnitKind::Weight)
-                    .with_compute(std::time::Duration::from_micros(micros))
+                    .with_compute(us(micros))
             })
             .collect();
-        Inventory::new("model", units).unwrap()
+        Inventory::new("model", units)
+            .unwrap()
+            .with_transfer(&transfers)
     })
 }
 

@@ -32,8 +32,10 @@ mod fp8;
 mod host;
 mod load;
 mod order;
+mod profile;
 mod repatch;
 mod reshape;
+mod staging;
 mod store;
 mod stream;
 

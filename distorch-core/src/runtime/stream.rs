@@ -29,20 +29,14 @@ use burn::tensor::backend::Backend;
 use distorch_alloc::{ByteSize, DeviceId};
 
 use crate::error::Error;
-use crate::runtime::backend::DonorCopy;
 use crate::runtime::backend::{Capabilities, UploadThread};
-use crate::runtime::device::{self, DeviceTensor, Source, Staged};
 pub use crate::runtime::order::ExecutionOrder;
 use crate::runtime::order::Order;
-use crate::runtime::store::{LoadReport, Stored, StoredUnit, WeightPatch, WeightStore};
-
-/// A streamed unit as the prefetch thread leaves it.
-enum Prepared<B: Backend> {
-    /// Host data, uploaded by the compute thread.
-    Staged(Vec<Staged>),
-    /// On the compute device already, in the storage dtype (one per tensor).
-    Uploaded(Vec<DeviceTensor<B>>),
-}
+use crate::runtime::profile::Profile;
+use crate::runtime::staging::{
+    Prepared, resident_tensors, stage, staging_pool, to_device, upload, weights,
+};
+use crate::runtime::store::{LoadReport, WeightPatch, WeightStore};
 
 /// How far the streamer looks ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +96,7 @@ pub struct StreamStats {
 /// A unit's tensors on the compute device.
 #[derive(Debug, Clone)]
 pub struct UnitWeights<B: Backend> {
-    tensors: Vec<(String, Vec<usize>, Tensor<B, 1>)>,
+    pub(crate) tensors: Vec<(String, Vec<usize>, Tensor<B, 1>)>,
 }
 
 impl<B: Backend> UnitWeights<B> {
@@ -144,8 +138,8 @@ struct State<B: Backend> {
     shutdown: bool,
     stats: StreamStats,
     /// When profiling: each fetch's unit and the moment it was asked for, the device
-    /// synchronized first (see [`Streamer::set_profiling`]).
-    profile: Option<Vec<(usize, Instant)>>,
+    /// synchronized first, and each staging's time (see [`Streamer::set_profiling`]).
+    profile: Option<Profile>,
 }
 
 impl<B: Backend> State<B> {
@@ -354,9 +348,14 @@ impl<B: Backend> Streamer<B> {
             }
             st.stats.on_demand += 1;
             drop(st);
+            let took = Instant::now();
             let (t, alloc) = stage(u, &store);
+            let took = took.elapsed();
             st = self.shared.lock();
             st.note_staging(alloc);
+            if let Some(p) = st.profile.as_mut() {
+                p.staged(i, took);
+            }
             break Prepared::Staged(t);
         };
         st.stats.stall += start.elapsed();
@@ -385,16 +384,17 @@ impl<B: Backend> Streamer<B> {
         let _ = B::sync(store.compute());
         let now = Instant::now();
         if let Some(p) = self.shared.lock().profile.as_mut() {
-            p.push((i, now));
+            p.fetched(i, now);
         }
     }
 
     /// Turns per-unit profiling on or off (off by default). While on, every fetch first waits
     /// for the compute device to finish what was queued (a slower pass), so that the time
     /// between two fetches is the earlier unit's compute and whatever ran before the next —
-    /// the calibration `PlacementOrder::Auto`'s cost model takes ([`Streamer::take_profile`]).
+    /// the calibration `PlacementOrder::Auto`'s cost model takes ([`Streamer::take_profile`]);
+    /// and each streamed unit's staging is timed ([`Streamer::take_staging_profile`]).
     pub fn set_profiling(&self, on: bool) {
-        self.shared.lock().profile = on.then(Vec::new);
+        self.shared.lock().profile = on.then(Profile::default);
         self.shared.profiling.store(on, Ordering::Relaxed);
     }
 
@@ -405,20 +405,25 @@ impl<B: Backend> Streamer<B> {
         let store = self.store();
         let _ = B::sync(store.compute());
         let end = Instant::now();
-        let Some(marks) = self.shared.lock().profile.as_mut().map(std::mem::take) else {
-            return Vec::new();
-        };
-        let mut totals: Vec<(String, Duration)> = Vec::new();
-        for (k, &(i, at)) in marks.iter().enumerate() {
-            let until = marks.get(k + 1).map_or(end, |m| m.1);
-            let name = &store.units()[i].name;
-            let d = until.saturating_duration_since(at);
-            match totals.iter_mut().find(|(n, _)| n == name) {
-                Some((_, t)) => *t += d,
-                None => totals.push((name.clone(), d)),
-            }
+        let name = |i: usize| store.units()[i].name.clone();
+        match self.shared.lock().profile.as_mut() {
+            Some(p) => p.take_compute(name, end).0,
+            None => Vec::new(),
         }
-        totals
+    }
+
+    /// The staging times since profiling was turned on (or last taken): each streamed unit's
+    /// name and how long preparing its host data (and uploading it, where the prefetch thread
+    /// uploads) took, ahead of use or on demand, summed over its fetches. What a unit's
+    /// transfer costs where staging is host work (ndarray widening weights). Profiling stays
+    /// on.
+    pub fn take_staging_profile(&self) -> Vec<(String, Duration)> {
+        let store = self.store();
+        let name = |i: usize| store.units()[i].name.clone();
+        match self.shared.lock().profile.as_mut() {
+            Some(p) => p.take_staging(name).0,
+            None => Vec::new(),
+        }
     }
 
     /// Queues offloaded units after `i` in execution order (wrapping) within the look-ahead.
@@ -478,23 +483,6 @@ impl<B: Backend> Drop for Streamer<B> {
     }
 }
 
-/// Runs `work` in a rayon pool of its own when `threads` asks for one (ndarray: staging
-/// beside the kernels, not queued behind them on the global pool), else as it is.
-fn staging_pool(threads: Option<usize>, work: impl FnOnce() + Send) {
-    let pool = threads.and_then(|n| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("distorch-staging-{i}"))
-            .build()
-            .map_err(|e| tracing::warn!(%e, "no staging pool; staging on rayon's global pool"))
-            .ok()
-    });
-    match pool {
-        Some(pool) => pool.install(work),
-        None => work(),
-    }
-}
-
 fn worker<B: Backend>(shared: &Shared<B>) {
     let mut st = shared.lock();
     loop {
@@ -520,107 +508,14 @@ fn worker<B: Backend>(shared: &Shared<B>) {
         st.in_flight = None;
         st.stats.staging_busy += busy;
         st.stats.staged_ahead += unit.upload_bytes;
+        if let Some(p) = st.profile.as_mut() {
+            p.staged(j, busy);
+        }
         if st.generation == generation {
             st.note_staging(alloc);
             st.staging += kept;
             st.ready.insert(j, (prepared, kept));
         }
         shared.changed.notify_all();
-    }
-}
-
-fn resident_tensors<B: Backend>(u: &StoredUnit<B>, store: &WeightStore<B>) -> Vec<Tensor<B, 1>> {
-    u.tensors
-        .iter()
-        .filter_map(|t| match &t.data {
-            Stored::Device(d) => Some(d.materialize(store.compute_dtype, &store.decode_tables)),
-            Stored::Donor(..) | Stored::Host(_) => None,
-        })
-        .collect()
-}
-
-/// Host data of a unit's host-home tensors and of its donor tensors that are copied through
-/// the host (read back), in the form the compute device holds them, ready to upload; and the
-/// host bytes that staging allocated.
-fn stage<B: Backend>(u: &StoredUnit<B>, store: &WeightStore<B>) -> (Vec<Staged>, u64) {
-    let mut allocated = 0;
-    let staged = u
-        .tensors
-        .iter()
-        .filter_map(|t| match &t.data {
-            Stored::Device(_) | Stored::Donor(_, DonorCopy::Direct) => None,
-            Stored::Donor(d, DonorCopy::ViaHost) => {
-                allocated += d.bytes();
-                Some(d.clone().into_data())
-            }
-            Stored::Host(h) => {
-                let (s, a) = device::stage(&store.rule, Source::Home(&h.bytes), h.dtype, t.numel());
-                allocated += a;
-                Some(s)
-            }
-        })
-        .collect();
-    (staged, allocated)
-}
-
-/// A unit's tensors on the compute device in the compute dtype: uploaded here (the compute
-/// thread) unless the prefetch thread did, then cast.
-fn to_device<B: Backend>(
-    u: &StoredUnit<B>,
-    prepared: Prepared<B>,
-    store: &WeightStore<B>,
-) -> Vec<Tensor<B, 1>> {
-    let on_device = match prepared {
-        Prepared::Uploaded(d) => d,
-        Prepared::Staged(staged) => upload(u, staged, store),
-    };
-    on_device
-        .iter()
-        .map(|d| d.materialize(store.compute_dtype, &store.decode_tables))
-        .collect()
-}
-
-/// Enqueues a unit's uploads (and donor copies) to the compute device on the calling thread,
-/// in the storage dtype.
-fn upload<B: Backend>(
-    u: &StoredUnit<B>,
-    staged: Vec<Staged>,
-    store: &WeightStore<B>,
-) -> Vec<DeviceTensor<B>> {
-    let (device, rule) = (store.compute(), &store.rule);
-    let mut staged = staged.into_iter();
-    u.tensors
-        .iter()
-        .map(|t| match &t.data {
-            Stored::Device(d) => d.clone(),
-            Stored::Donor(d, DonorCopy::Direct) => d.to_device(device),
-            Stored::Donor(d, DonorCopy::ViaHost) => {
-                let data = staged.next().unwrap_or_else(|| d.clone().into_data());
-                data.upload::<B>(device)
-            }
-            Stored::Host(h) => {
-                let data = staged.next().unwrap_or_else(|| {
-                    device::stage(rule, Source::Home(&h.bytes), h.dtype, t.numel()).0
-                });
-                data.upload::<B>(device)
-            }
-        })
-        .collect()
-}
-
-fn weights<B: Backend>(u: &StoredUnit<B>, mut tensors: Vec<Tensor<B, 1>>) -> UnitWeights<B> {
-    // ComfyUI scaled fp8: the weight dequantised with its scale, in the compute dtype (as
-    // ComfyUI's `weight.to(dtype) * scale_weight`).
-    for &(w, s) in &u.scales {
-        let scale = tensors[s].clone();
-        tensors[w] = tensors[w].clone() * scale;
-    }
-    UnitWeights {
-        tensors: u
-            .tensors
-            .iter()
-            .zip(tensors)
-            .map(|(s, t)| (s.name.clone(), s.shape.clone(), t))
-            .collect(),
     }
 }

@@ -234,3 +234,42 @@ fn uploads_are_timed() {
     let rate = distorch_core::runtime::upload_rate::<B>(&Default::default());
     assert!(rate > 1_000_000, "{rate} B/s");
 }
+
+/// Profiling gives each fetched unit the time until the next fetch, and each streamed unit
+/// the time its staging took; off, nothing is recorded.
+#[test]
+fn profiles_time_compute_and_staging_per_unit() {
+    if !backend_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_mlp(dir.path());
+    let (store, _) = load(&path, 1.0, None).unwrap();
+    let streamer = Streamer::new(Arc::new(store), Lookahead::default());
+    let names: Vec<String> = (0..LAYERS).map(|l| format!("layers.{l}.fc")).collect();
+    streamer.set_profiling(true);
+    for name in &names {
+        streamer.fetch(name).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5)); // "compute"
+    }
+    let compute = streamer.take_profile();
+    let fetched: Vec<&String> = compute.iter().map(|(n, _)| n).collect();
+    assert_eq!(fetched, names.iter().collect::<Vec<_>>());
+    assert!(
+        compute
+            .iter()
+            .all(|(_, t)| *t >= std::time::Duration::from_millis(5)),
+        "{compute:?}"
+    );
+    let staging = streamer.take_staging_profile();
+    let mut staged: Vec<&String> = staging.iter().map(|(n, _)| n).collect();
+    staged.sort();
+    let mut expected: Vec<&String> = names.iter().collect();
+    expected.sort();
+    assert_eq!(staged, expected, "every streamed unit's staging is timed");
+    assert!(staging.iter().all(|(_, t)| !t.is_zero()), "{staging:?}");
+    streamer.set_profiling(false);
+    streamer.fetch(&names[0]).unwrap();
+    assert!(streamer.take_profile().is_empty());
+    assert!(streamer.take_staging_profile().is_empty());
+}

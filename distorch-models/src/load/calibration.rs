@@ -1,6 +1,6 @@
 //! What a device computes and moves for one model at one input size, measured once and
 //! cached per device: each unit's compute time (a profiled pass) and what a streamed byte
-//! costs (the link). Given to a load as [`crate::ComponentOptions::compute_times`] and the
+//! costs (the link). Given to a load as [`crate::ComponentOptions::calibration`] and the
 //! donor's link in the device graph, it lets plans predict the pass and
 //! `PlacementOrder::Auto` choose by the clock.
 
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 
 /// One model's costs on one device at one input size.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Calibration {
     /// Each unit's compute time per pass, by unit name.
     pub compute: BTreeMap<String, Duration>,
@@ -23,18 +23,22 @@ pub struct Calibration {
     /// where transfers overlap compute, else the slowdown a streamed byte adds to the pass.
     pub link_bytes_per_sec: u64,
     /// Where transfers overlap compute: the compute time a GiB staged beside it adds
-    /// ([`distorch_alloc::Staging::contention`]; zero on a GPU's copy engine). Give it to a
-    /// load as [`crate::ComponentOptions::staging_contention`].
+    /// ([`distorch_alloc::Staging::contention`]; zero on a GPU's copy engine).
     #[serde(default)]
     pub contention: Duration,
+    /// Each streamed unit's transfer time from host memory, by unit name, where staging is
+    /// host work ([`unit_transfers`]; empty on GPUs, whose link's rate applies).
+    #[serde(default)]
+    pub transfer: BTreeMap<String, Duration>,
 }
 
 /// Each unit's compute time in one pass: `pass` runs once to warm up, once with the
 /// streamer profiling ([`Streamer::set_profiling`]: the device synchronized at every fetch),
-/// which gives each unit's share of the pass, and once more as it runs unprofiled, timed:
-/// the shares are scaled to that pass, since synchronizing at every unit changes how long a
-/// pass takes (lavapipe ran a profiled UNet pass in 7.0 s and the same pass unprofiled in
-/// 8.2 s: its queue works differently when drained at every unit).
+/// which gives each unit's share of the pass, and three times more as it runs unprofiled,
+/// timed: the shares are scaled to the median of those, since synchronizing at every unit
+/// changes how long a pass takes (lavapipe ran a profiled UNet pass in 7.0 s and the same
+/// pass unprofiled in 8.2 s: its queue works differently when drained at every unit). The
+/// times sum to that median: the resident pass.
 pub fn profile_units<B: Backend>(
     streamer: &Streamer<B>,
     mut pass: impl FnMut() -> Result<(), Error>,
@@ -45,10 +49,14 @@ pub fn profile_units<B: Backend>(
     let profile = streamer.take_profile();
     streamer.set_profiling(false);
     run?;
-    let start = std::time::Instant::now();
-    pass()?;
-    let whole = start.elapsed();
-    Ok(scaled(profile, whole))
+    let mut times = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        pass()?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(scaled(profile, times[1]))
 }
 
 /// `profile` scaled so that it sums to `whole` (as it is when it sums to nothing).
@@ -106,6 +114,31 @@ pub fn link_costs<B: Backend>(
     }
 }
 
+/// Each streamed unit's transfer time, where staging is host work (ndarray widening weights:
+/// a tensor above glibc's mmap threshold faults in fresh pages at every fetch, so a byte's
+/// cost depends on the tensor it is in): its staging time in a fully streamed pass
+/// ([`Streamer::take_staging_profile`]) — as measured beside compute where transfers overlap
+/// it; scaled so that they sum to what streaming added to the pass (`streamed` − `resident`)
+/// where they do not. Empty on GPUs (bytes over the link's rate, [`link_costs`]).
+pub fn unit_transfers<B: Backend>(
+    device: &B::Device,
+    staging: Vec<(String, Duration)>,
+    resident: Duration,
+    streamed: Duration,
+) -> BTreeMap<String, Duration> {
+    let caps = Capabilities::of::<B>(device);
+    match (caps.transfers_overlap, caps.staging_threads) {
+        (_, None) => BTreeMap::new(),
+        (true, Some(_)) => staging.into_iter().collect(),
+        (false, Some(_)) => {
+            let added = streamed
+                .saturating_sub(resident)
+                .max(Duration::from_millis(1));
+            scaled(staging, added)
+        }
+    }
+}
+
 /// Calibrations by key (a device, a model file, an input size: see
 /// [`CalibrationCache::key`]), kept in a JSON file so that a device is measured once.
 #[derive(Debug)]
@@ -144,9 +177,9 @@ impl CalibrationCache {
             Some(_) => format!(" threads={}", rayon::current_num_threads()),
             None => String::new(),
         };
-        // v2: profiles scaled to an unprofiled pass, contention measured.
+        // v3: profiles scaled to an unprofiled pass, contention and unit transfers measured.
         format!(
-            "v2 {} {device:?}{threads} {} {input}",
+            "v3 {} {device:?}{threads} {} {input}",
             B::name(device),
             crate::load::file_stamp(model)
         )
@@ -224,6 +257,22 @@ mod tests {
         }
     }
 
+    /// ndarray: staging times as measured where a spare core stages beside compute, else
+    /// scaled to what streaming added to the pass.
+    #[test]
+    fn unit_transfers_are_staging_times_on_the_host() {
+        type B = burn::backend::NdArray;
+        let ms = Duration::from_millis;
+        let staging = vec![("a".to_owned(), ms(30)), ("b".to_owned(), ms(10))];
+        let device = Default::default();
+        let t = unit_transfers::<B>(&device, staging.clone(), ms(1000), ms(1080));
+        if Capabilities::of::<B>(&device).transfers_overlap {
+            assert_eq!((t["a"], t["b"]), (ms(30), ms(10)));
+        } else {
+            assert_eq!((t["a"], t["b"]), (ms(60), ms(20)));
+        }
+    }
+
     #[test]
     fn calibrations_survive_the_file_and_bad_files_are_typed_errors() {
         let dir = tempfile::tempdir().unwrap();
@@ -234,6 +283,7 @@ mod tests {
             compute: [("unit.a".to_owned(), Duration::from_micros(1500))].into(),
             link_bytes_per_sec: 12_000_000_000,
             contention: Duration::from_millis(120),
+            transfer: [("unit.a".to_owned(), Duration::from_micros(700))].into(),
         };
         cache.insert("k".into(), cal.clone()).unwrap();
         assert_eq!(CalibrationCache::open(&path).unwrap().get("k"), Some(&cal));

@@ -215,14 +215,13 @@ pub struct ComponentOptions<B: Backend> {
     /// compute in is refused before any weight is read
     /// ([`distorch_core::Error::UnsupportedComputeDtype`]).
     pub dtype: Option<ComputeDtype>,
-    /// Each unit's compute time per pass (by unit name), as a profiled pass measured it
-    /// ([`distorch_core::runtime::Streamer::take_profile`]): the plan then predicts the pass
-    /// and `PlacementOrder::Auto` can weigh transfers against compute.
-    pub compute_times: Option<Arc<std::collections::BTreeMap<String, std::time::Duration>>>,
-    /// Where streamed units are staged beside compute and share its memory (ndarray with a
-    /// spare core): the compute time a GiB staged adds to the pass, as a calibration
-    /// measured it ([`calibration::Calibration::contention`]). Zero (the default) on GPUs.
-    pub staging_contention: std::time::Duration,
+    /// What this device computes and moves for this model at the input size planned for,
+    /// measured ([`calibration::Calibration`]: each unit's compute time, each streamed unit's
+    /// transfer where staging is host work, the contention staging causes): the plan then
+    /// predicts the pass and `PlacementOrder::Auto` can weigh transfers against compute.
+    /// Declare the calibration's link on the donor in the device graph (`cpu=64gib@2.2gb/s`);
+    /// units without a measured transfer take their bytes over it.
+    pub calibration: Option<Arc<calibration::Calibration>>,
 }
 
 impl<B: Backend> ComponentOptions<B> {
@@ -237,8 +236,7 @@ impl<B: Backend> ComponentOptions<B> {
             loras: None,
             precision: PatchPrecision::High,
             dtype: Some(ComputeDtype::F32),
-            compute_times: None,
-            staging_contention: std::time::Duration::ZERO,
+            calibration: None,
         }
     }
 }
@@ -422,20 +420,19 @@ pub(crate) fn cache_key<B: Backend, M: Model<B>>(
                 .map(move |(f, s)| format!("{}*{s}@{}", file_stamp(f.path()), l.target))
         })
         .collect();
-    // Compute times change where `PlacementOrder::Auto` puts units: a fingerprint of them.
-    let times = options.compute_times.as_ref().map(|t| {
+    // A calibration changes where `PlacementOrder::Auto` puts units: a fingerprint of it.
+    let times = options.calibration.as_ref().map(|c| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(&**t, &mut h);
+        std::hash::Hash::hash(&**c, &mut h);
         std::hash::Hasher::finish(&h)
     });
     format!(
-        "{key}:config={config:?}:{:?}:{:?}:loras=[{}]:{:?}:times={times:?}:{:?}:{:?}",
+        "{key}:config={config:?}:{:?}:{:?}:loras=[{}]:{:?}:calibration={times:?}:{:?}",
         options.placement.request,
         options.dtype,
         loras.join(","),
         options.precision,
         options.lookahead,
-        options.staging_contention,
     )
 }
 
@@ -492,8 +489,10 @@ fn plan<B: Backend, M: Model<B>>(
         fp8_changed: options.precision.fp8_changed(),
     };
     let mut inventory = units::inventory_with(component, &homes)?.in_order(&order);
-    if let Some(times) = &options.compute_times {
-        inventory = inventory.with_compute(times);
+    if let Some(c) = &options.calibration {
+        inventory = inventory
+            .with_compute(&c.compute)
+            .with_transfer(&c.transfer);
     }
     // Predictions and `PlacementOrder::Auto` see the streamer this component will have.
     let mut request = options.placement.request.clone();
@@ -502,7 +501,10 @@ fn plan<B: Backend, M: Model<B>>(
         units: options.lookahead.units,
         bytes: options.lookahead.bytes,
         overlapped: distorch_core::runtime::Capabilities::of::<B>(device).transfers_overlap,
-        contention: options.staging_contention,
+        contention: options
+            .calibration
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |c| c.contention),
     };
     Ok(distorch_alloc::plan(&request, &inventory, &options.graph)?)
 }

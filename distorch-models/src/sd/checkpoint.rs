@@ -172,8 +172,7 @@ impl<B: Backend> CheckpointOptions<B> {
             loras: None,
             precision: self.precision,
             dtype: self.dtype,
-            compute_times: None,
-            staging_contention: std::time::Duration::ZERO,
+            calibration: None,
         }
     }
 

@@ -1,5 +1,7 @@
 //! What a pass costs under a plan: each unit's compute time, each streamed unit's transfer
-//! over its home's link to the compute device, and the streamer's prefetch limits — predicted
+//! (measured from host memory, [`Unit::transfer`], else its bytes over its home's link to the
+//! compute device), the contention transfers cause beside compute, and the streamer's
+//! prefetch limits — predicted
 //! by simulating the pass ([`simulate`]), and used by [`crate::PlacementOrder::Auto`] to choose
 //! what stays resident.
 //!
@@ -7,7 +9,8 @@
 //! order, one transfer at a time, at most `units` of them (and `bytes`) ahead of the unit
 //! computing; a slot frees when its unit is fetched; a unit larger than the byte bound is
 //! fetched on demand. When transfers cannot overlap compute (the upload runs on the compute
-//! thread, as on wgpu), every transfer adds to the step.
+//! thread, as on wgpu, or staging shares every core with the kernels, as on ndarray by
+//! default), every transfer adds to the step.
 
 use std::time::Duration;
 

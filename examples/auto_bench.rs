@@ -28,18 +28,17 @@
 
 #![allow(clippy::print_stdout)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use distorch::alloc::{DeviceInfo, PinPolicy, Plan, Staging};
+use distorch::alloc::{DeviceInfo, PinPolicy, Plan};
 use distorch::core::SafetensorsIndex;
 use distorch::core::runtime::{Capabilities, DeviceMap, Lookahead, Streamer, WeightStore};
 use distorch::models::load::calibration::{
-    Calibration, CalibrationCache, link_costs, profile_units, unit_transfers,
+    Calibration, CalibrationCache, calibrate_streamed, profile_units,
 };
 use distorch::models::load::{load_component, open_index, split};
 use distorch::models::sd::demo::DemoModel;
@@ -257,16 +256,10 @@ impl<B: Backend> Subject<B> for Stack<B> {
             tiny_threshold: ByteSize(0),
             ..PinPolicy::default()
         });
-        request.staging = Staging {
-            units: lookahead.units,
-            bytes: lookahead.bytes,
-            overlapped: Capabilities::of::<B>(&self.device).transfers_overlap,
-            contention: costs.map_or(Duration::ZERO, |c| c.contention),
-        };
+        let contention = costs.map_or(Duration::ZERO, |c| c.contention);
+        request.staging = lookahead.staging::<B>(&self.device, contention);
         if let Some(c) = costs {
-            inventory = inventory
-                .with_compute(&c.compute)
-                .with_transfer(&c.transfer);
+            inventory = c.timed(inventory);
         }
         let plan = distorch::plan(&request, &inventory, &graph(costs)?)?;
         let parts = split(&self.index);
@@ -326,71 +319,43 @@ fn calibrate<B: Backend>(
     subject: &dyn Subject<B>,
     device: &B::Device,
 ) -> Result<Calibration, Failure> {
+    let as_input = |e: Failure| distorch::models::Error::Input {
+        input: "pass",
+        reason: e.to_string(),
+    };
     let resident = subject.load(
         expert("cuda:0,*".into(), PlacementOrder::Interleave)?,
         Lookahead::default(),
         None,
     )?;
     let compute = profile_units(resident.streamer(), || {
-        resident
-            .pass()
-            .map(|_| ())
-            .map_err(|e| distorch::models::Error::Input {
-                input: "pass",
-                reason: e.to_string(),
-            })
+        resident.pass().map(|_| ()).map_err(as_input)
     })?;
-    // The resident pass: what the profile was scaled to.
-    let plain: Duration = compute.values().sum();
     drop(resident);
-    let caps = Capabilities::of::<B>(device);
     let streamed = subject.load(
         expert("cuda:0,0b;cpu,*".into(), PlacementOrder::Interleave)?,
         Lookahead::default(),
         None,
     )?;
-    streamed.pass()?;
-    let _ = streamed.streamer().take_stats();
-    // The median of three streamed passes, with its statistics.
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let t = streamed.pass()?;
-        runs.push((t, streamed.streamer().take_stats()));
-    }
-    runs.sort_by_key(|r| r.0);
-    let (full, stats) = runs.swap_remove(1);
-    let (link, contention) = link_costs::<B>(device, plain, full, &stats);
-    // Where staging is host work, each unit's own cost (a pass more, its staging timed).
-    let transfer = if caps.staging_threads.is_some() {
-        streamed.streamer().set_profiling(true);
-        streamed.pass()?;
-        let staging = streamed.streamer().take_staging_profile();
-        streamed.streamer().set_profiling(false);
-        unit_transfers::<B>(device, staging, plain, full)
-    } else {
-        BTreeMap::new()
-    };
+    let (c, full) = calibrate_streamed(device, compute, streamed.streamer(), || {
+        streamed.pass().map(|_| ()).map_err(as_input)
+    })?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "calibration: backend={} resident_pass_ms={:.1} streamed_pass_ms={:.1} units_timed={} \
          overlap={} link_gb_s={:.2} contention_ms_per_gib={:.1} streamed_stall_ms={:.1} \
          staging_busy_ms={:.1}",
         B::name(device),
-        ms(plain),
-        ms(full),
-        compute.len(),
-        caps.transfers_overlap,
-        link as f64 / 1e9,
-        ms(contention),
-        ms(stats.stall),
-        ms(stats.staging_busy),
+        ms(c.compute.values().sum()),
+        ms(full.time),
+        c.compute.len(),
+        Capabilities::of::<B>(device).transfers_overlap,
+        c.link_bytes_per_sec as f64 / 1e9,
+        ms(c.contention),
+        ms(full.stats.stall),
+        ms(full.stats.staging_busy),
     );
-    Ok(Calibration {
-        compute,
-        link_bytes_per_sec: link,
-        contention,
-        transfer,
-    })
+    Ok(c)
 }
 
 fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {

@@ -179,11 +179,7 @@ impl Inventory {
         mut self,
         times: &std::collections::BTreeMap<String, std::time::Duration>,
     ) -> Inventory {
-        for u in &mut self.units {
-            if let Some(&t) = times.get(&u.name) {
-                u.compute = t;
-            }
-        }
+        self.set_named(times, |u, t| u.compute = t);
         self
     }
 
@@ -193,12 +189,21 @@ impl Inventory {
         mut self,
         times: &std::collections::BTreeMap<String, std::time::Duration>,
     ) -> Inventory {
+        self.set_named(times, |u, t| u.transfer = Some(t));
+        self
+    }
+
+    /// Applies `set` to each unit named in `times`, with its time.
+    fn set_named(
+        &mut self,
+        times: &std::collections::BTreeMap<String, std::time::Duration>,
+        set: impl Fn(&mut Unit, std::time::Duration),
+    ) {
         for u in &mut self.units {
             if let Some(&t) = times.get(&u.name) {
-                u.transfer = Some(t);
+                set(u, t);
             }
         }
-        self
     }
 
     /// Its dtype labels, if given.

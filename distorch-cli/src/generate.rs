@@ -164,6 +164,39 @@ pub(crate) struct Placements {
     pub(crate) graph: DeviceGraph,
 }
 
+/// The flags of a transformer pipeline (`generate video`, `generate flux`), parsed before
+/// anything loads: the placements, where swapped blocks live, the compute dtype.
+pub(crate) struct DitParsed {
+    pub(crate) place: Placements,
+    pub(crate) swap: DeviceId,
+    pub(crate) dtype: Option<ComputeDtype>,
+}
+
+impl DitParsed {
+    pub(crate) fn parse(
+        u: &UnetPlacement,
+        c: &ClipPlacement,
+        vae_device: Option<&str>,
+        devices: Option<&str>,
+        swap_device: &str,
+        dtype: Option<ComputeDtype>,
+    ) -> Result<DitParsed, Failure> {
+        Ok(DitParsed {
+            place: Placements::parse(u, c, vae_device, devices, 0.0)?,
+            swap: swap_device.parse()?,
+            dtype,
+        })
+    }
+
+    /// A component's options under `placement`, on the parsed devices, in the parsed dtype.
+    pub(crate) fn options<B: Backend>(&self, placement: Placement<B>) -> ComponentOptions<B> {
+        ComponentOptions {
+            dtype: self.dtype,
+            ..ComponentOptions::new(self.place.graph.clone(), placement)
+        }
+    }
+}
+
 impl Placements {
     /// Parses the flags; `gpu_gb` is the denoiser's virtual VRAM when computing on a GPU
     /// and none is given (0 on the CPU).

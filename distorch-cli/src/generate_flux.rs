@@ -6,17 +6,16 @@ use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use clap::Args;
-use distorch::core::ComputeDtype;
 use distorch::core::runtime::{DeviceMap, Lookahead};
 use distorch::models::flux::dit::{FluxConfig, FluxLayout, FluxTransformer};
 use distorch::models::flux::load::{FluxFiles, FluxOptions};
 use distorch::models::flux::pipeline::{Flux, FluxTxt2Img};
-use distorch::models::{ComponentOptions, Placement, PlacementSpec};
-use distorch::{DeviceGraph, DeviceId, PlanRequest};
+use distorch::models::{ComponentOptions, Placement};
+use distorch::{DeviceId, PlanRequest};
 
 use crate::Failure;
 use crate::generate::{
-    ClipPlacement, Generate, Outcome, Placements, UnetPlacement, dispatch, sampling_bar,
+    ClipPlacement, DitParsed, Generate, Outcome, UnetPlacement, dispatch, sampling_bar,
 };
 use crate::generate_video::print_streamer;
 
@@ -81,43 +80,26 @@ pub struct FluxArgs {
     pub out: PathBuf,
 }
 
-/// Strings parsed before anything loads.
-struct Parsed {
-    dit: PlacementSpec,
-    text: PlacementSpec,
-    vae: PlacementSpec,
-    swap: DeviceId,
-    graph: DeviceGraph,
-    dtype: Option<ComputeDtype>,
-}
-
-fn parse(a: &FluxArgs) -> Result<Parsed, Failure> {
-    let p = Placements::parse(
+fn parse(a: &FluxArgs) -> Result<DitParsed, Failure> {
+    DitParsed::parse(
         &a.unet_placement,
         &a.clip_placement,
         a.vae_device.as_deref(),
         a.devices.as_deref(),
-        0.0,
-    )?;
-    Ok(Parsed {
-        dit: p.unet,
-        text: p.clip,
-        vae: p.vae,
-        swap: a.swap_device.parse()?,
-        graph: p.graph,
-        dtype: a.dtype.0,
-    })
+        &a.swap_device,
+        a.dtype.0,
+    )
 }
 
 /// Runs `generate flux`.
 pub fn flux(args: &FluxArgs) -> Result<(), Failure> {
     let parsed = parse(args)?;
-    dispatch(parsed.dit.compute_device, Run { args, parsed })
+    dispatch(parsed.place.unet.compute_device, Run { args, parsed })
 }
 
 struct Run<'a> {
     args: &'a FluxArgs,
-    parsed: Parsed,
+    parsed: DitParsed,
 }
 
 impl Generate for Run<'_> {
@@ -130,7 +112,7 @@ impl Generate for Run<'_> {
 /// its placement.
 fn transformer_options<B: Backend>(
     args: &FluxArgs,
-    p: &Parsed,
+    p: &DitParsed,
     config: &FluxConfig,
     compute: DeviceId,
     device: &B::Device,
@@ -147,17 +129,16 @@ fn transformer_options<B: Backend>(
         },
         Some(_) => {
             println!("(compute and swap device are both {compute}: no block swap)");
-            p.dit
+            p.place
+                .unet
                 .placement::<B>(compute, device, &distorch::bind_device::<B>)?
         }
         None => p
-            .dit
+            .place
+            .unet
             .placement::<B>(compute, device, &distorch::bind_device::<B>)?,
     };
-    let mut o = ComponentOptions {
-        dtype: p.dtype,
-        ..ComponentOptions::new(p.graph.clone(), placement)
-    };
+    let mut o = p.options(placement);
     // Stage whole double-stream blocks: the units of the first one, in diffusers' names.
     let mut units: Vec<String> = FluxTransformer::<B>::expected_tensors(config)
         .into_iter()
@@ -175,7 +156,7 @@ fn transformer_options<B: Backend>(
 
 fn generate<B: Backend>(
     args: &FluxArgs,
-    p: Parsed,
+    p: DitParsed,
     compute: DeviceId,
     device: B::Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -193,18 +174,15 @@ fn generate<B: Backend>(
     let transformer = transformer_options::<B>(args, &p, &config, compute, &device)?;
     files.configs.transformer = Some(config);
     let bind = &distorch::bind_device::<B>;
-    let options = |placement: Placement<B>| ComponentOptions {
-        dtype: p.dtype,
-        ..ComponentOptions::new(p.graph.clone(), placement)
-    };
-    let text = options(p.text.placement::<B>(compute, &device, bind)?);
+    let options = |placement: Placement<B>| p.options(placement);
+    let text = options(p.place.clip.placement::<B>(compute, &device, bind)?);
     let (flux, plans) = Flux::load(
         &files,
         &FluxOptions {
             transformer,
             clip: text.clone(),
             t5: text,
-            vae: options(p.vae.placement::<B>(compute, &device, bind)?),
+            vae: options(p.place.vae.placement::<B>(compute, &device, bind)?),
         },
     )?;
     for (name, plan) in [

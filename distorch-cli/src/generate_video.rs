@@ -5,17 +5,16 @@ use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use clap::Args;
-use distorch::core::ComputeDtype;
 use distorch::core::runtime::{DeviceMap, Lookahead, Streamer};
 use distorch::models::wan::dit::WanDitConfig;
 use distorch::models::wan::load::{WanFiles, WanOptions};
 use distorch::models::wan::pipeline::{Txt2Video, Wan, frame_rgb8};
-use distorch::models::{ComponentOptions, Placement, PlacementSpec};
-use distorch::{BlockSwap, DeviceGraph, DeviceId, PlanRequest};
+use distorch::models::{ComponentOptions, Placement};
+use distorch::{BlockSwap, DeviceId, PlanRequest};
 
 use crate::Failure;
 use crate::generate::{
-    ClipPlacement, Generate, Outcome, Placements, UnetPlacement, dispatch, sampling_bar,
+    ClipPlacement, DitParsed, Generate, Outcome, UnetPlacement, dispatch, sampling_bar,
 };
 
 /// `generate video`.
@@ -81,44 +80,26 @@ pub struct VideoArgs {
     pub out_dir: PathBuf,
 }
 
-/// Strings parsed before anything loads.
-struct Parsed {
-    dit: PlacementSpec,
-    text: PlacementSpec,
-    vae: PlacementSpec,
-    swap: Option<DeviceId>,
-    graph: DeviceGraph,
-    dtype: Option<ComputeDtype>,
-}
-
-fn parse(a: &VideoArgs) -> Result<Parsed, Failure> {
-    let p = Placements::parse(
+fn parse(a: &VideoArgs) -> Result<DitParsed, Failure> {
+    DitParsed::parse(
         &a.unet_placement,
         &a.clip_placement,
         a.vae_device.as_deref(),
         a.devices.as_deref(),
-        0.0,
-    )?;
-    let swap: DeviceId = a.swap_device.parse()?;
-    Ok(Parsed {
-        dit: p.unet,
-        text: p.clip,
-        vae: p.vae,
-        swap: a.blocks_to_swap.map(|_| swap),
-        graph: p.graph,
-        dtype: a.dtype.0,
-    })
+        &a.swap_device,
+        a.dtype.0,
+    )
 }
 
 /// Runs `generate video`.
 pub fn video(args: &VideoArgs) -> Result<(), Failure> {
     let parsed = parse(args)?;
-    dispatch(parsed.dit.compute_device, Video { args, parsed })
+    dispatch(parsed.place.unet.compute_device, Video { args, parsed })
 }
 
 struct Video<'a> {
     args: &'a VideoArgs,
-    parsed: Parsed,
+    parsed: DitParsed,
 }
 
 impl Generate for Video<'_> {
@@ -129,7 +110,7 @@ impl Generate for Video<'_> {
 
 fn generate<B: Backend>(
     args: &VideoArgs,
-    p: Parsed,
+    p: DitParsed,
     compute: DeviceId,
     device: B::Device,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -145,18 +126,15 @@ fn generate<B: Backend>(
     let config = WanDitConfig::from_file(folder.join("transformer").join("config.json"))?;
     let transformer = transformer_options::<B>(args, &p, &config, compute, &device)?;
     let bind = &distorch::bind_device::<B>;
-    let options = |placement: Placement<B>| ComponentOptions {
-        dtype: p.dtype,
-        ..ComponentOptions::new(p.graph.clone(), placement)
-    };
+    let options = |placement: Placement<B>| p.options(placement);
     let mut files = WanFiles::diffusers(&folder);
     files.configs.transformer = Some(config);
     let (wan, plans) = Wan::load(
         &files,
         &WanOptions {
             transformer,
-            text_encoder: options(p.text.placement::<B>(compute, &device, bind)?),
-            vae: options(p.vae.placement::<B>(compute, &device, bind)?),
+            text_encoder: options(p.place.clip.placement::<B>(compute, &device, bind)?),
+            vae: options(p.place.vae.placement::<B>(compute, &device, bind)?),
         },
     )?;
     for (name, plan) in [
@@ -188,23 +166,20 @@ fn generate<B: Backend>(
 /// its placement.
 fn transformer_options<B: Backend>(
     args: &VideoArgs,
-    p: &Parsed,
+    p: &DitParsed,
     config: &WanDitConfig,
     compute: DeviceId,
     device: &B::Device,
 ) -> Result<ComponentOptions<B>, Box<dyn std::error::Error>> {
     let bind = &distorch::bind_device::<B>;
-    let options = |placement: Placement<B>| ComponentOptions {
-        dtype: p.dtype,
-        ..ComponentOptions::new(p.graph.clone(), placement)
-    };
-    Ok(match (args.blocks_to_swap, p.swap) {
-        (Some(_), Some(swap_device)) if swap_device == compute => {
+    let options = |placement: Placement<B>| p.options(placement);
+    Ok(match args.blocks_to_swap {
+        Some(_) if p.swap == compute => {
             println!("(compute and swap device are both {compute}: no block swap)");
-            options(p.dit.placement::<B>(compute, device, bind)?)
+            options(p.place.unet.placement::<B>(compute, device, bind)?)
         }
-        (Some(blocks), Some(swap_device)) => {
-            let mut swap = BlockSwap::new(compute, swap_device, blocks);
+        Some(blocks) => {
+            let mut swap = BlockSwap::new(compute, p.swap, blocks);
             if args.offload_txt_emb {
                 swap = swap
                     .offloading("condition_embedder.text_embedder.")
@@ -220,7 +195,7 @@ fn transformer_options<B: Backend>(
             };
             o
         }
-        _ => options(p.dit.placement::<B>(compute, device, bind)?),
+        None => options(p.place.unet.placement::<B>(compute, device, bind)?),
     })
 }
 

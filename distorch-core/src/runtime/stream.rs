@@ -59,6 +59,24 @@ impl Default for Lookahead {
     }
 }
 
+impl Lookahead {
+    /// The streamer a plan predicts with ([`distorch_alloc::Staging`]): this look-ahead on
+    /// `device`'s backend (whether its transfers overlap compute, [`Capabilities`]), with
+    /// `contention` per GiB staged beside compute (a calibration's; zero if unmeasured).
+    pub fn staging<B: Backend>(
+        &self,
+        device: &B::Device,
+        contention: Duration,
+    ) -> distorch_alloc::Staging {
+        distorch_alloc::Staging {
+            units: self.units,
+            bytes: self.bytes,
+            overlapped: Capabilities::of::<B>(device).transfers_overlap,
+            contention,
+        }
+    }
+}
+
 /// What one pass cost.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamStats {

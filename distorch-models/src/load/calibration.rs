@@ -27,9 +27,19 @@ pub struct Calibration {
     #[serde(default)]
     pub contention: Duration,
     /// Each streamed unit's transfer time from host memory, by unit name, where staging is
-    /// host work ([`unit_transfers`]; empty on GPUs, whose link's rate applies).
+    /// host work ([`calibrate_streamed`]; empty on GPUs, whose link's rate applies).
     #[serde(default)]
     pub transfer: BTreeMap<String, Duration>,
+}
+
+impl Calibration {
+    /// `inventory` with this calibration's compute and transfer times (what plans predict
+    /// the pass from).
+    pub fn timed(&self, inventory: distorch_alloc::Inventory) -> distorch_alloc::Inventory {
+        inventory
+            .with_compute(&self.compute)
+            .with_transfer(&self.transfer)
+    }
 }
 
 /// Each unit's compute time in one pass: `pass` runs once to warm up, once with the
@@ -72,10 +82,89 @@ fn scaled(profile: Vec<(String, Duration)>, whole: Duration) -> BTreeMap<String,
         .collect()
 }
 
-/// What a streamed byte costs on `device`, from one resident pass and one fully streamed
-/// pass (every unit at a host home, the streamer's default look-ahead) of the same model and
-/// input, and the streamed pass's [`StreamStats`]: `(link bytes per second, contention per
-/// GiB)` for [`Calibration`].
+/// The second half of a calibration, after [`profile_units`] gave each unit's compute (whose
+/// sum is the resident pass): `pass` runs the same model and input with every unit streamed
+/// from a host home through `streamer` (the default look-ahead) — once to warm up, three
+/// times timed (the median kept, with its statistics) and, where staging is host work, once
+/// more with each unit's staging timed. Returns the calibration and the median streamed pass.
+pub fn calibrate_streamed<B: Backend>(
+    device: &B::Device,
+    compute: BTreeMap<String, Duration>,
+    streamer: &Streamer<B>,
+    mut pass: impl FnMut() -> Result<(), Error>,
+) -> Result<(Calibration, StreamedPass), Error> {
+    let resident: Duration = compute.values().sum();
+    pass()?;
+    let _ = streamer.take_stats();
+    let mut runs = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        pass()?;
+        runs.push((start.elapsed(), streamer.take_stats()));
+    }
+    runs.sort_by_key(|r| r.0);
+    let (time, stats) = runs.swap_remove(1);
+    let staging = if LinkKind::of::<B>(device).host_staging() {
+        streamer.set_profiling(true);
+        let run = pass();
+        let staging = streamer.take_staging_profile();
+        streamer.set_profiling(false);
+        run?;
+        staging
+    } else {
+        Vec::new()
+    };
+    let (link, contention) = link_costs::<B>(device, resident, time, &stats);
+    let calibration = Calibration {
+        compute,
+        link_bytes_per_sec: link,
+        contention,
+        transfer: unit_transfers::<B>(device, staging, resident, time),
+    };
+    Ok((calibration, StreamedPass { time, stats }))
+}
+
+/// The fully streamed pass a calibration measured (the median of three).
+#[derive(Debug, Clone)]
+pub struct StreamedPass {
+    /// Its time.
+    pub time: Duration,
+    /// Its streamer statistics.
+    pub stats: StreamStats,
+}
+
+/// How a streamed byte reaches compute, as a calibration measures it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkKind {
+    /// A GPU uploading beside compute: the link is its own engine.
+    Gpu,
+    /// Host staging on cores the kernels leave: beside compute, sharing its memory.
+    HostBeside,
+    /// Host staging on the kernels' cores (ndarray by default): it adds to the pass.
+    HostSerial,
+    /// Uploads on the compute thread (wgpu): they add to the pass.
+    ComputeThread,
+}
+
+impl LinkKind {
+    fn of<B: Backend>(device: &B::Device) -> LinkKind {
+        let caps = Capabilities::of::<B>(device);
+        match (caps.transfers_overlap, caps.staging_threads) {
+            (true, None) => LinkKind::Gpu,
+            (true, Some(_)) => LinkKind::HostBeside,
+            (false, Some(_)) => LinkKind::HostSerial,
+            (false, None) => LinkKind::ComputeThread,
+        }
+    }
+
+    /// Whether staging is host work, each unit's timed ([`unit_transfers`]).
+    fn host_staging(self) -> bool {
+        matches!(self, LinkKind::HostBeside | LinkKind::HostSerial)
+    }
+}
+
+/// What a streamed byte costs on `device`, from the resident pass and the fully streamed one
+/// with its [`StreamStats`]: `(link bytes per second, contention per GiB)`.
 /// - A GPU uploading beside compute: the timed upload ([`upload_rate`]), no contention.
 /// - ndarray with cores left to staging ([`Capabilities::staging_threads`]): the prefetch
 ///   thread's rate while compute ran (bytes it staged over the time it was busy), and what
@@ -83,18 +172,17 @@ fn scaled(profile: Vec<(String, Duration)>, whole: Duration) -> BTreeMap<String,
 ///   kernels).
 /// - Where transfers cannot overlap compute: what streaming added to the pass, per byte
 ///   moved; streaming that added nothing measurable is taken as 1 ms a pass.
-pub fn link_costs<B: Backend>(
+fn link_costs<B: Backend>(
     device: &B::Device,
     resident: Duration,
     streamed: Duration,
     stats: &StreamStats,
 ) -> (u64, Duration) {
-    let caps = Capabilities::of::<B>(device);
     let moved: u64 = stats.bytes_moved.values().map(|b| b.bytes()).sum();
     let rate = |bytes: u64, time: Duration| (bytes as f64 / time.as_secs_f64()) as u64;
-    match (caps.transfers_overlap, caps.staging_threads) {
-        (true, None) => (upload_rate::<B>(device), Duration::ZERO),
-        (true, Some(_)) => {
+    match LinkKind::of::<B>(device) {
+        LinkKind::Gpu => (upload_rate::<B>(device), Duration::ZERO),
+        LinkKind::HostBeside => {
             let busy = stats.staging_busy.max(Duration::from_micros(1));
             let lost = streamed
                 .saturating_sub(resident)
@@ -105,13 +193,17 @@ pub fn link_costs<B: Backend>(
                 Duration::from_secs_f64(per_gib),
             )
         }
-        (false, _) => {
-            let added = streamed
-                .saturating_sub(resident)
-                .max(Duration::from_millis(1));
-            (rate(moved, added), Duration::ZERO)
+        LinkKind::HostSerial | LinkKind::ComputeThread => {
+            (rate(moved, added(resident, streamed)), Duration::ZERO)
         }
     }
+}
+
+/// What streaming added to a pass, at least 1 ms.
+fn added(resident: Duration, streamed: Duration) -> Duration {
+    streamed
+        .saturating_sub(resident)
+        .max(Duration::from_millis(1))
 }
 
 /// Each streamed unit's transfer time, where staging is host work (ndarray widening weights:
@@ -119,23 +211,17 @@ pub fn link_costs<B: Backend>(
 /// cost depends on the tensor it is in): its staging time in a fully streamed pass
 /// ([`Streamer::take_staging_profile`]) — as measured beside compute where transfers overlap
 /// it; scaled so that they sum to what streaming added to the pass (`streamed` − `resident`)
-/// where they do not. Empty on GPUs (bytes over the link's rate, [`link_costs`]).
-pub fn unit_transfers<B: Backend>(
+/// where they do not. Empty on GPUs (bytes over the link's rate).
+fn unit_transfers<B: Backend>(
     device: &B::Device,
     staging: Vec<(String, Duration)>,
     resident: Duration,
     streamed: Duration,
 ) -> BTreeMap<String, Duration> {
-    let caps = Capabilities::of::<B>(device);
-    match (caps.transfers_overlap, caps.staging_threads) {
-        (_, None) => BTreeMap::new(),
-        (true, Some(_)) => staging.into_iter().collect(),
-        (false, Some(_)) => {
-            let added = streamed
-                .saturating_sub(resident)
-                .max(Duration::from_millis(1));
-            scaled(staging, added)
-        }
+    match LinkKind::of::<B>(device) {
+        LinkKind::Gpu | LinkKind::ComputeThread => BTreeMap::new(),
+        LinkKind::HostBeside => staging.into_iter().collect(),
+        LinkKind::HostSerial => scaled(staging, added(resident, streamed)),
     }
 }
 

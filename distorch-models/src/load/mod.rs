@@ -490,22 +490,16 @@ fn plan<B: Backend, M: Model<B>>(
     };
     let mut inventory = units::inventory_with(component, &homes)?.in_order(&order);
     if let Some(c) = &options.calibration {
-        inventory = inventory
-            .with_compute(&c.compute)
-            .with_transfer(&c.transfer);
+        inventory = c.timed(inventory);
     }
     // Predictions and `PlacementOrder::Auto` see the streamer this component will have.
     let mut request = options.placement.request.clone();
     let device = options.placement.devices.compute();
-    request.staging = distorch_alloc::Staging {
-        units: options.lookahead.units,
-        bytes: options.lookahead.bytes,
-        overlapped: distorch_core::runtime::Capabilities::of::<B>(device).transfers_overlap,
-        contention: options
-            .calibration
-            .as_ref()
-            .map_or(std::time::Duration::ZERO, |c| c.contention),
-    };
+    let contention = options
+        .calibration
+        .as_ref()
+        .map_or(std::time::Duration::ZERO, |c| c.contention);
+    request.staging = options.lookahead.staging::<B>(device, contention);
     Ok(distorch_alloc::plan(&request, &inventory, &options.graph)?)
 }
 

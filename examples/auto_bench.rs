@@ -58,6 +58,11 @@ mod stack;
 
 type Failure = Box<dyn std::error::Error>;
 
+/// An environment variable's value, or "unset" (the benchmark's header records them).
+fn env_or_unset(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| "unset".into())
+}
+
 fn arg(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
 }
@@ -425,13 +430,14 @@ fn bench<B: Backend>(device: B::Device) -> Result<(), Failure> {
     let costs: Costs = Arc::new(calibration);
     println!(
         "backend={} model={input} bytes={total} units_timed={} transfers_timed={} \
-         link_gb_s={:.2} contention_ms_per_gib={:.1} RAYON_NUM_THREADS={}",
+         link_gb_s={:.2} contention_ms_per_gib={:.1} RAYON_NUM_THREADS={} LP_NUM_THREADS={}",
         B::name(&device),
         costs.compute.len(),
         costs.transfer.len(),
         costs.link_bytes_per_sec as f64 / 1e9,
         costs.contention.as_secs_f64() * 1e3,
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
+        env_or_unset("RAYON_NUM_THREADS"),
+        env_or_unset("LP_NUM_THREADS"),
     );
     for pct in budgets {
         let budget = total.0 / 100 * pct;

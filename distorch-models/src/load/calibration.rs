@@ -256,19 +256,11 @@ impl CalibrationCache {
     /// The key of `model` (its size and modification time fingerprint it) on backend `B`'s
     /// `device` at `input` (a description of the input size, e.g. `latent=16x16 batch=2`).
     /// On backends that compute on the host it also holds the compute threads (rayon's pool
-    /// here), which set both the units' times and whether staging overlaps them.
+    /// here), which set both the units' times and whether staging overlaps them; where Mesa's
+    /// software Vulkan driver (lavapipe) is told its threads (`LP_NUM_THREADS`), that count,
+    /// which changes every time measured there.
     pub fn key<B: Backend>(device: &B::Device, model: &Path, input: &str) -> String {
-        let caps = distorch_core::runtime::Capabilities::of::<B>(device);
-        let threads = match caps.staging_threads {
-            Some(_) => format!(" threads={}", rayon::current_num_threads()),
-            None => String::new(),
-        };
-        // v3: profiles scaled to an unprofiled pass, contention and unit transfers measured.
-        format!(
-            "v3 {} {device:?}{threads} {} {input}",
-            B::name(device),
-            crate::load::file_stamp(model)
-        )
+        key_with::<B>(device, model, input, std::env::var("LP_NUM_THREADS").ok())
     }
 
     /// The calibration under `key`, if measured.
@@ -292,6 +284,29 @@ impl CalibrationCache {
         })?;
         std::fs::write(&self.path, json).map_err(io)
     }
+}
+
+/// [`CalibrationCache::key`] with lavapipe's thread count (`LP_NUM_THREADS`) given.
+fn key_with<B: Backend>(
+    device: &B::Device,
+    model: &Path,
+    input: &str,
+    driver_threads: Option<String>,
+) -> String {
+    let caps = distorch_core::runtime::Capabilities::of::<B>(device);
+    let mut threads = match caps.staging_threads {
+        Some(_) => format!(" threads={}", rayon::current_num_threads()),
+        None => String::new(),
+    };
+    if let Some(lp) = driver_threads {
+        threads.push_str(&format!(" LP_NUM_THREADS={lp}"));
+    }
+    // v3: profiles scaled to an unprofiled pass, contention and unit transfers measured.
+    format!(
+        "v3 {} {device:?}{threads} {} {input}",
+        B::name(device),
+        crate::load::file_stamp(model)
+    )
 }
 
 #[cfg(test)]
@@ -357,6 +372,21 @@ mod tests {
         } else {
             assert_eq!((t["a"], t["b"]), (ms(60), ms(20)));
         }
+    }
+
+    /// A calibration is measured again when the compute threads change: rayon's on ndarray,
+    /// lavapipe's where `LP_NUM_THREADS` sets them (unset leaves earlier keys valid).
+    #[test]
+    fn keys_hold_the_threads_that_set_the_times() {
+        type B = burn::backend::NdArray;
+        let device = Default::default();
+        let model = Path::new("model.safetensors");
+        let plain = key_with::<B>(&device, model, "latent=8x8", None);
+        let lp = key_with::<B>(&device, model, "latent=8x8", Some("1".into()));
+        assert!(plain.contains(&format!(" threads={} ", rayon::current_num_threads())));
+        assert!(!plain.contains("LP_NUM_THREADS"), "{plain}");
+        assert!(lp.contains(" LP_NUM_THREADS=1 "), "{lp}");
+        assert_ne!(plain, lp);
     }
 
     #[test]

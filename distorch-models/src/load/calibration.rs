@@ -256,9 +256,9 @@ impl CalibrationCache {
     /// The key of `model` (its size and modification time fingerprint it) on backend `B`'s
     /// `device` at `input` (a description of the input size, e.g. `latent=16x16 batch=2`).
     /// On backends that compute on the host it also holds the compute threads (rayon's pool
-    /// here), which set both the units' times and whether staging overlaps them; where Mesa's
-    /// software Vulkan driver (lavapipe) is told its threads (`LP_NUM_THREADS`), that count,
-    /// which changes every time measured there.
+    /// here), which set both the units' times and whether staging overlaps them, and, where
+    /// `LP_NUM_THREADS` is set, the threads of Mesa's software Vulkan driver (lavapipe), which
+    /// change every time measured on it.
     pub fn key<B: Backend>(device: &B::Device, model: &Path, input: &str) -> String {
         key_with::<B>(device, model, input, std::env::var("LP_NUM_THREADS").ok())
     }

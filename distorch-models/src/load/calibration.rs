@@ -54,19 +54,38 @@ pub fn profile_units<B: Backend>(
     mut pass: impl FnMut() -> Result<(), Error>,
 ) -> Result<BTreeMap<String, Duration>, Error> {
     pass()?;
+    let profile = profiled(streamer, &mut pass, Streamer::take_profile)?;
+    let (resident, ()) = median_of_three(&mut pass, || ())?;
+    Ok(scaled(profile, resident))
+}
+
+/// One run of `pass` with `streamer` profiling, and what `take` collects of it (profiling is
+/// off again whether or not the pass failed).
+fn profiled<B: Backend>(
+    streamer: &Streamer<B>,
+    pass: &mut impl FnMut() -> Result<(), Error>,
+    take: impl FnOnce(&Streamer<B>) -> Vec<(String, Duration)>,
+) -> Result<Vec<(String, Duration)>, Error> {
     streamer.set_profiling(true);
     let run = pass();
-    let profile = streamer.take_profile();
+    let recorded = take(streamer);
     streamer.set_profiling(false);
-    run?;
-    let mut times = Vec::with_capacity(3);
+    run.map(|()| recorded)
+}
+
+/// `pass` run three times, timed: the median run's time and what `after` returned after it.
+fn median_of_three<T>(
+    pass: &mut impl FnMut() -> Result<(), Error>,
+    mut after: impl FnMut() -> T,
+) -> Result<(Duration, T), Error> {
+    let mut runs = Vec::with_capacity(3);
     for _ in 0..3 {
         let start = std::time::Instant::now();
         pass()?;
-        times.push(start.elapsed());
+        runs.push((start.elapsed(), after()));
     }
-    times.sort();
-    Ok(scaled(profile, times[1]))
+    runs.sort_by_key(|r| r.0);
+    Ok(runs.swap_remove(1))
 }
 
 /// `profile` scaled so that it sums to `whole` (as it is when it sums to nothing).
@@ -96,21 +115,9 @@ pub fn calibrate_streamed<B: Backend>(
     let resident: Duration = compute.values().sum();
     pass()?;
     let _ = streamer.take_stats();
-    let mut runs = Vec::with_capacity(3);
-    for _ in 0..3 {
-        let start = std::time::Instant::now();
-        pass()?;
-        runs.push((start.elapsed(), streamer.take_stats()));
-    }
-    runs.sort_by_key(|r| r.0);
-    let (time, stats) = runs.swap_remove(1);
+    let (time, stats) = median_of_three(&mut pass, || streamer.take_stats())?;
     let staging = if LinkKind::of::<B>(device).host_staging() {
-        streamer.set_profiling(true);
-        let run = pass();
-        let staging = streamer.take_staging_profile();
-        streamer.set_profiling(false);
-        run?;
-        staging
+        profiled(streamer, &mut pass, Streamer::take_staging_profile)?
     } else {
         Vec::new()
     };
